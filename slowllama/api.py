@@ -1,0 +1,35 @@
+"""The Python API: slowllama.prepare(...) and slowllama.load(...)."""
+import torch
+
+from .devices import compute_dtype, resolve_device
+from .engine import StreamedModel
+from .errors import SlowLlamaError
+from .formats import prepare
+from .lora import LoraConfig, read_adapter_folder
+from .store import BlockStore, parse_dtype
+
+__all__ = ['load', 'prepare']
+
+
+def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, offload='disk',
+         dropout=0.0, verify=True, **engine_options):
+    """A prepared model ready for logits / backward / generate, with LoRA adapters attached.
+
+    `adapter`: a PEFT-layout folder to start from; its rank, alpha and targets win over `lora`
+    (as PeftModel.from_pretrained does); LoRA dropout comes from `lora` when given.
+    """
+    device = resolve_device(device)
+    dtype = compute_dtype(device, parse_dtype(dtype))
+    state = None
+    if adapter is not None:
+        saved_cfg, state = read_adapter_folder(adapter)
+        lora = LoraConfig(saved_cfg.rank, saved_cfg.alpha, lora.dropout if lora else saved_cfg.dropout,
+                          saved_cfg.targets)
+    lora = lora or LoraConfig()
+    if not isinstance(lora, LoraConfig):
+        raise SlowLlamaError('lora must be a slowllama.LoraConfig')
+    store = BlockStore(model_dir, device, dtype, offload, verify=verify)
+    model = StreamedModel(store, lora, dropout=dropout, **engine_options)
+    if state is not None:
+        model.load_adapter_state(state, where=str(adapter))
+    return model

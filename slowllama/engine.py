@@ -1,0 +1,175 @@
+"""The streamed model: forward one block at a time, manual backward from the last block to the first.
+
+Forward: embeddings -> block 0 .. n-1 -> head, each block's weights fetched from the store, used and
+dropped. Before each block we keep its input (the "saved inputs") and the RNG state, so that the
+backward can restore the state, recompute the block under autograd with the same dropout masks, push
+the output gradient through and hand the input gradient to the block before. Only the LoRA matrices
+(and an optional prefix encoder) hold gradients; they live on the device for the whole run.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .devices import get_rng_state, set_rng_state
+from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
+from .model import Block, Head, KVCache, rope_table
+from .stash import InputStash
+
+IGNORE = -100
+LOSS_CHUNK_ELEMENTS = 1 << 25  # logits held at once in the chunked loss: 32M floats = 128 MB
+
+
+class StreamedModel:
+    def __init__(self, store, lora: LoraConfig, dropout=0.0, lora_dtype=torch.float32,
+                 stash_device_bytes=None, stash_ram_bytes=None):
+        self.store, self.cfg, self.lora = store, store.cfg, lora
+        self.device, self.dtype = store.device, store.dtype
+        with torch.device('meta'):  # module skeletons only: the frozen weights come from the store per call
+            self.blocks = [Block(self.cfg, dropout) for _ in range(self.cfg.n_layers)]
+            self.head_module = Head(self.cfg)
+        self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
+        self.stash_budget = (stash_device_bytes, stash_ram_bytes)
+
+    # --- the public API ------------------------------------------------------------------
+
+    def trainable_parameters(self):
+        """PEFT-style name -> Parameter, for the optimizer."""
+        return adapter_state(self.adapters)
+
+    @torch.no_grad()
+    def logits(self, tokens, prefix=None):
+        """[batch, seq] tokens -> float32 logits [batch, seq, vocab] (prefix positions dropped)."""
+        self._set_training(False)
+        x, cos, sin = self._embed(tokens, prefix)
+        for i in range(self.cfg.n_layers):
+            x = self._run_block(i, self.store.block(i), x, cos, sin)
+        logits = functional_call(self.head_module, self.store.head(), (x,)).float()
+        return logits[:, x.shape[1] - tokens.shape[1]:]
+
+    def backward(self, tokens, targets, prefix=None):
+        """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
+        (-100: ignored). Accumulates .grad on the trainable parameters (and into `prefix` when it
+        requires grad); returns the mean loss over the counted targets as a float."""
+        self._set_training(True)
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        with torch.no_grad():
+            x, cos, sin = self._embed(tokens, prefix.detach() if prefix is not None else None)
+        if prefix is not None:  # no target for the prefix positions
+            pad = targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE)
+            targets = torch.cat([pad, targets], dim=1)
+        stash, rng_states = InputStash(self.device, *self.stash_budget), []
+        with torch.no_grad():
+            for i in range(self.cfg.n_layers):
+                stash.put(i, x)
+                rng_states.append(get_rng_state(self.device))
+                x = self._run_block(i, self.store.block(i), x, cos, sin)
+        rng_after_forward = get_rng_state(self.device)
+        loss, grad = self._loss_and_grad(x, targets)
+        del x
+        for i in reversed(range(self.cfg.n_layers)):
+            grad = self._block_backward(i, stash.pop(i), grad, rng_states[i], cos, sin)
+        stash.close()
+        set_rng_state(self.device, rng_after_forward)  # as if the backward drew nothing, like autograd
+        if prefix is not None and prefix.requires_grad:
+            prefix.backward(grad[:, :prefix.shape[1]].to(prefix.dtype))
+        return loss
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None):
+        """[1, T] -> [1, T + n] with a KV cache; greedy at temperature 0. Stops early at EOS.
+        on_token(id) is called as each token is chosen (for printing as we go)."""
+        self._set_training(False)
+        tokens = tokens.to(self.device)
+        x, _, _ = self._embed(tokens, prefix)
+        max_len = x.shape[1] + max_new_tokens
+        caches = [KVCache(x.shape[0], self.cfg.n_kv_heads, max_len, self.cfg.head_dim, self.device, self.dtype)
+                  for _ in range(self.cfg.n_layers)]
+        out, position = tokens, 0
+        for _ in range(max_new_tokens):
+            cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
+            for i in range(self.cfg.n_layers):
+                x = self._run_block(i, self.store.block(i), x, cos, sin, caches[i])
+            position += x.shape[1]
+            logits = functional_call(self.head_module, self.store.head(), (x[:, -1:],)).float()[:, -1]
+            next_token = sample(logits, temperature, top_p)
+            out = torch.cat([out, next_token], dim=1)
+            if on_token:
+                on_token(int(next_token))
+            if is_eos(self.cfg, int(next_token)):
+                break
+            x = self.store.embed(next_token)
+        return out
+
+    def save_adapter(self, folder, base_model=None):
+        save_adapter_folder(folder, self.lora, self.trainable_adapter_state(), base_model or self.store.model_dir)
+
+    def trainable_adapter_state(self):
+        return adapter_state(self.adapters)
+
+    def load_adapter_state(self, state, where='adapter'):
+        load_adapter_state(self.adapters, state, where)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _set_training(self, mode):
+        for block in self.blocks:
+            block.train(mode)
+
+    def _embed(self, tokens, prefix):
+        x = self.store.embed(tokens)  # [batch, seq, dim]
+        if prefix is not None:
+            x = torch.cat([prefix.to(self.device, self.dtype), x], dim=1)
+        cos, sin = rope_table(self.cfg, torch.arange(x.shape[1]), self.device)
+        return x, cos, sin
+
+    def _run_block(self, i, weights, x, cos, sin, cache=None):
+        return functional_call(self.blocks[i], weights, (x, cos, sin, cache), strict=False)
+
+    def _block_backward(self, i, block_input, grad_output, rng_state, cos, sin):
+        """Recompute block i under autograd with the forward's RNG state; return d loss / d input."""
+        block_input = block_input.detach().requires_grad_(True)
+        set_rng_state(self.device, rng_state)
+        with torch.enable_grad():
+            output = self._run_block(i, self.store.block(i), block_input, cos, sin)
+        torch.autograd.backward(output, grad_output)
+        return block_input.grad
+
+    def _loss_and_grad(self, x, targets):
+        """Mean cross-entropy of head(x) against targets, and its gradient wrt x, computed over
+        chunks of positions so the [batch, seq, vocab] logits never exist whole."""
+        head = self.store.head()
+        flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        count = (flat_targets != IGNORE).sum().clamp(min=1)
+        grad = torch.zeros_like(flat_x)
+        total = torch.zeros((), device=self.device)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.cfg.vocab_size)
+        for start in range(0, flat_x.shape[0], chunk):
+            part = flat_x[start:start + chunk].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = functional_call(self.head_module, head, (part,)).float()
+                loss = F.cross_entropy(logits, flat_targets[start:start + chunk], ignore_index=IGNORE,
+                                       reduction='sum') / count
+            loss.backward()
+            grad[start:start + chunk] = part.grad
+            total += loss.detach()
+        return float(total), grad.view_as(x)
+
+
+def sample(logits, temperature=0.0, top_p=1.0):
+    """logits [batch, vocab] -> next token [batch, 1]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1)
+
+
+def is_eos(cfg, token):
+    eos = cfg.eos_id
+    return token in eos if isinstance(eos, (list, tuple)) else token == eos

@@ -1,0 +1,151 @@
+"""Files we write and read: atomic writes (temp name, fsync, rename), JSON, and safetensors files
+opened as zero-copy memory maps after their header has been checked.
+
+Nothing we write is pickled; every final name appears only once its bytes are complete on disk.
+"""
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from .errors import SlowLlamaError
+
+SAFETENSORS_DTYPES = {
+    'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+    'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+    'BOOL': torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode='wb'):
+    """Write to a temporary file beside `path`; on success fsync and rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == 28:
+            raise SlowLlamaError(f'{path}: no space left on the device') from None
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path, obj):
+    with atomic_open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Atomically write {name: tensor} as safetensors; returns the sha256 of the bytes written."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_open(path) as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path, chunk=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SafetensorsFile:
+    """A safetensors file mapped read-only (copy-on-write, so torch gets a writable buffer but the
+    file is never changed). tensor() returns zero-copy views. The header is validated first: a
+    truncated or corrupt file is refused before anything is allocated."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, 'rb') as f:
+                self.entries, self.data_start = _read_header(f, size, self.path)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        except FileNotFoundError:
+            raise SlowLlamaError(f'{self.path}: file not found') from None
+        self.metadata = self.entries.pop('__metadata__', None) or {}
+
+    def names(self):
+        return list(self.entries)
+
+    def shape(self, name):
+        return tuple(self.entries[name]['shape'])
+
+    def tensor(self, name):
+        entry = self.entries[name]
+        dtype = SAFETENSORS_DTYPES[entry['dtype']]
+        start, end = entry['data_offsets']
+        count = (end - start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(entry['shape'], dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self.data_start + start)
+        return flat.view(entry['shape'])
+
+    def byte_range(self, name):
+        start, end = self.entries[name]['data_offsets']
+        return self.data_start + start, end - start
+
+    def tensors(self):
+        return {name: self.tensor(name) for name in self.entries}
+
+
+def _read_header(f, size, path):
+    if size < 8:
+        raise SlowLlamaError(f'{path}: truncated safetensors file ({size} bytes)')
+    header_len = int.from_bytes(f.read(8), 'little')
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise SlowLlamaError(f'{path}: corrupt safetensors header (claims {header_len} bytes)')
+    try:
+        entries = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SlowLlamaError(f'{path}: corrupt safetensors header (not JSON)') from None
+    data_start = 8 + header_len
+    data_size = size - data_start
+    for name, entry in entries.items():
+        if name == '__metadata__':
+            continue
+        _check_entry(name, entry, data_size, path)
+    return entries, data_start
+
+
+def _check_entry(name, entry, data_size, path):
+    try:
+        dtype = SAFETENSORS_DTYPES[entry['dtype']]
+        start, end = entry['data_offsets']
+        numel = 1
+        for dim in entry['shape']:
+            if dim < 0:
+                raise ValueError
+            numel *= dim
+    except (KeyError, TypeError, ValueError):
+        raise SlowLlamaError(f'{path}: corrupt safetensors entry for {name}') from None
+    if not 0 <= start <= end <= data_size:
+        raise SlowLlamaError(f'{path}: truncated or corrupt: {name} lies outside the file')
+    if end - start != numel * dtype.itemsize:
+        raise SlowLlamaError(f'{path}: corrupt: {name} has {end - start} bytes for shape {entry["shape"]}')

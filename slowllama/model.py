@@ -1,0 +1,177 @@
+"""The math of a Llama: RMSNorm, rope, attention, feed-forward, block, embedding and head.
+
+Plain nn.Modules in the Hugging Face layout (names and rotate-half rope), so a state dict from a
+prepared block file or from transformers loads as it is. Nothing here knows where weights come from
+or that LoRA exists.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 whatever the compute dtype, as Meta and HF both do
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# --- rotary position embedding -------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies [head_dim / 2], with Llama-3 long-context scaling when the config has it."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return inv_freq.float()
+    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_len = scaling['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled).float()
+
+
+def rope_table(cfg: ModelConfig, positions, device):
+    """cos, sin for the given positions: [T, head_dim] each, float32."""
+    inv_freq = rope_inv_freq(cfg).to(device)
+    angles = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: [batch, heads, seq, head_dim]; cos, sin: [seq, head_dim]."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# --- the block -----------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of one attention layer for generation, preallocated to max_len."""
+
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k, v):
+        start, end = self.length, self.length + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = 0.0
+
+    def forward(self, x, cos, sin, cache=None):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [batch, heads, seq, head_dim]
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+        mask, causal = None, past == 0 and seq > 1
+        if past and seq > 1:  # a chunk after a cached prefix: causal within the chunk, sees all the past
+            mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(past)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """h = x + attn(norm(x)); out = h + ffn(norm(h)). `dropout` drops attention probabilities and
+    both residual branches, in training mode only."""
+
+    def __init__(self, cfg: ModelConfig, dropout=0.0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+        self.set_dropout(dropout)
+
+    def set_dropout(self, p):
+        self.dropout = p
+        self.self_attn.dropout = p
+
+    def forward(self, x, cos, sin, cache=None):
+        h = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return h + self._drop(self.mlp(self.post_attention_layernorm(h)))
+
+    def _drop(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+
+class Head(nn.Module):
+    """Final norm and output projection. With tied embeddings lm_head.weight is the embedding matrix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(self.norm(x))
+
+
+class Transformer(nn.Module):
+    """The whole model held in memory: the reference the streamed engine must equal, and a
+    convenience for small models. Same module names as the blocks of a prepared folder."""
+
+    def __init__(self, cfg: ModelConfig, dropout=0.0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layers))
+        self.head = Head(cfg)
+
+    def forward(self, tokens):
+        cos, sin = rope_table(self.cfg, torch.arange(tokens.shape[1]), tokens.device)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.head(x)

@@ -1,0 +1,60 @@
+"""One table for every weight name: ours (= Hugging Face's), Meta's, GGUF's, and LoRA targets.
+
+Our prepared folders use Hugging Face names and the Hugging Face q/k layout (rotate-half rope), so a
+PEFT adapter maps onto our modules with no translation. Meta and GGUF store q/k in the interleaved
+rope layout; formats/ permutes those two when reading and writing.
+"""
+
+# Per-block tensors: ours -> (Meta name, GGUF name, Meta model-parallel split dim or None if replicated)
+BLOCK_TENSORS = {
+    'self_attn.q_proj.weight': ('attention.wq.weight', 'attn_q.weight', 0),
+    'self_attn.k_proj.weight': ('attention.wk.weight', 'attn_k.weight', 0),
+    'self_attn.v_proj.weight': ('attention.wv.weight', 'attn_v.weight', 0),
+    'self_attn.o_proj.weight': ('attention.wo.weight', 'attn_output.weight', 1),
+    'mlp.gate_proj.weight': ('feed_forward.w1.weight', 'ffn_gate.weight', 0),
+    'mlp.up_proj.weight': ('feed_forward.w3.weight', 'ffn_up.weight', 0),
+    'mlp.down_proj.weight': ('feed_forward.w2.weight', 'ffn_down.weight', 1),
+    'input_layernorm.weight': ('attention_norm.weight', 'attn_norm.weight', None),
+    'post_attention_layernorm.weight': ('ffn_norm.weight', 'ffn_norm.weight', None),
+}
+
+# Tensors outside the blocks: ours -> (Meta name, GGUF name, Meta split dim)
+EMBED_TENSOR = 'embed_tokens.weight'
+NORM_TENSOR = 'norm.weight'
+HEAD_TENSOR = 'lm_head.weight'
+OUTER_TENSORS = {
+    EMBED_TENSOR: ('tok_embeddings.weight', 'token_embd.weight', 1),
+    NORM_TENSOR: ('norm.weight', 'output_norm.weight', None),
+    HEAD_TENSOR: ('output.weight', 'output.weight', 0),
+}
+
+# Hugging Face checkpoint prefixes for the same tensors
+HF_BLOCK_PREFIX = 'model.layers.{i}.'
+HF_OUTER = {EMBED_TENSOR: 'model.embed_tokens.weight', NORM_TENSOR: 'model.norm.weight', HEAD_TENSOR: 'lm_head.weight'}
+
+# LoRA targets: short name -> module path inside a block. Meta and HF spellings are accepted too.
+TARGET_MODULES = {
+    'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj', 'o': 'self_attn.o_proj',
+    'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj',
+}
+TARGET_ALIASES = {
+    'wq': 'q', 'wk': 'k', 'wv': 'v', 'wo': 'o', 'w1': 'gate', 'w3': 'up', 'w2': 'down',
+    'q_proj': 'q', 'k_proj': 'k', 'v_proj': 'v', 'o_proj': 'o',
+    'gate_proj': 'gate', 'up_proj': 'up', 'down_proj': 'down',
+}
+
+# PEFT adapter keys: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+PEFT_PREFIX = 'base_model.model.model.layers.'
+
+
+def canonical_target(name):
+    """'wq', 'q_proj' or 'q' -> 'q'; None if the name is not a LoRA target."""
+    name = name.strip()
+    if name in TARGET_MODULES:
+        return name
+    return TARGET_ALIASES.get(name)
+
+
+def hf_module_name(target):
+    """'q' -> 'q_proj': the name PEFT's target_modules uses."""
+    return TARGET_MODULES[target].split('.')[-1]

@@ -1,0 +1,62 @@
+"""Saved block inputs between the forward and the backward: on the device while a byte budget
+allows, then in host RAM (pinned on cuda), then in a temporary file on disk."""
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class InputStash:
+    def __init__(self, device, device_bytes=None, ram_bytes=None):
+        self.device = device
+        self.budget = {'device': device_bytes, 'ram': ram_bytes}
+        self.used = {'device': 0, 'ram': 0}
+        self.items = {}
+        self._folder = None
+
+    def put(self, key, x):
+        tier = self._tier(x.nbytes)
+        if tier == 'device' or (tier == 'ram' and self.device.type == 'cpu'):
+            self.items[key] = (tier, x)
+        elif tier == 'ram':
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.device.type == 'cuda')
+            self.items[key] = (tier, host.copy_(x, non_blocking=True))
+        else:
+            path = os.path.join(self._disk_folder(), f'{key}.safetensors')
+            save_file({'x': x.cpu().contiguous()}, path)
+            self.items[key] = (tier, path)
+        if tier != 'disk':
+            self.used[tier] += x.nbytes
+
+    def pop(self, key):
+        tier, value = self.items.pop(key)
+        if tier == 'disk':
+            value = load_file(value)['x']
+            os.unlink(self.items_path(key))
+        else:
+            self.used[tier] -= value.nbytes
+        return value.to(self.device, non_blocking=True)
+
+    def items_path(self, key):
+        return os.path.join(self._folder, f'{key}.safetensors')
+
+    def close(self):
+        self.items.clear()
+        if self._folder:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def _tier(self, nbytes):
+        tiers = ('ram',) if self.device.type == 'cpu' else ('device', 'ram')
+        for tier in tiers:
+            limit = self.budget[tier]
+            if limit is None or self.used[tier] + nbytes <= limit:
+                return tier
+        return 'disk'
+
+    def _disk_folder(self):
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix='slowllama-inputs-')
+        return self._folder

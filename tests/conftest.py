@@ -1,0 +1,53 @@
+"""Fixtures: tiny random Llamas saved by transformers, and their prepared twins."""
+import pytest
+import torch
+
+import slowllama
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def make_hf_model(folder, seed=0, max_shard_size=None, **overrides):
+    """Save a random LlamaForCausalLM (weights perturbed from their init so every tensor matters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if 'norm' in name:
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    kwargs = {'max_shard_size': max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+@pytest.fixture(scope='session', params=['untied', 'tied'])
+def tiny_hf(request, tmp_path_factory):
+    """(hf folder, transformers model): GQA, untied (sharded with an index) and tied."""
+    folder = tmp_path_factory.mktemp(f'hf_{request.param}')
+    if request.param == 'tied':
+        model = make_hf_model(folder, seed=1, tie_word_embeddings=True)
+    else:
+        model = make_hf_model(folder, seed=2, max_shard_size='100KB')
+    return folder, model
+
+
+@pytest.fixture(scope='session')
+def tiny_prepared(tiny_hf, tmp_path_factory):
+    """(prepared folder, hf folder, transformers model), prepared in fp32."""
+    hf_folder, model = tiny_hf
+    out = tmp_path_factory.mktemp('prepared') / 'model'
+    slowllama.prepare(hf_folder, out, dtype='fp32')
+    return out, hf_folder, model
+
+
+def random_batch(vocab, batch=2, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    targets[0, :3] = -100  # some ignored positions, as a prompt mask would make
+    return tokens, targets

@@ -1,0 +1,62 @@
+"""Reference models for the tests: our modules held whole in memory, and transformers + peft."""
+import copy
+
+import torch
+
+from slowllama.lora import attach
+from slowllama.model import Transformer
+from slowllama.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
+from slowllama.store import BlockStore
+
+
+def whole_model(model_dir, lora_cfg, dropout=0.0):
+    """Our Transformer with every weight of a prepared folder in memory, LoRA attached (fp32, cpu)."""
+    store = BlockStore(model_dir, torch.device('cpu'), torch.float32, 'ram')
+    model = Transformer(store.cfg, dropout)
+    state = {'embed_tokens.weight': store.embed(torch.arange(store.cfg.vocab_size)[None])[0]}
+    for i in range(store.cfg.n_layers):
+        state.update({f'layers.{i}.{k}': v for k, v in store.block(i).items()})
+    head = store.head()
+    state['head.norm.weight'], state['head.lm_head.weight'] = head[NORM_TENSOR], head[HEAD_TENSOR]
+    model.load_state_dict({k: v.clone() for k, v in state.items()})
+    model.requires_grad_(False)
+    adapters = [attach(layer, lora_cfg, 'cpu') for layer in model.layers]
+    return model, adapters
+
+
+def copy_adapters(source_adapters, target_adapters):
+    with torch.no_grad():
+        for src, dst in zip(source_adapters, target_adapters):
+            for path in src:
+                dst[path].lora_A.weight.copy_(src[path].lora_A.weight)
+                dst[path].lora_B.weight.copy_(src[path].lora_B.weight)
+
+
+def randomize_adapters(adapters, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapters:
+            for adapter in layer.values():
+                for param in (adapter.lora_A.weight, adapter.lora_B.weight):
+                    param.copy_(torch.randn(param.shape, generator=g) * scale)
+
+
+def peft_model(hf_model, rank=4, alpha=8.0, targets=('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj',
+                                                     'up_proj', 'down_proj'), seed=0):
+    """transformers model + a non-zero PEFT LoRA adapter (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        init_lora_weights=False)
+    return get_peft_model(copy.deepcopy(hf_model), config).eval()
+
+
+def masked_mean_ce(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=-100)
+
+
+def peft_grads(model):
+    """{our PEFT key: grad} from a peft model."""
+    return {name.replace('.default.weight', '.weight'): p.grad for name, p in model.named_parameters()
+            if 'lora_' in name}

@@ -1,0 +1,128 @@
+"""The streamed engine against autograd over the whole model, and against transformers + peft."""
+import pytest
+import torch
+
+import slowllama
+from reference import (copy_adapters, masked_mean_ce, peft_grads, peft_model, randomize_adapters,
+                       whole_model)
+from conftest import random_batch
+
+ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+
+def grads_of(model):
+    return {name: p.grad.clone() for name, p in model.trainable_parameters().items()}
+
+
+def max_rel_diff(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+
+def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepared):
+    """(a): same weights, same seed, model dropout and LoRA dropout 0.1: same loss and gradients."""
+    model_dir, _, _ = tiny_prepared
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
+    streamed = slowllama.load(model_dir, lora=lora, dropout=0.1)
+    randomize_adapters(streamed.adapters)
+    reference, ref_adapters = whole_model(model_dir, lora, dropout=0.1)
+    copy_adapters(streamed.adapters, ref_adapters)
+    tokens, targets = random_batch(streamed.cfg.vocab_size)
+
+    torch.manual_seed(123)
+    loss = streamed.backward(tokens, targets)
+    rng_after_streamed = torch.get_rng_state()
+    torch.manual_seed(123)
+    reference.train()
+    ref_loss = masked_mean_ce(reference(tokens), targets)
+    ref_loss.backward()
+
+    assert abs(loss - ref_loss.item()) < 1e-5
+    assert torch.equal(rng_after_streamed, torch.get_rng_state())  # the backward leaves the RNG as autograd does
+    worst = 0.0
+    for layer, (ours, ref) in enumerate(zip(streamed.adapters, ref_adapters)):
+        for path in ours:
+            for matrix in ('lora_A', 'lora_B'):
+                got = getattr(ours[path], matrix).weight.grad
+                want = getattr(ref[path], matrix).weight.grad
+                assert want.abs().max() > 0
+                worst = max(worst, max_rel_diff(got, want))
+    print(f'\n(a) loss diff {abs(loss - ref_loss.item()):.2e}, max relative grad diff {worst:.2e}')
+    assert worst < 1e-5
+
+
+def test_dropout_changes_the_loss(tiny_prepared):
+    """The dropout in (a) is real: with it on, two different seeds give different losses."""
+    model_dir, _, _ = tiny_prepared
+    model = slowllama.load(model_dir, lora=slowllama.LoraConfig(dropout=0.1), dropout=0.1)
+    tokens, targets = random_batch(model.cfg.vocab_size)
+    torch.manual_seed(1)
+    first = model.backward(tokens, targets)
+    torch.manual_seed(2)
+    assert model.backward(tokens, targets) != first
+
+
+def test_logits_loss_and_grads_equal_transformers_peft(tiny_prepared, tmp_path):
+    """(b): a non-zero adapter saved by peft, loaded into us: logits, loss and every LoRA gradient."""
+    model_dir, _, hf_model = tiny_prepared
+    reference = peft_model(hf_model)
+    reference.save_pretrained(tmp_path / 'adapter')
+    ours = slowllama.load(model_dir, adapter=tmp_path / 'adapter')
+    assert ours.lora.targets == ALL_TARGETS
+    tokens, targets = random_batch(ours.cfg.vocab_size, seed=3)
+
+    ref_logits = reference(input_ids=tokens).logits
+    logits = ours.logits(tokens)
+    logit_diff = (logits - ref_logits).abs().max().item()
+    assert logit_diff < 1e-4
+
+    ref_loss = masked_mean_ce(ref_logits, targets)
+    ref_loss.backward()
+    loss = ours.backward(tokens, targets)
+    assert abs(loss - ref_loss.item()) < 1e-5
+    ref_grads, grads = peft_grads(reference), grads_of(ours)
+    assert set(grads) == set(ref_grads)
+    worst = max(max_rel_diff(grads[k], ref_grads[k]) for k in grads)
+    print(f'\n(b) max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
+          f'max relative grad diff {worst:.2e}')
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize('offload', ['ram', 'device'])
+def test_offload_modes_give_identical_gradients(tiny_prepared, offload):
+    """(c): disk, ram and device tiers, and saved inputs spilled to disk, give the same bits."""
+    model_dir, _, _ = tiny_prepared
+    lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
+    baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1)
+    other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1, stash_ram_bytes=0)
+    randomize_adapters(baseline.adapters)
+    copy_adapters(baseline.adapters, other.adapters)
+    tokens, targets = random_batch(baseline.cfg.vocab_size)
+    torch.manual_seed(7)
+    loss_a = baseline.backward(tokens, targets)
+    torch.manual_seed(7)
+    loss_b = other.backward(tokens, targets)
+    assert loss_a == loss_b
+    a, b = grads_of(baseline), grads_of(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradients_accumulate_across_calls(tiny_prepared):
+    model_dir, _, _ = tiny_prepared
+    model = slowllama.load(model_dir)
+    randomize_adapters(model.adapters)
+    tokens, targets = random_batch(model.cfg.vocab_size)
+    model.backward(tokens, targets)
+    once = grads_of(model)
+    model.backward(tokens, targets)
+    twice = grads_of(model)
+    assert all(torch.allclose(twice[k], 2 * once[k]) for k in once)
+
+
+def test_generate_greedy_equals_transformers(tiny_prepared):
+    model_dir, _, hf_model = tiny_prepared
+    ours = slowllama.load(model_dir)
+    prompt = torch.tensor([[5, 17, 42, 9]])
+    want = hf_model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    ours.cfg = type(ours.cfg).from_dict({**ours.cfg.to_dict(), 'eos_id': None})
+    assert torch.equal(ours.generate(prompt, 12), want)
