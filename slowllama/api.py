@@ -11,8 +11,9 @@ from .store import BlockStore, parse_dtype
 __all__ = ['load', 'prepare']
 
 
-def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, offload='disk',
-         dropout=0.0, verify=True, **engine_options):
+def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, offload='auto',
+         dropout=0.0, verify=True, max_device_mem=None, max_ram=None, batch_hint=(4, 512),
+         **engine_options):
     """A prepared model ready for logits / backward / generate, with LoRA adapters attached.
 
     `adapter`: a PEFT-layout folder to start from; its rank, alpha and targets win over `lora`
@@ -28,7 +29,8 @@ def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, 
     lora = lora or LoraConfig()
     if not isinstance(lora, LoraConfig):
         raise SlowLlamaError('lora must be a slowllama.LoraConfig')
-    store = BlockStore(model_dir, device, dtype, offload, verify=verify)
+    store = BlockStore(model_dir, device, dtype, offload, verify=verify, max_device_mem=max_device_mem,
+                       max_ram=max_ram, batch_hint=batch_hint)
     model = StreamedModel(store, lora, dropout=dropout, **engine_options)
     if state is not None:
         model.load_adapter_state(state, where=str(adapter))

@@ -43,8 +43,7 @@ class StreamedModel:
         """[batch, seq] tokens -> float32 logits [batch, seq, vocab] (prefix positions dropped)."""
         self._set_training(False)
         x, cos, sin = self._embed(tokens, prefix)
-        for i in range(self.cfg.n_layers):
-            x = self._run_block(i, self.store.block(i), x, cos, sin)
+        x = self._forward_blocks(x, cos, sin)
         logits = functional_call(self.head_module, self.store.head(), (x,)).float()
         return logits[:, x.shape[1] - tokens.shape[1]:]
 
@@ -60,16 +59,22 @@ class StreamedModel:
             pad = targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE)
             targets = torch.cat([pad, targets], dim=1)
         stash, rng_states = InputStash(self.device, *self.stash_budget), []
+
+        def keep_input(i, block_input):
+            stash.put(i, block_input)
+            rng_states.append(get_rng_state(self.device))
+
         with torch.no_grad():
-            for i in range(self.cfg.n_layers):
-                stash.put(i, x)
-                rng_states.append(get_rng_state(self.device))
-                x = self._run_block(i, self.store.block(i), x, cos, sin)
+            x = self._forward_blocks(x, cos, sin, before_block=keep_input, keep_last=True)
         rng_after_forward = get_rng_state(self.device)
         loss, grad = self._loss_and_grad(x, targets)
         del x
         for i in reversed(range(self.cfg.n_layers)):
-            grad = self._block_backward(i, stash.pop(i), grad, rng_states[i], cos, sin)
+            weights = self.store.block(i)  # the last block is still on the device from the forward
+            self.store.prefetch(i - 1)
+            grad = self._block_backward(i, weights, stash.pop(i), grad, rng_states[i], cos, sin)
+            del weights
+            self.store.release(i)
         stash.close()
         set_rng_state(self.device, rng_after_forward)  # as if the backward drew nothing, like autograd
         if prefix is not None and prefix.requires_grad:
@@ -89,8 +94,7 @@ class StreamedModel:
         out, position = tokens, 0
         for _ in range(max_new_tokens):
             cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
-            for i in range(self.cfg.n_layers):
-                x = self._run_block(i, self.store.block(i), x, cos, sin, caches[i])
+            x = self._forward_blocks(x, cos, sin, caches=caches)
             position += x.shape[1]
             logits = functional_call(self.head_module, self.store.head(), (x[:, -1:],)).float()[:, -1]
             next_token = sample(logits, temperature, top_p)
@@ -127,12 +131,27 @@ class StreamedModel:
     def _run_block(self, i, weights, x, cos, sin, cache=None):
         return functional_call(self.blocks[i], weights, (x, cos, sin, cache), strict=False)
 
-    def _block_backward(self, i, block_input, grad_output, rng_state, cos, sin):
+    def _forward_blocks(self, x, cos, sin, caches=None, before_block=None, keep_last=False):
+        """x through every block, each fetched from the store while the next one is prefetched.
+        keep_last: leave the last block on the device (the backward starts with it)."""
+        last = self.cfg.n_layers - 1
+        for i in range(self.cfg.n_layers):
+            if before_block:
+                before_block(i, x)
+            weights = self.store.block(i)
+            self.store.prefetch(i + 1 if i < last else (last - 1 if keep_last else None))
+            x = self._run_block(i, weights, x, cos, sin, caches[i] if caches else None)
+            del weights
+            if not (keep_last and i == last):
+                self.store.release(i)
+        return x
+
+    def _block_backward(self, i, weights, block_input, grad_output, rng_state, cos, sin):
         """Recompute block i under autograd with the forward's RNG state; return d loss / d input."""
         block_input = block_input.detach().requires_grad_(True)
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
-            output = self._run_block(i, self.store.block(i), block_input, cos, sin)
+            output = self._run_block(i, weights, block_input, cos, sin)
         torch.autograd.backward(output, grad_output)
         return block_input.grad
 

@@ -114,6 +114,13 @@ class SafetensorsFile:
     def tensors(self):
         return {name: self.tensor(name) for name in self.entries}
 
+    def advise(self, advice):
+        """madvise the whole mapping: MADV_WILLNEED starts read-ahead, MADV_DONTNEED drops the pages
+        from this process (they stay in the page cache), so a streamed file stops counting as resident."""
+        if self._map is not None and hasattr(self._map, 'madvise'):
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(advice)
+
 
 def _read_header(f, size, path):
     if size < 8:

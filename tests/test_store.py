@@ -41,9 +41,9 @@ def test_corrupted_block_is_refused_naming_the_file(prepared):
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte in the weights, same size
     path.write_bytes(bytes(data))
-    model = slowllama.load(prepared)
-    with pytest.raises(slowllama.SlowLlamaError, match='block_001.safetensors.*checksum'):
-        model.logits(torch.tensor([[1, 2, 3]]))
+    for offload in ('disk', 'ram'):  # checked when first read, wherever the block lives
+        with pytest.raises(slowllama.SlowLlamaError, match='block_001.safetensors.*checksum'):
+            slowllama.load(prepared, offload=offload).logits(torch.tensor([[1, 2, 3]]))
 
 
 def test_truncated_block_is_refused(prepared):
