@@ -86,6 +86,7 @@ def _bench_arguments(p):
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--seq-len', type=int, default=None)
     p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
     p.add_argument('--lora-rank', type=int, default=4)
     p.add_argument('--targets', default='q,v')
     p.add_argument('--modes', default='disk,ram,device', help='slowllama offload modes to run')
@@ -108,7 +109,7 @@ def run_bench(args):
     bench(device=device, shape=args.shape or ('0.4b' if on_cpu else '7b'),
           batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128, steps=args.steps,
           rank=args.lora_rank, targets=tuple(args.targets.split(',')), modes=_list(args.modes),
-          peers=_list(args.peers), work=args.work, json_out=args.json)
+          peers=_list(args.peers), dtype=args.dtype, work=args.work, json_out=args.json)
 
 
 def _list(text):
@@ -138,7 +139,7 @@ def run_plan(args):
         if args.shape not in SHAPES:
             raise SlowLlamaError(f'--shape: unknown shape {args.shape!r} (use {", ".join(SHAPES)})')
         cfg = ModelConfig.from_hf({'model_type': 'llama', **SHAPES[args.shape]})
-    dtype = getattr(args, 'dtype', 'bf16') or 'bf16'
+    dtype = args.dtype or 'bf16'
     batch, seq = args.batch_size or 16, args.seq_len or 128
     targets = tuple(args.targets.split(','))
     print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}, '
