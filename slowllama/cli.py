@@ -31,6 +31,17 @@ def main(argv=None, prog_command=None):
             raise
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except MemoryError:
+        if debug:
+            raise
+        print('error: out of host memory; use --offload disk, or lower --batch-size / --seq-len', file=sys.stderr)
+        return 3
+    except RuntimeError as e:  # torch.OutOfMemoryError (cuda/mps) is a RuntimeError
+        if debug or 'out of memory' not in str(e).lower():
+            raise
+        print('error: out of memory on the device; lower --batch-size or --seq-len, or cap it with '
+              '--max-device-mem / --offload ram', file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130

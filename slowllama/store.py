@@ -56,6 +56,7 @@ class PreparedWriter:
         self.out, self.cfg, self.dtype, self.source = str(out), cfg, parse_dtype(dtype), source
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
+        check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
         self.staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(self.out) + '.staging-')
         self.files = {}
         self.tokenizer_files = []
@@ -110,6 +111,18 @@ class PreparedWriter:
         if tensor is None or tuple(tensor.shape) != tuple(shape):
             got = None if tensor is None else tuple(tensor.shape)
             raise SlowLlamaError(f'{self.source}: {name} has shape {got}, the config needs {tuple(shape)}')
+
+
+def expected_bytes(cfg: ModelConfig, dtype):
+    from .plan import model_params
+    return model_params(cfg) * dtype.itemsize
+
+
+def check_free_space(folder, needed, what):
+    """Refuse before writing anything when the disk cannot hold `needed` bytes (plus 1% slack)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.01:
+        raise SlowLlamaError(f'{what}: needs {needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free')
 
 
 def block_shapes(cfg: ModelConfig):

@@ -81,3 +81,14 @@ def test_shape_mismatch_is_refused(tmp_path):
     with pytest.raises(slowllama.SlowLlamaError, match='mlp.gate_proj.weight.*shape'):
         slowllama.prepare(tmp_path / 'hf', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_prepare_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    make_hf_model(tmp_path / 'hf')
+    usage = namedtuple('usage', 'total used free')
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    with pytest.raises(slowllama.SlowLlamaError, match='needs .* GB but .* free'):
+        slowllama.prepare(tmp_path / 'hf', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
