@@ -9,16 +9,14 @@ the output gradient through and hand the input gradient to the block before. Onl
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from .devices import get_rng_state, set_rng_state
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
-from .model import Block, Head, KVCache, rope_table
+from .head import IGNORE, StreamedHead
+from .model import Block, KVCache, rope_table
 from .stash import InputStash
 
-IGNORE = -100
-LOSS_CHUNK_ELEMENTS = 1 << 25  # logits held at once in the chunked loss: 32M floats = 128 MB
 
 
 class StreamedModel:
@@ -28,7 +26,7 @@ class StreamedModel:
         self.device, self.dtype = store.device, store.dtype
         with torch.device('meta'):  # module skeletons only: the frozen weights come from the store per call
             self.blocks = [Block(self.cfg, dropout) for _ in range(self.cfg.n_layers)]
-            self.head_module = Head(self.cfg)
+        self.head = StreamedHead(store)
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
         self.stash_budget = (stash_device_bytes, stash_ram_bytes)
 
@@ -44,8 +42,7 @@ class StreamedModel:
         self._set_training(False)
         x, cos, sin = self._embed(tokens, prefix)
         x = self._forward_blocks(x, cos, sin)
-        logits = functional_call(self.head_module, self.store.head(), (x,)).float()
-        return logits[:, x.shape[1] - tokens.shape[1]:]
+        return self.head.logits(x[:, x.shape[1] - tokens.shape[1]:])
 
     def backward(self, tokens, targets, prefix=None):
         """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
@@ -67,7 +64,7 @@ class StreamedModel:
         with torch.no_grad():
             x = self._forward_blocks(x, cos, sin, before_block=keep_input, keep_last=True)
         rng_after_forward = get_rng_state(self.device)
-        loss, grad = self._loss_and_grad(x, targets)
+        loss, grad = self.head.loss_and_grad(x, targets)
         del x
         for i in reversed(range(self.cfg.n_layers)):
             weights = self.store.block(i)  # the last block is still on the device from the forward
@@ -96,7 +93,7 @@ class StreamedModel:
             cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
             x = self._forward_blocks(x, cos, sin, caches=caches)
             position += x.shape[1]
-            logits = functional_call(self.head_module, self.store.head(), (x[:, -1:],)).float()[:, -1]
+            logits = self.head.logits(x[:, -1])
             next_token = sample(logits, temperature, top_p)
             out = torch.cat([out, next_token], dim=1)
             if on_token:
@@ -154,26 +151,6 @@ class StreamedModel:
             output = self._run_block(i, weights, block_input, cos, sin)
         torch.autograd.backward(output, grad_output)
         return block_input.grad
-
-    def _loss_and_grad(self, x, targets):
-        """Mean cross-entropy of head(x) against targets, and its gradient wrt x, computed over
-        chunks of positions so the [batch, seq, vocab] logits never exist whole."""
-        head = self.store.head()
-        flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        count = (flat_targets != IGNORE).sum().clamp(min=1)
-        grad = torch.zeros_like(flat_x)
-        total = torch.zeros((), device=self.device)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.cfg.vocab_size)
-        for start in range(0, flat_x.shape[0], chunk):
-            part = flat_x[start:start + chunk].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = functional_call(self.head_module, head, (part,)).float()
-                loss = F.cross_entropy(logits, flat_targets[start:start + chunk], ignore_index=IGNORE,
-                                       reduction='sum') / count
-            loss.backward()
-            grad[start:start + chunk] = part.grad
-            total += loss.detach()
-        return float(total), grad.view_as(x)
 
 
 def sample(logits, temperature=0.0, top_p=1.0):

@@ -3,10 +3,10 @@ and the peak device and host memory a run will reach. Pure arithmetic over Model
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .head import MIN_SLICE_ROWS, SLICE_ELEMENTS
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
-LOSS_CHUNK_ELEMENTS = 1 << 25  # the engine's chunked cross-entropy holds this many logits at once
 
 
 def block_params(cfg: ModelConfig):
@@ -55,10 +55,10 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     streamed = cfg.n_layers - resident_blocks
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
     saved_inputs = cfg.n_layers * batch * seq * cfg.dim * w
-    head = cfg.vocab_size * cfg.dim * w
-    chunk = min(batch * seq, max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size))
-    loss = 3 * chunk * cfg.vocab_size * 4  # fp32 logits, their softmax and gradient
-    working = max(block_working_set(cfg, batch, seq, w), head + loss)
+    tokens = batch * seq
+    head_slice = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens)  # the head streams in vocabulary slices
+    loss = 3 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 3 * tokens * cfg.dim * 4
+    working = max(block_working_set(cfg, batch, seq, w), loss)
     buffers = 2 * block if streamed else 0  # double buffering
     device = resident_blocks * block + buffers + lora + working + 2 * batch * seq * cfg.dim * w
     if stash_on_device:

@@ -215,22 +215,32 @@ class BlockStore:
             self._copier.release(ticket.wait()[0])
         self._pending.clear()
 
-    def head(self):
-        """{'norm.weight', 'lm_head.weight'} on the compute device (the embeddings when tied)."""
-        tensors = self._whole(HEAD_FILE)
-        if self.cfg.tie_embeddings:
-            tensors[HEAD_TENSOR] = self._whole(EMBED_FILE)[EMBED_TENSOR]
-        return tensors
+    def head_norm(self):
+        """The final norm's weight on the compute device."""
+        return self._whole(HEAD_FILE, NORM_TENSOR)
+
+    def head_rows(self, start, end):
+        """Rows [start, end) of the output head (the embeddings when tied) on the compute device. The
+        head is hundreds of MB at 7B and above, so the engine takes it a vocabulary slice at a time;
+        rows read from disk are dropped from this process right after the copy."""
+        filename, name = (EMBED_FILE, EMBED_TENSOR) if self.cfg.tie_embeddings else (HEAD_FILE, HEAD_TENSOR)
+        if filename in self._resident:
+            return self._resident[filename][name][start:end].to(self.device, non_blocking=True)
+        mapped = self._file(filename)
+        rows = mapped.tensor(name)[start:end].to(self.device, self.dtype, copy=True)
+        mapped.advise_rows(name, start, end, mmap.MADV_DONTNEED)
+        return rows
 
     def embed(self, tokens):
         """Token embeddings [batch, seq, dim] on the device. Only the rows needed are read, so the
         embedding matrix never travels whole."""
         if EMBED_FILE in self._resident:
             table = self._resident[EMBED_FILE][EMBED_TENSOR]
-        else:
-            table = self._file(EMBED_FILE).tensor(EMBED_TENSOR)
-        rows = F.embedding(tokens.to(table.device), table)
-        return rows.to(self.device, self.dtype)
+            return F.embedding(tokens.to(table.device), table).to(self.device, self.dtype)
+        mapped = self._file(EMBED_FILE)
+        rows = F.embedding(tokens.cpu(), mapped.tensor(EMBED_TENSOR)).to(self.device, self.dtype, copy=True)
+        mapped.advise(mmap.MADV_DONTNEED)  # each row read faulted in its neighbours too
+        return rows
 
     # --- internals -----------------------------------------------------------------------
 
@@ -245,10 +255,10 @@ class BlockStore:
         mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
         return self._copier.start(mapped.tensors())
 
-    def _whole(self, filename):
+    def _whole(self, filename, name):
         if filename in self._resident:
-            return {n: t.to(self.device, non_blocking=True) for n, t in self._resident[filename].items()}
-        return {n: t.to(self.device, self.dtype) for n, t in self._file(filename).tensors().items()}
+            return self._resident[filename][name].to(self.device, non_blocking=True)
+        return self._file(filename).tensor(name).to(self.device, self.dtype, copy=True)
 
     def _load_resident(self, filename, tier):
         home = self.device if tier == 'device' else torch.device('cpu')
