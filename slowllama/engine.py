@@ -77,6 +77,25 @@ class StreamedModel:
         return loss
 
     @torch.no_grad()
+    def loss(self, tokens, targets, prefix=None):
+        """Mean cross-entropy against targets (-100 ignored) in eval mode, without gradients: the
+        validation loss. The logits are formed a chunk of positions at a time, as in backward."""
+        self._set_training(False)
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        x, cos, sin = self._embed(tokens, prefix)
+        if prefix is not None:  # no target for the prefix positions
+            targets = torch.cat([targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE), targets], dim=1)
+        for i in range(self.cfg.n_layers):
+            x = self._run_block(i, self.store.block(i), x, cos, sin)
+        head = self.store.head()
+        flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.cfg.vocab_size)
+        total = sum(F.cross_entropy(functional_call(self.head_module, head, (flat_x[s:s + chunk],)).float(),
+                                    flat_targets[s:s + chunk], ignore_index=IGNORE, reduction='sum')
+                    for s in range(0, flat_x.shape[0], chunk))
+        return float(total / (flat_targets != IGNORE).sum().clamp(min=1))
+
+    @torch.no_grad()
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None):
         """[1, T] -> [1, T + n] with a KV cache; greedy at temperature 0. Stops early at EOS.
         on_token(id) is called as each token is chosen (for printing as we go)."""
