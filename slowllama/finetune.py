@@ -162,7 +162,7 @@ def build(opts, stream=None):
     if opts.prompt:
         sample_fn = lambda m: complete(m, tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
     out = opts.out or new_run_dir()
-    run_config = {k: v for k, v in vars(opts).items()}
+    run_config = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
     trainer = Trainer(model, train_cfg, out, data.train, data.val, sample_fn=sample_fn, run_config=run_config,
                       stream=stream)
     trainer.log(data.summary)

@@ -49,7 +49,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup: int = 0              # steps of linear warm-up from 0 to lr
-    schedule: str = 'cosine'     # 'cosine' (down to min_lr_ratio * lr at the last step) | 'constant'
+    schedule: str = 'cosine'     # 'cosine' (towards min_lr_ratio * lr) | 'constant'
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0       # max global gradient norm; 0: no clipping
     seed: int = 0
@@ -75,12 +75,13 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, step):
-    """The learning rate of optimizer step `step` (1-based)."""
+    """The learning rate of optimizer step `step` (1-based): linear warm-up to lr over `warmup`
+    steps, then constant or a half cosine towards min_lr_ratio * lr (as transformers' cosine schedule)."""
     if cfg.warmup and step <= cfg.warmup:
         return cfg.lr * step / cfg.warmup
-    if cfg.schedule == 'constant' or cfg.iters <= cfg.warmup + 1:
+    if cfg.schedule == 'constant':
         return cfg.lr
-    progress = (step - cfg.warmup - 1) / (cfg.iters - cfg.warmup - 1)  # 0 after warm-up, 1 at the last step
+    progress = (step - 1 - cfg.warmup) / max(1, cfg.iters - cfg.warmup)  # 0 right after the warm-up
     low = cfg.lr * cfg.min_lr_ratio
     return low + 0.5 * (cfg.lr - low) * (1.0 + math.cos(math.pi * progress))
 
