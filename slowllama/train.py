@@ -9,14 +9,11 @@ prefix encoder, ...) plug in through `step_fn` / `eval_fn`.
 
 Run folder:
     adapter/                    the latest adapter (PEFT layout)
-    checkpoints/step_NNNNNN/    adapter files, trainable.safetensors (every trainable parameter by
-                                name), optimizer.safetensors + optimizer.json (AdamW moments and
-                                step), state.json (step, data position, RNG states); renamed into
-                                place only when complete
+    checkpoints/step_NNNNNN/    everything --resume needs (see checkpoint.py)
     metrics.jsonl               one JSON object per step
     train.log                   what the console showed, plus the sample completions
+    run_config.json             the run's settings
 """
-import base64
 import json
 import math
 import os
@@ -30,14 +27,13 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .config import read_json
+from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint,
+                         replace_folder, write_checkpoint)
 from .devices import get_rng_state, set_rng_state
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, atomic_open, write_json, write_safetensors
+from .files import atomic_open, write_json
 
 SCHEDULES = ('cosine', 'constant')
-CHECKPOINT_DIR = 'checkpoints'
-CHECKPOINT_NAME = re.compile(r'^step_(\d{6,})$')
 
 
 @dataclass
@@ -209,60 +205,37 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self):
-        """checkpoints/step_NNNNNN/ (written in a staging folder, renamed when complete), then adapter/."""
-        folder = os.path.join(self.run_dir, CHECKPOINT_DIR)
-        os.makedirs(folder, exist_ok=True)
-        name = f'step_{self.step:06d}'
-        staging = tempfile.mkdtemp(dir=folder, prefix=f'.{name}.')
-        try:
-            self.model.save_adapter(staging)
-            write_safetensors(os.path.join(staging, 'trainable.safetensors'),
-                              {n: p.detach().cpu() for n, p in self.params.items()})
-            tensors, meta = optimizer_state(self.optimizer, list(self.params))
-            write_safetensors(os.path.join(staging, 'optimizer.safetensors'), tensors)
-            write_json(os.path.join(staging, 'optimizer.json'), meta)
-            write_json(os.path.join(staging, 'state.json'), self._state())  # last: marks it complete
-            _replace_folder(staging, os.path.join(folder, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        """checkpoints/step_NNNNNN/ (complete or absent), then adapter/."""
+        folder = os.path.join(self.run_dir, CHECKPOINT_DIR, f'step_{self.step:06d}')
+        write_checkpoint(folder, self.model, self.params, self.optimizer, self._state())
         self._save_latest_adapter()
-        self._prune(folder)
-        self.log(f'step {self.step}: checkpoint {os.path.join(folder, name)}')
+        if self.cfg.keep_checkpoints:
+            for _, old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(os.path.join(self.run_dir, CHECKPOINT_DIR, old), ignore_errors=True)
+        self.log(f'step {self.step}: checkpoint {folder}')
 
     def _save_latest_adapter(self):
         staging = tempfile.mkdtemp(dir=self.run_dir, prefix='.adapter.')
         try:
             self.model.save_adapter(staging)
-            _replace_folder(staging, os.path.join(self.run_dir, 'adapter'))
+            replace_folder(staging, os.path.join(self.run_dir, 'adapter'))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _state(self):
         device = getattr(self.model, 'device', torch.device('cpu'))
-        rng = {kind: base64.b64encode(state.cpu().numpy().tobytes()).decode('ascii')
-               for kind, state in get_rng_state(device).items()}
         return {'step': self.step, 'data_position': self.data_position, 'iters': self.cfg.iters,
-                'seed': self.cfg.seed, 'rng': rng, 'device': str(device)}
-
-    def _prune(self, folder):
-        if self.cfg.keep_checkpoints:
-            for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(os.path.join(folder, old[1]), ignore_errors=True)
+                'seed': self.cfg.seed, 'rng': encode_rng(get_rng_state(device)), 'device': str(device)}
 
     def _resume(self):
         found = list_checkpoints(self.run_dir)
         if not found:
             self.log(f'{self.run_dir}: no complete checkpoint, starting at step 0')
             return False
-        step, name = found[-1]
-        folder = os.path.join(self.run_dir, CHECKPOINT_DIR, name)
-        state = read_json(os.path.join(folder, 'state.json'), 'checkpoint state')
-        load_trainable(self.params, SafetensorsFile(os.path.join(folder, 'trainable.safetensors')), folder)
-        load_optimizer_state(self.optimizer, list(self.params),
-                             SafetensorsFile(os.path.join(folder, 'optimizer.safetensors')), folder)
+        folder = os.path.join(self.run_dir, CHECKPOINT_DIR, found[-1][1])
+        state = read_checkpoint(folder, self.params, self.optimizer)
         device = getattr(self.model, 'device', torch.device('cpu'))
-        rng = {kind: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-               for kind, text in state['rng'].items()}
+        rng = decode_rng(state['rng'])
         if set(rng) != set(get_rng_state(device)):
             raise SlowLlamaError(f'{folder}: saved on {state.get("device")}, cannot resume exactly on {device}')
         set_rng_state(device, rng)
@@ -321,69 +294,7 @@ class Trainer:
                 'seconds': seconds}
 
 
-# --- optimizer and parameter state (safetensors + JSON, no pickle) ----------------------------
-
-def optimizer_state(optimizer, names):
-    """AdamW state -> ({'<param name>.<field>': tensor}, JSON-able hyperparameters)."""
-    saved = optimizer.state_dict()
-    tensors = {f'{names[index]}.{key}': value.detach().cpu()
-               for index, fields in saved['state'].items() for key, value in fields.items()}
-    groups = [{k: v for k, v in g.items() if k != 'params'} for g in saved['param_groups']]
-    return tensors, {'type': type(optimizer).__name__, 'param_names': names, 'param_groups': groups}
-
-
-def load_optimizer_state(optimizer, names, file, where):
-    index = {name: i for i, name in enumerate(names)}
-    state = {}
-    for key in file.names():
-        name, field_name = key.rsplit('.', 1)
-        if name not in index:
-            raise SlowLlamaError(f'{where}: optimizer state for {name}, which the model does not train')
-        state.setdefault(index[name], {})[field_name] = file.tensor(key).clone()
-    saved = optimizer.state_dict()
-    saved['state'] = state
-    optimizer.load_state_dict(saved)
-
-
-def load_trainable(params, file, where):
-    missing, extra = sorted(set(params) - set(file.names())), sorted(set(file.names()) - set(params))
-    if missing or extra:
-        raise SlowLlamaError(f'{where}: the checkpoint does not fit the model (missing {missing[:2]}, '
-                             f'unexpected {extra[:2]}); resume with the same --targets and --lora-rank')
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(file.shape(name)) != tuple(p.shape):
-                raise SlowLlamaError(f'{where}: {name} has shape {file.shape(name)}, the model needs '
-                                     f'{tuple(p.shape)}')
-            p.copy_(file.tensor(name))
-
-
-def list_checkpoints(run_dir):
-    """[(step, folder name)] of the complete checkpoints (those with a state.json), oldest first."""
-    folder = os.path.join(str(run_dir), CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        match = CHECKPOINT_NAME.match(name)
-        if match and os.path.exists(os.path.join(folder, name, 'state.json')):
-            found.append((int(match.group(1)), name))
-    return sorted(found)
-
-
-# --- files -----------------------------------------------------------------------------------
-
-def _replace_folder(staging, final):
-    """Rename a complete staging folder to `final`, replacing an older one."""
-    old = None
-    if os.path.exists(final):
-        old = final + '.old'
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
+# --- logs ----------------------------------------------------------------------------------
 
 def _append_line(path, line):
     """One complete line per write (O_APPEND), so a crash can cut off at most the last line."""
