@@ -1,6 +1,7 @@
 """The finetune and test_gen commands end to end on a tiny model, the YAML config, errors, the demo."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -175,3 +176,24 @@ def test_no_flags_runs_the_demo(monkeypatch):
     monkeypatch.setattr(demo, 'run_demo', lambda: calls.append('demo'))
     assert cli.main(['finetune']) == 0 and calls == ['demo']
     assert os.path.exists(demo.DEMO_TEXT) and 'Odalys Brenn' in open(demo.DEMO_TEXT).read()
+
+
+def test_cli_resume_after_a_crash_reproduces_the_run(tiny_text_model, story, tmp_path):
+    """A run whose last checkpoint was lost (as if it crashed after step 2) resumes to the same
+    losses and the same adapter bytes, with model and LoRA dropout on."""
+    model_dir, _, _ = tiny_text_model
+    run_dir = tmp_path / 'run'
+    args = ['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir), '--iters', '4',
+            '--seq-len', '16', '--batch-size', '2', '--lr', '1e-2', '--dropout', '0.1', '--lora-dropout', '0.1',
+            '--save-every', '2', '--val-fraction', '0.2', '--eval-every', '1', '--prompt', 'the', '--max-new-tokens', '3']
+    assert cli.main(args) == 0
+    adapter = (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes()
+    rows = (run_dir / 'metrics.jsonl').read_text().splitlines()
+    shutil.rmtree(run_dir / 'checkpoints' / 'step_000004')
+    assert cli.main(args + ['--resume']) == 0
+    assert without_timings((run_dir / 'metrics.jsonl').read_text().splitlines()) == without_timings(rows)
+    assert (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes() == adapter
+
+
+def without_timings(lines):
+    return [{k: v for k, v in json.loads(line).items() if k not in ('tokens_per_s', 'step_s')} for line in lines]
