@@ -93,6 +93,8 @@ def default_eval(model, batch):
 class Trainer:
     """trainer = Trainer(model, TrainConfig(...), run_dir, data, val=[...]); trainer.run(resume=False)
 
+    data.batch(index) -> a batch with .tokens [batch, seq], .targets and .n_targets (slowllama.data.Batch,
+    or a subclass carrying more, e.g. signals); `val` is a list of such batches.
     step_fn(model, batch) -> float loss: accumulates gradients on model.trainable_parameters().
     eval_fn(model, batch) -> float loss without gradients. sample_fn(model) -> str, shown at each evaluation.
     """
