@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint,
-                         replace_folder, write_checkpoint)
+                         remove_leftovers, replace_folder, write_checkpoint)
 from .devices import get_rng_state, set_rng_state
 from .errors import SlowLlamaError
 from .files import atomic_open, write_json
@@ -122,6 +122,7 @@ class Trainer:
         """Train up to cfg.iters steps; returns a summary dict. With resume, continue from the newest
         complete checkpoint in run_dir (or start afresh when there is none)."""
         os.makedirs(self.run_dir, exist_ok=True)
+        remove_leftovers(self.run_dir)
         if not resume and list_checkpoints(self.run_dir):
             raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
                                  'or choose another --out')
