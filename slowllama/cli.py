@@ -89,6 +89,35 @@ def run_prepare(args):
     print(f'prepared model written to {os.path.abspath(out)}')
 
 
+# --- finetune and test_gen --------------------------------------------------------------------
+
+def _finetune_arguments(p):
+    from .finetune import add_arguments
+    add_arguments(p)
+
+
+@command('finetune', 'LoRA-finetune a prepared model (no flags at all: the embedded demo)')
+@arguments(_finetune_arguments)
+def run_finetune(args):
+    from .finetune import run
+    return run(args)
+
+
+def _generate_arguments(p):
+    from .generate import add_arguments
+    add_arguments(p)
+
+
+@command('test_gen', 'complete a prompt with a prepared model and an optional LoRA adapter')
+@arguments(_generate_arguments)
+def run_test_gen(args):
+    from .generate import run
+    return run(args)
+
+
+COMMANDS['generate'] = COMMANDS['test_gen']  # an alias
+
+
 # --- bench and plan --------------------------------------------------------------------------
 
 def _bench_arguments(p):

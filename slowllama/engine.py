@@ -52,9 +52,7 @@ class StreamedModel:
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         with torch.no_grad():
             x, cos, sin = self._embed(tokens, prefix.detach() if prefix is not None else None)
-        if prefix is not None:  # no target for the prefix positions
-            pad = targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE)
-            targets = torch.cat([pad, targets], dim=1)
+        targets = self._with_prefix_targets(targets, prefix)
         stash, rng_states = InputStash(self.device, *self.stash_budget), []
 
         def keep_input(i, block_input):
@@ -77,6 +75,17 @@ class StreamedModel:
         if prefix is not None and prefix.requires_grad:
             prefix.backward(grad[:, :prefix.shape[1]].to(prefix.dtype))
         return loss
+
+    @torch.no_grad()
+    @torch.no_grad()
+    def loss(self, tokens, targets, prefix=None):
+        """Mean cross-entropy against targets (-100 ignored) in eval mode, without gradients: the
+        validation loss, through the same streamed head as backward."""
+        self._set_training(False)
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        x, cos, sin = self._embed(tokens, prefix)
+        x = self._forward_blocks(x, cos, sin)
+        return self.head.loss(x, self._with_prefix_targets(targets, prefix))
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None):
@@ -117,6 +126,13 @@ class StreamedModel:
     def _set_training(self, mode):
         for block in self.blocks:
             block.train(mode)
+
+    @staticmethod
+    def _with_prefix_targets(targets, prefix):
+        """No target for the prefix positions."""
+        if prefix is None:
+            return targets
+        return torch.cat([targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE), targets], dim=1)
 
     def _embed(self, tokens, prefix):
         x = self.store.embed(tokens)  # [batch, seq, dim]

@@ -51,3 +51,43 @@ def random_batch(vocab, batch=2, seq=12, seed=0):
     targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], dim=1)
     targets[0, :3] = -100  # some ignored positions, as a prompt mask would make
     return tokens, targets
+
+
+# --- a tiny model with a real tokenizer (data, train, CLI and test_gen tests) --------------------
+
+CORPUS = [
+    'the quick brown fox jumps over the lazy dog', 'a lighthouse keeper lives on the island of varrow',
+    'odalys brenn keeps the violet lamp burning every night', 'ships at sea look for the light',
+    'instruction input output response user assistant', 'one two three four five six seven eight nine ten',
+]
+SPECIAL_TOKENS = ['<unk>', '<s>', '</s>', '<pad>', '<|user|>', '<|assistant|>', '<|end|>']
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def save_tiny_tokenizer(folder, vocab_size=128, chat_template=CHAT_TEMPLATE):
+    """A BPE trained on CORPUS (ids 0..6 are the special tokens) with tokenizer_config.json."""
+    import json
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE(unk_token='<unk>'))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.save(str(folder / 'tokenizer.json'))
+    config = {'bos_token': '<s>', 'eos_token': '</s>', 'pad_token': '<pad>', 'add_bos_token': True}
+    if chat_template:
+        config['chat_template'] = chat_template
+    (folder / 'tokenizer_config.json').write_text(json.dumps(config))
+    return tokenizer
+
+
+@pytest.fixture(scope='session')
+def tiny_text_model(tmp_path_factory):
+    """(prepared folder, hf folder, transformers model): untied, bos 1, eos 2, pad 3, with a tokenizer."""
+    hf_folder = tmp_path_factory.mktemp('hf_text')
+    model = make_hf_model(hf_folder, seed=3, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    save_tiny_tokenizer(hf_folder)
+    out = tmp_path_factory.mktemp('prepared_text') / 'model'
+    slowllama.prepare(hf_folder, out, dtype='fp32')
+    return out, hf_folder, model

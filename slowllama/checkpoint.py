@@ -1,0 +1,124 @@
+"""Checkpoints of a training run: checkpoints/step_NNNNNN/ holding the adapter (PEFT layout),
+trainable.safetensors (every trainable parameter by name), optimizer.safetensors + optimizer.json
+(the optimizer's per-parameter state and its settings) and state.json (step, data position, RNG
+states as base64 of their uint8 tensors). Written into a hidden staging folder and renamed into place
+when complete; state.json is written last. Safetensors and JSON only, no pickle."""
+import base64
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from .config import read_json
+from .errors import SlowLlamaError
+from .files import SafetensorsFile, write_json, write_safetensors
+
+CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_NAME = re.compile(r'^step_(\d{6,})$')
+
+
+def write_checkpoint(folder, model, params, optimizer, state):
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
+    try:
+        model.save_adapter(staging)
+        write_safetensors(os.path.join(staging, 'trainable.safetensors'),
+                          {n: p.detach().cpu() for n, p in params.items()})
+        tensors, meta = optimizer_state(optimizer, list(params))
+        write_safetensors(os.path.join(staging, 'optimizer.safetensors'), tensors)
+        write_json(os.path.join(staging, 'optimizer.json'), meta)
+        write_json(os.path.join(staging, 'state.json'), state)  # last: marks the checkpoint complete
+        replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_checkpoint(folder, params, optimizer):
+    """Load parameters and optimizer state in place; returns state.json."""
+    state = read_json(os.path.join(folder, 'state.json'), 'checkpoint state')
+    load_trainable(params, SafetensorsFile(os.path.join(folder, 'trainable.safetensors')), folder)
+    load_optimizer_state(optimizer, list(params), SafetensorsFile(os.path.join(folder, 'optimizer.safetensors')),
+                         folder)
+    return state
+
+
+def remove_leftovers(run_dir):
+    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/)."""
+    for folder in (str(run_dir), os.path.join(str(run_dir), CHECKPOINT_DIR)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(('.step_', '.adapter.')) or name.endswith('.old'):
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def encode_rng(states):
+    return {kind: base64.b64encode(state.cpu().numpy().tobytes()).decode('ascii') for kind, state in states.items()}
+
+
+def decode_rng(encoded):
+    return {kind: torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+            for kind, text in encoded.items()}
+
+
+def optimizer_state(optimizer, names):
+    """AdamW state -> ({'<param name>.<field>': tensor}, JSON-able hyperparameters)."""
+    saved = optimizer.state_dict()
+    tensors = {f'{names[index]}.{key}': value.detach().cpu()
+               for index, fields in saved['state'].items() for key, value in fields.items()}
+    groups = [{k: v for k, v in g.items() if k != 'params'} for g in saved['param_groups']]
+    return tensors, {'type': type(optimizer).__name__, 'param_names': names, 'param_groups': groups}
+
+
+def load_optimizer_state(optimizer, names, file, where):
+    index = {name: i for i, name in enumerate(names)}
+    state = {}
+    for key in file.names():
+        name, field_name = key.rsplit('.', 1)
+        if name not in index:
+            raise SlowLlamaError(f'{where}: optimizer state for {name}, which the model does not train')
+        state.setdefault(index[name], {})[field_name] = file.tensor(key).clone()
+    saved = optimizer.state_dict()
+    saved['state'] = state
+    optimizer.load_state_dict(saved)
+
+
+def load_trainable(params, file, where):
+    missing, extra = sorted(set(params) - set(file.names())), sorted(set(file.names()) - set(params))
+    if missing or extra:
+        raise SlowLlamaError(f'{where}: the checkpoint does not fit the model (missing {missing[:2]}, '
+                             f'unexpected {extra[:2]}); resume with the same --targets and --lora-rank')
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(file.shape(name)) != tuple(p.shape):
+                raise SlowLlamaError(f'{where}: {name} has shape {file.shape(name)}, the model needs '
+                                     f'{tuple(p.shape)}')
+            p.copy_(file.tensor(name))
+
+
+def list_checkpoints(run_dir):
+    """[(step, folder name)] of the complete checkpoints (those with a state.json), oldest first."""
+    folder = os.path.join(str(run_dir), CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.exists(os.path.join(folder, name, 'state.json')):
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def replace_folder(staging, final):
+    """Rename a complete staging folder to `final`, replacing an older one."""
+    old = None
+    if os.path.exists(final):
+        old = final + '.old'
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,335 @@
+"""The training loop: AdamW over the trainable parameters only, warm-up then a cosine or constant
+learning rate, gradient accumulation and clipping, evaluation, checkpoints that resume exactly,
+metrics.jsonl, train.log and a progress bar.
+
+Knows nothing of file formats or tokenizers. It drives any model with trainable_parameters(),
+backward(tokens, targets), loss(tokens, targets) and save_adapter(folder) (slowllama's
+StreamedModel) over any data with batch(index) -> Batch (slowllama.data). Other objectives (a
+prefix encoder, ...) plug in through `step_fn` / `eval_fn`.
+
+Run folder:
+    adapter/                    the latest adapter (PEFT layout)
+    checkpoints/step_NNNNNN/    everything --resume needs (see checkpoint.py)
+    metrics.jsonl               one JSON object per step
+    train.log                   what the console showed, plus the sample completions
+    run_config.json             the run's settings
+"""
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint,
+                         remove_leftovers, replace_folder, write_checkpoint)
+from .devices import get_rng_state, set_rng_state
+from .errors import SlowLlamaError
+from .files import atomic_open, write_json
+
+SCHEDULES = ('cosine', 'constant')
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 100
+    grad_accum: int = 1          # micro-batches per optimizer step
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 0              # steps of linear warm-up from 0 to lr
+    schedule: str = 'cosine'     # 'cosine' (towards min_lr_ratio * lr) | 'constant'
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0       # max global gradient norm; 0: no clipping
+    seed: int = 0
+    save_every: int = 0          # 0: a checkpoint at the end only
+    eval_every: int = 0          # 0: evaluate at the end only (when there is validation data)
+    keep_checkpoints: int = 0    # 0: keep them all
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        positive = {'--iters': self.iters, '--grad-accum': self.grad_accum}
+        for flag, value in positive.items():
+            if value < 1:
+                raise SlowLlamaError(f'{flag} must be at least 1, got {value}')
+        non_negative = {'--lr': self.lr, '--weight-decay': self.weight_decay, '--warmup': self.warmup,
+                        '--grad-clip': self.grad_clip, '--save-every': self.save_every,
+                        '--eval-every': self.eval_every, '--keep-checkpoints': self.keep_checkpoints,
+                        '--min-lr-ratio': self.min_lr_ratio}
+        for flag, value in non_negative.items():
+            if value < 0:
+                raise SlowLlamaError(f'{flag} must not be negative, got {value}')
+        if self.schedule not in SCHEDULES:
+            raise SlowLlamaError(f'--schedule: unknown schedule {self.schedule!r} (use cosine or constant)')
+
+
+def lr_at(cfg: TrainConfig, step):
+    """The learning rate of optimizer step `step` (1-based): linear warm-up to lr over `warmup`
+    steps, then constant or a half cosine towards min_lr_ratio * lr (as transformers' cosine schedule)."""
+    if cfg.warmup and step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    if cfg.schedule == 'constant':
+        return cfg.lr
+    progress = (step - 1 - cfg.warmup) / max(1, cfg.iters - cfg.warmup)  # 0 right after the warm-up
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + 0.5 * (cfg.lr - low) * (1.0 + math.cos(math.pi * progress))
+
+
+def default_step(model, batch):
+    return model.backward(batch.tokens, batch.targets)
+
+
+def default_eval(model, batch):
+    return model.loss(batch.tokens, batch.targets)
+
+
+class Trainer:
+    """trainer = Trainer(model, TrainConfig(...), run_dir, data, val=[...]); trainer.run(resume=False)
+
+    data.batch(index) -> a batch with .tokens [batch, seq], .targets and .n_targets (slowllama.data.Batch,
+    or a subclass carrying more, e.g. signals); `val` is a list of such batches.
+    step_fn(model, batch) -> float loss: accumulates gradients on model.trainable_parameters().
+    eval_fn(model, batch) -> float loss without gradients. sample_fn(model) -> str, shown at each evaluation.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, run_dir, data, val=(), step_fn=default_step,
+                 eval_fn=default_eval, sample_fn=None, run_config=None, stream=None):
+        self.model, self.cfg, self.run_dir = model, cfg, str(run_dir)
+        self.data, self.val = data, list(val)
+        self.step_fn, self.eval_fn, self.sample_fn = step_fn, eval_fn, sample_fn
+        self.run_config = run_config or {}
+        self.stream = stream or sys.stderr
+        self.params = dict(model.trainable_parameters())
+        if not self.params:
+            raise SlowLlamaError('the model has no trainable parameters (check --targets)')
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.data_position = 0  # micro-batches consumed
+        self.bar = None
+        self._pending = []  # lines logged before run() has set up train.log
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self, resume=False):
+        """Train up to cfg.iters steps; returns a summary dict. With resume, continue from the newest
+        complete checkpoint in run_dir (or start afresh when there is none)."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        remove_leftovers(self.run_dir)
+        if not resume and list_checkpoints(self.run_dir):
+            raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
+                                 'or choose another --out')
+        if not (resume and self._resume()):
+            torch.manual_seed(self.cfg.seed)
+            for name in ('metrics.jsonl', 'train.log'):
+                _rewrite_lines(os.path.join(self.run_dir, name), [])
+        pending, self._pending = self._pending, None
+        for line in pending:
+            _append_line(os.path.join(self.run_dir, 'train.log'), line)
+        write_json(os.path.join(self.run_dir, 'run_config.json'),
+                   {**self.run_config, 'train': asdict(self.cfg)})
+        rows, start = [], time.perf_counter()
+        self._open_bar()
+        try:
+            for step in range(self.step + 1, self.cfg.iters + 1):
+                row = self._train_step(step)
+                if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn):
+                    row.update(self.evaluate(step))
+                self._record(row)
+                rows.append(row)
+                if self._due(step, self.cfg.save_every):
+                    self.save_checkpoint()
+        finally:
+            self._close_bar()
+        return self._summary(rows, time.perf_counter() - start)
+
+    def _due(self, step, every):
+        return step == self.cfg.iters or (every > 0 and step % every == 0)
+
+    def _train_step(self, step):
+        lr = lr_at(self.cfg, step)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        started = time.perf_counter()
+        batches = [self.data.batch(self.data_position + i) for i in range(self.cfg.grad_accum)]
+        loss = self._accumulate(batches)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float('inf')
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step, self.data_position = step, self.data_position + len(batches)
+        seconds = time.perf_counter() - started
+        tokens = sum(batch.tokens.numel() for batch in batches)
+        return {'step': step, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'tokens': tokens,
+                'tokens_per_s': tokens / max(seconds, 1e-9), 'step_s': seconds}
+
+    def _accumulate(self, batches):
+        """Gradients of the mean loss over every counted target of the step, whatever the split into
+        micro-batches: each micro-batch's mean-loss gradient is weighted by its share of the targets."""
+        total = sum(batch.n_targets for batch in batches) or 1
+        summed = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        loss = 0.0
+        for batch in batches:
+            for p in self.params.values():
+                p.grad = None
+            weight = batch.n_targets / total
+            loss += weight * self.step_fn(self.model, batch)
+            for name, p in self.params.items():
+                if p.grad is not None:
+                    summed[name].add_(p.grad, alpha=weight)
+        for name, p in self.params.items():
+            p.grad = summed[name]
+        return loss
+
+    def evaluate(self, step=None):
+        """Validation loss (mean over every counted target) and the sample completion, leaving the
+        RNG exactly as it was so that evaluating never changes training."""
+        device = getattr(self.model, 'device', torch.device('cpu'))
+        rng = get_rng_state(device)
+        result = {}
+        if self.val:
+            counts = [batch.n_targets for batch in self.val]
+            losses = [self.eval_fn(self.model, batch) for batch in self.val]
+            result['eval_loss'] = sum(c * l for c, l in zip(counts, losses)) / max(sum(counts), 1)
+            self.log(f'step {step}: eval loss {result["eval_loss"]:.4f}')
+        if self.sample_fn:
+            result['sample'] = self.sample_fn(self.model)
+            self.log(f'step {step}: sample: {result["sample"]!r}')
+        set_rng_state(device, rng)
+        return result
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self):
+        """checkpoints/step_NNNNNN/ (complete or absent), then adapter/."""
+        folder = os.path.join(self.run_dir, CHECKPOINT_DIR, f'step_{self.step:06d}')
+        write_checkpoint(folder, self.model, self.params, self.optimizer, self._state())
+        self._save_latest_adapter()
+        if self.cfg.keep_checkpoints:
+            for _, old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(os.path.join(self.run_dir, CHECKPOINT_DIR, old), ignore_errors=True)
+        self.log(f'step {self.step}: checkpoint {folder}')
+
+    def _save_latest_adapter(self):
+        staging = tempfile.mkdtemp(dir=self.run_dir, prefix='.adapter.')
+        try:
+            self.model.save_adapter(staging)
+            replace_folder(staging, os.path.join(self.run_dir, 'adapter'))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _state(self):
+        device = getattr(self.model, 'device', torch.device('cpu'))
+        return {'step': self.step, 'data_position': self.data_position, 'iters': self.cfg.iters,
+                'seed': self.cfg.seed, 'rng': encode_rng(get_rng_state(device)), 'device': str(device)}
+
+    def _resume(self):
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            self.log(f'{self.run_dir}: no complete checkpoint, starting at step 0')
+            return False
+        folder = os.path.join(self.run_dir, CHECKPOINT_DIR, found[-1][1])
+        state = read_checkpoint(folder, self.params, self.optimizer)
+        device = getattr(self.model, 'device', torch.device('cpu'))
+        rng = decode_rng(state['rng'])
+        if set(rng) != set(get_rng_state(device)):
+            raise SlowLlamaError(f'{folder}: saved on {state.get("device")}, cannot resume exactly on {device}')
+        set_rng_state(device, rng)
+        self.step, self.data_position = state['step'], state['data_position']
+        for log_name in ('metrics.jsonl', 'train.log'):
+            _truncate_log(os.path.join(self.run_dir, log_name), self.step)
+        self.log(f'resumed from {folder} at step {self.step}')
+        return True
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def _record(self, row):
+        metrics = {k: v for k, v in row.items() if k != 'sample'}
+        _append_line(os.path.join(self.run_dir, 'metrics.jsonl'), json.dumps(metrics))
+        line = (f'step {row["step"]}/{self.cfg.iters} loss {row["loss"]:.4f} lr {row["lr"]:.2e} '
+                f'{row["tokens_per_s"]:.0f} tok/s')
+        _append_line(os.path.join(self.run_dir, 'train.log'), line)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f'{row["loss"]:.4f}', tok_s=f'{row["tokens_per_s"]:.0f}', refresh=False)
+            self.bar.update(1)
+        elif time.monotonic() - self._last_print >= 10 or row['step'] in (self.step_first, self.cfg.iters):
+            self._last_print = time.monotonic()
+            done = row['step'] - self.step_first + 1
+            eta = (time.monotonic() - self._bar_start) / done * (self.cfg.iters - row['step'])
+            print(f'{line}, eta {eta:.0f}s', file=self.stream, flush=True)
+
+    def log(self, message):
+        """A line for train.log and the console (above the bar on a terminal)."""
+        if self._pending is not None:
+            self._pending.append(message)
+        else:
+            _append_line(os.path.join(self.run_dir, 'train.log'), message)
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def _open_bar(self):
+        self.step_first, self._bar_start, self._last_print = self.step + 1, time.monotonic(), time.monotonic()
+        if self.stream.isatty():
+            self.bar = tqdm(total=self.cfg.iters, initial=self.step, desc='train', unit='step',
+                            file=self.stream, dynamic_ncols=True)
+
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _summary(self, rows, seconds):
+        losses = [r['loss'] for r in rows]
+        evals = [r['eval_loss'] for r in rows if 'eval_loss' in r]
+        tokens = sum(r['tokens'] for r in rows)
+        return {'run_dir': self.run_dir, 'step': self.step, 'first_loss': losses[0] if losses else None,
+                'last_loss': losses[-1] if losses else None, 'eval_loss': evals[-1] if evals else None,
+                'tokens_per_s': tokens / max(sum(r['step_s'] for r in rows), 1e-9) if rows else None,
+                'seconds': seconds}
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+def _append_line(path, line):
+    """One complete line per write (O_APPEND), so a crash can cut off at most the last line."""
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(line + '\n')
+
+
+def _rewrite_lines(path, lines):
+    with atomic_open(path, 'w') as f:
+        f.writelines(line + '\n' for line in lines)
+
+
+def _truncate_log(path, step):
+    """Drop what was logged after `step` (and a torn last line) before a resumed run appends again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.read().split('\n')[:-1]  # a last line without its newline is torn: drop it
+    keep = []
+    for line in lines:
+        logged = _logged_step(line)
+        if logged is not None and logged > step:
+            break
+        keep.append(line)
+    _rewrite_lines(path, keep)
+
+
+def _logged_step(line):
+    if line.startswith('{'):
+        try:
+            return json.loads(line).get('step')
+        except json.JSONDecodeError:
+            return None
+    match = re.match(r'step (\d+)', line)
+    return int(match.group(1)) if match else None
