@@ -85,11 +85,12 @@ def prepare_meta(src, writer):
     meta_name, _, dim = OUTER_TENSORS[EMBED_TENSOR]
     writer.write_embed(_joined(shards, paths, meta_name, dim))
     for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
-        shards = [load_shard(p) for p in paths]  # fresh maps: the previous block's pages are let go
+        shards = None  # unmap the previous block's pages before mapping afresh
+        shards = [load_shard(p) for p in paths]
         prefix = META_BLOCK_PREFIX.format(i=i)
         block = {ours: _joined(shards, paths, prefix + meta, dim) for ours, (meta, _, dim) in BLOCK_TENSORS.items()}
         writer.write_block(i, block_to_hf(block, cfg))
-    del shards
+    shards = None
     shards = [load_shard(p) for p in paths]
     norm = _joined(shards, paths, OUTER_TENSORS[NORM_TENSOR][0], OUTER_TENSORS[NORM_TENSOR][2])
     meta_name, _, dim = OUTER_TENSORS[HEAD_TENSOR]
