@@ -123,3 +123,32 @@ def test_unknown_gguf_tokenizer_type_is_refused(tmp_path):
     write_gguf(tmp_path / 'm.gguf', hf_model, {}, tokenizer=fields)
     with pytest.raises(slowllama.SlowLlamaError, match="m.gguf: tokenizer type 'bert' is not supported"):
         slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out')
+
+
+def test_llama3_tiktoken_tokenizer_model_becomes_tokenizer_json(bpe_tokenizer, tmp_path):
+    """A Meta Llama-3 folder's tokenizer.model (tiktoken ranks) encodes as the BPE it was made from."""
+    import base64
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from checkpoints import write_meta, hf_params
+    from slowllama.formats.gguf_tokenizer import LLAMA3_SPLIT
+    from slowllama.formats.tiktoken import _byte_spelling
+    _, reference = bpe_tokenizer
+    reference = Tokenizer.from_str(reference.to_str())
+    reference.pre_tokenizer = pre_tokenizers.Sequence([   # Llama-3's pre-tokenizer on the same merges
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior='isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    unspell = {c: b for b, c in _byte_spelling().items()}
+    vocab = reference.get_vocab(with_added_tokens=False)
+    ranked = sorted((i, bytes(unspell[c] for c in token)) for token, i in vocab.items() if i >= 3)
+    lines = [f'{base64.b64encode(token).decode()} {rank}' for rank, (_, token) in enumerate(ranked)]
+    hf_model = make_hf_model(tmp_path / 'hf', seed=9, vocab_size=len(ranked) + 256, intermediate_size=256)
+    write_meta(tmp_path / 'meta', hf_model, 1, hf_params(hf_model, vocab_size=len(ranked) + 256))
+    (tmp_path / 'meta' / 'tokenizer.model').write_text('\n'.join(lines) + '\n')
+    slowllama.prepare(tmp_path / 'meta', tmp_path / 'out', dtype='fp32')
+    tok = load_tokenizer(tmp_path / 'out')
+    assert tok.bos_id == len(ranked) and tok.eos_id == len(ranked) + 1 and tok.add_bos
+    shift = {i: rank for rank, (i, _) in enumerate(ranked)}  # reference ids -> tiktoken ranks
+    for text in TEXTS:
+        assert tok.encode(text, bos=False) == [shift[i] for i in reference.encode(text).ids], text
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode('<|eot_id|>', bos=False) == [len(ranked) + 9]

@@ -19,6 +19,7 @@ from ..files import SafetensorsFile, atomic_open, write_json, write_safetensors
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, META_BLOCK_PREFIX, META_IGNORED,
                      META_PARAMS, META_SHARD, NORM_TENSOR, OUTER_TENSORS)
 from ..progress import progress
+from . import tiktoken
 from .layout import block_to_hf, block_to_meta, join, split
 
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json')
@@ -111,11 +112,19 @@ def _check_known(shards, paths, cfg):
 
 
 def _copy_tokenizer(src, writer):
+    """Copy the tokenizer files; Llama-3's tiktoken tokenizer.model also becomes a tokenizer.json."""
+    found = {}
     for name in TOKENIZER_FILES:
         path = os.path.join(src, name)
         if os.path.exists(path):
             with open(path, 'rb') as f:
-                writer.add_tokenizer_file(name, f.read())
+                found[name] = f.read()
+    model = found.get('tokenizer.model')
+    if model is not None and 'tokenizer.json' not in found and tiktoken.is_tiktoken(model):
+        converted = tiktoken.tokenizer_files(model, os.path.join(src, 'tokenizer.model'), writer.cfg.vocab_size)
+        found = {**converted, **found}
+    for name, data in found.items():
+        writer.add_tokenizer_file(name, data)
 
 
 # --- writing ---------------------------------------------------------------------------------
