@@ -31,7 +31,7 @@ class MergedWeights:
 
     def __init__(self, model_dir, dtype, adapter=None):
         self.store = BlockStore(model_dir, torch.device('cpu'), dtype, 'disk')
-        self.cfg = self.store.cfg
+        self.cfg, self.dtype = self.store.cfg, dtype
         self.lora, self.state = adapter if adapter else (None, {})
 
     def embed(self):
@@ -111,8 +111,7 @@ def _bytes_needed(cfg, dtype, fmt, lora):
         return sum(t.numel() * 4 for t in lora[1].values())
     numel = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings and fmt == 'hf' else 2) + cfg.dim
     numel += cfg.n_layers * sum(_prod(shape) for shape in block_shapes(cfg).values())
-    size = numel * dtype.itemsize
-    return size * (2 if fmt == 'meta' else 1)  # meta: the staged pieces and the shards side by side
+    return numel * dtype.itemsize
 
 
 def _prod(shape):

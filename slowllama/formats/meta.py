@@ -2,25 +2,26 @@
 
 Reading opens every shard as a memory map (torch.load(weights_only=True, mmap=True)) once per block
 and joins that block's pieces along Meta's split dims, so RAM holds one block plus page cache.
-Writing stages each shard's pieces per block as safetensors and then saves each shard with
-torch.save from those memory-mapped pieces: Meta's own .pth is the one pickle we write.
+Writing lays each shard file out first (formats/pth.py) and fills it block by block as the merged
+blocks arrive: Meta's own .pth is the one pickle we write.
 """
 import glob
 import os
 import pickle
 import re
-import shutil
 
 import torch
 
 from ..config import ModelConfig, read_json
 from ..errors import SlowLlamaError
-from ..files import SafetensorsFile, atomic_open, write_json, write_safetensors
+from ..files import write_json
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, META_BLOCK_PREFIX, META_IGNORED,
                      META_PARAMS, META_SHARD, NORM_TENSOR, OUTER_TENSORS)
 from ..progress import progress
+from ..store import block_shapes
 from . import tiktoken
 from .layout import block_to_hf, block_to_meta, join, split
+from .pth import PthWriter
 
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json')
 
@@ -130,36 +131,50 @@ def _copy_tokenizer(src, writer):
 # --- writing ---------------------------------------------------------------------------------
 
 def write_meta(merged, folder, n_shards):
-    """Write merged weights (HF names and layout) as n_shards consolidated.NN.pth + params.json."""
+    """Write merged weights (HF names and layout) as n_shards consolidated.NN.pth + params.json,
+    each block split and written into the shard files as soon as it is merged."""
     cfg = merged.cfg
-    pieces_dir = os.path.join(folder, '.pieces')
-    os.makedirs(pieces_dir, exist_ok=True)
-    units = [('embed', lambda: _meta_outer(merged.embed(), EMBED_TENSOR))]
-    units += [(f'block_{i:03d}', lambda i=i: _meta_block(merged.block(i), cfg, i)) for i in range(cfg.n_layers)]
-    units += [('head', lambda: _meta_outer(merged.norm(), NORM_TENSOR) | _meta_outer(merged.lm_head(), HEAD_TENSOR))]
-    for unit, tensors in progress(units, desc='split blocks', unit='block'):
-        shard_pieces = [{} for _ in range(n_shards)]
-        for name, (tensor, dim) in tensors().items():
-            for s, piece in enumerate(split(tensor, dim, n_shards, name)):
-                shard_pieces[s][name] = piece
-        for s, pieces in enumerate(shard_pieces):
-            write_safetensors(os.path.join(pieces_dir, f'{unit}.{s:02d}.safetensors'), pieces)
-    for s in progress(range(n_shards), desc='write shards', unit='shard'):
-        _save_shard(os.path.join(folder, META_SHARD.format(s)), [
-            os.path.join(pieces_dir, f'{unit}.{s:02d}.safetensors') for unit, _ in units])
-    shutil.rmtree(pieces_dir)
+    layout = meta_layout(cfg, n_shards)
+    writers = []
+    try:
+        for s in range(n_shards):
+            writers.append(PthWriter(os.path.join(folder, META_SHARD.format(s)),
+                                     {name: (shape, merged.dtype) for name, shape in layout.items()}))
+        units = [lambda: _meta_outer(merged.embed(), EMBED_TENSOR)]
+        units += [lambda i=i: _meta_block(merged.block(i), cfg, i) for i in range(cfg.n_layers)]
+        units += [lambda: _meta_outer(merged.norm(), NORM_TENSOR) | _meta_outer(merged.lm_head(), HEAD_TENSOR)]
+        for unit in progress(units, desc='write blocks', unit='block'):
+            for name, (tensor, dim) in unit().items():
+                for writer, piece in zip(writers, split(tensor, dim, n_shards, name)):
+                    writer.write(name, piece)
+        for writer in progress(writers, desc='finish shards', unit='shard'):
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
     write_json(os.path.join(folder, META_PARAMS), cfg.to_meta())
 
 
-def _save_shard(path, piece_paths):
-    """torch.save one shard from memory-mapped pieces (read page by page as it is written)."""
-    state = {}
-    for piece_path in piece_paths:
-        state.update(SafetensorsFile(piece_path).tensors())
-    with atomic_open(path) as f:
-        torch.save(state, f)
-    for piece_path in piece_paths:
-        os.unlink(piece_path)
+def meta_layout(cfg, n_shards):
+    """{Meta name: the shape of one shard's piece}, checking that every split divides evenly."""
+    full = {EMBED_TENSOR: (cfg.vocab_size, cfg.dim), NORM_TENSOR: (cfg.dim,), HEAD_TENSOR: (cfg.vocab_size, cfg.dim)}
+    layout = {OUTER_TENSORS[ours][0]: _piece_shape(full[ours], OUTER_TENSORS[ours][2], n_shards, ours)
+              for ours in (EMBED_TENSOR, NORM_TENSOR, HEAD_TENSOR)}
+    shapes = block_shapes(cfg)
+    for i in range(cfg.n_layers):
+        for ours, (meta, _, dim) in BLOCK_TENSORS.items():
+            layout[META_BLOCK_PREFIX.format(i=i) + meta] = _piece_shape(shapes[ours], dim, n_shards, ours)
+    return layout
+
+
+def _piece_shape(shape, dim, n_shards, name):
+    if dim is None:
+        return tuple(shape)
+    if shape[dim] % n_shards:
+        raise SlowLlamaError(f'--shards {n_shards}: {name} has {shape[dim]} along dim {dim}, '
+                             f'which does not split into {n_shards} equal parts')
+    return tuple(n // n_shards if d == dim else n for d, n in enumerate(shape))
 
 
 def _meta_outer(tensor, ours):
