@@ -10,13 +10,12 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
 from ..lora import read_adapter_folder, save_adapter_folder, peft_key
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
-from ..store import BlockStore, block_shapes, parse_dtype, read_manifest
+from ..files import SafetensorsFile
+from ..store import EMBED_FILE, HEAD_FILE, block_file, block_shapes, parse_dtype, read_manifest
 from ..store import _swap_in as swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
 from .meta import write_meta
@@ -27,18 +26,19 @@ SPACE_MARGIN = 1.05
 
 
 class MergedWeights:
-    """A prepared model's weights with an adapter merged in, one block at a time (HF names, HF layout)."""
+    """A prepared model's weights with an adapter merged in, one file at a time (HF names, HF layout).
+    Each file is mapped only while its tensors are in use, so pages already written are let go."""
 
     def __init__(self, model_dir, dtype, adapter=None):
-        self.store = BlockStore(model_dir, torch.device('cpu'), dtype, 'disk')
-        self.cfg, self.dtype = self.store.cfg, dtype
+        self.model_dir, self.manifest = str(model_dir), read_manifest(model_dir)
+        self.cfg, self.dtype = ModelConfig.from_dict(self.manifest['config']), dtype
         self.lora, self.state = adapter if adapter else (None, {})
 
     def embed(self):
-        return self.store.embed(torch.arange(self.cfg.vocab_size)[None])[0]
+        return self._read(EMBED_FILE)[EMBED_TENSOR]
 
     def block(self, i):
-        tensors = self.store.block(i)
+        tensors = self._read(block_file(i))
         for target in (self.lora.targets if self.lora else ()):
             path = TARGET_MODULES[target]
             A, B = self.state[peft_key(i, path, 'A')], self.state[peft_key(i, path, 'B')]
@@ -48,10 +48,17 @@ class MergedWeights:
         return tensors
 
     def norm(self):
-        return self.store.head()[NORM_TENSOR]
+        return self._read(HEAD_FILE)[NORM_TENSOR]
 
     def lm_head(self):
-        return self.store.head()[HEAD_TENSOR]
+        return self.embed() if self.cfg.tie_embeddings else self._read(HEAD_FILE)[HEAD_TENSOR]
+
+    def _read(self, filename):
+        path = os.path.join(self.model_dir, filename)
+        expected = self.manifest['files'].get(filename, {})
+        if not os.path.exists(path) or os.path.getsize(path) != expected.get('size'):
+            raise SlowLlamaError(f'{path}: missing or wrong size; the prepared model is damaged, run prepare again')
+        return {name: t.to(self.dtype) for name, t in SafetensorsFile(path).tensors().items()}
 
 
 def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):

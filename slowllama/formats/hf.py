@@ -4,9 +4,11 @@ import os
 
 from ..config import ModelConfig, read_json
 from ..errors import SlowLlamaError
-from ..files import SafetensorsFile, write_json, write_safetensors
+from ..files import SafetensorsFile, write_json
 from ..names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
 from ..progress import progress
+from ..store import block_shapes
+from .safetensors_stream import SafetensorsStreamWriter
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'special_tokens_map.json',
                    'generation_config.json')
@@ -74,41 +76,73 @@ def prepare_hf(src, writer):
 
 def write_hf(merged, folder, dtype_name, max_shard_bytes):
     """Merged weights as model.safetensors, or model-NNNNN-of-MMMMM.safetensors + index above
-    max_shard_bytes; config.json for transformers. One shard's tensors are in RAM at a time."""
+    max_shard_bytes, and config.json for transformers; each tensor is written as it is merged."""
     cfg = merged.cfg
+    parts = plan_shards(hf_layout(cfg, merged.dtype), max_shard_bytes)
+    names = [_shard_name(n, len(parts)) for n in range(len(parts))]
+    writers = iter(SafetensorsStreamWriter(os.path.join(folder, name), part, metadata={'format': 'pt'})
+                   for name, part in zip(names, parts))
     units = [lambda: {HF_OUTER[EMBED_TENSOR]: merged.embed()}]
-    units += [lambda i=i: {HF_BLOCK_PREFIX.format(i=i) + k: v for k, v in merged.block(i).items()}
-              for i in range(cfg.n_layers)]
+    units += [lambda i=i: _prefixed(merged.block(i), HF_BLOCK_PREFIX.format(i=i)) for i in range(cfg.n_layers)]
     units += [lambda: {HF_OUTER[NORM_TENSOR]: merged.norm()}
               | ({} if cfg.tie_embeddings else {HF_OUTER[HEAD_TENSOR]: merged.lm_head()})]
-    files, pending = [], {}
-    for unit in progress(units, desc='write blocks', unit='block'):
-        pending.update(unit())
-        if sum(t.numel() * t.element_size() for t in pending.values()) >= max_shard_bytes:
-            files.append(_write_part(folder, len(files), pending))
-            pending = {}
-    if pending or not files:
-        files.append(_write_part(folder, len(files), pending))
-    _name_parts(folder, files)
-    config = {**cfg.to_hf(), 'torch_dtype': dtype_name, 'dtype': dtype_name}
-    write_json(os.path.join(folder, 'config.json'), config)
+    writer, left = None, 0
+    try:
+        for unit in progress(units, desc='write blocks', unit='block'):
+            for name, tensor in unit().items():
+                if left == 0:
+                    writer = next(writers)
+                    left = len(writer.order)
+                writer.write(name, tensor)
+                left -= 1
+                if left == 0:
+                    writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if len(parts) > 1:
+        weight_map = {tensor: name for name, part in zip(names, parts) for tensor in part}
+        total = sum(_nbytes(shape, dtype) for part in parts for shape, dtype in part.values())
+        write_json(os.path.join(folder, 'model.safetensors.index.json'),
+                   {'metadata': {'total_size': total}, 'weight_map': weight_map})
+    write_json(os.path.join(folder, 'config.json'), {**cfg.to_hf(), 'torch_dtype': dtype_name, 'dtype': dtype_name})
 
 
-def _write_part(folder, n, tensors):
-    path = os.path.join(folder, f'.part-{n:05d}.safetensors')
-    write_safetensors(path, tensors, metadata={'format': 'pt'})
-    return path, {name: t.numel() * t.element_size() for name, t in tensors.items()}
+def _prefixed(block, prefix):
+    return {prefix + name: block[name] for name in BLOCK_TENSORS}
 
 
-def _name_parts(folder, files):
-    if len(files) == 1:
-        os.replace(files[0][0], os.path.join(folder, 'model.safetensors'))
-        return
-    weight_map, total = {}, 0
-    for n, (path, sizes) in enumerate(files):
-        name = f'model-{n + 1:05d}-of-{len(files):05d}.safetensors'
-        os.replace(path, os.path.join(folder, name))
-        weight_map.update({tensor: name for tensor in sizes})
-        total += sum(sizes.values())
-    write_json(os.path.join(folder, 'model.safetensors.index.json'),
-               {'metadata': {'total_size': total}, 'weight_map': weight_map})
+def hf_layout(cfg, dtype):
+    """{HF checkpoint name: (shape, dtype)} in the order the tensors are written."""
+    layout = {HF_OUTER[EMBED_TENSOR]: ((cfg.vocab_size, cfg.dim), dtype)}
+    shapes = block_shapes(cfg)
+    for i in range(cfg.n_layers):
+        layout.update({HF_BLOCK_PREFIX.format(i=i) + k: (shapes[k], dtype) for k in BLOCK_TENSORS})
+    layout[HF_OUTER[NORM_TENSOR]] = ((cfg.dim,), dtype)
+    if not cfg.tie_embeddings:
+        layout[HF_OUTER[HEAD_TENSOR]] = ((cfg.vocab_size, cfg.dim), dtype)
+    return layout
+
+
+def plan_shards(layout, max_shard_bytes):
+    """Cut the layout, in order, into parts that stay under max_shard_bytes (one tensor at least)."""
+    parts, part, size = [], {}, 0
+    for name, (shape, dtype) in layout.items():
+        nbytes = _nbytes(shape, dtype)
+        if part and size + nbytes > max_shard_bytes:
+            parts.append(part)
+            part, size = {}, 0
+        part[name], size = (shape, dtype), size + nbytes
+    return parts + [part]
+
+
+def _nbytes(shape, dtype):
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shard_name(n, count):
+    return 'model.safetensors' if count == 1 else f'model-{n + 1:05d}-of-{count:05d}.safetensors'
