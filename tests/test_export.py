@@ -124,3 +124,16 @@ def test_export_command_line(with_adapter, tmp_path):
     assert done.returncode != 0 and done.stderr.count('\n') == 1 and 'nowhere' in done.stderr
     done = run('--model', model_dir, '--format', 'peft', '--out', tmp_path / 'p')
     assert done.returncode != 0 and '--lora' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_corrupt_prepared_file_is_refused(tiny_prepared, tmp_path):
+    model_dir, _, _ = tiny_prepared
+    copy_dir = tmp_path / 'model'
+    shutil.copytree(model_dir, copy_dir)
+    block = copy_dir / 'block_001.safetensors'
+    data = bytearray(block.read_bytes())
+    data[-1] ^= 0xFF
+    block.write_bytes(bytes(data))
+    with pytest.raises(slowllama.SlowLlamaError, match='block_001.safetensors: checksum mismatch'):
+        export(copy_dir, tmp_path / 'out', 'hf')
+    assert not (tmp_path / 'out').exists()

@@ -176,7 +176,8 @@ def test_export_peak_memory_stays_near_one_block(big_prepared, tmp_path, fmt):
     model_bytes = N_LAYERS * BLOCK_BYTES + 2 * VOCAB * DIM * 4
     before, peak = rss_around(fmt, model_dir, tmp_path / 'out', adapter)
     print(f'memory export {fmt}: model {model_bytes / 2**20:.0f} MiB, RSS before {before / 2**20:.0f} MiB, '
-          f'limit {(before + ALLOWANCE) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{(peak - before) / 2**20:.0f} MiB)')
+          f'limit {(before + ALLOWANCE) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB '
+          f'(+{(peak - before) / 2**20:.0f} MiB)')
     assert peak < before + ALLOWANCE
     assert model_bytes > 5 * ALLOWANCE
     written = sum(os.path.getsize(tmp_path / 'out' / name) for name in os.listdir(tmp_path / 'out'))

@@ -12,9 +12,9 @@ import tempfile
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..lora import read_adapter_folder, save_adapter_folder, peft_key
+from ..files import SafetensorsFile, sha256_file
+from ..lora import peft_key, read_adapter_folder, save_adapter_folder
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
-from ..files import SafetensorsFile
 from ..store import EMBED_FILE, HEAD_FILE, block_file, block_shapes, parse_dtype, read_manifest
 from ..store import _swap_in as swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
@@ -58,6 +58,8 @@ class MergedWeights:
         expected = self.manifest['files'].get(filename, {})
         if not os.path.exists(path) or os.path.getsize(path) != expected.get('size'):
             raise SlowLlamaError(f'{path}: missing or wrong size; the prepared model is damaged, run prepare again')
+        if sha256_file(path) != expected.get('sha256'):
+            raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare again')
         return {name: t.to(self.dtype) for name, t in SafetensorsFile(path).tensors().items()}
 
 
