@@ -100,7 +100,7 @@ def random_k_quant(rows, cols, qtype, seed):
     return data.reshape(rows, cols // block * size)
 
 
-def write_gguf(path, hf_model, types, tokenizer=None, arch='llama'):
+def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensors=None):
     """A llama GGUF of hf_model; types: GGUF tensor suffix -> GGMLQuantizationType ('*' default).
     Q4_K / Q6_K tensors are random valid blocks (gguf cannot quantize to them): the returned dict
     holds, per GGUF name, the fp32 values gguf's own dequantize gives, in HF layout."""
@@ -139,6 +139,8 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama'):
         writer.add_tensor(gname, data, raw_dtype=qtype)
         values = gguf.quants.dequantize(data, qtype).reshape(w.shape)
         expected[gname] = from_interleaved(values, heads[suffix]) if suffix in heads else values
+    for gname, values in (extra_tensors or {}).items():
+        writer.add_tensor(gname, np.ascontiguousarray(values, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

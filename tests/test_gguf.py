@@ -140,3 +140,41 @@ def test_smollm2_greedy_completion_equals_transformers_gguf_loader(tmp_path):
     print(f'smollm2: max |logit diff| {diff:.2e}; completion {ours_tok.decode(ours[0, tokens.shape[1]:])!r}')
     assert ours[0].tolist() == ref[0].tolist()
     assert diff < 1e-3
+
+
+def llama_cpp_rope_factors(head_dim, theta, factor, low=1.0, high=4.0, original=8192):
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf writes it for Llama-3.1."""
+    import math
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_llama31_rope_factors_become_llama3_rope_scaling(tmp_path):
+    T = qtypes()
+    rope = {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+            'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+    hf_model = make_hf_model(tmp_path / 'hf', seed=10, **{**GGUF_TINY, 'rope_parameters': rope})
+    factors = llama_cpp_rope_factors(64, 10000.0, 8.0)
+    assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the rule are exercised
+    expected = write_gguf(tmp_path / 'm.gguf', hf_model, {'*': T.F32}, extra_tensors={'rope_freqs.weight': factors})
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    model = slowllama.load(tmp_path / 'out')
+    assert model.cfg.rope_scaling['factor'] == 8.0
+    tokens, _ = random_batch(model.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        ref = twin_from_gguf(hf_model, expected)(tokens).logits
+    assert (model.logits(tokens) - ref).abs().max().item() < 1e-4
+    bad = factors.copy()
+    bad[-1] = 3.0
+    write_gguf(tmp_path / 'bad.gguf', hf_model, {'*': T.F32}, extra_tensors={'rope_freqs.weight': bad})
+    with pytest.raises(slowllama.SlowLlamaError, match='bad.gguf: rope_freqs.weight does not follow'):
+        slowllama.prepare(tmp_path / 'bad.gguf', tmp_path / 'out2')
