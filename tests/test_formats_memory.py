@@ -14,7 +14,7 @@ import torch
 DIM, HIDDEN, N_LAYERS, VOCAB = 512, 1536, 48, 256
 BLOCK_BYTES = (4 * DIM * DIM + 3 * DIM * HIDDEN) * 4           # one block in fp32: 13 MiB
 # RSS growth allowed: the mapped source block, the joined / merged block, its converted copy and
-# serialized bytes, the adapter, allocator slack. Constant in the model's size (measured: 3 to 6.5 blocks).
+# serialized bytes, the adapter, allocator slack. Constant in the model's size (measured: 3 to 5 blocks).
 ALLOWANCE = 8 * BLOCK_BYTES
 # HF/Meta/GGUF names for the same block tensors, with their shapes and Meta split dims
 BLOCK = {  # HF name: (Meta name, GGUF name, shape, Meta split dim)
@@ -60,9 +60,9 @@ def rss_around(kind, *args):
     """(RSS before, peak RSS during) slowllama.prepare ('prepare') or export (kind = format) in a
     fresh interpreter."""
     root = os.path.join(os.path.dirname(__file__), '..')
-    # A fixed mmap threshold: glibc's dynamic one would keep up to ~64 MB of freed 13 MB blocks in
-    # its heap, slack that real (GB-sized) blocks never see since those are always mmap'd.
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(1 << 20)}
+    # A fixed mmap threshold: glibc's dynamic one keeps freed tensors of up to 32 MB (here: whole
+    # blocks) in a fragmenting heap, slack that real, GB-sized blocks never see (always mmap'd).
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(1 << 16)}
     done = subprocess.run([sys.executable, '-c', MEASURE, root, kind, *map(str, args)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
