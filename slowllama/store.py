@@ -102,7 +102,7 @@ class PreparedWriter:
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
             'dtype': dtype_name(self.dtype), 'source': self.source, 'tokenizer': self.tokenizer_files,
             'files': self.files})
-        _swap_in(self.staging, self.out)
+        swap_in(self.staging, self.out)
 
     def abort(self):
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -136,7 +136,7 @@ def block_shapes(cfg: ModelConfig):
     }
 
 
-def _swap_in(staging, out):
+def swap_in(staging, out):
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix='.old-')
