@@ -16,7 +16,7 @@ from ..files import SafetensorsFile, sha256_file
 from ..lora import peft_key, read_adapter_folder, save_adapter_folder
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..store import EMBED_FILE, HEAD_FILE, block_file, block_shapes, parse_dtype, read_manifest
-from ..store import swap_in as swap_in  # the same whole-folder swap the prepared writer uses
+from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
 from .meta import write_meta
 
