@@ -89,6 +89,14 @@ def run_prepare(args):
     print(f'prepared model written to {os.path.abspath(out)}')
 
 
+@command('verify', 'check every file of a prepared model against the sha256 in its manifest')
+@arguments(lambda p: p.add_argument('model', help='a prepared model folder'))
+def run_verify(args):
+    from .store import verify_model
+    verify_model(args.model)
+    print(f'{args.model}: every file matches its manifest checksum')
+
+
 # --- finetune and test_gen --------------------------------------------------------------------
 
 def _finetune_arguments(p):

@@ -35,6 +35,7 @@ FLAGS = {
     'max-device-mem': (str, None, 'cap on device memory for --offload auto, e.g. 20GB'),
     'max-ram': (str, None, 'cap on host memory for frozen weights with --offload auto, e.g. 48GB'),
     'skip-nonfinite': (bool, False, 'skip a step whose loss or gradient is not finite instead of stopping'),
+    'verify': (bool, False, 'check every model file against its manifest checksum before starting'),
     'dtype': (str, None, 'bf16 | fp16 | fp32 (default: fp32 on cpu, bf16 elsewhere)'),
     'adapter': (str, None, 'start from this adapter folder'),
     'data-format': (str, None, 'text | jsonl | alpaca | chat (default: from the file)'),
@@ -140,7 +141,7 @@ def build(opts, stream=None):
     from .distributed import init_from_env
     from .formats.tokenizer import load_tokenizer
     from .generate import complete, default_dtype
-    from .store import read_manifest
+    from .store import read_manifest, verify_model
     from .train import TrainConfig, Trainer
     for flag in ('model', 'data'):
         if getattr(opts, flag) is None:
@@ -158,6 +159,8 @@ def build(opts, stream=None):
     group, device_name = init_from_env(opts.device)
     device = resolve_device(device_name)
     manifest = read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    if opts.verify:
+        verify_model(opts.model)
     if opts.seq_len > manifest['config']['max_seq_len']:
         raise SlowLlamaError(f'--seq-len {opts.seq_len} is above the model\'s maximum of '
                              f'{manifest["config"]["max_seq_len"]} positions')

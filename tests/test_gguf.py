@@ -178,3 +178,13 @@ def test_llama31_rope_factors_become_llama3_rope_scaling(tmp_path):
     write_gguf(tmp_path / 'bad.gguf', hf_model, {'*': T.F32}, extra_tensors={'rope_freqs.weight': bad})
     with pytest.raises(slowllama.SlowLlamaError, match='bad.gguf: rope_freqs.weight does not follow'):
         slowllama.prepare(tmp_path / 'bad.gguf', tmp_path / 'out2')
+
+
+@pytest.mark.parametrize('counts', [(2 ** 62, 0), (0, 2 ** 62), (10 ** 6, 10 ** 6)])
+def test_impossible_header_counts_are_refused_before_reading(tmp_path, counts):
+    import struct
+    from slowllama.formats.gguf import open_reader
+    path = tmp_path / 'hostile.gguf'
+    path.write_bytes(b'GGUF' + struct.pack('<IQQ', 3, *counts) + b'\0' * 256)
+    with pytest.raises(slowllama.SlowLlamaError, match='hostile.gguf: corrupt GGUF header'):
+        open_reader(str(path))

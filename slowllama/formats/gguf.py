@@ -7,6 +7,7 @@ un-permuted with n_heads (q) and n_kv_heads (k). The tokenizer comes from the me
 """
 import math
 import os
+import struct
 
 import numpy as np
 import torch
@@ -38,8 +39,25 @@ def is_gguf_file(src):
         return f.read(4) == b'GGUF'
 
 
+def check_header(path):
+    """Refuse counts no file of this size could hold, before the reader allocates anything."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise SlowLlamaError(f'{path}: truncated GGUF file ({size} bytes)')
+    version, n_tensors, n_values = struct.unpack('<IQQ', head[4:24])
+    if version not in (2, 3):
+        raise SlowLlamaError(f'{path}: GGUF version {version} is not supported (2 or 3)')
+    # a tensor entry takes at least 32 bytes (name length, dims, one dim, type, offset), a value 13
+    if 24 + n_tensors * 32 + n_values * 13 > size:
+        raise SlowLlamaError(f'{path}: corrupt GGUF header ({n_tensors} tensors and {n_values} values '
+                             f'cannot fit in {size} bytes)')
+
+
 def open_reader(path):
     import gguf
+    check_header(path)
     try:
         return gguf.GGUFReader(path, 'r')
     except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
