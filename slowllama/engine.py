@@ -6,7 +6,6 @@ backward can restore the state, recompute the block under autograd with the same
 the output gradient through and hand the input gradient to the block before. Only the LoRA matrices
 (and an optional prefix encoder) hold gradients; they live on the device for the whole run.
 """
-import os
 
 import torch
 from torch.func import functional_call

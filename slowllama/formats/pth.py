@@ -5,7 +5,6 @@ for each tensor's bytes) without writing any tensor bytes; we then write each te
 record as it becomes available and finally put each record's CRC-32 into its local and central
 zip headers, which leaves an ordinary zip that any torch.load reads.
 """
-import os
 import struct
 import zipfile
 import zlib
@@ -13,6 +12,7 @@ import zlib
 import torch
 
 from ..errors import SlowLlamaError
+from ..files import commit_staged, discard_staged
 
 LOCAL_HEADER, CENTRAL_HEADER = b'PK\x03\x04', b'PK\x01\x02'
 
@@ -57,15 +57,10 @@ class PthWriter:
             self.file.write(crc)
             self.file.seek(record['central'] + 16)
             self.file.write(crc)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        commit_staged(self.file, self.tmp, self.path)
 
     def abort(self):
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        discard_staged(self.file, self.tmp)
 
 
 def _save_layout(tensors, path):

@@ -2,12 +2,11 @@
 each tensor's bytes are appended as it arrives, so a multi-GB shard never sits in RAM. The file
 appears under its final name only once complete (temp name, fsync, rename)."""
 import json
-import os
 
 import torch
 
 from ..errors import SlowLlamaError
-from ..files import SAFETENSORS_DTYPES
+from ..files import SAFETENSORS_DTYPES, commit_staged, discard_staged
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -44,12 +43,7 @@ class SafetensorsStreamWriter:
     def close(self):
         if self.order:
             raise SlowLlamaError(f'{self.path}: nothing written for {self.order[:3]}')
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        commit_staged(self.file, self.tmp, self.path)
 
     def abort(self):
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        discard_staged(self.file, self.tmp)
