@@ -1,7 +1,7 @@
 """The Python API: slowllama.prepare(...) and slowllama.load(...)."""
 import torch
 
-from .devices import compute_dtype, resolve_device, return_large_frees_to_os
+from .devices import compute_dtype, resolve_device
 from .engine import StreamedModel
 from .errors import SlowLlamaError
 from .formats import prepare
@@ -20,7 +20,6 @@ def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, 
     (as PeftModel.from_pretrained does); LoRA dropout comes from `lora` when given.
     """
     device = resolve_device(device)
-    return_large_frees_to_os()
     dtype = compute_dtype(device, parse_dtype(dtype))
     state = None
     if adapter is not None:

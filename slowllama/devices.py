@@ -68,14 +68,29 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def return_large_frees_to_os(threshold=1 << 20):
-    """Make glibc serve allocations above `threshold` with their own mappings, given back on free.
-    By default glibc raises that threshold as large buffers are freed and then keeps freed
-    activations in its heap, so host memory grows by hundreds of MB over the first steps."""
-    if not sys.platform.startswith('linux'):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the dynamic raise
-    except (OSError, AttributeError):
-        pass
+class HeapTrimmer:
+    """glibc keeps the memory of freed tensors in its heap: reusing it is fast (no page faults, no
+    zeroing), but the process's resident memory then only grows, by hundreds of MB on a CPU run.
+    Called every few blocks of the backward (where autograd's saved tensors and gradients come and
+    go), it gives the free part back when it exceeds `slack`: measured on a 0.4B model on CPU, that
+    keeps the speed of reuse within a few percent and the memory gained near what is live.
+    A no-op where glibc is not the allocator."""
+
+    def __init__(self, slack=16 << 20):
+        self.slack, self._libc = slack, None
+        if sys.platform.startswith('linux'):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+                libc.mallinfo2.restype = _MallInfo2
+                self._libc = libc
+            except (OSError, AttributeError):  # not glibc, or older than 2.33
+                pass
+
+    def __call__(self):
+        if self._libc is not None and self._libc.mallinfo2().fordblks > self.slack:
+            self._libc.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]

@@ -12,12 +12,15 @@ import functools
 import torch
 from torch.func import functional_call
 
-from .devices import get_rng_state, set_rng_state
+from .devices import HeapTrimmer, get_rng_state, set_rng_state
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
 from .head import IGNORE, StreamedHead
 from .model import Block, KVCache, rope_table
 from .stash import InputStash
 
+
+
+TRIM_EVERY_BLOCKS = 4  # on a CPU, hand freed heap memory back to the OS this often in the backward
 
 
 def streamed_pass(training):
@@ -46,6 +49,7 @@ class StreamedModel:
         self.head = StreamedHead(store)
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
         self.stash_budget = (stash_device_bytes, stash_ram_bytes)
+        self._trim_host_heap = HeapTrimmer() if self.device.type == 'cpu' else (lambda: None)
 
     # --- the public API ------------------------------------------------------------------
 
@@ -79,6 +83,7 @@ class StreamedModel:
         with torch.no_grad():
             x = self._forward_blocks(x, cos, sin, before_block=keep_input, keep_last=True)
         rng_after_forward = get_rng_state(self.device)
+        self._trim_host_heap()
         loss, grad = self.head.loss_and_grad(x, targets)
         del x
         for i in reversed(range(self.cfg.n_layers)):
@@ -87,6 +92,8 @@ class StreamedModel:
             grad = self._block_backward(i, weights, stash.pop(i), grad, rng_states[i], cos, sin)
             del weights
             self.store.release(i)
+            if i % TRIM_EVERY_BLOCKS == 0:
+                self._trim_host_heap()
         stash.close()
         set_rng_state(self.device, rng_after_forward)  # as if the backward drew nothing, like autograd
         if prefix is not None and prefix.requires_grad:

@@ -25,6 +25,7 @@ class StreamedHead:
         out = torch.empty(h.shape[0], self.cfg.vocab_size, device=h.device, dtype=torch.float32)
         for start, end in self._slices(h.shape[0]):
             out[:, start:end] = F.linear(h, self.store.head_rows(start, end)).float()
+            self.store.release_head_rows(start, end)
         return out.view(*x.shape[:-1], self.cfg.vocab_size)
 
     def loss_and_grad(self, x, targets):
@@ -73,6 +74,7 @@ class StreamedHead:
         for start, end in self._slices(hidden.shape[0]):
             rows = self.store.head_rows(start, end)  # [slice, dim]
             yield start, end, rows, F.linear(hidden, rows).float()
+            self.store.release_head_rows(start, end)
 
     def _slices(self, tokens):
         size = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // max(1, tokens))

@@ -239,15 +239,21 @@ class BlockStore:
 
     def head_rows(self, start, end):
         """Rows [start, end) of the output head (the embeddings when tied) on the compute device. The
-        head is hundreds of MB at 7B and above, so the engine takes it a vocabulary slice at a time;
-        rows read from disk are dropped from this process right after the copy."""
-        filename, name = (EMBED_FILE, EMBED_TENSOR) if self.cfg.tie_embeddings else (HEAD_FILE, HEAD_TENSOR)
+        head is hundreds of MB at 7B and above, so the engine takes it a vocabulary slice at a time
+        and hands each slice back with release_head_rows()."""
+        filename, name = self._head_source()
         if filename in self._resident:
             return self._resident[filename][name][start:end].to(self.device, non_blocking=True)
-        mapped = self._file(filename)
-        rows = mapped.tensor(name)[start:end].to(self.device, self.dtype, copy=True)
-        mapped.advise_rows(name, start, end, mmap.MADV_DONTNEED)
-        return rows
+        return self._file(filename).tensor(name)[start:end].to(self.device, self.dtype)
+
+    def release_head_rows(self, start, end):
+        """Rows read from a mapped file leave this process's memory (they stay in the page cache)."""
+        filename, name = self._head_source()
+        if filename in self._files:
+            self._files[filename].advise_rows(name, start, end, mmap.MADV_DONTNEED)
+
+    def _head_source(self):
+        return (EMBED_FILE, EMBED_TENSOR) if self.cfg.tie_embeddings else (HEAD_FILE, HEAD_TENSOR)
 
     def embed(self, tokens):
         """Token embeddings [batch, seq, dim] on the device. Only the rows needed are read, so the
