@@ -105,3 +105,29 @@ def run_test_gen(args):
 
 
 COMMANDS['generate'] = COMMANDS['test_gen']  # an alias
+
+
+# --- bci_decode -------------------------------------------------------------------------------
+
+def _bci_decode_arguments(p):
+    from .bci_decode import add_arguments
+    add_arguments(p)
+
+
+@command('bci_decode', 'decode the sentences of BCI trials with a trained encoder and decoder; WER and exact match')
+@arguments(_bci_decode_arguments)
+def run_bci_decode(args):
+    from .bci_decode import run
+    return run(args)
+
+
+def _bci_demo_arguments(p):
+    from .bci_demo import add_arguments
+    add_arguments(p)
+
+
+@command('bci_demo', 'write a synthetic BCI data set (words as spatio-temporal patterns in noise)')
+@arguments(_bci_demo_arguments)
+def run_bci_demo(args):
+    from .bci_demo import run
+    return run(args)
