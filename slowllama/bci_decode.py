@@ -19,7 +19,7 @@ from .files import atomic_open
 
 def add_arguments(p):
     p.add_argument('--model', required=True, help='prepared model folder (the base, or a merged decoder)')
-    p.add_argument('--run', default=None, help='finetune run folder or adapter folder with the encoder')
+    p.add_argument('--run', dest='run_dir', default=None, help='finetune run folder or adapter folder with the encoder')
     p.add_argument('--encoder', default=None, help='encoder folder, for a merged --model (no adapter)')
     p.add_argument('--bci-data', required=True, help='BCI data folder (signals.npy + texts.jsonl)')
     p.add_argument('--split', default='test', help='train | val | test | all (default test)')
@@ -33,7 +33,7 @@ def add_arguments(p):
 def run(args):
     from .bci_data import SPLITS, read_bci_data
     from .formats.tokenizer import load_tokenizer
-    if (args.run is None) == (args.encoder is None):
+    if (args.run_dir is None) == (args.encoder is None):
         raise SlowLlamaError('give --run RUN (adapter + encoder) or --encoder DIR (merged --model), one of them')
     if args.split not in SPLITS + ('all',):
         raise SlowLlamaError(f'--split must be train, val, test or all, got {args.split!r}')
@@ -44,9 +44,9 @@ def run(args):
     if not indices:
         raise SlowLlamaError(f'{args.bci_data}: no trial in the {args.split} split (--split)')
     tokenizer = load_tokenizer(args.model)
-    model = load_decoder(args.model, args.run, args.encoder, args.device, args.dtype, args.offload)
+    model = load_decoder(args.model, args.run_dir, args.encoder, args.device, args.dtype, args.offload)
     print(f'decoding {len(indices)} {args.split} trials', file=sys.stderr, flush=True)
-    predictions = decode_trials(model, data, tokenizer, indices, args.max_new_tokens, progress=True)
+    predictions = decode_trials(model, data, tokenizer, indices, args.max_new_tokens, show_progress=True)
     if args.out:
         write_predictions(args.out, indices, predictions)
     references = [data.texts[i] for i in indices]
@@ -68,14 +68,14 @@ def load_decoder(model_dir, run=None, encoder_dir=None, device=None, dtype=None,
     return model
 
 
-def decode_trials(model, data, tokenizer, indices, max_new_tokens, progress=False):
+def decode_trials(model, data, tokenizer, indices, max_new_tokens, show_progress=False):
     """The decoded text of each trial (greedy, the KV cache), in the order of `indices`."""
     from .bci import ENCODER_NAME, decode_signal, prompt_ids
     from .progress import progress
     cfg = model.attached[ENCODER_NAME].cfg
     prompt = prompt_ids(cfg, tokenizer)
     texts = []
-    for i in (progress(indices, desc='decode', unit='trial') if progress else indices):
+    for i in (progress(indices, desc='decode', unit='trial') if show_progress else indices):
         signal = torch.from_numpy(data.signals[i].copy())
         ids = decode_signal(model, signal, max_new_tokens, prompt, cfg.start_token)
         texts.append(tokenizer.decode(ids).strip())

@@ -29,7 +29,7 @@ def make_demo_set(folder, trials=400, sentences=24, channels=16, word_len=16, ma
     rng = np.random.default_rng(seed)
     patterns = word_patterns(rng, len(words), channels, word_len)
     texts = distinct_sentences(rng, sentences, len(words), max_words)
-    time = max_words * word_len + word_len // 2  # room for the jitter
+    time = max_words * word_len + word_len // 4  # room for the jitter
     offsets = rng.normal(0.0, 3.0, size=(channels, 1))
     signals = np.empty((trials, channels, time), dtype=np.float32)
     chosen = [i % len(texts) for i in range(trials)]
@@ -51,7 +51,7 @@ def word_patterns(rng, n_words, channels, word_len):
     for word in range(n_words):
         active = rng.choice(channels, size=max(1, channels // 3), replace=False)
         for channel in active:
-            frequency, phase = rng.uniform(1.0, 4.0), rng.uniform(0, 2 * np.pi)
+            frequency, phase = rng.uniform(0.5, 1.5), rng.uniform(0, 2 * np.pi)  # slow against the jitter
             patterns[word, channel] = rng.uniform(1.0, 2.0) * np.sin(2 * np.pi * frequency * t + phase)
     return patterns
 
@@ -71,7 +71,7 @@ def distinct_sentences(rng, count, n_words, max_words):
 def recording(rng, patterns, time, offsets, noise):
     channels, word_len = patterns[0].shape
     clean = np.zeros((channels, time))
-    start = int(rng.integers(0, word_len // 2 + 1))  # jitter: the reading starts a little late or early
+    start = int(rng.integers(0, word_len // 4 + 1))  # jitter: the reading starts a little late or early
     for k, pattern in enumerate(patterns):
         clean[:, start + k * word_len:start + (k + 1) * word_len] = pattern
     gain = rng.uniform(0.8, 1.2)
