@@ -20,7 +20,7 @@ BCI_FLAGS = {
     'bci-heads': (int, 4, 'BCI encoder attention heads'),
     'bci-ffn': (int, 0, 'BCI encoder feed-forward width (0: 4 x width)'),
     'bci-patch': (int, 8, 'samples per temporal patch (one prefix position each)'),
-    'bci-stride': (int, 0, 'samples between patch starts (0: the patch length)'),
+    'bci-stride': (int, 4, 'samples between patch starts (0: the patch length)'),
     'bci-dropout': (float, 0.1, 'dropout inside the BCI encoder'),
     'bci-prompt': (str, '', 'fixed text placed before the signal prefix'),
     'bci-decode-trials': (int, 8, 'validation trials decoded at each evaluation (0: none)'),

@@ -179,12 +179,12 @@ def test_bad_data_is_one_line_from_the_cli(tiny_text_model, tmp_path, capsys):
 
 def demo_run(model_dir, data, out, iters, extra=()):
     return main(['finetune', '--model', str(model_dir), '--bci-data', str(data), '--out', str(out),
-                 '--iters', str(iters), '--lr', '3e-3', '--bci-d-enc', '64', '--bci-patch', '4',
+                 '--iters', str(iters), '--lr', '3e-3', '--bci-d-enc', '64', '--bci-patch', '8', '--bci-stride', '4',
                  '--eval-every', '50', '--bci-decode-trials', '4', *extra])
 
 
 def tiny_demo_set(folder):
-    return make_demo_set(folder, trials=160, sentences=6, channels=12, word_len=8, max_words=3, noise=0.5)
+    return make_demo_set(folder, trials=200, sentences=6, channels=16, word_len=8, max_words=3, noise=0.5)
 
 
 def test_resume_continues_the_encoder_exactly(tiny_text_model, tmp_path):
@@ -222,7 +222,7 @@ def test_end_to_end_synthetic_set_decodes_held_out_trials(tiny_text_model, tmp_p
     dataset = read_bci_data(data)
     assert [r['index'] for r in rows] == dataset.indices('test')
     exact = np.mean([r['text'] == dataset.texts[r['index']] for r in rows])
-    assert exact >= 0.9, scores
+    assert exact >= 0.95, scores
 
 
 def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_model, tmp_path):
