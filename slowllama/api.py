@@ -1,7 +1,7 @@
 """The Python API: slowllama.prepare(...) and slowllama.load(...)."""
 import torch
 
-from .devices import compute_dtype, resolve_device
+from .devices import compute_dtype, resolve_device, return_large_frees_to_os
 from .engine import StreamedModel
 from .errors import SlowLlamaError
 from .formats import prepare
@@ -11,14 +11,16 @@ from .store import BlockStore, parse_dtype
 __all__ = ['load', 'prepare']
 
 
-def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, offload='disk',
-         dropout=0.0, verify=True, **engine_options):
+def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, offload='auto',
+         dropout=0.0, verify=True, max_device_mem=None, max_ram=None, batch_hint=(4, 512),
+         **engine_options):
     """A prepared model ready for logits / backward / generate, with LoRA adapters attached.
 
     `adapter`: a PEFT-layout folder to start from; its rank, alpha and targets win over `lora`
     (as PeftModel.from_pretrained does); LoRA dropout comes from `lora` when given.
     """
     device = resolve_device(device)
+    return_large_frees_to_os()
     dtype = compute_dtype(device, parse_dtype(dtype))
     state = None
     if adapter is not None:
@@ -28,7 +30,8 @@ def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, 
     lora = lora or LoraConfig()
     if not isinstance(lora, LoraConfig):
         raise SlowLlamaError('lora must be a slowllama.LoraConfig')
-    store = BlockStore(model_dir, device, dtype, offload, verify=verify)
+    store = BlockStore(model_dir, device, dtype, offload, verify=verify, max_device_mem=max_device_mem,
+                       max_ram=max_ram, batch_hint=batch_hint)
     model = StreamedModel(store, lora, dropout=dropout, **engine_options)
     if state is not None:
         model.load_adapter_state(state, where=str(adapter))

@@ -39,6 +39,7 @@ def build_bci(opts, stream=None):
     from .finetune import new_run_dir
     from .formats.tokenizer import load_tokenizer
     from .generate import default_dtype
+    from .store import read_manifest
     from .train import TrainConfig, Trainer
     if opts.model is None:
         raise SlowLlamaError('--model is required with --bci-data')
@@ -53,6 +54,7 @@ def build_bci(opts, stream=None):
                             seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
                             keep_checkpoints=opts.keep_checkpoints)
     device = resolve_device(opts.device)
+    read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
     tokenizer = load_tokenizer(opts.model)
     data = read_bci_data(opts.bci_data)
     out = opts.out or new_run_dir()

@@ -46,6 +46,15 @@ def read_checkpoint(folder, params, optimizer):
     return state
 
 
+def remove_leftovers(run_dir):
+    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/)."""
+    for folder in (str(run_dir), os.path.join(str(run_dir), CHECKPOINT_DIR)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(('.step_', '.adapter.')) or name.endswith('.old'):
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
 def encode_rng(states):
     return {kind: base64.b64encode(state.cpu().numpy().tobytes()).decode('ascii') for kind, state in states.items()}
 

@@ -31,6 +31,17 @@ def main(argv=None, prog_command=None):
             raise
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except MemoryError:
+        if debug:
+            raise
+        print('error: out of host memory; use --offload disk, or lower --batch-size / --seq-len', file=sys.stderr)
+        return 3
+    except RuntimeError as e:  # torch.OutOfMemoryError (cuda/mps) is a RuntimeError
+        if debug or 'out of memory' not in str(e).lower():
+            raise
+        print('error: out of memory on the device; lower --batch-size or --seq-len, or cap it with '
+              '--max-device-mem / --offload ram', file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
@@ -105,6 +116,78 @@ def run_test_gen(args):
 
 
 COMMANDS['generate'] = COMMANDS['test_gen']  # an alias
+
+
+# --- bench and plan --------------------------------------------------------------------------
+
+def _bench_arguments(p):
+    p.add_argument('--device', default=None, help='cpu | cuda (default: the best present)')
+    p.add_argument('--shape', default=None, help='tiny | 0.4b | 7b (default: 0.4b on cpu, 7b on cuda)')
+    p.add_argument('--batch-size', type=int, default=None)
+    p.add_argument('--seq-len', type=int, default=None)
+    p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
+    p.add_argument('--lora-rank', type=int, default=4)
+    p.add_argument('--targets', default='q,v')
+    p.add_argument('--modes', default='disk,ram,device', help='slowllama offload modes to run')
+    p.add_argument('--peers', default='hf,hf-ckpt', help='transformers+peft configurations to run')
+    p.add_argument('--work', default='models/bench', help='where the random benchmark models are kept')
+    p.add_argument('--json', default='bench.json', help='where to write the results')
+    p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
+    p.add_argument('--model', default=None, help='with --plan: a prepared model folder')
+
+
+@command('bench', 'benchmark slowllama beside transformers+peft (table + JSON)')
+@arguments(_bench_arguments)
+def run_bench(args):
+    from .bench import bench
+    from .devices import best_device
+    if args.plan:
+        return run_plan(args)
+    device = args.device or best_device()
+    on_cpu = device == 'cpu'
+    bench(device=device, shape=args.shape or ('0.4b' if on_cpu else '7b'),
+          batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128, steps=args.steps,
+          rank=args.lora_rank, targets=tuple(args.targets.split(',')), modes=_list(args.modes),
+          peers=_list(args.peers), dtype=args.dtype, work=args.work, json_out=args.json)
+
+
+def _list(text):
+    return tuple(x for x in text.split(',') if x)
+
+
+def _plan_arguments(p):
+    p.add_argument('--model', default=None, help='a prepared model folder')
+    p.add_argument('--shape', default='7b', help='tiny | 0.4b | 7b | 70b-block, when no --model')
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--seq-len', type=int, default=128)
+    p.add_argument('--dtype', default='bf16')
+    p.add_argument('--lora-rank', type=int, default=8)
+    p.add_argument('--targets', default='q,v')
+
+
+@command('plan', 'predict peak device and host memory of a finetune before running it')
+@arguments(_plan_arguments)
+def run_plan(args):
+    from .config import ModelConfig
+    from .plan import GIB, model_params, predict
+    if args.model:
+        from .store import read_manifest
+        cfg = ModelConfig.from_dict(read_manifest(args.model)['config'])
+    else:
+        from .bench import SHAPES
+        if args.shape not in SHAPES:
+            raise SlowLlamaError(f'--shape: unknown shape {args.shape!r} (use {", ".join(SHAPES)})')
+        cfg = ModelConfig.from_hf({'model_type': 'llama', **SHAPES[args.shape]})
+    dtype = args.dtype or 'bf16'
+    batch, seq = args.batch_size or 16, args.seq_len or 128
+    targets = tuple(args.targets.split(','))
+    print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}, '
+          f'LoRA r={args.lora_rank} on {",".join(targets)}')
+    for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
+                                 ('disk (streamed)', 0, 0)]:
+        plan = predict(cfg, batch, seq, dtype, args.lora_rank, targets, resident_blocks=resident, ram_blocks=ram)
+        print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')
 
 
 # --- bci_decode -------------------------------------------------------------------------------

@@ -140,11 +140,9 @@ def _render(tokenizer, messages, add_generation_prompt):
 
 
 def _extend(segments, done, ids, learn):
-    """Append the part of `ids` beyond the tokens already placed (`done` holds them)."""
-    common = 0
-    while common < min(len(done), len(ids)) and done[common] == ids[common]:
-        common += 1
-    new = ids[common:] if common == len(done) else ids[len(done):]  # template not prefix-stable: best effort
+    """Append the tokens of `ids` beyond those already placed (`done`). Chat templates render each
+    conversation as a prefix of its continuation, so these are exactly the new turn's tokens."""
+    new = ids[len(done):]
     if new:
         segments.append((new, learn))
         done.extend(new)

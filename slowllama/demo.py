@@ -16,7 +16,7 @@ DEMO_MODEL_DIR = os.path.join('models', 'smollm2-135m-instruct')
 DEMO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_data', 'glimmerfen.txt')
 DEMO_PROMPT = 'The keeper of the Glimmerfen Lighthouse is'
 # Chosen for a 2-core CPU: 30 layers x dim 576, 64-token windows, LoRA on every projection.
-DEMO_SETTINGS = dict(iters=24, batch_size=2, seq_len=64, lr=2e-3, lora_rank=8, lora_alpha=16.0,
+DEMO_SETTINGS = dict(iters=30, batch_size=2, seq_len=64, lr=2e-3, lora_rank=8, lora_alpha=16.0,
                      targets='q,k,v,o,gate,up,down', warmup=3, schedule='cosine', min_lr_ratio=0.1,
                      offload='ram', dtype='fp32', max_new_tokens=16, save_every=0)
 

@@ -1,4 +1,8 @@
 """Choosing the device and compute dtype once, at load, and saving/restoring its RNG state."""
+import ctypes
+import ctypes.util
+import sys
+
 import torch
 
 from .errors import SlowLlamaError
@@ -62,3 +66,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == 'mps':
         torch.mps.synchronize()
+
+
+def return_large_frees_to_os(threshold=1 << 20):
+    """Make glibc serve allocations above `threshold` with their own mappings, given back on free.
+    By default glibc raises that threshold as large buffers are freed and then keeps freed
+    activations in its heap, so host memory grows by hundreds of MB over the first steps."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the dynamic raise
+    except (OSError, AttributeError):
+        pass

@@ -9,16 +9,14 @@ the output gradient through and hand the input gradient to the block before. Onl
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from .devices import get_rng_state, set_rng_state
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
-from .model import Block, Head, KVCache, rope_table
+from .head import IGNORE, StreamedHead
+from .model import Block, KVCache, rope_table
 from .stash import InputStash
 
-IGNORE = -100
-LOSS_CHUNK_ELEMENTS = 1 << 25  # logits held at once in the chunked loss: 32M floats = 128 MB
 
 
 class StreamedModel:
@@ -28,7 +26,7 @@ class StreamedModel:
         self.device, self.dtype = store.device, store.dtype
         with torch.device('meta'):  # module skeletons only: the frozen weights come from the store per call
             self.blocks = [Block(self.cfg, dropout) for _ in range(self.cfg.n_layers)]
-            self.head_module = Head(self.cfg)
+        self.head = StreamedHead(store)
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
         self.stash_budget = (stash_device_bytes, stash_ram_bytes)
         self.attached = {}  # name -> trainable nn.Module beside the LoRA (the BCI encoder)
@@ -58,10 +56,8 @@ class StreamedModel:
         """[batch, seq] tokens -> float32 logits [batch, seq, vocab] (prefix positions dropped)."""
         self._set_training(False)
         x, cos, sin = self._embed(tokens, prefix)
-        for i in range(self.cfg.n_layers):
-            x = self._run_block(i, self.store.block(i), x, cos, sin)
-        logits = functional_call(self.head_module, self.store.head(), (x,)).float()
-        return logits[:, x.shape[1] - tokens.shape[1]:]
+        x = self._forward_blocks(x, cos, sin)
+        return self.head.logits(x[:, x.shape[1] - tokens.shape[1]:])
 
     def backward(self, tokens, targets, prefix=None):
         """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
@@ -71,20 +67,24 @@ class StreamedModel:
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         with torch.no_grad():
             x, cos, sin = self._embed(tokens, prefix.detach() if prefix is not None else None)
-        if prefix is not None:  # no target for the prefix positions
-            pad = targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE)
-            targets = torch.cat([pad, targets], dim=1)
+        targets = self._with_prefix_targets(targets, prefix)
         stash, rng_states = InputStash(self.device, *self.stash_budget), []
+
+        def keep_input(i, block_input):
+            stash.put(i, block_input)
+            rng_states.append(get_rng_state(self.device))
+
         with torch.no_grad():
-            for i in range(self.cfg.n_layers):
-                stash.put(i, x)
-                rng_states.append(get_rng_state(self.device))
-                x = self._run_block(i, self.store.block(i), x, cos, sin)
+            x = self._forward_blocks(x, cos, sin, before_block=keep_input, keep_last=True)
         rng_after_forward = get_rng_state(self.device)
-        loss, grad = self._loss_and_grad(x, targets)
+        loss, grad = self.head.loss_and_grad(x, targets)
         del x
         for i in reversed(range(self.cfg.n_layers)):
-            grad = self._block_backward(i, stash.pop(i), grad, rng_states[i], cos, sin)
+            weights = self.store.block(i)  # the last block is still on the device from the forward
+            self.store.prefetch(i - 1)
+            grad = self._block_backward(i, weights, stash.pop(i), grad, rng_states[i], cos, sin)
+            del weights
+            self.store.release(i)
         stash.close()
         set_rng_state(self.device, rng_after_forward)  # as if the backward drew nothing, like autograd
         if prefix is not None and prefix.requires_grad:
@@ -92,23 +92,15 @@ class StreamedModel:
         return loss
 
     @torch.no_grad()
+    @torch.no_grad()
     def loss(self, tokens, targets, prefix=None):
         """Mean cross-entropy against targets (-100 ignored) in eval mode, without gradients: the
-        validation loss. The logits are formed a chunk of positions at a time, as in backward."""
+        validation loss, through the same streamed head as backward."""
         self._set_training(False)
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         x, cos, sin = self._embed(tokens, prefix)
-        if prefix is not None:  # no target for the prefix positions
-            targets = torch.cat([targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE), targets], dim=1)
-        for i in range(self.cfg.n_layers):
-            x = self._run_block(i, self.store.block(i), x, cos, sin)
-        head = self.store.head()
-        flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.cfg.vocab_size)
-        total = sum(F.cross_entropy(functional_call(self.head_module, head, (flat_x[s:s + chunk],)).float(),
-                                    flat_targets[s:s + chunk], ignore_index=IGNORE, reduction='sum')
-                    for s in range(0, flat_x.shape[0], chunk))
-        return float(total / (flat_targets != IGNORE).sum().clamp(min=1))
+        x = self._forward_blocks(x, cos, sin)
+        return self.head.loss(x, self._with_prefix_targets(targets, prefix))
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None):
@@ -123,10 +115,9 @@ class StreamedModel:
         out, position = tokens, 0
         for _ in range(max_new_tokens):
             cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
-            for i in range(self.cfg.n_layers):
-                x = self._run_block(i, self.store.block(i), x, cos, sin, caches[i])
+            x = self._forward_blocks(x, cos, sin, caches=caches)
             position += x.shape[1]
-            logits = functional_call(self.head_module, self.store.head(), (x[:, -1:],)).float()[:, -1]
+            logits = self.head.logits(x[:, -1])
             next_token = sample(logits, temperature, top_p)
             out = torch.cat([out, next_token], dim=1)
             if on_token:
@@ -153,6 +144,13 @@ class StreamedModel:
         for block in self.blocks:
             block.train(mode)
 
+    @staticmethod
+    def _with_prefix_targets(targets, prefix):
+        """No target for the prefix positions."""
+        if prefix is None:
+            return targets
+        return torch.cat([targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE), targets], dim=1)
+
     def _embed(self, tokens, prefix):
         x = self.store.embed(tokens)  # [batch, seq, dim]
         if prefix is not None:
@@ -163,34 +161,29 @@ class StreamedModel:
     def _run_block(self, i, weights, x, cos, sin, cache=None):
         return functional_call(self.blocks[i], weights, (x, cos, sin, cache), strict=False)
 
-    def _block_backward(self, i, block_input, grad_output, rng_state, cos, sin):
+    def _forward_blocks(self, x, cos, sin, caches=None, before_block=None, keep_last=False):
+        """x through every block, each fetched from the store while the next one is prefetched.
+        keep_last: leave the last block on the device (the backward starts with it)."""
+        last = self.cfg.n_layers - 1
+        for i in range(self.cfg.n_layers):
+            if before_block:
+                before_block(i, x)
+            weights = self.store.block(i)
+            self.store.prefetch(i + 1 if i < last else (last - 1 if keep_last else None))
+            x = self._run_block(i, weights, x, cos, sin, caches[i] if caches else None)
+            del weights
+            if not (keep_last and i == last):
+                self.store.release(i)
+        return x
+
+    def _block_backward(self, i, weights, block_input, grad_output, rng_state, cos, sin):
         """Recompute block i under autograd with the forward's RNG state; return d loss / d input."""
         block_input = block_input.detach().requires_grad_(True)
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
-            output = self._run_block(i, self.store.block(i), block_input, cos, sin)
+            output = self._run_block(i, weights, block_input, cos, sin)
         torch.autograd.backward(output, grad_output)
         return block_input.grad
-
-    def _loss_and_grad(self, x, targets):
-        """Mean cross-entropy of head(x) against targets, and its gradient wrt x, computed over
-        chunks of positions so the [batch, seq, vocab] logits never exist whole."""
-        head = self.store.head()
-        flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        count = (flat_targets != IGNORE).sum().clamp(min=1)
-        grad = torch.zeros_like(flat_x)
-        total = torch.zeros((), device=self.device)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.cfg.vocab_size)
-        for start in range(0, flat_x.shape[0], chunk):
-            part = flat_x[start:start + chunk].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = functional_call(self.head_module, head, (part,)).float()
-                loss = F.cross_entropy(logits, flat_targets[start:start + chunk], ignore_index=IGNORE,
-                                       reduction='sum') / count
-            loss.backward()
-            grad[start:start + chunk] = part.grad
-            total += loss.detach()
-        return float(total), grad.view_as(x)
 
 
 def sample(logits, temperature=0.0, top_p=1.0):

@@ -114,6 +114,23 @@ class SafetensorsFile:
     def tensors(self):
         return {name: self.tensor(name) for name in self.entries}
 
+    def advise_rows(self, name, start, end, advice):
+        """madvise the pages holding rows [start, end) of a tensor (whole pages inside the range)."""
+        offset, size = self.byte_range(name)
+        row_bytes = size // max(1, self.shape(name)[0])
+        first = -(-(offset + start * row_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (offset + end * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self._map is not None and last > first and hasattr(self._map, 'madvise'):
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(advice, first, last - first)
+
+    def advise(self, advice):
+        """madvise the whole mapping: MADV_WILLNEED starts read-ahead, MADV_DONTNEED drops the pages
+        from this process (they stay in the page cache), so a streamed file stops counting as resident."""
+        if self._map is not None and hasattr(self._map, 'madvise'):
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(advice)
+
 
 def _read_header(f, size, path):
     if size < 8:

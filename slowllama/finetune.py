@@ -142,6 +142,7 @@ def build(opts, stream=None):
     from .devices import resolve_device
     from .formats.tokenizer import load_tokenizer
     from .generate import complete, default_dtype
+    from .store import read_manifest
     from .train import TrainConfig, Trainer
     for flag in ('model', 'data'):
         if getattr(opts, flag) is None:
@@ -157,6 +158,7 @@ def build(opts, stream=None):
                             seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
                             keep_checkpoints=opts.keep_checkpoints)
     device = resolve_device(opts.device)
+    read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
     tokenizer = load_tokenizer(opts.model)
     data = load_data(opts.data, tokenizer, opts.seq_len, opts.batch_size, seed=opts.seed,
                      val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,

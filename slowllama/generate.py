@@ -81,7 +81,9 @@ def run(args):
         raise SlowLlamaError(f'--max-new-tokens must be at least 1, got {args.max_new_tokens}')
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SlowLlamaError('--temperature must be >= 0 and --top-p in (0, 1]')
+    from .store import read_manifest
     device = resolve_device(args.device)
+    read_manifest(args.model)  # a clear error for a folder that is not a prepared model
     tokenizer = load_tokenizer(args.model)
     model = slowllama.load(args.model, device, default_dtype(device, args.dtype), adapter=adapter_folder(args.lora),
                            offload=args.offload)

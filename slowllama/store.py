@@ -6,6 +6,7 @@ hands the engine a block's tensors on the compute device in the compute dtype, f
 tiers: 'disk' (memory-mapped file, read at each use), 'ram' (held in host memory, pinned on cuda)
 or 'device' (all resident).
 """
+import mmap
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ MANIFEST = 'manifest.json'
 EMBED_FILE = 'embed.safetensors'
 HEAD_FILE = 'head.safetensors'
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-OFFLOAD_MODES = ('disk', 'ram', 'device')
+OFFLOAD_MODES = ('disk', 'ram', 'device')  # and 'auto', the default
 
 
 def block_file(i):
@@ -55,6 +56,7 @@ class PreparedWriter:
         self.out, self.cfg, self.dtype, self.source = str(out), cfg, parse_dtype(dtype), source
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
+        check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
         self.staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(self.out) + '.staging-')
         self.files = {}
         self.tokenizer_files = []
@@ -111,6 +113,18 @@ class PreparedWriter:
             raise SlowLlamaError(f'{self.source}: {name} has shape {got}, the config needs {tuple(shape)}')
 
 
+def expected_bytes(cfg: ModelConfig, dtype):
+    from .plan import model_params
+    return model_params(cfg) * dtype.itemsize
+
+
+def check_free_space(folder, needed, what):
+    """Refuse before writing anything when the disk cannot hold `needed` bytes (plus 1% slack)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.01:
+        raise SlowLlamaError(f'{what}: needs {needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free')
+
+
 def block_shapes(cfg: ModelConfig):
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return {
@@ -146,59 +160,115 @@ def read_manifest(model_dir):
 
 
 class BlockStore:
-    """Frozen weights of a prepared folder, served to the engine on `device` in `dtype`."""
+    """Frozen weights of a prepared folder, served to the engine on `device` in `dtype`.
 
-    def __init__(self, model_dir, device, dtype, offload='disk', verify=True):
-        if offload not in OFFLOAD_MODES:
-            raise SlowLlamaError(f'--offload: unknown mode {offload!r} (use {", ".join(OFFLOAD_MODES)})')
+    Each file has a tier: 'device' (resident there), 'ram' (host memory, pinned on cuda) or 'disk'
+    (memory-mapped, read at each use). The engine asks for a block with block(i), announces the
+    next one with prefetch(j) so its copy overlaps the current compute, and hands it back with
+    release(i). Streamed blocks go through two preallocated device buffers (double buffering).
+    """
+
+    def __init__(self, model_dir, device, dtype, offload='auto', verify=True, max_device_mem=None,
+                 max_ram=None, batch_hint=(4, 512)):
         self.model_dir = str(model_dir)
         self.manifest = read_manifest(model_dir)
         self.cfg = ModelConfig.from_dict(self.manifest['config'])
-        self.device, self.dtype, self.offload = torch.device(device), dtype, offload
-        self.verify = verify
-        self._files = {}
-        self._resident = {}
-        if offload != 'disk':
-            home = self.device if offload == 'device' else torch.device('cpu')
-            for filename in [EMBED_FILE, HEAD_FILE] + [block_file(i) for i in range(self.cfg.n_layers)]:
-                self._resident[filename] = {name: self._convert(t, home)
-                                            for name, t in self._file(filename).tensors().items()}
+        self.device, self.dtype, self.verify = torch.device(device), dtype, verify
+        self._files, self._verified = {}, set()
+        self.tiers = placement(self.cfg, self.device, dtype, offload, self.manifest['dtype'], max_device_mem,
+                               max_ram, batch_hint)
+        self._resident = {f: self._load_resident(f, tier) for f, tier in self.tiers.items() if tier != 'disk'}
+        self._copier = DeviceCopier(self.device, block_shapes(self.cfg), dtype)
+        self._held, self._pending = {}, {}
 
-    # the three things the engine asks for
+    @property
+    def offload(self):
+        tiers = set(self.tiers[block_file(i)] for i in range(self.cfg.n_layers))
+        return tiers.pop() if len(tiers) == 1 else 'mixed'
+
+    # --- what the engine asks for --------------------------------------------------------
 
     def block(self, i):
-        """{name: tensor} for block i on the compute device."""
-        return self._tensors(block_file(i))
+        """{name: tensor} for block i on the compute device; valid until release(i)."""
+        if i not in self._held:
+            ticket = self._pending.pop(i, None) or self._fetch(i)
+            self._held[i] = ticket.wait()
+        return self._held[i][1]
 
-    def head(self):
-        """{'norm.weight', 'lm_head.weight'} on the compute device (the embeddings when tied)."""
-        tensors = dict(self._tensors(HEAD_FILE))
-        if self.cfg.tie_embeddings:
-            tensors[HEAD_TENSOR] = self._tensors(EMBED_FILE)[EMBED_TENSOR]
-        return tensors
+    def prefetch(self, i):
+        """Start bringing block i to the device while the current block computes."""
+        if i is None or i in self._held or i in self._pending or not 0 <= i < self.cfg.n_layers:
+            return
+        self._pending[i] = self._fetch(i)
+
+    def release(self, i):
+        slot, _ = self._held.pop(i, (None, None))
+        self._copier.release(slot)
+        filename = block_file(i)
+        if self.tiers[filename] == 'disk' and filename in self._files:
+            self._files[filename].advise(mmap.MADV_DONTNEED)
+
+    def release_all(self):
+        for i in list(self._held):
+            self.release(i)
+        for i, ticket in list(self._pending.items()):
+            self._copier.release(ticket.wait()[0])
+        self._pending.clear()
+
+    def head_norm(self):
+        """The final norm's weight on the compute device."""
+        return self._whole(HEAD_FILE, NORM_TENSOR)
+
+    def head_rows(self, start, end):
+        """Rows [start, end) of the output head (the embeddings when tied) on the compute device. The
+        head is hundreds of MB at 7B and above, so the engine takes it a vocabulary slice at a time;
+        rows read from disk are dropped from this process right after the copy."""
+        filename, name = (EMBED_FILE, EMBED_TENSOR) if self.cfg.tie_embeddings else (HEAD_FILE, HEAD_TENSOR)
+        if filename in self._resident:
+            return self._resident[filename][name][start:end].to(self.device, non_blocking=True)
+        mapped = self._file(filename)
+        rows = mapped.tensor(name)[start:end].to(self.device, self.dtype, copy=True)
+        mapped.advise_rows(name, start, end, mmap.MADV_DONTNEED)
+        return rows
 
     def embed(self, tokens):
         """Token embeddings [batch, seq, dim] on the device. Only the rows needed are read, so the
         embedding matrix never travels whole."""
         if EMBED_FILE in self._resident:
             table = self._resident[EMBED_FILE][EMBED_TENSOR]
-        else:
-            table = self._file(EMBED_FILE).tensor(EMBED_TENSOR)
-        rows = F.embedding(tokens.to(table.device), table)
-        return rows.to(self.device, self.dtype)
+            return F.embedding(tokens.to(table.device), table).to(self.device, self.dtype)
+        mapped = self._file(EMBED_FILE)
+        rows = F.embedding(tokens.cpu(), mapped.tensor(EMBED_TENSOR)).to(self.device, self.dtype, copy=True)
+        mapped.advise(mmap.MADV_DONTNEED)  # each row read faulted in its neighbours too
+        return rows
 
-    # internals
+    # --- internals -----------------------------------------------------------------------
 
-    def _tensors(self, filename):
+    def _fetch(self, i):
+        filename = block_file(i)
+        tier = self.tiers[filename]
+        if tier == 'device':
+            return Ready(None, self._resident[filename])
+        if tier == 'ram':
+            return self._copier.start(self._resident[filename])
+        mapped = self._file(filename)
+        mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
+        return self._copier.start(mapped.tensors())
+
+    def _whole(self, filename, name):
         if filename in self._resident:
-            return {name: t.to(self.device, non_blocking=True) for name, t in self._resident[filename].items()}
-        return {name: self._convert(t, self.device) for name, t in self._file(filename).tensors().items()}
+            return self._resident[filename][name].to(self.device, non_blocking=True)
+        return self._file(filename).tensor(name).to(self.device, self.dtype, copy=True)
 
-    def _convert(self, tensor, device):
-        tensor = tensor.to(device=device, dtype=self.dtype)
-        if device.type == 'cpu' and self.device.type == 'cuda':
-            tensor = tensor.pin_memory()
-        return tensor
+    def _load_resident(self, filename, tier):
+        home = self.device if tier == 'device' else torch.device('cpu')
+        pin = tier == 'ram' and self.device.type == 'cuda'
+        tensors = {}
+        for name, t in self._file(filename).tensors().items():
+            t = t.to(home, self.dtype, copy=True)
+            tensors[name] = t.pin_memory() if pin else t
+        self._files.pop(filename).advise(mmap.MADV_DONTNEED)
+        return tensors
 
     def _file(self, filename):
         if filename not in self._files:
@@ -210,7 +280,126 @@ class BlockStore:
             if size != expected['size']:
                 raise SlowLlamaError(f'{path}: {"missing" if size is None else "wrong size"}; '
                                      'the prepared model is damaged, run prepare_model.py again')
-            if self.verify and sha256_file(path) != expected['sha256']:
-                raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare_model.py again')
+            if self.verify and filename not in self._verified:
+                if sha256_file(path) != expected['sha256']:
+                    raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; '
+                                         'run prepare_model.py again')
+                self._verified.add(filename)
             self._files[filename] = SafetensorsFile(path)
         return self._files[filename]
+
+
+class Ready:
+    """A fetch that is already complete."""
+
+    def __init__(self, slot, tensors):
+        self.slot, self.tensors = slot, tensors
+
+    def wait(self):
+        return self.slot, self.tensors
+
+
+class DeviceCopier:
+    """Host -> device copies of streamed blocks. On cuda: into two preallocated device buffers on a
+    side stream, so the copy of the next block overlaps the compute of this one; a buffer is only
+    overwritten once the compute that read it is done. Elsewhere: a plain conversion."""
+
+    def __init__(self, device, shapes, dtype):
+        self.device, self.dtype, self.shapes = device, dtype, shapes
+        self.cuda = device.type == 'cuda'
+        self._buffers, self._free_events, self._in_use = [], [None, None], [False, False]
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device)
+
+    def start(self, host_tensors):
+        if not self.cuda:
+            return Ready(None, {n: t.to(self.device, self.dtype) for n, t in host_tensors.items()})
+        slot = self._in_use.index(False)  # the engine holds at most one block while one is pending
+        self._in_use[slot] = True
+        buffers = self._slot_buffers(slot)
+        with torch.cuda.stream(self._stream):
+            if self._free_events[slot] is not None:
+                self._stream.wait_event(self._free_events[slot])
+            for name, tensor in host_tensors.items():
+                buffers[name].copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return CudaTicket(slot, buffers, done)
+
+    def release(self, slot):
+        if slot is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))  # the compute that read the buffer
+        self._free_events[slot], self._in_use[slot] = event, False
+
+    def _slot_buffers(self, slot):
+        while len(self._buffers) <= slot:
+            self._buffers.append({n: torch.empty(s, device=self.device, dtype=self.dtype)
+                                  for n, s in self.shapes.items()})
+        return self._buffers[slot]
+
+
+class CudaTicket:
+    def __init__(self, slot, tensors, done):
+        self.slot, self.tensors, self.done = slot, tensors, done
+
+    def wait(self):
+        torch.cuda.current_stream(self.tensors[next(iter(self.tensors))].device).wait_event(self.done)
+        return self.slot, self.tensors
+
+
+# --- placement -----------------------------------------------------------------------------
+
+def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, max_ram=None,
+              batch_hint=(4, 512)):
+    """{filename: 'device' | 'ram' | 'disk'}. 'auto' asks the planner how many blocks fit on the
+    device and in RAM within the free memory and the --max-device-mem / --max-ram caps."""
+    if offload not in OFFLOAD_MODES + ('auto',):
+        raise SlowLlamaError(f'--offload: unknown mode {offload!r} (use auto, {", ".join(OFFLOAD_MODES)})')
+    blocks = [block_file(i) for i in range(cfg.n_layers)]
+    if offload != 'auto':
+        tier = 'ram' if offload == 'device' and device.type == 'cpu' else offload
+        return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
+    if device.type == 'cpu':
+        # the page cache already is the RAM tier: mmap'd blocks cost no copy when dtypes match
+        tier = 'disk' if DTYPES[stored_dtype] == dtype else 'ram'
+        if tier == 'ram' and _over(cfg, dtype, free_host_memory(), max_ram):
+            tier = 'disk'
+        return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
+    from .plan import place_blocks
+    plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype),
+                        device_budget=_cap(free_device_memory(device), max_device_mem),
+                        ram_budget=_cap(free_host_memory(), max_ram))
+    tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks
+             else 'disk' for i, f in enumerate(blocks)}
+    everything_fits = plan.resident_blocks == cfg.n_layers
+    tiers[HEAD_FILE] = 'device' if everything_fits else 'ram' if plan.ram_blocks else 'disk'
+    tiers[EMBED_FILE] = 'device' if everything_fits else 'ram' if plan.ram_blocks else 'disk'
+    return tiers
+
+
+def _cap(free, cap):
+    return int(0.9 * free) if cap is None else min(int(0.9 * free), int(cap))
+
+
+def _over(cfg, dtype, free, cap):
+    from .plan import model_params
+    return model_params(cfg) * dtype.itemsize > _cap(free, cap)
+
+
+def free_device_memory(device):
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == 'mps':
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return free_host_memory()
+
+
+def free_host_memory():
+    try:
+        with open('/proc/meminfo') as f:
+            info = dict(line.split(':', 1) for line in f)
+        return int(info['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 * 1024 ** 3  # macOS and others: a conservative guess

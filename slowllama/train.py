@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint,
-                         replace_folder, write_checkpoint)
+                         remove_leftovers, replace_folder, write_checkpoint)
 from .devices import get_rng_state, set_rng_state
 from .errors import SlowLlamaError
 from .files import atomic_open, write_json
@@ -93,6 +93,8 @@ def default_eval(model, batch):
 class Trainer:
     """trainer = Trainer(model, TrainConfig(...), run_dir, data, val=[...]); trainer.run(resume=False)
 
+    data.batch(index) -> a batch with .tokens [batch, seq], .targets and .n_targets (slowllama.data.Batch,
+    or a subclass carrying more, e.g. signals); `val` is a list of such batches.
     step_fn(model, batch) -> float loss: accumulates gradients on model.trainable_parameters().
     eval_fn(model, batch) -> float loss without gradients. sample_fn(model) -> str, shown at each evaluation.
     """
@@ -120,6 +122,7 @@ class Trainer:
         """Train up to cfg.iters steps; returns a summary dict. With resume, continue from the newest
         complete checkpoint in run_dir (or start afresh when there is none)."""
         os.makedirs(self.run_dir, exist_ok=True)
+        remove_leftovers(self.run_dir)
         if not resume and list_checkpoints(self.run_dir):
             raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
                                  'or choose another --out')

@@ -5,7 +5,6 @@ import torch
 
 from slowllama.lora import attach
 from slowllama.model import Transformer
-from slowllama.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from slowllama.store import BlockStore
 
 
@@ -16,8 +15,8 @@ def whole_model(model_dir, lora_cfg, dropout=0.0):
     state = {'embed_tokens.weight': store.embed(torch.arange(store.cfg.vocab_size)[None])[0]}
     for i in range(store.cfg.n_layers):
         state.update({f'layers.{i}.{k}': v for k, v in store.block(i).items()})
-    head = store.head()
-    state['head.norm.weight'], state['head.lm_head.weight'] = head[NORM_TENSOR], head[HEAD_TENSOR]
+    state['head.norm.weight'] = store.head_norm()
+    state['head.lm_head.weight'] = store.head_rows(0, store.cfg.vocab_size)
     model.load_state_dict({k: v.clone() for k, v in state.items()})
     model.requires_grad_(False)
     adapters = [attach(layer, lora_cfg, 'cpu') for layer in model.layers]

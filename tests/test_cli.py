@@ -79,6 +79,7 @@ def test_yaml_config_and_command_line_override(tiny_text_model, story, tmp_path,
     (['--data', 'missing.jsonl'], 'missing.jsonl'),
     (['--config', 'missing.yaml'], 'missing.yaml'),
     (['--resume'], '--resume'),
+    (['--model', 'no-such-model'], 'no-such-model'),
 ])
 def test_bad_flags_give_one_line(tiny_text_model, story, tmp_path, args, message):
     model_dir, _, _ = tiny_text_model

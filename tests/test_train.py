@@ -114,6 +114,9 @@ def test_resume_equals_uninterrupted_run_with_dropout(tiny_text_model, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_training(model_dir, tmp_path / 'resumed', data, stop_after=5)  # dies in step 6, after step_000004
     assert [s for s, _ in list_checkpoints(tmp_path / 'resumed')] == [2, 4]
+    with open(tmp_path / 'resumed' / 'metrics.jsonl', 'a') as f:
+        f.write('{"step": 6, "lo')  # a line torn by the crash
+    (tmp_path / 'resumed' / 'checkpoints' / '.step_000006.abc').mkdir()  # a checkpoint never completed
     _, resumed = run_training(model_dir, tmp_path / 'resumed', data, resume=True)
 
     want, got = metrics(tmp_path / 'straight'), metrics(tmp_path / 'resumed')
@@ -126,6 +129,7 @@ def test_resume_equals_uninterrupted_run_with_dropout(tiny_text_model, tmp_path)
     final_a = slowllama.load(model_dir, adapter=tmp_path / 'straight' / 'adapter').trainable_parameters()
     final_b = slowllama.load(model_dir, adapter=tmp_path / 'resumed' / 'adapter').trainable_parameters()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert not (tmp_path / 'resumed' / 'checkpoints' / '.step_000006.abc').exists()
     log = (tmp_path / 'resumed' / 'train.log').read_text()
     assert 'resumed from' in log and log.count('step 6/6') == 1
 

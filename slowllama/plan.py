@@ -1,0 +1,83 @@
+"""Memory planning: how many bytes each part of a run needs, where the frozen blocks should live,
+and the peak device and host memory a run will reach. Pure arithmetic over ModelConfig; no files."""
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .head import MIN_SLICE_ROWS, SLICE_ELEMENTS
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
+
+
+def block_params(cfg: ModelConfig):
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+
+
+def lora_params(cfg: ModelConfig, rank, targets):
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {'q': (cfg.dim, q), 'k': (cfg.dim, kv), 'v': (cfg.dim, kv), 'o': (q, cfg.dim),
+              'gate': (cfg.dim, cfg.hidden_dim), 'up': (cfg.dim, cfg.hidden_dim), 'down': (cfg.hidden_dim, cfg.dim)}
+    return cfg.n_layers * sum(rank * (n_in + n_out) for n_in, n_out in (shapes[t] for t in targets))
+
+
+def model_params(cfg: ModelConfig):
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    return cfg.n_layers * block_params(cfg) + cfg.vocab_size * cfg.dim + head + cfg.dim
+
+
+def block_working_set(cfg: ModelConfig, batch, seq, act_bytes):
+    """Bytes autograd keeps while recomputing and backpropagating one block (activations + grads)."""
+    tokens = batch * seq
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_token = 6 * cfg.dim + 2 * q + 4 * kv + 4 * cfg.hidden_dim  # norms, q/k/v (+ roped), attn out, ffn
+    attention = batch * cfg.n_heads * seq * seq if seq > 1024 else 0  # math-kernel scores at long seq
+    return (tokens * per_token + attention) * act_bytes
+
+
+@dataclass
+class MemoryPlan:
+    device_bytes: int
+    host_bytes: int
+    resident_blocks: int  # blocks kept on the device (the first k)
+    ram_blocks: int       # blocks kept in host RAM; the rest stream from disk
+
+    def describe(self):
+        return (f'peak device {self.device_bytes / GIB:.2f} GiB, peak host {self.host_bytes / GIB:.2f} GiB; '
+                f'blocks: {self.resident_blocks} on device, {self.ram_blocks} in RAM, rest from disk')
+
+
+def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v'), resident_blocks=0,
+            ram_blocks=0, stash_on_device=True, device_is_host=False):
+    """Peak device and host bytes of one training step with this placement."""
+    w = DTYPE_BYTES[dtype]
+    block = block_params(cfg) * w
+    streamed = cfg.n_layers - resident_blocks
+    lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
+    saved_inputs = cfg.n_layers * batch * seq * cfg.dim * w
+    tokens = batch * seq
+    head_slice = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens)  # the head streams in vocabulary slices
+    loss = 3 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 3 * tokens * cfg.dim * 4
+    working = max(block_working_set(cfg, batch, seq, w), loss)
+    buffers = 2 * block if streamed else 0  # double buffering
+    device = resident_blocks * block + buffers + lora + working + 2 * batch * seq * cfg.dim * w
+    if stash_on_device:
+        device += saved_inputs
+    host = ram_blocks * block + (0 if stash_on_device else saved_inputs)
+    if streamed > ram_blocks:
+        host += 2 * block  # disk reads land in host buffers before the copy
+    if device_is_host:  # cpu: one memory
+        return MemoryPlan(device + host, device + host, resident_blocks, ram_blocks)
+    return MemoryPlan(int(device), int(host), resident_blocks, ram_blocks)
+
+
+def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget, **kw):
+    """The most blocks on the device, then in RAM, that keep the predicted peaks under the budgets."""
+    resident = cfg.n_layers
+    plan = lambda r, m: predict(cfg, batch, seq, dtype, resident_blocks=r, ram_blocks=m, **kw)  # noqa: E731
+    while resident > 0 and plan(resident, 0).device_bytes > device_budget:
+        resident -= 1
+    ram = cfg.n_layers - resident
+    while ram > 0 and plan(resident, ram).host_bytes > ram_budget:
+        ram -= 1
+    return plan(resident, ram)
