@@ -81,6 +81,14 @@ class SignalEncoder(nn.Module):
                                              enable_nested_tensor=False)
         self.projection = nn.Linear(cfg.d_enc, cfg.out_dim)
 
+    def match_scale(self, rms):
+        """Start the prefix at the scale of the decoder's token embeddings (root mean square `rms`):
+        the projection's input is layer-normed, so weights of std rms / sqrt(d_enc) give outputs of about rms."""
+        with torch.no_grad():
+            self.projection.weight.normal_(0.0, rms / self.cfg.d_enc ** 0.5)
+            self.projection.bias.zero_()
+        return self
+
     def forward(self, signals):
         expected = (self.cfg.channels, self.cfg.time)
         if signals.dim() != 3 or tuple(signals.shape[1:]) != expected:
@@ -143,6 +151,12 @@ def attach_encoder(model, encoder):
         raise SlowLlamaError(f'the encoder projects to {encoder.cfg.out_dim}, the decoder needs {model.cfg.dim} '
                              '(was it trained for another model?)')
     return model.attach_module(ENCODER_NAME, encoder)
+
+
+def embedding_rms(model, vocab_size, samples=1024):
+    """Root mean square of the decoder's token embeddings over a spread of ids."""
+    ids = torch.linspace(0, vocab_size - 1, min(samples, vocab_size)).long()[None]
+    return float(model.embed(ids).float().pow(2).mean().sqrt())
 
 
 def prompt_ids(cfg: EncoderConfig, tokenizer):

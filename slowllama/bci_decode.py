@@ -78,6 +78,8 @@ def decode_trials(model, data, tokenizer, indices, max_new_tokens, show_progress
     for i in (progress(indices, desc='decode', unit='trial') if show_progress else indices):
         signal = torch.from_numpy(data.signals[i].copy())
         ids = decode_signal(model, signal, max_new_tokens, prompt, cfg.start_token)
+        if tokenizer.eos_id in ids:  # the model's EOS ends generation; the tokenizer's ends the text too
+            ids = ids[:ids.index(tokenizer.eos_id)]
         texts.append(tokenizer.decode(ids).strip())
     return texts
 

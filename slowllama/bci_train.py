@@ -83,7 +83,7 @@ def build_bci(opts, stream=None):
 
 
 def make_encoder(opts, data, model, tokenizer, run_dir):
-    from .bci import EncoderConfig, SignalEncoder, has_encoder, load_encoder
+    from .bci import EncoderConfig, SignalEncoder, embedding_rms, has_encoder, load_encoder
     from .bci_data import channel_stats
     own = os.path.join(str(run_dir), 'adapter')
     source = next((f for f in (own if opts.resume else None, opts.bci_encoder, opts.adapter) if has_encoder(f)),
@@ -101,7 +101,7 @@ def make_encoder(opts, data, model, tokenizer, run_dir):
                         stride=opts.bci_stride, dropout=opts.bci_dropout, prompt=opts.bci_prompt,
                         start_token=start_token(tokenizer))
     mean, std = channel_stats(data.signals, data.indices('train'))
-    return SignalEncoder(cfg, mean, std)
+    return SignalEncoder(cfg, mean, std).match_scale(embedding_rms(model, model.cfg.vocab_size))
 
 
 def start_token(tokenizer):
