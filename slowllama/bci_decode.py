@@ -58,13 +58,16 @@ def run(args):
 def load_decoder(model_dir, run=None, encoder_dir=None, device=None, dtype=None, offload='disk'):
     """Base + trained adapter and encoder (run), or a merged decoder + encoder (encoder_dir)."""
     import slowllama
-    from .bci import attach_encoder, load_encoder
+    from .bci import attach_encoder, has_encoder, load_encoder
     from .devices import resolve_device
     from .generate import adapter_folder, default_dtype
     device = resolve_device(device)
     adapter = adapter_folder(run) if run is not None else None
     model = slowllama.load(model_dir, device, default_dtype(device, dtype), adapter=adapter, offload=offload)
-    attach_encoder(model, load_encoder(adapter or encoder_dir, device))
+    encoder_dir = adapter or encoder_dir
+    if not has_encoder(encoder_dir) and has_encoder(os.path.join(str(encoder_dir), 'adapter')):
+        encoder_dir = os.path.join(str(encoder_dir), 'adapter')  # a run folder
+    attach_encoder(model, load_encoder(encoder_dir, device))
     return model
 
 

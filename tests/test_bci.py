@@ -252,3 +252,36 @@ def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_
     merged = decode_trials(load_decoder(tmp_path / 'merged', encoder_dir=tmp_path / 'adapter'), dataset,
                            tokenizer, indices, 6)
     assert merged == with_adapter and any(with_adapter)
+
+
+def test_continue_from_a_saved_adapter_and_encoder(tiny_text_model, tmp_path):
+    """finetune --bci-data --adapter DIR starts from that folder's LoRA and encoder (not new ones)."""
+    from slowllama.bci_train import build_bci
+    from slowllama.cli import build_parser
+    from slowllama.finetune import resolve
+    model_dir, _, _ = tiny_text_model
+    tiny_demo_set(tmp_path / 'data')
+    dataset = read_bci_data(tmp_path / 'data')
+    model = slowllama.load(model_dir, lora=slowllama.LoraConfig(rank=4, targets=('q', 'v')))
+    randomize_adapters(model.adapters)
+    cfg = EncoderConfig(channels=dataset.channels, time=dataset.time, out_dim=model.cfg.dim, d_enc=32, patch=4)
+    saved = attach_encoder(model, SignalEncoder(cfg, *channel_stats(dataset.signals, dataset.indices('train'))))
+    model.save_adapter(tmp_path / 'adapter')
+    args = build_parser().parse_args(['finetune', '--model', str(model_dir), '--bci-data', str(tmp_path / 'data'),
+                                      '--adapter', str(tmp_path / 'adapter'), '--out', str(tmp_path / 'run')])
+    again, _, _ = build_bci(resolve(args))
+    params, want = again.trainable_parameters(), model.trainable_parameters()
+    assert set(params) == set(want)
+    for name in want:
+        assert torch.equal(params[name].cpu(), want[name].cpu()), name
+    assert again.attached['encoder'].cfg == saved.cfg
+
+
+def test_decode_needs_run_or_encoder(tiny_text_model, tmp_path, capsys):
+    model_dir, _, _ = tiny_text_model
+    tiny_demo_set(tmp_path / 'data')
+    assert main(['bci_decode', '--model', str(model_dir), '--bci-data', str(tmp_path / 'data')]) == 2
+    assert 'give --run RUN' in capsys.readouterr().err
+    assert main(['bci_decode', '--model', str(model_dir), '--bci-data', str(tmp_path / 'data'),
+                 '--encoder', str(tmp_path)]) == 2
+    assert 'no BCI encoder here' in capsys.readouterr().err
