@@ -241,7 +241,8 @@ def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_
     model.save_adapter(tmp_path / 'adapter')
 
     merged_hf = tmp_path / 'merged_hf'
-    PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'adapter').merge_and_unload().save_pretrained(merged_hf)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'adapter')
+    peft_model.merge_and_unload().save_pretrained(merged_hf)  # PEFT reads our adapter; the encoder files beside it are ignored
     for name in ('tokenizer.json', 'tokenizer_config.json'):
         (merged_hf / name).write_bytes((hf_folder / name).read_bytes())
     slowllama.prepare(merged_hf, tmp_path / 'merged', dtype='fp32')
