@@ -13,7 +13,9 @@ from .errors import SlowLlamaError
 
 # flag -> (type, default, help), merged into finetune.FLAGS
 BCI_FLAGS = {
-    'bci-data': (str, None, 'BCI data folder (signals.npy + texts.jsonl): train the signal encoder head'),
+    'bci-data': (str, None, 'BCI data folder (signals.npy + texts.jsonl): train the signal encoder head; '
+                            'defaults then become --iters 300 --lr 1e-3 --batch-size 8 --warmup 20 --seq-len 64 '
+                            '--eval-every 100 --targets q,k,v,o'),
     'bci-encoder': (str, None, 'start from the encoder saved in this folder (default: a new one)'),
     'bci-d-enc': (int, 128, 'BCI encoder width'),
     'bci-layers': (int, 2, 'BCI encoder transformer layers'),
