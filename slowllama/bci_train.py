@@ -11,11 +11,14 @@ import torch
 
 from .errors import SlowLlamaError
 
+# finetune defaults that suit the encoder, trained from scratch (a flag or the YAML file still wins)
+BCI_DEFAULTS = {'iters': 300, 'lr': 1e-3, 'batch-size': 8, 'warmup': 20, 'seq-len': 64, 'eval-every': 100,
+                'targets': 'q,k,v,o'}
+
 # flag -> (type, default, help), merged into finetune.FLAGS
 BCI_FLAGS = {
     'bci-data': (str, None, 'BCI data folder (signals.npy + texts.jsonl): train the signal encoder head; '
-                            'defaults then become --iters 300 --lr 1e-3 --batch-size 8 --warmup 20 --seq-len 64 '
-                            '--eval-every 100 --targets q,k,v,o'),
+                            'defaults then become ' + ' '.join(f'--{k} {v}' for k, v in BCI_DEFAULTS.items())),
     'bci-encoder': (str, None, 'start from the encoder saved in this folder (default: a new one)'),
     'bci-d-enc': (int, 128, 'BCI encoder width'),
     'bci-layers': (int, 2, 'BCI encoder transformer layers'),
@@ -27,9 +30,6 @@ BCI_FLAGS = {
     'bci-prompt': (str, '', 'fixed text placed before the signal prefix'),
     'bci-decode-trials': (int, 8, 'validation trials decoded at each evaluation (0: none)'),
 }
-# finetune defaults that suit the encoder, trained from scratch (a flag or the YAML file still wins)
-BCI_DEFAULTS = {'iters': 300, 'lr': 1e-3, 'batch-size': 8, 'warmup': 20, 'seq-len': 64, 'eval-every': 100,
-                'targets': 'q,k,v,o'}
 
 
 def build_bci(opts, stream=None):
