@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import IGNORE, _generator
+from .data import IGNORE, Batch, _generator
 from .errors import SlowLlamaError
 
 SIGNALS_FILE = 'signals.npy'
@@ -150,14 +150,10 @@ def channel_stats(signals, indices):
 # --- batches ---------------------------------------------------------------------------------
 
 @dataclass
-class BciBatch:
-    signals: torch.Tensor  # [batch, channels, time] float32
-    tokens: torch.Tensor   # [batch, seq] long: the start token, then the text
-    targets: torch.Tensor  # [batch, seq] long: the text, then EOS; IGNORE on padding
-
-    @property
-    def n_targets(self):
-        return int((self.targets != IGNORE).sum())
+class BciBatch(Batch):
+    """tokens [batch, seq]: the start token, then the text; targets: the text, then EOS (IGNORE on
+    padding); signals [batch, channels, time] float32, row for row."""
+    signals: torch.Tensor
 
 
 class TrialTexts:
@@ -185,7 +181,7 @@ class TrialTexts:
             tokens[row, :len(ids)] = torch.tensor([self.start_token] + ids[:-1], dtype=torch.long)
             targets[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         signals = torch.from_numpy(np.array(self.data.signals[list(indices)], dtype=np.float32))
-        return BciBatch(signals, tokens, targets)
+        return BciBatch(tokens, targets, signals)
 
 
 class TrialBatches:

@@ -38,10 +38,11 @@ def build_bci(opts, stream=None):
     from .bci import attach_encoder, bci_loss, bci_step, prompt_ids
     from .bci_data import TrialBatches, TrialTexts, fixed_trial_batches, read_bci_data
     from .devices import resolve_device
-    from .finetune import new_run_dir
+    from .distributed import init_from_env
+    from .finetune import new_run_dir, parse_bytes
     from .formats.tokenizer import load_tokenizer
     from .generate import default_dtype
-    from .store import read_manifest
+    from .store import read_manifest, verify_model
     from .train import TrainConfig, Trainer
     if opts.model is None:
         raise SlowLlamaError('--model is required with --bci-data')
@@ -55,19 +56,25 @@ def build_bci(opts, stream=None):
                             schedule=opts.schedule, min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip,
                             seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
                             keep_checkpoints=opts.keep_checkpoints)
-    device = resolve_device(opts.device)
+    group, device_name = init_from_env(opts.device)
+    device = resolve_device(device_name)
     read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    if opts.verify:
+        verify_model(opts.model)
     tokenizer = load_tokenizer(opts.model)
     data = read_bci_data(opts.bci_data)
-    out = opts.out or new_run_dir()
+    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
     torch.manual_seed(opts.seed)  # the LoRA and encoder initialisation
     lora = slowllama.LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
     model = slowllama.load(opts.model, device, default_dtype(device, opts.dtype), lora=lora,
-                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout)
+                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout,
+                           max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                           max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
     encoder = attach_encoder(model, make_encoder(opts, data, model, tokenizer, out).to(device))
     prompt = prompt_ids(encoder.cfg, tokenizer)
     trials = TrialTexts(data, tokenizer, encoder.cfg.start_token, opts.seq_len)
-    train = TrialBatches(trials, data.indices('train'), opts.batch_size, opts.seed)
+    # under torchrun the batches are global; each process trains on its own rows of them
+    train = TrialBatches(trials, data.indices('train'), opts.batch_size * group.world, opts.seed)
     val_indices = data.indices('val')
     val = fixed_trial_batches(trials, val_indices, opts.batch_size, opts.eval_batches)
     sample_fn = None
@@ -77,7 +84,7 @@ def build_bci(opts, stream=None):
     run_config = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
     trainer = Trainer(model, train_cfg, out, train, val, step_fn=lambda m, b: bci_step(m, b, prompt),
                       eval_fn=lambda m, b: bci_loss(m, b, prompt), sample_fn=sample_fn,
-                      run_config=run_config, stream=stream)
+                      run_config=run_config, stream=stream, group=group, skip_nonfinite=opts.skip_nonfinite)
     trainer.log(data.summary())
     trainer.log(f'encoder: {encoder.cfg.n_patches} prefix positions, '
                 f'{sum(p.numel() for p in encoder.parameters()):,} parameters')

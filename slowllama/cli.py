@@ -89,6 +89,14 @@ def run_prepare(args):
     print(f'prepared model written to {os.path.abspath(out)}')
 
 
+@command('verify', 'check every file of a prepared model against the sha256 in its manifest')
+@arguments(lambda p: p.add_argument('model', help='a prepared model folder'))
+def run_verify(args):
+    from .store import verify_model
+    verify_model(args.model)
+    print(f'{args.model}: every file matches its manifest checksum')
+
+
 # --- finetune and test_gen --------------------------------------------------------------------
 
 def _finetune_arguments(p):
@@ -188,6 +196,27 @@ def run_plan(args):
                                  ('disk (streamed)', 0, 0)]:
         plan = predict(cfg, batch, seq, dtype, args.lora_rank, targets, resident_blocks=resident, ram_blocks=ram)
         print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def _export_arguments(p):
+    p.add_argument('--model', required=True, help='the prepared model folder')
+    p.add_argument('--lora', default=None, help='the adapter folder (PEFT layout) to merge or export')
+    p.add_argument('--format', required=True, choices=('meta', 'hf', 'peft'), help='meta | hf | peft')
+    p.add_argument('--out', required=True, help='the folder to write (replaced whole, only on success)')
+    p.add_argument('--shards', type=int, default=1, help='meta: model-parallel shards (1 for 7B, 2 for 13B, 8 for 70B)')
+    p.add_argument('--dtype', default=None, help='bf16 | fp16 | fp32 (default: the prepared model\'s)')
+    p.add_argument('--max-shard-size', type=float, default=2.0, help='hf: GiB per safetensors file (default 2)')
+
+
+@command('export', 'write a prepared model (+ LoRA) as merged Meta shards, a merged HF folder or a PEFT adapter')
+@arguments(_export_arguments)
+def run_export(args):
+    from .formats.export import export
+    out = export(args.model, args.out, args.format, adapter=args.lora, shards=args.shards, dtype=args.dtype,
+                 max_shard_bytes=int(args.max_shard_size * 2**30))
+    print(f'{args.format} export written to {os.path.abspath(out)}')
 
 
 # --- bci_decode -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """ModelConfig: the shape of a Llama-family model, read from Meta params.json, HF config.json or GGUF metadata."""
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import SlowLlamaError
 

@@ -6,6 +6,7 @@ where nothing is learned. Batches are a pure function of (seed, batch index), so
 batch index k sees exactly the batches an uninterrupted run would. Knows nothing of the model: a
 tokenizer (encode / decode / bos_id / eos_id / pad_id / chat_template) is all it needs.
 """
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,12 @@ class Batch:
     @property
     def n_targets(self):
         return int((self.targets != IGNORE).sum())
+
+    def rows(self, index):
+        """The same batch restricted to some rows (a data-parallel share); works for subclasses
+        carrying more per-row tensors."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v[index] for k, v in fields.items() if isinstance(v, torch.Tensor)})
 
 
 # --- reading files -----------------------------------------------------------------------------

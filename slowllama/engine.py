@@ -6,7 +6,8 @@ backward can restore the state, recompute the block under autograd with the same
 the output gradient through and hand the input gradient to the block before. Only the LoRA matrices
 (and an optional prefix encoder) hold gradients; they live on the device for the whole run.
 """
-import os
+
+import functools
 
 import torch
 from torch.func import functional_call
@@ -17,6 +18,22 @@ from .head import IGNORE, StreamedHead
 from .model import Block, KVCache, rope_table
 from .stash import InputStash
 
+
+
+def streamed_pass(training):
+    """Run a method in train or eval mode; if it raises (out of memory, Ctrl-C), hand every block
+    it held back to the store so the device buffers are free for the next call."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            self._set_training(training)
+            try:
+                return method(self, *args, **kwargs)
+            except BaseException:
+                self.store.release_all()
+                raise
+        return run
+    return wrap
 
 
 class StreamedModel:
@@ -52,18 +69,18 @@ class StreamedModel:
         return self.store.embed(tokens.to(self.device))
 
     @torch.no_grad()
+    @streamed_pass(training=False)
     def logits(self, tokens, prefix=None):
         """[batch, seq] tokens -> float32 logits [batch, seq, vocab] (prefix positions dropped)."""
-        self._set_training(False)
         x, cos, sin = self._embed(tokens, prefix)
         x = self._forward_blocks(x, cos, sin)
         return self.head.logits(x[:, x.shape[1] - tokens.shape[1]:])
 
+    @streamed_pass(training=True)
     def backward(self, tokens, targets, prefix=None):
         """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
         (-100: ignored). Accumulates .grad on the trainable parameters (and into `prefix` when it
         requires grad); returns the mean loss over the counted targets as a float."""
-        self._set_training(True)
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         with torch.no_grad():
             x, cos, sin = self._embed(tokens, prefix.detach() if prefix is not None else None)
@@ -93,20 +110,20 @@ class StreamedModel:
 
     @torch.no_grad()
     @torch.no_grad()
+    @streamed_pass(training=False)
     def loss(self, tokens, targets, prefix=None):
         """Mean cross-entropy against targets (-100 ignored) in eval mode, without gradients: the
         validation loss, through the same streamed head as backward."""
-        self._set_training(False)
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         x, cos, sin = self._embed(tokens, prefix)
         x = self._forward_blocks(x, cos, sin)
         return self.head.loss(x, self._with_prefix_targets(targets, prefix))
 
     @torch.no_grad()
+    @streamed_pass(training=False)
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None):
         """[1, T] -> [1, T + n] with a KV cache; greedy at temperature 0. Stops early at EOS.
         on_token(id) is called as each token is chosen (for printing as we go)."""
-        self._set_training(False)
         tokens = tokens.to(self.device)
         x, _, _ = self._embed(tokens, prefix)
         max_len = x.shape[1] + max_new_tokens

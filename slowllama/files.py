@@ -53,6 +53,21 @@ def _fsync_dir(folder):
             os.close(fd)
 
 
+def commit_staged(file, tmp, path):
+    """A file written in place under the temporary name `tmp`: fsync, close, rename to `path`."""
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def discard_staged(file, tmp):
+    file.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
 def write_json(path, obj):
     with atomic_open(path, 'w') as f:
         json.dump(obj, f, indent=2)

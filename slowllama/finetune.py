@@ -11,6 +11,7 @@ import time
 import torch
 
 from .bci_train import BCI_DEFAULTS, BCI_FLAGS
+from .distributed import shutdown
 from .errors import SlowLlamaError
 
 # flag -> (type, default, help); the dest is the flag with '-' -> '_'
@@ -31,7 +32,11 @@ FLAGS = {
     'seed': (int, 0, 'random seed (LoRA init, data order, dropout)'),
     'save-every': (int, 0, 'checkpoint every N steps (0: at the end only)'),
     'resume': (bool, False, 'continue the run in --out from its newest complete checkpoint'),
-    'offload': (str, 'disk', 'where frozen weights wait: disk | ram | device'),
+    'offload': (str, 'auto', 'where frozen weights wait: auto | disk | ram | device'),
+    'max-device-mem': (str, None, 'cap on device memory for --offload auto, e.g. 20GB'),
+    'max-ram': (str, None, 'cap on host memory for frozen weights with --offload auto, e.g. 48GB'),
+    'skip-nonfinite': (bool, False, 'skip a step whose loss or gradient is not finite instead of stopping'),
+    'verify': (bool, False, 'check every model file against its manifest checksum before starting'),
     'dtype': (str, None, 'bf16 | fp16 | fp32 (default: fp32 on cpu, bf16 elsewhere)'),
     'adapter': (str, None, 'start from this adapter folder'),
     'data-format': (str, None, 'text | jsonl | alpaca | chat (default: from the file)'),
@@ -140,9 +145,10 @@ def build(opts, stream=None):
     import slowllama
     from .data import load_data
     from .devices import resolve_device
+    from .distributed import init_from_env
     from .formats.tokenizer import load_tokenizer
     from .generate import complete, default_dtype
-    from .store import read_manifest
+    from .store import read_manifest, verify_model
     from .train import TrainConfig, Trainer
     for flag in ('model', 'data'):
         if getattr(opts, flag) is None:
@@ -157,23 +163,32 @@ def build(opts, stream=None):
                             schedule=opts.schedule, min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip,
                             seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
                             keep_checkpoints=opts.keep_checkpoints)
-    device = resolve_device(opts.device)
-    read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    group, device_name = init_from_env(opts.device)
+    device = resolve_device(device_name)
+    manifest = read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    if opts.verify:
+        verify_model(opts.model)
+    if opts.seq_len > manifest['config']['max_seq_len']:
+        raise SlowLlamaError(f'--seq-len {opts.seq_len} is above the model\'s maximum of '
+                             f'{manifest["config"]["max_seq_len"]} positions')
     tokenizer = load_tokenizer(opts.model)
-    data = load_data(opts.data, tokenizer, opts.seq_len, opts.batch_size, seed=opts.seed,
+    # under torchrun the data yields global batches; each process trains on its own rows of them
+    data = load_data(opts.data, tokenizer, opts.seq_len, opts.batch_size * group.world, seed=opts.seed,
                      val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
                      eval_batches=opts.eval_batches)
     torch.manual_seed(opts.seed)  # the LoRA initialisation
     lora = slowllama.LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
     model = slowllama.load(opts.model, device, default_dtype(device, opts.dtype), lora=lora,
-                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout)
+                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout,
+                           max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                           max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
     sample_fn = None
     if opts.prompt:
         sample_fn = lambda m: complete(m, tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
-    out = opts.out or new_run_dir()
+    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
     run_config = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
     trainer = Trainer(model, train_cfg, out, data.train, data.val, sample_fn=sample_fn, run_config=run_config,
-                      stream=stream)
+                      stream=stream, group=group, skip_nonfinite=opts.skip_nonfinite)
     trainer.log(data.summary)
     return model, tokenizer, trainer
 
@@ -182,11 +197,33 @@ def finetune(opts, stream=None):
     """Run the recipe; returns the Trainer's summary."""
     stream = stream or sys.stderr
     model, _, trainer = build(opts, stream)
-    print(f'run folder: {trainer.run_dir}', flush=True)
-    summary = trainer.run(resume=opts.resume)
-    print(format_summary(summary), flush=True)
-    print(f'run folder: {trainer.run_dir}', flush=True)
+    say = print if trainer.group.is_main else (lambda *a, **k: None)
+    say(f'run folder: {trainer.run_dir}', flush=True)
+    try:
+        summary = trainer.run(resume=opts.resume)
+    finally:
+        shutdown()
+    say(format_summary(summary), flush=True)
+    say(f'run folder: {trainer.run_dir}', flush=True)
     return summary
+
+
+def parse_bytes(text, flag):
+    """'20GB', '3.5GiB', '512MB' or a plain number of bytes -> int (None stays None)."""
+    if text is None:
+        return None
+    units = {'': 1, 'b': 1, 'kb': 1e3, 'mb': 1e6, 'gb': 1e9, 'tb': 1e12, 'kib': 2 ** 10, 'mib': 2 ** 20,
+             'gib': 2 ** 30, 'tib': 2 ** 40, 'k': 2 ** 10, 'm': 2 ** 20, 'g': 2 ** 30, 't': 2 ** 40}
+    number = str(text).strip().lower()
+    digits = number.rstrip('abcdefghijklmnopqrstuvwxyz ')
+    unit = number[len(digits):].strip()
+    try:
+        value = float(digits) * units[unit]
+    except (KeyError, ValueError):
+        raise SlowLlamaError(f'{flag}: cannot read {text!r} as a size (e.g. 20GB, 3.5GiB)') from None
+    if value <= 0:
+        raise SlowLlamaError(f'{flag} must be positive, got {text!r}')
+    return int(value)
 
 
 def format_summary(summary):

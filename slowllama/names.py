@@ -58,3 +58,17 @@ def canonical_target(name):
 def hf_module_name(target):
     """'q' -> 'q_proj': the name PEFT's target_modules uses."""
     return TARGET_MODULES[target].split('.')[-1]
+
+
+# q and k are stored rope-interleaved by Meta and GGUF: ours -> the ModelConfig field giving their head count
+ROPE_PERMUTED = {'self_attn.q_proj.weight': 'n_heads', 'self_attn.k_proj.weight': 'n_kv_heads'}
+
+# Meta checkpoint files
+META_PARAMS = 'params.json'
+META_SHARD = 'consolidated.{:02d}.pth'
+META_BLOCK_PREFIX = 'layers.{i}.'
+META_IGNORED = ('rope.freqs',)  # precomputed rope table in Llama-1/2 shards; recomputed from the config
+
+# GGUF block tensor prefix, and the per-frequency llama3 rope table it may carry
+GGUF_BLOCK_PREFIX = 'blk.{i}.'
+GGUF_ROPE_FREQS = 'rope_freqs.weight'

@@ -61,6 +61,8 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     working = max(block_working_set(cfg, batch, seq, w), loss)
     buffers = 2 * block if streamed else 0  # double buffering
     device = resident_blocks * block + buffers + lora + working + 2 * batch * seq * cfg.dim * w
+    if resident_blocks == cfg.n_layers:  # everything fits: embeddings and head stay on the device too
+        device += cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2)
     if stash_on_device:
         device += saved_inputs
     host = ram_blocks * block + (0 if stash_on_device else saved_inputs)

@@ -98,11 +98,12 @@ class PreparedWriter:
         missing = [f for f in expected if f not in self.files]
         if missing:
             raise SlowLlamaError(f'{self.source}: incomplete model, nothing written for {missing[:3]}')
+        verify_files(self.staging, self.files)  # what reached the disk is what we meant to write
         write_json(os.path.join(self.staging, MANIFEST), {
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
             'dtype': dtype_name(self.dtype), 'source': self.source, 'tokenizer': self.tokenizer_files,
             'files': self.files})
-        _swap_in(self.staging, self.out)
+        swap_in(self.staging, self.out)
 
     def abort(self):
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -136,7 +137,24 @@ def block_shapes(cfg: ModelConfig):
     }
 
 
-def _swap_in(staging, out):
+def verify_files(folder, files, progress_desc=None):
+    """Check the size and sha256 of every file listed ({name: {'size', 'sha256'}}) in `folder`."""
+    from .progress import progress
+    names = sorted(files)
+    for name in progress(names, desc=progress_desc, unit='file') if progress_desc else names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path) or os.path.getsize(path) != files[name]['size']:
+            raise SlowLlamaError(f'{path}: missing or wrong size; run prepare_model.py again')
+        if sha256_file(path) != files[name]['sha256']:
+            raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare_model.py again')
+
+
+def verify_model(model_dir):
+    """Full check of a prepared folder against its manifest (the `verify` command, --verify)."""
+    verify_files(str(model_dir), read_manifest(model_dir)['files'], progress_desc='verify')
+
+
+def swap_in(staging, out):
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix='.old-')

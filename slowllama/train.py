@@ -30,8 +30,10 @@ from tqdm import tqdm
 from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint,
                          remove_leftovers, replace_folder, write_checkpoint)
 from .devices import get_rng_state, set_rng_state
+from .distributed import SINGLE
 from .errors import SlowLlamaError
 from .files import atomic_open, write_json
+from .runlock import RunLock, StopSignals
 
 SCHEDULES = ('cosine', 'constant')
 
@@ -100,8 +102,13 @@ class Trainer:
     """
 
     def __init__(self, model, cfg: TrainConfig, run_dir, data, val=(), step_fn=default_step,
-                 eval_fn=default_eval, sample_fn=None, run_config=None, stream=None):
+                 eval_fn=default_eval, sample_fn=None, run_config=None, stream=None, group=SINGLE,
+                 skip_nonfinite=False):
+        """group: the torch.distributed processes (slowllama.distributed); `data` then yields global
+        batches, of which this process trains on its own rows. skip_nonfinite: skip a step whose
+        loss or gradient is not finite instead of stopping the run."""
         self.model, self.cfg, self.run_dir = model, cfg, str(run_dir)
+        self.group, self.skip_nonfinite = group, skip_nonfinite
         self.data, self.val = data, list(val)
         self.step_fn, self.eval_fn, self.sample_fn = step_fn, eval_fn, sample_fn
         self.run_config = run_config or {}
@@ -122,33 +129,44 @@ class Trainer:
         """Train up to cfg.iters steps; returns a summary dict. With resume, continue from the newest
         complete checkpoint in run_dir (or start afresh when there is none)."""
         os.makedirs(self.run_dir, exist_ok=True)
-        remove_leftovers(self.run_dir)
+        with RunLock(self.run_dir, enabled=self.group.is_main), StopSignals() as stop:
+            self._start(resume)
+            rows, start = [], time.perf_counter()
+            self._open_bar()
+            try:
+                for step in range(self.step + 1, self.cfg.iters + 1):
+                    row = self._train_step(step)
+                    if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn):
+                        row.update(self.evaluate(step))
+                    self._record(row)
+                    rows.append(row)
+                    if self._due(step, self.cfg.save_every) or stop.requested:
+                        self.save_checkpoint()
+                    if stop.requested:
+                        raise SlowLlamaError(f'stopped by {stop.requested} at step {self.step}; checkpoint saved, '
+                                             f'continue with --resume --out {self.run_dir}')
+            finally:
+                self._close_bar()
+        return self._summary(rows, time.perf_counter() - start)
+
+    def _start(self, resume):
+        if self.group.is_main:
+            remove_leftovers(self.run_dir)
+        self.group.barrier()
         if not resume and list_checkpoints(self.run_dir):
             raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
                                  'or choose another --out')
         if not (resume and self._resume()):
-            torch.manual_seed(self.cfg.seed)
-            for name in ('metrics.jsonl', 'train.log'):
-                _rewrite_lines(os.path.join(self.run_dir, name), [])
+            torch.manual_seed(self.cfg.seed + self.group.rank)  # each process its own dropout masks
+            if self.group.is_main:
+                for name in ('metrics.jsonl', 'train.log'):
+                    _rewrite_lines(os.path.join(self.run_dir, name), [])
         pending, self._pending = self._pending, None
-        for line in pending:
-            _append_line(os.path.join(self.run_dir, 'train.log'), line)
-        write_json(os.path.join(self.run_dir, 'run_config.json'),
-                   {**self.run_config, 'train': asdict(self.cfg)})
-        rows, start = [], time.perf_counter()
-        self._open_bar()
-        try:
-            for step in range(self.step + 1, self.cfg.iters + 1):
-                row = self._train_step(step)
-                if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn):
-                    row.update(self.evaluate(step))
-                self._record(row)
-                rows.append(row)
-                if self._due(step, self.cfg.save_every):
-                    self.save_checkpoint()
-        finally:
-            self._close_bar()
-        return self._summary(rows, time.perf_counter() - start)
+        if self.group.is_main:
+            for line in pending:
+                _append_line(os.path.join(self.run_dir, 'train.log'), line)
+            write_json(os.path.join(self.run_dir, 'run_config.json'),
+                       {**self.run_config, 'train': asdict(self.cfg), 'processes': self.group.world})
 
     def _due(self, step, every):
         return step == self.cfg.iters or (every > 0 and step % every == 0)
@@ -162,35 +180,50 @@ class Trainer:
         loss = self._accumulate(batches)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float('inf')
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
-        self.optimizer.step()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped and not self.skip_nonfinite:
+            raise SlowLlamaError(f'step {step}: the loss or gradient is not finite (loss {loss}); stopped, the '
+                                 f'last checkpoint in {self.run_dir} is kept. Lower --lr, or pass '
+                                 '--skip-nonfinite to skip such steps')
+        if skipped:
+            self.log(f'step {step}: non-finite loss or gradient, step skipped')
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step, self.data_position = step, self.data_position + len(batches)
         seconds = time.perf_counter() - started
-        tokens = sum(batch.tokens.numel() for batch in batches)
-        return {'step': step, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'tokens': tokens,
-                'tokens_per_s': tokens / max(seconds, 1e-9), 'step_s': seconds}
+        tokens = sum(batch.tokens.numel() for batch in batches)  # over every process
+        row = {'step': step, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'tokens': tokens,
+               'tokens_per_s': tokens / max(seconds, 1e-9), 'step_s': seconds}
+        return {**row, 'skipped': True} if skipped else row
 
     def _accumulate(self, batches):
         """Gradients of the mean loss over every counted target of the step, whatever the split into
         micro-batches: each micro-batch's mean-loss gradient is weighted by its share of the targets."""
-        total = sum(batch.n_targets for batch in batches) or 1
+        total = sum(batch.n_targets for batch in batches) or 1  # over the global batches
         summed = {name: torch.zeros_like(p) for name, p in self.params.items()}
         loss = 0.0
         for batch in batches:
+            if self.group.active:
+                batch = batch.rows(self.group.rows(batch.tokens.shape[0]))
             for p in self.params.values():
                 p.grad = None
             weight = batch.n_targets / total
-            loss += weight * self.step_fn(self.model, batch)
+            if weight:  # a share with no counted target adds nothing
+                loss += weight * self.step_fn(self.model, batch)
             for name, p in self.params.items():
                 if p.grad is not None:
                     summed[name].add_(p.grad, alpha=weight)
+        self.group.sum_(list(summed.values()))  # each process holds its weighted share: sum them
         for name, p in self.params.items():
             p.grad = summed[name]
-        return loss
+        return self.group.sum_float(loss, summed[next(iter(summed))].device)
 
     def evaluate(self, step=None):
         """Validation loss (mean over every counted target) and the sample completion, leaving the
         RNG exactly as it was so that evaluating never changes training."""
+        if not self.group.is_main:
+            return {}
         device = getattr(self.model, 'device', torch.device('cpu'))
         rng = get_rng_state(device)
         result = {}
@@ -210,8 +243,13 @@ class Trainer:
     def save_checkpoint(self):
         """checkpoints/step_NNNNNN/ (complete or absent), then adapter/."""
         folder = os.path.join(self.run_dir, CHECKPOINT_DIR, f'step_{self.step:06d}')
-        write_checkpoint(folder, self.model, self.params, self.optimizer, self._state())
+        state = self._state()
+        if not self.group.is_main:
+            self.group.barrier()  # rank 0 writes; the others wait until the checkpoint is complete
+            return
+        write_checkpoint(folder, self.model, self.params, self.optimizer, state)
         self._save_latest_adapter()
+        self.group.barrier()
         if self.cfg.keep_checkpoints:
             for _, old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(os.path.join(self.run_dir, CHECKPOINT_DIR, old), ignore_errors=True)
@@ -227,8 +265,12 @@ class Trainer:
 
     def _state(self):
         device = getattr(self.model, 'device', torch.device('cpu'))
-        return {'step': self.step, 'data_position': self.data_position, 'iters': self.cfg.iters,
-                'seed': self.cfg.seed, 'rng': encode_rng(get_rng_state(device)), 'device': str(device)}
+        rng = encode_rng(get_rng_state(device))
+        state = {'step': self.step, 'data_position': self.data_position, 'iters': self.cfg.iters,
+                 'seed': self.cfg.seed, 'rng': rng, 'device': str(device)}
+        if self.group.active:
+            state['rng_per_process'] = self.group.gather(rng)
+        return state
 
     def _resume(self):
         found = list_checkpoints(self.run_dir)
@@ -238,19 +280,26 @@ class Trainer:
         folder = os.path.join(self.run_dir, CHECKPOINT_DIR, found[-1][1])
         state = read_checkpoint(folder, self.params, self.optimizer)
         device = getattr(self.model, 'device', torch.device('cpu'))
-        rng = decode_rng(state['rng'])
+        per_process = state.get('rng_per_process', [state['rng']])
+        if len(per_process) != self.group.world:
+            raise SlowLlamaError(f'{folder}: saved by {len(per_process)} processes, cannot resume exactly '
+                                 f'with {self.group.world}')
+        rng = decode_rng(per_process[self.group.rank])
         if set(rng) != set(get_rng_state(device)):
             raise SlowLlamaError(f'{folder}: saved on {state.get("device")}, cannot resume exactly on {device}')
         set_rng_state(device, rng)
         self.step, self.data_position = state['step'], state['data_position']
-        for log_name in ('metrics.jsonl', 'train.log'):
-            _truncate_log(os.path.join(self.run_dir, log_name), self.step)
+        if self.group.is_main:
+            for log_name in ('metrics.jsonl', 'train.log'):
+                _truncate_log(os.path.join(self.run_dir, log_name), self.step)
         self.log(f'resumed from {folder} at step {self.step}')
         return True
 
     # --- reporting -----------------------------------------------------------------------------
 
     def _record(self, row):
+        if not self.group.is_main:
+            return
         metrics = {k: v for k, v in row.items() if k != 'sample'}
         _append_line(os.path.join(self.run_dir, 'metrics.jsonl'), json.dumps(metrics))
         line = (f'step {row["step"]}/{self.cfg.iters} loss {row["loss"]:.4f} lr {row["lr"]:.2e} '
@@ -266,7 +315,9 @@ class Trainer:
             print(f'{line}, eta {eta:.0f}s', file=self.stream, flush=True)
 
     def log(self, message):
-        """A line for train.log and the console (above the bar on a terminal)."""
+        """A line for train.log and the console (above the bar on a terminal); rank 0 only."""
+        if not self.group.is_main:
+            return
         if self._pending is not None:
             self._pending.append(message)
         else:
@@ -278,7 +329,7 @@ class Trainer:
 
     def _open_bar(self):
         self.step_first, self._bar_start, self._last_print = self.step + 1, time.monotonic(), time.monotonic()
-        if self.stream.isatty():
+        if self.stream.isatty() and self.group.is_main:
             self.bar = tqdm(total=self.cfg.iters, initial=self.step, desc='train', unit='step',
                             file=self.stream, dynamic_ncols=True)
 

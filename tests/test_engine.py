@@ -126,3 +126,25 @@ def test_generate_greedy_equals_transformers(tiny_prepared):
                              pad_token_id=0, attention_mask=torch.ones_like(prompt))
     ours.cfg = type(ours.cfg).from_dict({**ours.cfg.to_dict(), 'eos_id': None})
     assert torch.equal(ours.generate(prompt, 12), want)
+
+
+def test_a_failed_pass_hands_its_blocks_back(tiny_prepared, monkeypatch):
+    """Out of memory (or Ctrl-C) inside a block leaves no block held: the next step runs normally."""
+    model_dir, _, _ = tiny_prepared
+    model = slowllama.load(model_dir, offload='ram')
+    tokens, targets = random_batch(model.cfg.vocab_size)
+    expected = model.backward(tokens, targets)
+    real = type(model)._run_block
+
+    def failing(self, i, *args, **kwargs):
+        if i == 1:
+            raise RuntimeError('CUDA out of memory (simulated)')
+        return real(self, i, *args, **kwargs)
+    monkeypatch.setattr(type(model), '_run_block', failing)
+    with pytest.raises(RuntimeError, match='out of memory'):
+        model.backward(tokens, targets)
+    assert not model.store._held and not model.store._pending
+    monkeypatch.setattr(type(model), '_run_block', real)
+    for p in model.trainable_parameters().values():
+        p.grad = None
+    assert model.backward(tokens, targets) == expected

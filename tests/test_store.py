@@ -92,3 +92,34 @@ def test_prepare_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     with pytest.raises(slowllama.SlowLlamaError, match='needs .* GB but .* free'):
         slowllama.prepare(tmp_path / 'hf', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_verify_command_names_the_damaged_file(prepared, capsys):
+    from slowllama.cli import main
+    assert main(['verify', str(prepared)]) == 0
+    assert 'every file matches' in capsys.readouterr().out
+    path = prepared / 'embed.safetensors'
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert main(['verify', str(prepared)]) == 2
+    assert 'embed.safetensors: checksum mismatch' in capsys.readouterr().err
+
+
+def test_prepare_checks_what_reached_the_disk(tmp_path, monkeypatch):
+    """A write that silently lands different bytes is caught before the folder is swapped in."""
+    import slowllama.store as store
+    make_hf_model(tmp_path / 'hf')
+    real = store.write_safetensors
+
+    def flaky(path, tensors, metadata=None):
+        digest = real(path, tensors, metadata)
+        if path.endswith('block_001.safetensors'):
+            with open(path, 'r+b') as f:
+                f.seek(-1, 2)
+                f.write(b'\x7f')
+        return digest
+    monkeypatch.setattr(store, 'write_safetensors', flaky)
+    with pytest.raises(slowllama.SlowLlamaError, match='block_001.safetensors: checksum mismatch'):
+        slowllama.prepare(tmp_path / 'hf', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()

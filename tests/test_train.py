@@ -160,7 +160,7 @@ def test_run_folder_layout(tiny_text_model, tmp_path):
     assert {'step', 'loss', 'tokens_per_s', 'lr', 'grad_norm', 'tokens'} <= set(rows[0])
     assert 'eval_loss' in rows[2] and 'eval_loss' in rows[4] and 'eval_loss' not in rows[1]
     leftovers = [n for _, _, files in os.walk(run_dir) for n in files if n.endswith(('.tmp', '.pt', '.bin'))]
-    assert leftovers == [] and not any(n.startswith('.') for n in os.listdir(run_dir))
+    assert leftovers == [] and not any(n.startswith('.') and n != '.lock' for n in os.listdir(run_dir))
     with pytest.raises(slowllama.SlowLlamaError, match='--resume'):
         run_training(model_dir, run_dir, data)  # an existing run is never overwritten
 

@@ -3,7 +3,7 @@ import os
 
 from ..errors import SlowLlamaError
 from ..store import PreparedWriter, parse_dtype
-from . import hf
+from . import gguf, hf, meta
 
 
 def detect(src):
@@ -12,14 +12,20 @@ def detect(src):
         raise SlowLlamaError(f'{src}: not found')
     if hf.is_hf_folder(src):
         return 'hf'
-    raise SlowLlamaError(f'{src}: not a Hugging Face folder (config.json + *.safetensors)')
+    if meta.is_meta_folder(src):
+        return 'meta'
+    if gguf.is_gguf_file(src):
+        return 'gguf'
+    raise SlowLlamaError(f'{src}: not a Hugging Face folder (config.json + *.safetensors), a Meta folder '
+                         '(params.json + consolidated.NN.pth) or a .gguf file')
 
 
 def prepare(src, out, dtype='bf16'):
     """Turn a checkpoint into a prepared folder at `out` (replaced whole, only on success)."""
     src, dtype = str(src), parse_dtype(dtype)
     kind = detect(src)
-    readers = {'hf': (hf.read_config, hf.prepare_hf)}
+    readers = {'hf': (hf.read_config, hf.prepare_hf), 'meta': (meta.read_config, meta.prepare_meta),
+               'gguf': (gguf.read_config, gguf.prepare_gguf)}
     read_config, fill = readers[kind]
     writer = PreparedWriter(out, read_config(src), dtype, source={'format': kind, 'path': os.path.abspath(src)})
     try:

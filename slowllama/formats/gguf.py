@@ -1,0 +1,156 @@
+"""GGUF files (llama.cpp): Llama-architecture models, float or quantized, read into a prepared folder.
+
+Tensors are dequantized with the `gguf` package one at a time, read with plain file reads (not the
+reader's memory map) so RAM holds one block. GGUF lists shapes innermost first (ggml's `ne`), so
+they are reversed; q/k are in Meta's interleaved rope layout (llama.cpp permutes them) and are
+un-permuted with n_heads (q) and n_kv_heads (k). The tokenizer comes from the metadata.
+"""
+import math
+import os
+import struct
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import SlowLlamaError
+from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
+                     NORM_TENSOR, OUTER_TENSORS)
+from ..progress import progress
+from .gguf_tokenizer import tokenizer_files
+from .layout import block_to_hf
+
+ARCHITECTURES = ('llama',)
+# ModelConfig field -> GGUF metadata key (after '{architecture}.')
+CONFIG_KEYS = {
+    'dim': 'embedding_length', 'n_layers': 'block_count', 'n_heads': 'attention.head_count',
+    'n_kv_heads': 'attention.head_count_kv', 'hidden_dim': 'feed_forward_length',
+    'norm_eps': 'attention.layer_norm_rms_epsilon', 'rope_theta': 'rope.freq_base',
+    'max_seq_len': 'context_length', 'head_dim': 'attention.key_length',
+}
+REQUIRED = ('dim', 'n_layers', 'n_heads', 'hidden_dim')
+LLAMA3_ROPE_DEFAULTS = {'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+
+
+def is_gguf_file(src):
+    if not os.path.isfile(src):
+        return False
+    with open(src, 'rb') as f:
+        return f.read(4) == b'GGUF'
+
+
+def check_header(path):
+    """Refuse counts no file of this size could hold, before the reader allocates anything."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise SlowLlamaError(f'{path}: truncated GGUF file ({size} bytes)')
+    version, n_tensors, n_values = struct.unpack('<IQQ', head[4:24])
+    if version not in (2, 3):
+        raise SlowLlamaError(f'{path}: GGUF version {version} is not supported (2 or 3)')
+    # a tensor entry takes at least 32 bytes (name length, dims, one dim, type, offset), a value 13
+    if 24 + n_tensors * 32 + n_values * 13 > size:
+        raise SlowLlamaError(f'{path}: corrupt GGUF header ({n_tensors} tensors and {n_values} values '
+                             f'cannot fit in {size} bytes)')
+
+
+def open_reader(path):
+    import gguf
+    check_header(path)
+    try:
+        return gguf.GGUFReader(path, 'r')
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise SlowLlamaError(f'{path}: truncated or corrupt GGUF file ({e})') from None
+
+
+def metadata(reader, key, default=None):
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else default
+
+
+def read_config(src, reader=None):
+    reader = reader or open_reader(src)
+    arch = metadata(reader, 'general.architecture')
+    if arch not in ARCHITECTURES:
+        raise SlowLlamaError(f'{src}: architecture {arch!r} is not supported (only {", ".join(ARCHITECTURES)})')
+    values = {field: metadata(reader, f'{arch}.{key}') for field, key in CONFIG_KEYS.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    missing = [CONFIG_KEYS[k] for k in REQUIRED if k not in values]
+    if missing:
+        raise SlowLlamaError(f'{src}: GGUF metadata lacks {arch}.{missing[0]}')
+    tensors = {t.name: t for t in reader.tensors}
+    embed = tensors.get(OUTER_TENSORS[EMBED_TENSOR][1])
+    if embed is None:
+        raise SlowLlamaError(f'{src}: no {OUTER_TENSORS[EMBED_TENSOR][1]} tensor')
+    values['rope_scaling'] = _llama3_scaling(src, tensors, values)
+    return ModelConfig(**values, vocab_size=int(embed.shape[1]),
+                       tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
+                       bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
+                       eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
+
+
+def prepare_gguf(src, writer):
+    cfg, reader = writer.cfg, open_reader(src)
+    tensors = {t.name: t for t in reader.tensors}
+    with open(src, 'rb') as f:
+        def get(gguf_name):
+            if gguf_name not in tensors:
+                raise SlowLlamaError(f'{src}: tensor {gguf_name} missing')
+            return read_tensor(src, f, tensors[gguf_name])
+
+        writer.write_embed(get(OUTER_TENSORS[EMBED_TENSOR][1]))
+        for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
+            prefix = GGUF_BLOCK_PREFIX.format(i=i)
+            block = {ours: get(prefix + gguf_name) for ours, (_, gguf_name, _) in BLOCK_TENSORS.items()}
+            writer.write_block(i, block_to_hf(block, cfg))
+        head = None if cfg.tie_embeddings else get(OUTER_TENSORS[HEAD_TENSOR][1])
+        writer.write_head(get(OUTER_TENSORS[NORM_TENSOR][1]), head)
+    for name, data in tokenizer_files(reader, src).items():
+        writer.add_tokenizer_file(name, data)
+
+
+def read_tensor(path, f, tensor):
+    """One tensor, dequantized to float32, in torch's [rows, cols] order."""
+    import gguf
+    raw = bytearray(tensor.n_bytes)
+    f.seek(tensor.data_offset)
+    if f.readinto(raw) != tensor.n_bytes:
+        raise SlowLlamaError(f'{path}: truncated GGUF file: {tensor.name} ends past the end of the file')
+    data = np.frombuffer(raw, dtype=tensor.data.dtype).reshape(tensor.data.shape)
+    try:
+        values = gguf.quants.dequantize(data, tensor.tensor_type)
+    except NotImplementedError:
+        raise SlowLlamaError(f'{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot '
+                             'be dequantized (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K- and '
+                             'IQ-quants can)') from None
+    shape = tuple(reversed([int(d) for d in tensor.shape]))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+
+def _llama3_scaling(src, tensors, values):
+    """Llama-3.1-style files carry the rope frequency divisors as a tensor; recover the factor."""
+    if GGUF_ROPE_FREQS not in tensors:
+        return None
+    with open(src, 'rb') as f:
+        divisors = read_tensor(src, f, tensors[GGUF_ROPE_FREQS]).double()
+    scaling = {'factor': float(divisors.max()), **LLAMA3_ROPE_DEFAULTS}
+    head_dim = values.get('head_dim') or values['dim'] // values['n_heads']
+    expected = llama3_divisors(head_dim, values.get('rope_theta', 10000.0), scaling)
+    if expected.shape != divisors.shape or not torch.allclose(expected, divisors, rtol=1e-3):
+        raise SlowLlamaError(f'{src}: {GGUF_ROPE_FREQS} does not follow the Llama-3 rope scaling rule; '
+                             'this rope scaling is not supported')
+    return scaling
+
+
+def llama3_divisors(head_dim, theta, scaling):
+    """The per-frequency divisors Llama-3 applies to rope (as llama.cpp's rope_freqs stores them)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    original = scaling['original_max_position_embeddings']
+    wavelen = 2 * math.pi / freqs
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+    divisors = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors[wavelen < original / high] = 1.0
+    divisors[wavelen > original / low] = factor
+    return divisors
