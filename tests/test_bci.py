@@ -226,10 +226,10 @@ def test_end_to_end_synthetic_set_decodes_held_out_trials(tiny_text_model, tmp_p
 
 
 def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_model, tmp_path):
-    """A decoder with the LoRA merged in (peft merge_and_unload, then prepare) plus the encoder decodes
-    exactly what the base + adapter + encoder decode."""
-    from peft import PeftModel
-    model_dir, hf_folder, hf_model = tiny_text_model
+    """A decoder with the LoRA merged in (export --format hf, then prepare) plus the encoder decodes
+    what the base + adapter + encoder decode."""
+    from slowllama.formats.export import export
+    model_dir, _, _ = tiny_text_model
     data = tmp_path / 'data'
     tiny_demo_set(data)
     model = slowllama.load(model_dir, lora=slowllama.LoraConfig(rank=4, targets=('q', 'k', 'v', 'o')))
@@ -240,11 +240,8 @@ def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_
     attach_encoder(model, SignalEncoder(cfg, *channel_stats(dataset.signals, dataset.indices('train'))))
     model.save_adapter(tmp_path / 'adapter')
 
-    merged_hf = tmp_path / 'merged_hf'
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'adapter')
-    peft_model.merge_and_unload().save_pretrained(merged_hf)  # PEFT reads our adapter; the encoder files beside it are ignored
-    for name in ('tokenizer.json', 'tokenizer_config.json'):
-        (merged_hf / name).write_bytes((hf_folder / name).read_bytes())
+    merged_hf = tmp_path / 'merged_hf'  # what scripts/export.py --format hf writes
+    export(model_dir, merged_hf, 'hf', adapter=tmp_path / 'adapter', dtype='fp32')
     slowllama.prepare(merged_hf, tmp_path / 'merged', dtype='fp32')
 
     tokenizer = load_tokenizer(model_dir)
@@ -276,6 +273,15 @@ def test_continue_from_a_saved_adapter_and_encoder(tiny_text_model, tmp_path):
     for name in want:
         assert torch.equal(params[name].cpu(), want[name].cpu()), name
     assert again.attached['encoder'].cfg == saved.cfg
+
+
+def test_batch_rows_keep_their_signals():
+    """A data-parallel share of a batch (Trainer under torchrun) keeps each row's signal with its text."""
+    from slowllama.bci_data import BciBatch
+    batch = BciBatch(torch.arange(8).view(4, 2), torch.arange(8).view(4, 2), torch.arange(4.0).view(4, 1, 1))
+    share = batch.rows(slice(2, 4))
+    assert isinstance(share, BciBatch) and share.signals.flatten().tolist() == [2.0, 3.0]
+    assert share.tokens.tolist() == [[4, 5], [6, 7]] and share.n_targets == 4
 
 
 def test_decode_needs_run_or_encoder(tiny_text_model, tmp_path, capsys):
