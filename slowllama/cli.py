@@ -217,3 +217,29 @@ def run_export(args):
     out = export(args.model, args.out, args.format, adapter=args.lora, shards=args.shards, dtype=args.dtype,
                  max_shard_bytes=int(args.max_shard_size * 2**30))
     print(f'{args.format} export written to {os.path.abspath(out)}')
+
+
+# --- bci_decode -------------------------------------------------------------------------------
+
+def _bci_decode_arguments(p):
+    from .bci_decode import add_arguments
+    add_arguments(p)
+
+
+@command('bci_decode', 'decode the sentences of BCI trials with a trained encoder and decoder; WER and exact match')
+@arguments(_bci_decode_arguments)
+def run_bci_decode(args):
+    from .bci_decode import run
+    return run(args)
+
+
+def _bci_demo_arguments(p):
+    from .bci_demo import add_arguments
+    add_arguments(p)
+
+
+@command('bci_demo', 'write a synthetic BCI data set (words as spatio-temporal patterns in noise)')
+@arguments(_bci_demo_arguments)
+def run_bci_demo(args):
+    from .bci_demo import run
+    return run(args)

@@ -50,12 +50,27 @@ class StreamedModel:
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
         self.stash_budget = (stash_device_bytes, stash_ram_bytes)
         self._trim_host_heap = HeapTrimmer() if self.device.type == 'cpu' else (lambda: None)
+        self.attached = {}  # name -> trainable nn.Module beside the LoRA (the BCI encoder)
 
     # --- the public API ------------------------------------------------------------------
 
     def trainable_parameters(self):
-        """PEFT-style name -> Parameter, for the optimizer."""
-        return adapter_state(self.adapters)
+        """PEFT-style name -> Parameter, for the optimizer; then '<name>.<param>' of attached modules."""
+        params = adapter_state(self.adapters)
+        for name, module in self.attached.items():
+            params.update({f'{name}.{key}': p for key, p in module.named_parameters()})
+        return params
+
+    def attach_module(self, name, module):
+        """Train `module` (resident on the device) with the LoRA: its parameters join
+        trainable_parameters() as '<name>.<param>', and save_adapter calls module.save(folder)."""
+        self.attached[name] = module
+        return module
+
+    @torch.no_grad()
+    def embed(self, tokens):
+        """[batch, seq] tokens -> their embeddings [batch, seq, dim] on the device, in the compute dtype."""
+        return self.store.embed(tokens.to(self.device))
 
     @torch.no_grad()
     @streamed_pass(training=False)
@@ -138,6 +153,8 @@ class StreamedModel:
 
     def save_adapter(self, folder, base_model=None):
         save_adapter_folder(folder, self.lora, self.trainable_adapter_state(), base_model or self.store.model_dir)
+        for module in self.attached.values():
+            module.save(folder)
 
     def trainable_adapter_state(self):
         return adapter_state(self.adapters)

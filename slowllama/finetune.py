@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .bci_train import BCI_DEFAULTS, BCI_FLAGS
 from .distributed import shutdown
 from .errors import SlowLlamaError
 
@@ -57,6 +58,7 @@ FLAGS = {
     'keep-checkpoints': (int, 0, 'keep only the newest N checkpoints (0: all)'),
     'config': (str, None, 'YAML file whose keys are these flag names; flags on the command line win'),
 }
+FLAGS.update(BCI_FLAGS)  # --bci-data DIR switches to the BCI recipe (bci_train.py)
 
 
 def dest(flag):
@@ -77,8 +79,10 @@ def resolve(args):
     given = {dest(f): getattr(args, dest(f), None) for f in FLAGS}
     from_file = read_config(given['config']) if given['config'] else {}
     values = {}
+    bci = given['bci_data'] is not None or from_file.get('bci_data') is not None
     for flag, (_, default, _) in FLAGS.items():
         name = dest(flag)
+        default = BCI_DEFAULTS.get(flag, default) if bci else default
         values[name] = next((v for v in (given[name], from_file.get(name)) if v is not None), default)
     return argparse.Namespace(**values)
 
@@ -135,6 +139,9 @@ def new_run_dir(root='runs'):
 
 def build(opts, stream=None):
     """-> (model, tokenizer, trainer) ready to run."""
+    if getattr(opts, 'bci_data', None) is not None:
+        from .bci_train import build_bci
+        return build_bci(opts, stream)
     import slowllama
     from .data import load_data
     from .devices import resolve_device

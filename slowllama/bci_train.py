@@ -1,0 +1,128 @@
+"""The BCI recipe: `finetune --model M --bci-data DIR [--bci-* flags]` trains the signal encoder and the
+decoder's LoRA together with the finetune loop (one AdamW, its schedule, checkpoints, metrics).
+
+The encoder comes from, in order: the run's own adapter/ when resuming, --bci-encoder, the --adapter
+folder when it holds one, else a new one built from the --bci-* flags and the train split's statistics.
+At each evaluation a few validation trials are decoded and their exact match and WER shown.
+"""
+import os
+
+import torch
+
+from .errors import SlowLlamaError
+
+# finetune defaults that suit the encoder, trained from scratch (a flag or the YAML file still wins)
+BCI_DEFAULTS = {'iters': 300, 'lr': 1e-3, 'batch-size': 8, 'warmup': 20, 'seq-len': 64, 'eval-every': 100,
+                'targets': 'q,k,v,o'}
+
+# flag -> (type, default, help), merged into finetune.FLAGS
+BCI_FLAGS = {
+    'bci-data': (str, None, 'BCI data folder (signals.npy + texts.jsonl): train the signal encoder head; '
+                            'defaults then become ' + ' '.join(f'--{k} {v}' for k, v in BCI_DEFAULTS.items())),
+    'bci-encoder': (str, None, 'start from the encoder saved in this folder (default: a new one)'),
+    'bci-d-enc': (int, 128, 'BCI encoder width'),
+    'bci-layers': (int, 2, 'BCI encoder transformer layers'),
+    'bci-heads': (int, 4, 'BCI encoder attention heads'),
+    'bci-ffn': (int, 0, 'BCI encoder feed-forward width (0: 4 x width)'),
+    'bci-patch': (int, 8, 'samples per temporal patch (one prefix position each)'),
+    'bci-stride': (int, 4, 'samples between patch starts (0: the patch length)'),
+    'bci-dropout': (float, 0.1, 'dropout inside the BCI encoder'),
+    'bci-prompt': (str, '', 'fixed text placed before the signal prefix'),
+    'bci-decode-trials': (int, 8, 'validation trials decoded at each evaluation (0: none)'),
+}
+
+
+def build_bci(opts, stream=None):
+    """-> (model, tokenizer, trainer) for a BCI run, like finetune.build."""
+    import slowllama
+    from .bci import attach_encoder, bci_loss, bci_step, prompt_ids
+    from .bci_data import TrialBatches, TrialTexts, fixed_trial_batches, read_bci_data
+    from .devices import resolve_device
+    from .distributed import init_from_env
+    from .finetune import new_run_dir, parse_bytes
+    from .formats.tokenizer import load_tokenizer
+    from .generate import default_dtype
+    from .store import read_manifest, verify_model
+    from .train import TrainConfig, Trainer
+    if opts.model is None:
+        raise SlowLlamaError('--model is required with --bci-data')
+    if opts.resume and opts.out is None:
+        raise SlowLlamaError('--resume needs --out RUN_DIR, the run to continue')
+    for flag in ('batch_size', 'eval_batches', 'max_new_tokens'):
+        if getattr(opts, flag) < 1:
+            raise SlowLlamaError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(opts, flag)}')
+    train_cfg = TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
+                            eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup,
+                            schedule=opts.schedule, min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip,
+                            seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
+                            keep_checkpoints=opts.keep_checkpoints)
+    group, device_name = init_from_env(opts.device)
+    device = resolve_device(device_name)
+    read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    if opts.verify:
+        verify_model(opts.model)
+    tokenizer = load_tokenizer(opts.model)
+    data = read_bci_data(opts.bci_data)
+    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
+    torch.manual_seed(opts.seed)  # the LoRA and encoder initialisation
+    lora = slowllama.LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
+    model = slowllama.load(opts.model, device, default_dtype(device, opts.dtype), lora=lora,
+                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout,
+                           max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                           max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
+    encoder = attach_encoder(model, make_encoder(opts, data, model, tokenizer, out).to(device))
+    prompt = prompt_ids(encoder.cfg, tokenizer)
+    trials = TrialTexts(data, tokenizer, encoder.cfg.start_token, opts.seq_len)
+    # under torchrun the batches are global; each process trains on its own rows of them
+    train = TrialBatches(trials, data.indices('train'), opts.batch_size * group.world, opts.seed)
+    val_indices = data.indices('val')
+    val = fixed_trial_batches(trials, val_indices, opts.batch_size, opts.eval_batches)
+    sample_fn = None
+    if opts.bci_decode_trials > 0 and val_indices:
+        shown = val_indices[:opts.bci_decode_trials]
+        sample_fn = lambda m: decode_summary(m, data, tokenizer, shown, opts.seq_len)  # noqa: E731
+    run_config = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
+    trainer = Trainer(model, train_cfg, out, train, val, step_fn=lambda m, b: bci_step(m, b, prompt),
+                      eval_fn=lambda m, b: bci_loss(m, b, prompt), sample_fn=sample_fn,
+                      run_config=run_config, stream=stream, group=group, skip_nonfinite=opts.skip_nonfinite)
+    trainer.log(data.summary())
+    trainer.log(f'encoder: {encoder.cfg.n_patches} prefix positions, '
+                f'{sum(p.numel() for p in encoder.parameters()):,} parameters')
+    return model, tokenizer, trainer
+
+
+def make_encoder(opts, data, model, tokenizer, run_dir):
+    from .bci import EncoderConfig, SignalEncoder, embedding_rms, has_encoder, load_encoder
+    from .bci_data import channel_stats
+    own = os.path.join(str(run_dir), 'adapter')
+    source = next((f for f in (own if opts.resume else None, opts.bci_encoder, opts.adapter) if has_encoder(f)),
+                  None)
+    if source is None and opts.bci_encoder is not None:
+        raise SlowLlamaError(f'{opts.bci_encoder}: no encoder_config.json here (--bci-encoder)')
+    if source is not None:
+        encoder = load_encoder(source)
+        if (encoder.cfg.channels, encoder.cfg.time) != (data.channels, data.time):
+            raise SlowLlamaError(f'{source}: the encoder reads {encoder.cfg.channels} channels x {encoder.cfg.time} '
+                                 f'samples, {opts.bci_data} has {data.channels} x {data.time}')
+        return encoder
+    cfg = EncoderConfig(channels=data.channels, time=data.time, out_dim=model.cfg.dim, d_enc=opts.bci_d_enc,
+                        layers=opts.bci_layers, heads=opts.bci_heads, ffn=opts.bci_ffn, patch=opts.bci_patch,
+                        stride=opts.bci_stride, dropout=opts.bci_dropout, prompt=opts.bci_prompt,
+                        start_token=start_token(tokenizer))
+    mean, std = channel_stats(data.signals, data.indices('train'))
+    return SignalEncoder(cfg, mean, std).match_scale(embedding_rms(model, model.cfg.vocab_size))
+
+
+def start_token(tokenizer):
+    """The token after the prefix that predicts the first word: BOS, else EOS, else 0."""
+    return next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None), 0)
+
+
+def decode_summary(model, data, tokenizer, indices, max_new_tokens):
+    """'exact 3/8, WER 0.21: "pred" for "ref"' over a few validation trials (shown at evaluations)."""
+    from .bci_decode import decode_trials, exact_match, word_error_rate
+    predictions = decode_trials(model, data, tokenizer, indices, max_new_tokens)
+    references = [data.texts[i] for i in indices]
+    hits = round(exact_match(predictions, references) * len(indices))
+    return (f'exact {hits}/{len(indices)}, WER {word_error_rate(predictions, references):.3f}: '
+            f'{predictions[0]!r} for {references[0]!r}')
