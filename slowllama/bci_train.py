@@ -7,8 +7,6 @@ At each evaluation a few validation trials are decoded and their exact match and
 """
 import os
 
-import torch
-
 from .errors import SlowLlamaError
 
 # finetune defaults that suit the encoder, trained from scratch (a flag or the YAML file still wins)
@@ -34,57 +32,29 @@ BCI_FLAGS = {
 
 def build_bci(opts, stream=None):
     """-> (model, tokenizer, trainer) for a BCI run, like finetune.build."""
-    import slowllama
     from .bci import attach_encoder, bci_loss, bci_step, prompt_ids
     from .bci_data import TrialBatches, TrialTexts, fixed_trial_batches, read_bci_data
-    from .devices import resolve_device
-    from .distributed import init_from_env
-    from .finetune import new_run_dir, parse_bytes
-    from .formats.tokenizer import load_tokenizer
-    from .generate import default_dtype
-    from .store import read_manifest, verify_model
-    from .train import TrainConfig, Trainer
-    if opts.model is None:
-        raise SlowLlamaError('--model is required with --bci-data')
-    if opts.resume and opts.out is None:
-        raise SlowLlamaError('--resume needs --out RUN_DIR, the run to continue')
-    for flag in ('batch_size', 'eval_batches', 'max_new_tokens'):
-        if getattr(opts, flag) < 1:
-            raise SlowLlamaError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(opts, flag)}')
-    train_cfg = TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
-                            eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup,
-                            schedule=opts.schedule, min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip,
-                            seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
-                            keep_checkpoints=opts.keep_checkpoints)
-    group, device_name = init_from_env(opts.device)
-    device = resolve_device(device_name)
-    read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
-    if opts.verify:
-        verify_model(opts.model)
-    tokenizer = load_tokenizer(opts.model)
+    from .finetune import load_model, run_config_of, setup_run
+    from .train import Trainer
+    run = setup_run(opts, ('model',), 'with --bci-data')
     data = read_bci_data(opts.bci_data)
-    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
-    torch.manual_seed(opts.seed)  # the LoRA and encoder initialisation
-    lora = slowllama.LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
-    model = slowllama.load(opts.model, device, default_dtype(device, opts.dtype), lora=lora,
-                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout,
-                           max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
-                           max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
-    encoder = attach_encoder(model, make_encoder(opts, data, model, tokenizer, out).to(device))
+    model = load_model(opts, run.device)  # seeds --seed first: the LoRA, then the encoder initialisation
+    tokenizer = run.tokenizer
+    encoder = attach_encoder(model, make_encoder(opts, data, model, tokenizer, run.out).to(run.device))
     prompt = prompt_ids(encoder.cfg, tokenizer)
     trials = TrialTexts(data, tokenizer, encoder.cfg.start_token, opts.seq_len)
     # under torchrun the batches are global; each process trains on its own rows of them
-    train = TrialBatches(trials, data.indices('train'), opts.batch_size * group.world, opts.seed)
+    train = TrialBatches(trials, data.indices('train'), opts.batch_size * run.group.world, opts.seed)
     val_indices = data.indices('val')
     val = fixed_trial_batches(trials, val_indices, opts.batch_size, opts.eval_batches)
     sample_fn = None
     if opts.bci_decode_trials > 0 and val_indices:
         shown = val_indices[:opts.bci_decode_trials]
         sample_fn = lambda m: decode_summary(m, data, tokenizer, shown, opts.seq_len)  # noqa: E731
-    run_config = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
-    trainer = Trainer(model, train_cfg, out, train, val, step_fn=lambda m, b: bci_step(m, b, prompt),
+    trainer = Trainer(model, run.train_cfg, run.out, train, val, step_fn=lambda m, b: bci_step(m, b, prompt),
                       eval_fn=lambda m, b: bci_loss(m, b, prompt), sample_fn=sample_fn,
-                      run_config=run_config, stream=stream, group=group, skip_nonfinite=opts.skip_nonfinite)
+                      run_config=run_config_of(opts), stream=stream, group=run.group,
+                      skip_nonfinite=opts.skip_nonfinite)
     trainer.log(data.summary())
     trainer.log(f'encoder: {encoder.cfg.n_patches} prefix positions, '
                 f'{sum(p.numel() for p in encoder.parameters()):,} parameters')

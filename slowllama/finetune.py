@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -137,32 +138,31 @@ def new_run_dir(root='runs'):
 
 # --- the recipe ----------------------------------------------------------------------------------
 
-def build(opts, stream=None):
-    """-> (model, tokenizer, trainer) ready to run."""
-    if getattr(opts, 'bci_data', None) is not None:
-        from .bci_train import build_bci
-        return build_bci(opts, stream)
-    import slowllama
-    from .data import load_data
+@dataclass
+class RunSetup:
+    group: object      # slowllama.distributed.Group
+    device: object     # torch.device
+    tokenizer: object
+    train_cfg: object  # slowllama.train.TrainConfig
+    out: str           # the run folder (rank 0's choice on every process)
+
+
+def setup_run(opts, required, hint):
+    """What every recipe needs first: flags checked, the process group and device, the model's
+    manifest (verified with --verify) and tokenizer, the training settings and the run folder."""
     from .devices import resolve_device
     from .distributed import init_from_env
     from .formats.tokenizer import load_tokenizer
-    from .generate import complete, default_dtype
     from .store import read_manifest, verify_model
-    from .train import TrainConfig, Trainer
-    for flag in ('model', 'data'):
+    for flag in required:
         if getattr(opts, flag) is None:
-            raise SlowLlamaError(f'--{flag} is required (run finetune.py with no flags at all for the demo)')
+            raise SlowLlamaError(f'--{flag} is required ({hint})')
     if opts.resume and opts.out is None:
         raise SlowLlamaError('--resume needs --out RUN_DIR, the run to continue')
     for flag in ('batch_size', 'eval_batches', 'max_new_tokens'):
         if getattr(opts, flag) < 1:
             raise SlowLlamaError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(opts, flag)}')
-    train_cfg = TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
-                            eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup,
-                            schedule=opts.schedule, min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip,
-                            seed=opts.seed, save_every=opts.save_every, eval_every=opts.eval_every,
-                            keep_checkpoints=opts.keep_checkpoints)
+    train_cfg = train_config(opts)
     group, device_name = init_from_env(opts.device)
     device = resolve_device(device_name)
     manifest = read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
@@ -171,26 +171,56 @@ def build(opts, stream=None):
     if opts.seq_len > manifest['config']['max_seq_len']:
         raise SlowLlamaError(f'--seq-len {opts.seq_len} is above the model\'s maximum of '
                              f'{manifest["config"]["max_seq_len"]} positions')
-    tokenizer = load_tokenizer(opts.model)
-    # under torchrun the data yields global batches; each process trains on its own rows of them
-    data = load_data(opts.data, tokenizer, opts.seq_len, opts.batch_size * group.world, seed=opts.seed,
-                     val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
-                     eval_batches=opts.eval_batches)
+    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
+    return RunSetup(group, device, load_tokenizer(opts.model), train_cfg, out)
+
+
+def train_config(opts):
+    from .train import TrainConfig
+    return TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
+                       eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup, schedule=opts.schedule,
+                       min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip, seed=opts.seed,
+                       save_every=opts.save_every, eval_every=opts.eval_every, keep_checkpoints=opts.keep_checkpoints)
+
+
+def load_model(opts, device):
+    """The prepared model with fresh LoRA (seeded by --seed) or --adapter, placed as the flags say."""
+    import slowllama
+    from .generate import default_dtype
     torch.manual_seed(opts.seed)  # the LoRA initialisation
     lora = slowllama.LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
-    model = slowllama.load(opts.model, device, default_dtype(device, opts.dtype), lora=lora,
-                           adapter=opts.adapter, offload=opts.offload, dropout=opts.dropout,
-                           max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
-                           max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
+    return slowllama.load(opts.model, device, default_dtype(device, opts.dtype), lora=lora, adapter=opts.adapter,
+                          offload=opts.offload, dropout=opts.dropout,
+                          max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                          max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
+
+
+def run_config_of(opts):
+    return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
+
+
+def build(opts, stream=None):
+    """-> (model, tokenizer, trainer) ready to run."""
+    if getattr(opts, 'bci_data', None) is not None:
+        from .bci_train import build_bci
+        return build_bci(opts, stream)
+    from .data import load_data
+    from .generate import complete
+    from .train import Trainer
+    run = setup_run(opts, ('model', 'data'), 'run finetune.py with no flags at all for the demo')
+    # under torchrun the data yields global batches; each process trains on its own rows of them
+    data = load_data(opts.data, run.tokenizer, opts.seq_len, opts.batch_size * run.group.world, seed=opts.seed,
+                     val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
+                     eval_batches=opts.eval_batches)
+    model = load_model(opts, run.device)
     sample_fn = None
     if opts.prompt:
-        sample_fn = lambda m: complete(m, tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
-    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
-    run_config = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
-    trainer = Trainer(model, train_cfg, out, data.train, data.val, sample_fn=sample_fn, run_config=run_config,
-                      stream=stream, group=group, skip_nonfinite=opts.skip_nonfinite)
+        sample_fn = lambda m: complete(m, run.tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
+    trainer = Trainer(model, run.train_cfg, run.out, data.train, data.val, sample_fn=sample_fn,
+                      run_config=run_config_of(opts), stream=stream, group=run.group,
+                      skip_nonfinite=opts.skip_nonfinite)
     trainer.log(data.summary)
-    return model, tokenizer, trainer
+    return model, run.tokenizer, trainer
 
 
 def finetune(opts, stream=None):
