@@ -88,6 +88,10 @@ def init_from_env(device_name=None):
     return Group(rank, world, local_rank), 'cpu'
 
 
-def shutdown():
+def shutdown(ok=True):
+    """Leave the process group. After a successful run every process first waits for the others:
+    tearing gloo down while a peer is still exiting can abort the process."""
     if dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

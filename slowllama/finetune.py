@@ -231,8 +231,10 @@ def finetune(opts, stream=None):
     say(f'run folder: {trainer.run_dir}', flush=True)
     try:
         summary = trainer.run(resume=opts.resume)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(ok=False)
+        raise
+    shutdown()
     say(format_summary(summary), flush=True)
     say(f'run folder: {trainer.run_dir}', flush=True)
     return summary
