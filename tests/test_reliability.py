@@ -126,3 +126,14 @@ def test_debug_shows_the_traceback(tiny_text_model, story, tmp_path):
     model_dir, _, _ = tiny_text_model
     result = run(model_dir, story, tmp_path / 'run', 2, '--lora-rank', 0, '--debug')
     assert result.returncode != 0 and 'Traceback' in result.stderr
+
+
+def test_out_of_memory_names_the_flags_that_lower_it(monkeypatch, capsys):
+    from slowllama import cli, finetune
+
+    def exhausted(args):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(finetune, 'run', exhausted)
+    assert cli.main(['finetune', '--model', 'm', '--data', 'd']) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--batch-size' in err[0] and '--seq-len' in err[0] and 'out of memory' in err[0]
