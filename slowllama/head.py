@@ -41,10 +41,10 @@ class StreamedHead:
         loss = ((lse - target_logit) * weight).sum()
         grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         for start, end, rows, logits in self._slice_logits(hidden):
-            probs = torch.exp(logits - lse[:, None])
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the slice's logits are not needed again
             hit = (targets >= start) & (targets < end)
             probs[hit, targets[hit] - start] -= 1.0
-            grad_h += (probs * weight[:, None]).to(rows.dtype) @ rows
+            grad_h += probs.mul_(weight[:, None]).to(rows.dtype) @ rows
         h.backward(grad_h.to(h.dtype))
         return float(loss), flat.grad.view_as(x)
 
