@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import IGNORE, Batch, _generator
+from .data import IGNORE, Batch, EpochShuffle
 from .errors import SlowLlamaError
 
 SIGNALS_FILE = 'signals.npy'
@@ -184,25 +184,15 @@ class TrialTexts:
         return BciBatch(tokens, targets, signals)
 
 
-class TrialBatches:
+class TrialBatches(EpochShuffle):
     """Training batches over the train trials, reshuffled every epoch; batch i is a function of (seed, i)."""
 
     def __init__(self, trials: TrialTexts, indices, batch_size, seed):
-        self.trials, self.indices, self.batch_size, self.seed = trials, list(indices), batch_size, seed
-        self._epoch, self._order = None, None
+        super().__init__(indices, batch_size, seed)
+        self.trials = trials
 
     def batch(self, index):
-        picks = []
-        for position in range(index * self.batch_size, (index + 1) * self.batch_size):
-            epoch, k = divmod(position, len(self.indices))
-            picks.append(self.indices[self.order(epoch)[k]])
-        return self.trials.collate(picks)
-
-    def order(self, epoch):
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = torch.randperm(len(self.indices), generator=_generator(self.seed, epoch)).tolist()
-        return self._order
+        return self.trials.collate(self.picks(index))
 
 
 def fixed_trial_batches(trials: TrialTexts, indices, batch_size, limit=None):

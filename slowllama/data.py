@@ -207,25 +207,41 @@ def _generator(seed, index):
     return torch.Generator().manual_seed((seed << 32) + index)
 
 
-class ExampleBatches:
-    """Batches over a list of examples, reshuffled every epoch. Batch i is a function of (seed, i)."""
+class EpochShuffle:
+    """Batch i over a list reshuffled every epoch: a function of (seed, i) alone, so a resumed run
+    needs only the batch count."""
 
-    def __init__(self, examples, batch_size, seed, pad_id):
-        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+    def __init__(self, items, batch_size, seed):
+        self.items, self.batch_size, self.seed = list(items), batch_size, seed
         self._epoch, self._order = None, None
 
-    def batch(self, index):
+    def picks(self, index):
         picks = []
         for position in range(index * self.batch_size, (index + 1) * self.batch_size):
-            epoch, k = divmod(position, len(self.examples))
-            picks.append(self.examples[self.order(epoch)[k]])
-        return collate(picks, self.pad_id)
+            epoch, k = divmod(position, len(self.items))
+            picks.append(self.items[self.order(epoch)[k]])
+        return picks
 
     def order(self, epoch):
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = torch.randperm(len(self.examples), generator=_generator(self.seed, epoch)).tolist()
+            self._order = torch.randperm(len(self.items), generator=_generator(self.seed, epoch)).tolist()
         return self._order
+
+
+class ExampleBatches(EpochShuffle):
+    """Batches over a list of examples, reshuffled every epoch."""
+
+    def __init__(self, examples, batch_size, seed, pad_id):
+        super().__init__(examples, batch_size, seed)
+        self.pad_id = pad_id
+
+    @property
+    def examples(self):
+        return self.items
+
+    def batch(self, index):
+        return collate(self.picks(index), self.pad_id)
 
 
 class TextWindows:

@@ -33,14 +33,11 @@ class InputStash:
     def pop(self, key):
         tier, value = self.items.pop(key)
         if tier == 'disk':
-            value = load_file(value)['x']
-            os.unlink(self.items_path(key))
+            path, value = value, load_file(value)['x']
+            os.unlink(path)
         else:
             self.used[tier] -= value.nbytes
         return value.to(self.device, non_blocking=True)
-
-    def items_path(self, key):
-        return os.path.join(self._folder, f'{key}.safetensors')
 
     def close(self):
         self.items.clear()

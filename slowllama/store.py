@@ -142,11 +142,16 @@ def verify_files(folder, files, progress_desc=None):
     from .progress import progress
     names = sorted(files)
     for name in progress(names, desc=progress_desc, unit='file') if progress_desc else names:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path) or os.path.getsize(path) != files[name]['size']:
-            raise SlowLlamaError(f'{path}: missing or wrong size; run prepare_model.py again')
-        if sha256_file(path) != files[name]['sha256']:
-            raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare_model.py again')
+        check_file(os.path.join(folder, name), files[name])
+
+
+def check_file(path, expected, checksum=True):
+    """Size always, sha256 too when `checksum`; a mismatch names the file and says what to do."""
+    if not os.path.exists(path) or os.path.getsize(path) != expected['size']:
+        raise SlowLlamaError(f'{path}: missing or wrong size; the prepared model is damaged, '
+                             'run prepare_model.py again')
+    if checksum and sha256_file(path) != expected['sha256']:
+        raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare_model.py again')
 
 
 def verify_model(model_dir):
@@ -300,15 +305,9 @@ class BlockStore:
             expected = self.manifest['files'].get(filename)
             if expected is None:
                 raise SlowLlamaError(f'{self.model_dir}: manifest does not list {filename}; run prepare again')
-            size = os.path.getsize(path) if os.path.exists(path) else None
-            if size != expected['size']:
-                raise SlowLlamaError(f'{path}: {"missing" if size is None else "wrong size"}; '
-                                     'the prepared model is damaged, run prepare_model.py again')
-            if self.verify and filename not in self._verified:
-                if sha256_file(path) != expected['sha256']:
-                    raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; '
-                                         'run prepare_model.py again')
-                self._verified.add(filename)
+            first_read = self.verify and filename not in self._verified
+            check_file(path, expected, checksum=first_read)  # the full checksum once per run
+            self._verified.add(filename)
             self._files[filename] = SafetensorsFile(path)
         return self._files[filename]
 

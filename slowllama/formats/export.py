@@ -12,10 +12,11 @@ import tempfile
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..files import SafetensorsFile, sha256_file
+from ..files import SafetensorsFile
 from ..lora import peft_key, read_adapter_folder, save_adapter_folder
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
-from ..store import EMBED_FILE, HEAD_FILE, block_file, block_shapes, parse_dtype, read_manifest
+from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
+                     read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
 from .meta import write_meta
@@ -55,11 +56,7 @@ class MergedWeights:
 
     def _read(self, filename):
         path = os.path.join(self.model_dir, filename)
-        expected = self.manifest['files'].get(filename, {})
-        if not os.path.exists(path) or os.path.getsize(path) != expected.get('size'):
-            raise SlowLlamaError(f'{path}: missing or wrong size; the prepared model is damaged, run prepare again')
-        if sha256_file(path) != expected.get('sha256'):
-            raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare again')
+        check_file(path, self.manifest['files'].get(filename, {'size': None, 'sha256': None}))
         return {name: t.to(self.dtype) for name, t in SafetensorsFile(path).tensors().items()}
 
 
