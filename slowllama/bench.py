@@ -19,7 +19,8 @@ SHAPES = {  # name -> HF config fields
                  num_key_value_heads=4, vocab_size=32000),
     '7b': dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
-    '70b-block': dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=2, num_attention_heads=64,
+    # a few blocks of Llama-2/3 70B's shape, for the time per block against the time to copy it
+    '70b-block': dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000),
 }
 
@@ -53,8 +54,10 @@ def run_worker(spec):
                                                                                    tokens, targets)
     load_s = time.perf_counter() - started
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for _ in range(spec['warmup'] + spec['steps']):
+    times, marks = [], getattr(step, 'block_marks', None)
+    for n in range(spec['warmup'] + spec['steps']):
+        if marks is not None and n == spec['warmup']:
+            marks.clear()  # time the blocks of the timed steps only
         begin = time.perf_counter()
         step()
         optimizer.step()
@@ -69,7 +72,45 @@ def run_worker(spec):
               'host_gain_bytes': rss_peak - rss_start}
     if device.type == 'cuda':
         result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
+    if marks:
+        result.update(block_times(marks, device), copy_s=copy_seconds(step.block_bytes, device))
     return result
+
+
+def block_times(marks, device):
+    """Median seconds from one block's start to the next's, in the forward and in the backward (the
+    turn through the head is left out): where streaming is copy-bound this is the copy time."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    forward, backward = [], []
+    for (i, start), (j, end) in zip(marks, marks[1:]):
+        if abs(i - j) == 1:
+            seconds = start.elapsed_time(end) / 1e3 if device.type == 'cuda' else end - start
+            (forward if j > i else backward).append(seconds)
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    return {'block_forward_s': median(forward), 'block_backward_s': median(backward),
+            'block_s': median(forward + backward)}
+
+
+def copy_seconds(nbytes, device, repeats=3):
+    """Seconds to copy `nbytes` to the device from pinned host memory (on cpu: a host memcpy), best of
+    a few: the floor for a block that has to travel."""
+    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == 'cuda')
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float('inf')
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            target.copy_(source)
+            best = min(best, time.perf_counter() - begin)
+    return best
 
 
 def _slowllama_step(spec, device, dtype, tokens, targets):
@@ -77,7 +118,31 @@ def _slowllama_step(spec, device, dtype, tokens, targets):
     lora = slowllama.LoraConfig(rank=spec['rank'], alpha=2.0 * spec['rank'], targets=tuple(spec['targets']))
     model = slowllama.load(spec['model_dir'], device=device, dtype=dtype, lora=lora, offload=spec['mode'],
                            batch_hint=(spec['batch'], spec['seq']))
-    return (lambda: model.backward(tokens, targets)), list(model.trainable_parameters().values())
+
+    def step():
+        return model.backward(tokens, targets)
+    step.block_bytes = sum(t.nbytes for t in model.store.block(0).values())
+    model.store.release_all()
+    step.block_marks = mark_block_starts(model.store, device)
+    return step, list(model.trainable_parameters().values())
+
+
+def mark_block_starts(store, device):
+    """[(block index, time mark)], one each time the engine takes a block from the store (on cuda a
+    CUDA event on the compute stream, so marking costs no synchronisation)."""
+    marks, fetch = [], store.block
+
+    def marked_fetch(i):
+        tensors = fetch(i)
+        if device.type == 'cuda':
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+        else:
+            mark = time.perf_counter()
+        marks.append((i, mark))
+        return tensors
+    store.block = marked_fetch
+    return marks
 
 
 def _hf_step(spec, device, dtype, tokens, targets):
@@ -132,21 +197,25 @@ def run_in_subprocess(spec):
 
 def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=4, targets=('q', 'v'),
           modes=('disk', 'ram', 'device'), peers=('hf', 'hf-ckpt'), dtype=None, work='models/bench',
-          json_out='bench.json'):
+          json_out='bench.json', rounds=1):
+    """Each configuration in its own process; with rounds > 1 the configurations take turns that many
+    times and each keeps its median, so a machine that drifts slows them all alike."""
     dtype = dtype or ('fp32' if device == 'cpu' else 'bf16')
     hf_dir, prepared = make_models(shape, work, dtype)
     cfg = ModelConfig.from_dict(json.load(open(os.path.join(prepared, 'manifest.json')))['config'])
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
                 targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir)
-    rows = []
-    for system, mode in [('slowllama', m) for m in modes] + [(p, '-') for p in peers]:
-        print(f'bench: {system} {mode} ...', file=sys.stderr, flush=True)
-        result = run_in_subprocess({**base, 'system': system, 'mode': mode})
-        rows.append({'system': system, 'mode': mode, **result})
-    model_bytes = model_params(cfg) * (4 if dtype == 'fp32' else 2)
-    plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, device_is_host=device == 'cpu')
+    configs = [('slowllama', m) for m in modes] + [(p, '-') for p in peers]
+    runs = {config: [] for config in configs}
+    for turn in range(rounds):
+        for system, mode in configs:
+            print(f'bench: {system} {mode} (round {turn + 1} of {rounds}) ...', file=sys.stderr, flush=True)
+            runs[(system, mode)].append(run_in_subprocess({**base, 'system': system, 'mode': mode}))
+    rows = [{'system': system, 'mode': mode, **median_run(runs[(system, mode)]),
+             **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device)} for system, mode in configs]
     report = {'device': device, 'shape': shape, 'dtype': dtype, 'batch': batch, 'seq': seq, 'rank': rank,
-              'targets': list(targets), 'model_bytes': model_bytes, 'plan_streamed': plan.__dict__, 'rows': rows}
+              'targets': list(targets), 'rounds': rounds,
+              'model_bytes': model_params(cfg) * (4 if dtype == 'fp32' else 2), 'rows': rows}
     print_table(report)
     with open(json_out, 'w') as f:
         json.dump(report, f, indent=2)
@@ -154,25 +223,49 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
     return report
 
 
+def median_run(results):
+    """The run with the median step time; the largest memory figures of all runs."""
+    good = sorted((r for r in results if 'error' not in r), key=lambda r: r['step_s'])
+    if not good:
+        return results[0]
+    row = dict(good[len(good) // 2], step_times=[r['step_s'] for r in good])
+    for key in ('host_gain_bytes', 'device_peak_bytes'):
+        if key in row:
+            row[key] = max(r[key] for r in good)
+    return row
+
+
+def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device):
+    """The planner's prediction for a slowllama row, to print beside the measurement."""
+    if system != 'slowllama':
+        return {}
+    blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode]
+    plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, resident_blocks=blocks[0],
+                   ram_blocks=blocks[1], device_is_host=device == 'cpu')
+    return {'planned_device_bytes': plan.device_bytes, 'planned_host_bytes': plan.host_bytes}
+
+
 def print_table(report):
     rows = report['rows']
-    peer = next((r for r in rows if r['system'] == 'hf-ckpt' and 'step_s' in r), None)
+    peers = {r['system']: r for r in rows if r['system'] in ('hf', 'hf-ckpt') and 'step_s' in r}
     print(f"\n{report['shape']} on {report['device']} ({report['dtype']}), batch {report['batch']} x seq "
           f"{report['seq']}, LoRA r={report['rank']} on {','.join(report['targets'])}; "
-          f"model {report['model_bytes'] / GIB:.2f} GiB; planned peak (streamed) "
-          f"{report['plan_streamed']['device_bytes'] / GIB:.2f} GiB")
-    head = f"{'system':<10} {'mode':<7} {'step s':>8} {'tok/s':>9} {'dev GiB':>8} {'host+ GiB':>9} " \
-           f"{'host+/model':>11} {'time vs hf-ckpt':>15}"
+          f"model {report['model_bytes'] / GIB:.2f} GiB; median of {report['rounds']} round(s)")
+    head = (f"{'system':<10} {'mode':<7} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
+            f"{'host+ GiB':>9} {'host+/model':>11} {'vs hf-ckpt':>10} {'vs hf':>6} {'block ms / copy ms':>18}")
     print(head + '\n' + '-' * len(head))
     for r in rows:
         if 'error' in r:
             print(f"{r['system']:<10} {r['mode']:<7} error: {r['error']}")
             continue
-        ratio = f"{r['step_s'] / peer['step_s']:.2f}x" if peer else '-'
-        dev = f"{r['device_peak_bytes'] / GIB:.2f}" if 'device_peak_bytes' in r else '-'
-        print(f"{r['system']:<10} {r['mode']:<7} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {dev:>8} "
+        ratio = {name: f"{r['step_s'] / peer['step_s']:.2f}x" for name, peer in peers.items()}
+        device_peak = r.get('device_peak_bytes', r['host_gain_bytes'] if report['device'] == 'cpu' else None)
+        plan = f" ({r['planned_device_bytes'] / GIB:.2f})" if 'planned_device_bytes' in r else ''
+        dev = f"{device_peak / GIB:.2f}{plan}" if device_peak is not None else '-'
+        blocks = f"{r['block_s'] * 1e3:.3g} / {r['copy_s'] * 1e3:.3g}" if r.get('block_s') else '-'
+        print(f"{r['system']:<10} {r['mode']:<7} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {dev:>15} "
               f"{r['host_gain_bytes'] / GIB:>9.2f} {r['host_gain_bytes'] / report['model_bytes']:>10.0%} "
-              f"{ratio:>15}")
+              f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {blocks:>18}")
 
 
 if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[1] == '--worker':

@@ -130,15 +130,20 @@ COMMANDS['generate'] = COMMANDS['test_gen']  # an alias
 
 def _bench_arguments(p):
     p.add_argument('--device', default=None, help='cpu | cuda (default: the best present)')
-    p.add_argument('--shape', default=None, help='tiny | 0.4b | 7b (default: 0.4b on cpu, 7b on cuda)')
+    p.add_argument('--shape', default=None,
+                   help='tiny | 0.4b | 7b | 70b-block (default: 0.4b on cpu, 7b on cuda)')
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--seq-len', type=int, default=None)
     p.add_argument('--steps', type=int, default=3)
     p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
     p.add_argument('--lora-rank', type=int, default=4)
     p.add_argument('--targets', default='q,v')
-    p.add_argument('--modes', default='disk,ram,device', help='slowllama offload modes to run')
-    p.add_argument('--peers', default='hf,hf-ckpt', help='transformers+peft configurations to run')
+    p.add_argument('--modes', default=None, help='slowllama offload modes to run (default: disk,ram,device; '
+                   'ram for 70b-block)')
+    p.add_argument('--peers', default=None, help='transformers+peft configurations to run (default: '
+                   'hf,hf-ckpt; none for 70b-block)')
+    p.add_argument('--rounds', type=int, default=1, help='run the configurations in turn this many times '
+                   'and keep each one\'s median')
     p.add_argument('--work', default='models/bench', help='where the random benchmark models are kept')
     p.add_argument('--json', default='bench.json', help='where to write the results')
     p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
@@ -152,12 +157,20 @@ def run_bench(args):
     from .devices import best_device
     if args.plan:
         return run_plan(args)
+    from .bench import SHAPES
     device = args.device or best_device()
     on_cpu = device == 'cpu'
-    bench(device=device, shape=args.shape or ('0.4b' if on_cpu else '7b'),
-          batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128, steps=args.steps,
-          rank=args.lora_rank, targets=tuple(args.targets.split(',')), modes=_list(args.modes),
-          peers=_list(args.peers), dtype=args.dtype, work=args.work, json_out=args.json)
+    shape = args.shape or ('0.4b' if on_cpu else '7b')
+    if shape not in SHAPES:
+        raise SlowLlamaError(f'--shape: unknown shape {shape!r} (use {", ".join(SHAPES)})')
+    if args.rounds < 1 or args.steps < 1:
+        raise SlowLlamaError('--rounds and --steps must be at least 1')
+    blocks_only = shape == '70b-block'  # per-block timing; no whole-model peer to compare with
+    bench(device=device, shape=shape, batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128,
+          steps=args.steps, rank=args.lora_rank, targets=tuple(args.targets.split(',')),
+          modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
+          peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
+          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds)
 
 
 def _list(text):

@@ -10,6 +10,7 @@ the output gradient through and hand the input gradient to the block before. Onl
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
@@ -21,6 +22,7 @@ from .stash import InputStash
 
 
 TRIM_EVERY_BLOCKS = 4  # on a CPU, hand freed heap memory back to the OS this often in the backward
+TAIL_WEIGHT = 'mlp.down_proj.weight'  # the block's last product: only adds and dropout come after it
 
 
 def streamed_pass(training):
@@ -203,11 +205,45 @@ class StreamedModel:
     def _block_backward(self, i, weights, block_input, grad_output, rng_state, cos, sin):
         """Recompute block i under autograd with the forward's RNG state; return d loss / d input."""
         block_input = block_input.detach().requires_grad_(True)
+        weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
-            output = self._run_block(i, weights, block_input, cos, sin)
+            output = self._run_block(i, weights, block_input, cos, sin)  # only its gradient is used
         torch.autograd.backward(output, grad_output)
         return block_input.grad
+
+
+class UnreadProductWeight(torch.Tensor):
+    """The frozen weight of a block's last linear while the block is recomputed for its backward.
+
+    That pass is run for its gradients only, and what follows the last product (LoRA's addition,
+    dropout, the residual add) needs no value of it to pass a gradient back. So F.linear with this
+    weight skips the product, a fifth of the block's forward FLOPs at Llama's shapes, and returns
+    zeros; its backward still hands the input its gradient. torch.utils.checkpoint's early stop
+    saves the same product."""
+
+    def __new__(cls, weight):
+        return torch.Tensor._make_subclass(cls, weight)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        bias = args[2] if len(args) > 2 else (kwargs or {}).get('bias')
+        if func is F.linear and isinstance(args[1], cls) and bias is None:
+            return _InputGradientOnly.apply(args[0], args[1].as_subclass(torch.Tensor))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+class _InputGradientOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):  # x [..., in], weight [out, in] (frozen)
+        ctx.save_for_backward(weight)
+        return x.new_zeros(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [..., out] -> d/dx [..., in]
+        weight, = ctx.saved_tensors
+        return grad @ weight, None
 
 
 def sample(logits, temperature=0.0, top_p=1.0):

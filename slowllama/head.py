@@ -1,9 +1,9 @@
 """The output head, streamed a vocabulary slice at a time: logits, and the cross-entropy loss with
 its gradient, without the [tokens, vocab] logits or the [vocab, dim] head ever held whole.
 
-The loss takes two passes over the slices: the first accumulates each position's log-sum-exp
-online (running max and sum) and picks out the target logit; the second forms the gradient
-softmax - onehot slice by slice and multiplies it back through the slice's rows.
+The loss and its gradient take one pass over the slices, each slice's logits formed once: each
+position's log-sum-exp is accumulated online (running max and sum), and so is softmax @ rows, the
+gradient's big term, rescaled whenever the running max grows (the flash-attention trick).
 """
 import torch
 import torch.nn.functional as F
@@ -36,39 +36,44 @@ class StreamedHead:
         weight = valid.float() / valid.sum().clamp(min=1)  # d loss / d (each position's loss)
         with torch.enable_grad():
             h = rms_norm(flat, self.store.head_norm(), self.cfg.norm_eps)  # [tokens, dim]
-        hidden = h.detach()
-        lse, target_logit = self._log_sum_exp(hidden, targets)
+        lse, target_logit, softmax_rows, target_rows = self._one_pass(h.detach(), targets, gradient=True)
         loss = ((lse - target_logit) * weight).sum()
-        grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-        for start, end, rows, logits in self._slice_logits(hidden):
-            probs = logits.sub_(lse[:, None]).exp_()  # in place: the slice's logits are not needed again
-            hit = (targets >= start) & (targets < end)
-            probs[hit, targets[hit] - start] -= 1.0
-            grad_h += probs.mul_(weight[:, None]).to(rows.dtype) @ rows
-        h.backward(grad_h.to(h.dtype))
+        # d loss / d h = (softmax - onehot) @ head rows, weighted per position
+        h.backward(((softmax_rows - target_rows) * weight[:, None]).to(h.dtype))
         return float(loss), flat.grad.view_as(x)
 
     @torch.no_grad()
     def loss(self, x, targets):
-        """The same mean cross-entropy, without the gradient (one pass over the slices)."""
+        """The same mean cross-entropy, without the gradient."""
         hidden = rms_norm(x.reshape(-1, x.shape[-1]), self.store.head_norm(), self.cfg.norm_eps)
         targets = targets.reshape(-1)
         valid = targets != IGNORE
-        lse, target_logit = self._log_sum_exp(hidden, targets)
+        lse, target_logit, _, _ = self._one_pass(hidden, targets, gradient=False)
         return float(((lse - target_logit) * valid).sum() / valid.sum().clamp(min=1))
 
-    def _log_sum_exp(self, hidden, targets):
-        running_max = torch.full((hidden.shape[0],), float('-inf'), device=hidden.device)
-        running_sum = torch.zeros(hidden.shape[0], device=hidden.device)
-        target_logit = torch.zeros(hidden.shape[0], device=hidden.device)
-        for start, end, _, logits in self._slice_logits(hidden):
-            new_max = torch.maximum(running_max, logits.max(dim=-1).values)
-            running_sum = running_sum * torch.exp(running_max - new_max) + \
-                torch.exp(logits - new_max[:, None]).sum(dim=-1)
-            running_max = new_max
+    def _one_pass(self, hidden, targets, gradient):
+        """One sweep over the vocabulary slices, online as in flash attention: each position's
+        log-sum-exp (running max and sum) and target logit; with `gradient`, also softmax @ rows
+        (its running sum is rescaled whenever the max grows) and each target's head row."""
+        tokens, dim = hidden.shape
+        running_max = torch.full((tokens,), float('-inf'), device=hidden.device)
+        running_sum = torch.zeros(tokens, device=hidden.device)
+        target_logit = torch.zeros(tokens, device=hidden.device)
+        exp_rows = torch.zeros(tokens, dim, device=hidden.device) if gradient else None
+        target_rows = torch.zeros(tokens, dim, device=hidden.device) if gradient else None
+        for start, end, rows, logits in self._slice_logits(hidden):
             hit = (targets >= start) & (targets < end)
             target_logit[hit] = logits[hit, targets[hit] - start]
-        return running_max + torch.log(running_sum), target_logit
+            new_max = torch.maximum(running_max, logits.max(dim=-1).values)
+            rescale = torch.exp(running_max - new_max)
+            exp_logits = logits.sub_(new_max[:, None]).exp_()  # in place: the logits are not needed again
+            running_sum = running_sum * rescale + exp_logits.sum(dim=-1)
+            running_max = new_max
+            if gradient:
+                exp_rows.mul_(rescale[:, None]).add_((exp_logits.to(rows.dtype) @ rows).float())
+                target_rows[hit] = rows[targets[hit] - start].float()
+        lse = running_max + torch.log(running_sum)
+        return lse, target_logit, exp_rows / running_sum[:, None] if gradient else None, target_rows
 
     def _slice_logits(self, hidden):
         for start, end in self._slices(hidden.shape[0]):

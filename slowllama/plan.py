@@ -57,7 +57,8 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     saved_inputs = cfg.n_layers * batch * seq * cfg.dim * w
     tokens = batch * seq
     head_slice = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens)  # the head streams in vocabulary slices
-    loss = 3 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 3 * tokens * cfg.dim * 4
+    # a slice's logits (exponentiated in place) and rows; hidden, softmax @ rows, target rows, gradient
+    loss = 2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 4 * tokens * cfg.dim * 4
     working = max(block_working_set(cfg, batch, seq, w), loss)
     buffers = 2 * block if streamed else 0  # double buffering
     device = resident_blocks * block + buffers + lora + working + 2 * batch * seq * cfg.dim * w

@@ -10,6 +10,8 @@ import mmap
 import os
 import shutil
 import tempfile
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +190,7 @@ class BlockStore:
     Each file has a tier: 'device' (resident there), 'ram' (host memory, pinned on cuda) or 'disk'
     (memory-mapped, read at each use). The engine asks for a block with block(i), announces the
     next one with prefetch(j) so its copy overlaps the current compute, and hands it back with
-    release(i). Streamed blocks go through two preallocated device buffers (double buffering).
+    release(i). Streamed blocks go through two preallocated buffers (see DeviceCopier).
     """
 
     def __init__(self, model_dir, device, dtype, offload='auto', verify=True, max_device_mem=None,
@@ -234,8 +236,9 @@ class BlockStore:
     def release_all(self):
         for i in list(self._held):
             self.release(i)
-        for i, ticket in list(self._pending.items()):
-            self._copier.release(ticket.wait()[0])
+        for ticket in self._pending.values():
+            ticket.settle()
+            self._copier.release(ticket.slot)
         self._pending.clear()
 
     def head_norm(self):
@@ -282,7 +285,7 @@ class BlockStore:
             return self._copier.start(self._resident[filename])
         mapped = self._file(filename)
         mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
-        return self._copier.start(mapped.tensors())
+        return self._copier.start(mapped.tensors(), from_disk=True)
 
     def _whole(self, filename, name):
         if filename in self._resident:
@@ -312,33 +315,72 @@ class BlockStore:
         return self._files[filename]
 
 
-class Ready:
-    """A fetch that is already complete."""
-
-    def __init__(self, slot, tensors):
-        self.slot, self.tensors = slot, tensors
-
-    def wait(self):
-        return self.slot, self.tensors
-
-
 class DeviceCopier:
-    """Host -> device copies of streamed blocks. On cuda: into two preallocated device buffers on a
-    side stream, so the copy of the next block overlaps the compute of this one; a buffer is only
-    overwritten once the compute that read it is done. Elsewhere: a plain conversion."""
+    """Brings streamed blocks to the device in their compute dtype, through two preallocated device
+    buffers (double buffering), so block i+1 travels while block i computes.
+
+    On cuda the host -> device copy runs on a side stream, and a buffer is only overwritten once the
+    compute that read it is done. A block read from disk is first read into a pinned staging buffer
+    by a background thread (the reads and page faults would otherwise hold up the thread that
+    launches the compute), then copied. On a cpu there is nothing to copy when the file's dtype is
+    the compute dtype (the mapped file is used as it is); otherwise the conversion into the buffer
+    runs in the background thread."""
 
     def __init__(self, device, shapes, dtype):
         self.device, self.dtype, self.shapes = device, dtype, shapes
         self.cuda = device.type == 'cuda'
-        self._buffers, self._free_events, self._in_use = [], [None, None], [False, False]
+        self._buffers, self._staging = [None, None], [None, None]
+        self._free_events, self._copied_events, self._in_use = [None, None], [None, None], [False, False]
+        self._reader = None
         if self.cuda:
             self._stream = torch.cuda.Stream(device)
 
-    def start(self, host_tensors):
-        if not self.cuda:
+    def start(self, host_tensors, from_disk=False):
+        on_cpu = self.device.type == 'cpu'
+        if on_cpu and all(t.dtype == self.dtype for t in host_tensors.values()):
+            return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
+        if not on_cpu and not self.cuda:  # mps: the copy is queued on its own stream already
             return Ready(None, {n: t.to(self.device, self.dtype) for n, t in host_tensors.items()})
         slot = self._in_use.index(False)  # the engine holds at most one block while one is pending
         self._in_use[slot] = True
+        if on_cpu:
+            return Pending(slot, self._read_in_background(self._convert, slot, host_tensors))
+        if from_disk:
+            return Pending(slot, self._read_in_background(self._stage_and_copy, slot, host_tensors))
+        return Ready(slot, *self._copy(slot, host_tensors))
+
+    def release(self, slot):
+        if slot is None:
+            return
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))  # the compute that read the buffer
+            self._free_events[slot] = event
+        self._in_use[slot] = False
+
+    def _read_in_background(self, work, slot, host_tensors):
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='slowllama-read')
+        return self._reader.submit(work, slot, host_tensors)
+
+    def _convert(self, slot, host_tensors):  # cpu, in the reader thread
+        buffers = self._slot_buffers(slot)
+        for name, tensor in host_tensors.items():
+            buffers[name].copy_(tensor)
+        return buffers, None
+
+    def _stage_and_copy(self, slot, host_tensors):  # cuda, in the reader thread
+        if self._copied_events[slot] is not None:
+            self._copied_events[slot].synchronize()  # the last copy out of this staging buffer is done
+        if self._staging[slot] is None:
+            self._staging[slot] = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                   for n, t in host_tensors.items()}
+        staging = self._staging[slot]
+        for name, tensor in host_tensors.items():
+            staging[name].copy_(tensor)
+        return self._copy(slot, staging)
+
+    def _copy(self, slot, host_tensors):  # cuda: on the side stream, after the buffer's last reader
         buffers = self._slot_buffers(slot)
         with torch.cuda.stream(self._stream):
             if self._free_events[slot] is not None:
@@ -347,29 +389,44 @@ class DeviceCopier:
                 buffers[name].copy_(tensor, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
-        return CudaTicket(slot, buffers, done)
-
-    def release(self, slot):
-        if slot is None:
-            return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))  # the compute that read the buffer
-        self._free_events[slot], self._in_use[slot] = event, False
+        self._copied_events[slot] = done
+        return buffers, done
 
     def _slot_buffers(self, slot):
-        while len(self._buffers) <= slot:
-            self._buffers.append({n: torch.empty(s, device=self.device, dtype=self.dtype)
-                                  for n, s in self.shapes.items()})
+        if self._buffers[slot] is None:
+            self._buffers[slot] = {n: torch.empty(s, device=self.device, dtype=self.dtype)
+                                   for n, s in self.shapes.items()}
         return self._buffers[slot]
 
 
-class CudaTicket:
-    def __init__(self, slot, tensors, done):
-        self.slot, self.tensors, self.done = slot, tensors, done
+class Ready:
+    """A fetch whose tensors can be used now (on cuda: once the compute stream waits for `copied`)."""
+
+    def __init__(self, slot, tensors, copied=None):
+        self.slot, self.tensors, self.copied = slot, tensors, copied
 
     def wait(self):
-        torch.cuda.current_stream(self.tensors[next(iter(self.tensors))].device).wait_event(self.done)
+        if self.copied is not None:
+            device = next(iter(self.tensors.values())).device
+            torch.cuda.current_stream(device).wait_event(self.copied)
         return self.slot, self.tensors
+
+    def settle(self):
+        pass
+
+
+class Pending:
+    """A fetch running in the reader thread."""
+
+    def __init__(self, slot, future):
+        self.slot, self.future = slot, future
+
+    def wait(self):
+        return Ready(self.slot, *self.future.result()).wait()
+
+    def settle(self):
+        """Wait until the reader thread is done with the buffers, whether it succeeded or not."""
+        futures.wait([self.future])
 
 
 # --- placement -----------------------------------------------------------------------------

@@ -18,9 +18,13 @@ def max_rel_diff(ours, ref):
     return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
 
 
-def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepared):
-    """(a): same weights, same seed, model dropout and LoRA dropout 0.1: same loss and gradients."""
+@pytest.mark.parametrize('head_slices', ['one', 'many'])
+def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepared, head_slices, monkeypatch):
+    """(a): same weights, same seed, model dropout and LoRA dropout 0.1: same loss and gradients,
+    with the head's vocabulary in one slice or in many (the online log-sum-exp and gradient)."""
     model_dir, _, _ = tiny_prepared
+    if head_slices == 'many':
+        monkeypatch.setattr(slowllama.head, 'SLICE_ELEMENTS', 1)  # slices of MIN_SLICE_ROWS rows
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
     streamed = slowllama.load(model_dir, lora=lora, dropout=0.1)
     randomize_adapters(streamed.adapters)
@@ -87,13 +91,16 @@ def test_logits_loss_and_grads_equal_transformers_peft(tiny_prepared, tmp_path):
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize('offload', ['ram', 'device'])
-def test_offload_modes_give_identical_gradients(tiny_prepared, offload):
-    """(c): disk, ram and device tiers, and saved inputs spilled to disk, give the same bits."""
+@pytest.mark.parametrize('offload, dtype', [('ram', torch.float32), ('device', torch.float32),
+                                           ('ram', torch.bfloat16)])
+def test_offload_modes_give_identical_gradients(tiny_prepared, offload, dtype):
+    """(c): disk, ram and device tiers, and saved inputs spilled to disk, give the same bits. In bf16
+    the fp32 file's blocks are converted as they stream from disk (in the reader thread, into the
+    two reused buffers), and once at load for ram."""
     model_dir, _, _ = tiny_prepared
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
-    baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1)
-    other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1, stash_ram_bytes=0)
+    baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
+    other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1, stash_ram_bytes=0, dtype=dtype)
     randomize_adapters(baseline.adapters)
     copy_adapters(baseline.adapters, other.adapters)
     tokens, targets = random_batch(baseline.cfg.vocab_size)
