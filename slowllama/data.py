@@ -27,12 +27,16 @@ ALPACA_PROMPT = ('Below is an instruction that describes a task{context}. '
 class Example:
     tokens: list   # [len]
     targets: list  # [len], IGNORE where nothing is learned
+    positions: list | None = None  # [len], restarting at 0 at each packed document; None: 0, 1, 2, ...
 
 
 @dataclass
 class Batch:
     tokens: torch.Tensor   # [batch, seq] long
     targets: torch.Tensor  # [batch, seq] long, IGNORE for prompts and padding
+    # [batch, seq] long for packed rows: each document's rope positions restart at 0 and it attends
+    # only to itself, as if it were alone in its row (what torchtune and HF do with packed data)
+    positions: torch.Tensor | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def n_targets(self):
@@ -178,15 +182,17 @@ def split_long(example, seq_len, truncate):
 
 def pack_rows(examples, seq_len):
     """Concatenate consecutive examples into rows of at most seq_len tokens. Each example keeps its
-    own targets, so no target crosses from one example into the next."""
-    rows, tokens, targets = [], [], []
+    own targets, so no target crosses from one example into the next, and its own positions, from
+    0, so that it attends to itself only."""
+    rows, tokens, targets, positions = [], [], [], []
     for example in examples:
         if tokens and len(tokens) + len(example.tokens) > seq_len:
-            rows.append(Example(tokens, targets))
-            tokens, targets = [], []
+            rows.append(Example(tokens, targets, positions))
+            tokens, targets, positions = [], [], []
         tokens, targets = tokens + example.tokens, targets + example.targets
+        positions = positions + list(range(len(example.tokens)))
     if tokens:
-        rows.append(Example(tokens, targets))
+        rows.append(Example(tokens, targets, positions))
     return rows
 
 
@@ -198,7 +204,15 @@ def collate(examples, pad_id):
     for row, example in enumerate(examples):
         tokens[row, :len(example.tokens)] = torch.tensor(example.tokens, dtype=torch.long)
         targets[row, :len(example.targets)] = torch.tensor(example.targets, dtype=torch.long)
-    return Batch(tokens, targets)
+    if all(example.positions is None for example in examples):
+        return Batch(tokens, targets)
+    positions = torch.arange(width).repeat(len(examples), 1)  # padding: the last document runs on
+    for row, example in enumerate(examples):
+        if example.positions is not None:
+            n = len(example.positions)
+            positions[row, :n] = torch.tensor(example.positions, dtype=torch.long)
+            positions[row, n:] = torch.arange(width - n) + (example.positions[-1] + 1 if n else 0)
+    return Batch(tokens, targets, positions=positions)
 
 
 # --- batches -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the output gradient through and hand the input gradient to the block before. Onl
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch.func import functional_call
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
 from .head import IGNORE, StreamedHead
-from .model import Block, KVCache, rope_table
+from .model import Block, KVCache, document_mask, rope_table
 from .stash import InputStash
 
 
@@ -76,20 +77,23 @@ class StreamedModel:
 
     @torch.no_grad()
     @streamed_pass(training=False)
-    def logits(self, tokens, prefix=None):
-        """[batch, seq] tokens -> float32 logits [batch, seq, vocab] (prefix positions dropped)."""
-        x, cos, sin = self._embed(tokens, prefix)
-        x = self._forward_blocks(x, cos, sin)
+    def logits(self, tokens, prefix=None, positions=None):
+        """[batch, seq] tokens -> float32 logits [batch, seq, vocab] (prefix positions dropped).
+        positions [batch, seq]: packed documents, each restarting at 0 (its own rope positions, and
+        attention within the document only); default: one sequence per row."""
+        x, layout = self._embed(tokens, prefix, positions)
+        x = self._forward_blocks(x, layout)
         return self.head.logits(x[:, x.shape[1] - tokens.shape[1]:])
 
     @streamed_pass(training=True)
-    def backward(self, tokens, targets, prefix=None):
+    def backward(self, tokens, targets, prefix=None, positions=None):
         """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
         (-100: ignored). Accumulates .grad on the trainable parameters (and into `prefix` when it
-        requires grad); returns the mean loss over the counted targets as a float."""
+        requires grad); returns the mean loss over the counted targets as a float. positions: as
+        for logits()."""
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         with torch.no_grad():
-            x, cos, sin = self._embed(tokens, prefix.detach() if prefix is not None else None)
+            x, layout = self._embed(tokens, prefix.detach() if prefix is not None else None, positions)
         targets = self._with_prefix_targets(targets, prefix)
         stash, rng_states = InputStash(self.device, *self.stash_budget), []
 
@@ -98,7 +102,7 @@ class StreamedModel:
             rng_states.append(get_rng_state(self.device))
 
         with torch.no_grad():
-            x = self._forward_blocks(x, cos, sin, before_block=keep_input, keep_last=True)
+            x = self._forward_blocks(x, layout, before_block=keep_input, keep_last=True)
         rng_after_forward = get_rng_state(self.device)
         self._trim_host_heap()
         loss, grad = self.head.loss_and_grad(x, targets)
@@ -106,7 +110,7 @@ class StreamedModel:
         for i in reversed(range(self.cfg.n_layers)):
             weights = self.store.block(i)  # the last block is still on the device from the forward
             self.store.prefetch(i - 1)
-            grad = self._block_backward(i, weights, stash.pop(i), grad, rng_states[i], cos, sin)
+            grad = self._block_backward(i, weights, stash.pop(i), grad, rng_states[i], layout)
             del weights
             self.store.release(i)
             if i % TRIM_EVERY_BLOCKS == 0:
@@ -118,14 +122,13 @@ class StreamedModel:
         return loss
 
     @torch.no_grad()
-    @torch.no_grad()
     @streamed_pass(training=False)
-    def loss(self, tokens, targets, prefix=None):
+    def loss(self, tokens, targets, prefix=None, positions=None):
         """Mean cross-entropy against targets (-100 ignored) in eval mode, without gradients: the
         validation loss, through the same streamed head as backward."""
         tokens, targets = tokens.to(self.device), targets.to(self.device)
-        x, cos, sin = self._embed(tokens, prefix)
-        x = self._forward_blocks(x, cos, sin)
+        x, layout = self._embed(tokens, prefix, positions)
+        x = self._forward_blocks(x, layout)
         return self.head.loss(x, self._with_prefix_targets(targets, prefix))
 
     @torch.no_grad()
@@ -134,14 +137,14 @@ class StreamedModel:
         """[1, T] -> [1, T + n] with a KV cache; greedy at temperature 0. Stops early at EOS.
         on_token(id) is called as each token is chosen (for printing as we go)."""
         tokens = tokens.to(self.device)
-        x, _, _ = self._embed(tokens, prefix)
+        x, _ = self._embed(tokens, prefix)
         max_len = x.shape[1] + max_new_tokens
         caches = [KVCache(x.shape[0], self.cfg.n_kv_heads, max_len, self.cfg.head_dim, self.device, self.dtype)
                   for _ in range(self.cfg.n_layers)]
         out, position = tokens, 0
         for _ in range(max_new_tokens):
             cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
-            x = self._forward_blocks(x, cos, sin, caches=caches)
+            x = self._forward_blocks(x, Layout(cos, sin), caches=caches)
             position += x.shape[1]
             logits = self.head.logits(x[:, -1])
             next_token = sample(logits, temperature, top_p)
@@ -177,17 +180,23 @@ class StreamedModel:
             return targets
         return torch.cat([targets.new_full((targets.shape[0], prefix.shape[1]), IGNORE), targets], dim=1)
 
-    def _embed(self, tokens, prefix):
+    def _embed(self, tokens, prefix, positions=None):
+        """-> embeddings [batch, seq, dim] (after the prefix, if any) and the rows' Layout."""
         x = self.store.embed(tokens)  # [batch, seq, dim]
         if prefix is not None:
+            if positions is not None:
+                raise ValueError('packed positions and a prefix cannot be combined')
             x = torch.cat([prefix.to(self.device, self.dtype), x], dim=1)
-        cos, sin = rope_table(self.cfg, torch.arange(x.shape[1]), self.device)
-        return x, cos, sin
+        if positions is None:
+            return x, Layout(*rope_table(self.cfg, torch.arange(x.shape[1]), self.device))
+        positions = positions.to(self.device)
+        return x, Layout(*rope_table(self.cfg, positions, self.device), document_mask(positions))
 
-    def _run_block(self, i, weights, x, cos, sin, cache=None):
-        return functional_call(self.blocks[i], weights, (x, cos, sin, cache), strict=False)
+    def _run_block(self, i, weights, x, layout, cache=None):
+        arguments = (x, layout.cos, layout.sin, cache, layout.mask)
+        return functional_call(self.blocks[i], weights, arguments, strict=False)
 
-    def _forward_blocks(self, x, cos, sin, caches=None, before_block=None, keep_last=False):
+    def _forward_blocks(self, x, layout, caches=None, before_block=None, keep_last=False):
         """x through every block, each fetched from the store while the next one is prefetched.
         keep_last: leave the last block on the device (the backward starts with it)."""
         last = self.cfg.n_layers - 1
@@ -196,21 +205,29 @@ class StreamedModel:
                 before_block(i, x)
             weights = self.store.block(i)
             self.store.prefetch(i + 1 if i < last else (last - 1 if keep_last else None))
-            x = self._run_block(i, weights, x, cos, sin, caches[i] if caches else None)
+            x = self._run_block(i, weights, x, layout, caches[i] if caches else None)
             del weights
             if not (keep_last and i == last):
                 self.store.release(i)
         return x
 
-    def _block_backward(self, i, weights, block_input, grad_output, rng_state, cos, sin):
+    def _block_backward(self, i, weights, block_input, grad_output, rng_state, layout):
         """Recompute block i under autograd with the forward's RNG state; return d loss / d input."""
         block_input = block_input.detach().requires_grad_(True)
         weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
-            output = self._run_block(i, weights, block_input, cos, sin)  # only its gradient is used
+            output = self._run_block(i, weights, block_input, layout)  # only its gradient is used
         torch.autograd.backward(output, grad_output)
         return block_input.grad
+
+
+class Layout(NamedTuple):
+    """What every block needs besides its input: the rope tables and, for packed documents, the
+    attention mask (None: causal over the whole row)."""
+    cos: torch.Tensor  # [seq, head_dim] or [batch, seq, head_dim]
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None  # [batch, 1, seq, seq] bool
 
 
 class UnreadProductWeight(torch.Tensor):

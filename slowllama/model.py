@@ -50,9 +50,9 @@ def rope_inv_freq(cfg: ModelConfig):
 
 
 def rope_table(cfg: ModelConfig, positions, device):
-    """cos, sin for the given positions: [T, head_dim] each, float32."""
+    """cos, sin for the given positions [T] or [batch, T]: [..., T, head_dim] each, float32."""
     inv_freq = rope_inv_freq(cfg).to(device)
-    angles = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -63,9 +63,20 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x: [batch, heads, seq, head_dim]; cos, sin: [seq, head_dim]."""
+    """x: [batch, heads, seq, head_dim]; cos, sin: [seq, head_dim] or [batch, seq, head_dim]."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dim() == 3:  # positions per row (packed documents)
+        cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
+
+
+def document_mask(positions):
+    """[batch, seq] positions, restarting at 0 where a packed document starts -> bool attention mask
+    [batch, 1, seq, seq]: each position sees the earlier positions of its own document only."""
+    document = (positions == 0).cumsum(dim=-1)  # [batch, seq]
+    same = document[:, :, None] == document[:, None, :]
+    causal = torch.ones(positions.shape[-1], positions.shape[-1], dtype=torch.bool, device=positions.device).tril()
+    return (same & causal)[:, None]
 
 
 # --- the block -----------------------------------------------------------------------------
@@ -96,7 +107,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = 0.0
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, mask=None):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -106,7 +117,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
-        mask, causal = None, past == 0 and seq > 1
+        causal = mask is None and past == 0 and seq > 1
         if past and seq > 1:  # a chunk after a cached prefix: causal within the chunk, sees all the past
             mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(past)
         dropout = self.dropout if self.training else 0.0
@@ -142,8 +153,8 @@ class Block(nn.Module):
         self.dropout = p
         self.self_attn.dropout = p
 
-    def forward(self, x, cos, sin, cache=None):
-        h = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        h = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
         return h + self._drop(self.mlp(self.post_attention_layernorm(h)))
 
     def _drop(self, x):

@@ -3,7 +3,7 @@ learning rate, gradient accumulation and clipping, evaluation, checkpoints that 
 metrics.jsonl, train.log and a progress bar.
 
 Knows nothing of file formats or tokenizers. It drives any model with trainable_parameters(),
-backward(tokens, targets), loss(tokens, targets) and save_adapter(folder) (slowllama's
+backward(tokens, targets, positions=None), loss(...) and save_adapter(folder) (slowllama's
 StreamedModel) over any data with batch(index) -> Batch (slowllama.data). Other objectives (a
 prefix encoder, ...) plug in through `step_fn` / `eval_fn`.
 
@@ -85,11 +85,11 @@ def lr_at(cfg: TrainConfig, step):
 
 
 def default_step(model, batch):
-    return model.backward(batch.tokens, batch.targets)
+    return model.backward(batch.tokens, batch.targets, positions=batch.positions)
 
 
 def default_eval(model, batch):
-    return model.loss(batch.tokens, batch.targets)
+    return model.loss(batch.tokens, batch.targets, positions=batch.positions)
 
 
 class Trainer:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from slowllama.data import IGNORE, TextWindows, load_data, pack_rows, text_example
+from slowllama.data import IGNORE, TextWindows, collate, load_data, pack_rows, text_example
 from slowllama.errors import SlowLlamaError
 from slowllama.formats.tokenizer import load_tokenizer
 from conftest import save_tiny_tokenizer
@@ -138,6 +138,23 @@ def test_packing_keeps_each_example_and_its_targets(tokenizer, tmp_path):
     assert [t for row in packed for t in row.tokens] == [t for e in examples for t in e.tokens]
     assert [t for row in packed for t in row.targets] == [t for e in examples for t in e.targets]
     assert pack_rows(examples, 10_000)[0].tokens == [t for e in examples for t in e.tokens]
+    # each example's positions start again at 0, so it attends to itself only
+    assert [p for row in packed for p in row.positions] == [p for e in examples for p in range(len(e.tokens))]
+
+
+def test_packed_batches_carry_positions_through_padding(tokenizer, tmp_path):
+    records = [{'text': 'one two'}, {'text': 'three'}, {'text': 'one two three four five six'}]
+    path = write_jsonl(tmp_path / 'd.jsonl', records)
+    data = load_data(path, tokenizer, seq_len=12, batch_size=2, pack=True)
+    batch = collate(data.train.examples, pad_id=0)
+    first, second = data.train.examples[:2]
+    assert batch.positions[0, :len(first.positions)].tolist() == first.positions
+    assert batch.positions[0].tolist().count(0) == 2  # two documents in the first row
+    padded = batch.positions[1, len(second.positions):]  # padding continues the row's last document
+    assert padded.tolist() == list(range(second.positions[-1] + 1, second.positions[-1] + 1 + len(padded)))
+    assert batch.rows(torch.tensor([1])).positions.shape == (1, batch.tokens.shape[1])
+    unpacked = load_data(path, tokenizer, seq_len=12, batch_size=2).train.batch(0)
+    assert unpacked.positions is None
 
 
 def test_validation_split_is_disjoint_and_seeded(tokenizer, tmp_path):

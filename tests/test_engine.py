@@ -91,6 +91,38 @@ def test_logits_loss_and_grads_equal_transformers_peft(tiny_prepared, tmp_path):
     assert worst < 1e-4
 
 
+def test_packed_documents_equal_each_document_alone_in_transformers_peft(tiny_prepared, tmp_path):
+    """Rows packed from several documents, with positions restarting at each: every document's
+    logits, and the loss and LoRA gradients of the whole batch, as transformers + peft give for
+    the documents run one by one, unpacked."""
+    model_dir, _, hf_model = tiny_prepared
+    reference = peft_model(hf_model)
+    reference.save_pretrained(tmp_path / 'adapter')
+    ours = slowllama.load(model_dir, adapter=tmp_path / 'adapter')
+    tokens, targets = random_batch(ours.cfg.vocab_size, batch=2, seq=16, seed=5)
+    documents = [[(0, 0, 5), (0, 5, 12), (0, 12, 16)], [(1, 0, 9), (1, 9, 16)]]  # (row, start, end)
+    positions = torch.zeros_like(tokens)
+    for row, start, end in sum(documents, []):
+        positions[row, start:end] = torch.arange(end - start)
+
+    logits = ours.logits(tokens, positions=positions)
+    loss = ours.backward(tokens, targets, positions=positions)
+    total, counted, worst_logit = 0.0, int((targets != -100).sum()), 0.0
+    for row, start, end in sum(documents, []):
+        alone = reference(input_ids=tokens[row:row + 1, start:end]).logits[0]
+        worst_logit = max(worst_logit, (logits[row, start:end] - alone).abs().max().item())
+        total = total + torch.nn.functional.cross_entropy(alone, targets[row, start:end], ignore_index=-100,
+                                                          reduction='sum')
+    ref_loss = total / counted
+    ref_loss.backward()
+    ref_grads, grads = peft_grads(reference), grads_of(ours)
+    worst = max(max_rel_diff(grads[k], ref_grads[k]) for k in grads)
+    print(f'\npacked: max logit diff {worst_logit:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
+          f'max relative grad diff {worst:.2e}')
+    assert worst_logit < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-4
+    assert (logits - ours.logits(tokens)).abs().max() > 1e-2  # the documents did see each other unmasked
+
+
 @pytest.mark.parametrize('offload, dtype', [('ram', torch.float32), ('device', torch.float32),
                                            ('ram', torch.bfloat16)])
 def test_offload_modes_give_identical_gradients(tiny_prepared, offload, dtype):
