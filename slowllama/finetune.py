@@ -41,7 +41,8 @@ FLAGS = {
     'dtype': (str, None, 'bf16 | fp16 | fp32 (default: fp32 on cpu, bf16 elsewhere)'),
     'adapter': (str, None, 'start from this adapter folder'),
     'data-format': (str, None, 'text | jsonl | alpaca | chat (default: from the file)'),
-    'pack': (bool, False, 'pack short samples (or text chunks) into full --seq-len rows'),
+    'pack': (bool, False, 'pack short samples (or text chunks) into full --seq-len rows; each sample attends '
+                          'to itself only'),
     'val-fraction': (float, 0.0, 'share of the data held out for validation'),
     'eval-every': (int, 0, 'evaluate every N steps (0: at the end only)'),
     'eval-batches': (int, 16, 'validation batches per evaluation at most'),
