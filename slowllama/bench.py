@@ -178,7 +178,8 @@ def make_models(shape, work, dtype):
         print(f'bench: writing a random {shape} model to {hf_dir}', file=sys.stderr)
         torch.manual_seed(0)
         config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
-        model = LlamaForCausalLM(config).to({'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype])
+        # built in the benchmark's dtype, not in fp32 first: a 7B model then needs 13.5 GB, not 27
+        model = LlamaForCausalLM._from_config(config, dtype={'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype])
         model.save_pretrained(hf_dir, max_shard_size='2GB')
         del model
     if not os.path.exists(os.path.join(prepared, 'manifest.json')):
