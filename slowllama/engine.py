@@ -26,6 +26,14 @@ TRIM_EVERY_BLOCKS = 4  # on a CPU, hand freed heap memory back to the OS this of
 TAIL_WEIGHT = 'mlp.down_proj.weight'  # the block's last product: only adds and dropout come after it
 
 
+class Layout(NamedTuple):
+    """What every block needs besides its input: the rope tables and, for packed documents, the
+    attention mask (None: causal over the whole row)."""
+    cos: torch.Tensor  # [seq, head_dim] or [batch, seq, head_dim]
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None  # [batch, 1, seq, seq] bool
+
+
 def streamed_pass(training):
     """Run a method in train or eval mode; if it raises (out of memory, Ctrl-C), hand every block
     it held back to the store so the device buffers are free for the next call."""
@@ -220,14 +228,6 @@ class StreamedModel:
             output = self._run_block(i, weights, block_input, layout)  # only its gradient is used
         torch.autograd.backward(output, grad_output)
         return block_input.grad
-
-
-class Layout(NamedTuple):
-    """What every block needs besides its input: the rope tables and, for packed documents, the
-    attention mask (None: causal over the whole row)."""
-    cos: torch.Tensor  # [seq, head_dim] or [batch, seq, head_dim]
-    sin: torch.Tensor
-    mask: torch.Tensor | None = None  # [batch, 1, seq, seq] bool
 
 
 class UnreadProductWeight(torch.Tensor):

@@ -69,9 +69,22 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     host = ram_blocks * block + (0 if stash_on_device else saved_inputs)
     if streamed > ram_blocks:
         host += 2 * block  # disk reads land in host buffers before the copy
-    if device_is_host:  # cpu: one memory
-        return MemoryPlan(device + host, device + host, resident_blocks, ram_blocks)
+    if device_is_host:
+        total = host_only_peak(cfg, w, resident_blocks + ram_blocks, lora + working + saved_inputs +
+                               2 * batch * seq * cfg.dim * w)
+        return MemoryPlan(total, total, resident_blocks, ram_blocks)
     return MemoryPlan(int(device), int(host), resident_blocks, ram_blocks)
+
+
+CPU_RUNTIME_BYTES = 160 * 1024 ** 2  # measured: library code paged in, the heap's free slack
+
+
+def host_only_peak(cfg: ModelConfig, w, held_blocks, step_bytes):
+    """On a CPU there is one memory and no copies: blocks are used where they lie, held in RAM or
+    mapped from their file one at a time; the embeddings and head are held with the blocks."""
+    mapped = block_params(cfg) * w if held_blocks < cfg.n_layers else 0
+    tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2) if held_blocks == cfg.n_layers else 0
+    return int(held_blocks * block_params(cfg) * w + mapped + tables + step_bytes + CPU_RUNTIME_BYTES)
 
 
 def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget, **kw):

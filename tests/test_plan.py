@@ -4,7 +4,7 @@ import torch
 import slowllama
 import slowllama.store as store_module
 from slowllama.config import ModelConfig
-from slowllama.plan import GIB, model_params, place_blocks, predict
+from slowllama.plan import GIB, block_params, model_params, place_blocks, predict
 from slowllama.store import block_file
 from conftest import random_batch
 from reference import copy_adapters, randomize_adapters
@@ -22,6 +22,17 @@ def test_streaming_needs_a_fraction_of_resident_memory():
     assert resident.device_bytes > 12.5 * GIB  # the weights alone are 12.55 GiB
     assert streamed.device_bytes < 3 * GIB
     assert predict(LLAMA_7B, 32, 512, 'bf16').device_bytes > streamed.device_bytes
+
+
+def test_on_a_cpu_blocks_are_counted_where_they_lie():
+    """One memory, no copies: from disk one mapped block at a time, held in RAM the whole model."""
+    weights = model_params(LLAMA_7B) * 2
+    block = block_params(LLAMA_7B) * 2
+    from_disk = predict(LLAMA_7B, 4, 128, 'bf16', device_is_host=True)
+    in_ram = predict(LLAMA_7B, 4, 128, 'bf16', ram_blocks=32, device_is_host=True)
+    assert from_disk.host_bytes == from_disk.device_bytes
+    assert block < from_disk.host_bytes < 2 * block + 1 * GIB
+    assert weights < in_ram.host_bytes < weights + 1 * GIB
 
 
 def test_placement_fills_the_device_first_then_ram():
