@@ -157,12 +157,9 @@ def run_bench(args):
     from .devices import best_device
     if args.plan:
         return run_plan(args)
-    from .bench import SHAPES
     device = args.device or best_device()
     on_cpu = device == 'cpu'
-    shape = args.shape or ('0.4b' if on_cpu else '7b')
-    if shape not in SHAPES:
-        raise SlowLlamaError(f'--shape: unknown shape {shape!r} (use {", ".join(SHAPES)})')
+    shape = _shape(args.shape or ('0.4b' if on_cpu else '7b'))
     if args.rounds < 1 or args.steps < 1:
         raise SlowLlamaError('--rounds and --steps must be at least 1')
     blocks_only = shape == '70b-block'  # per-block timing; no whole-model peer to compare with
@@ -175,6 +172,13 @@ def run_bench(args):
 
 def _list(text):
     return tuple(x for x in text.split(',') if x)
+
+
+def _shape(name):
+    from .bench import SHAPES
+    if name not in SHAPES:
+        raise SlowLlamaError(f'--shape: unknown shape {name!r} (use {", ".join(SHAPES)})')
+    return name
 
 
 def _plan_arguments(p):
@@ -197,9 +201,7 @@ def run_plan(args):
         cfg = ModelConfig.from_dict(read_manifest(args.model)['config'])
     else:
         from .bench import SHAPES
-        if args.shape not in SHAPES:
-            raise SlowLlamaError(f'--shape: unknown shape {args.shape!r} (use {", ".join(SHAPES)})')
-        cfg = ModelConfig.from_hf({'model_type': 'llama', **SHAPES[args.shape]})
+        cfg = ModelConfig.from_hf({'model_type': 'llama', **SHAPES[_shape(args.shape or '7b')]})
     dtype = args.dtype or 'bf16'
     batch, seq = args.batch_size or 16, args.seq_len or 128
     targets = tuple(args.targets.split(','))

@@ -52,39 +52,38 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     """Peak device and host bytes of one training step with this placement."""
     w = DTYPE_BYTES[dtype]
     block = block_params(cfg) * w
-    streamed = cfg.n_layers - resident_blocks
-    lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
-    saved_inputs = cfg.n_layers * batch * seq * cfg.dim * w
+    tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2)  # embeddings and head
     tokens = batch * seq
+    lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
+    saved_inputs = cfg.n_layers * tokens * cfg.dim * w
     head_slice = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens)  # the head streams in vocabulary slices
     # a slice's logits (exponentiated in place) and rows; hidden, softmax @ rows, target rows, gradient
     loss = 2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 4 * tokens * cfg.dim * 4
-    working = max(block_working_set(cfg, batch, seq, w), loss)
-    buffers = 2 * block if streamed else 0  # double buffering
-    device = resident_blocks * block + buffers + lora + working + 2 * batch * seq * cfg.dim * w
+    step = lora + max(block_working_set(cfg, batch, seq, w), loss) + 2 * tokens * cfg.dim * w
+    if device_is_host:
+        total = host_only_peak(cfg, block, tables, resident_blocks + ram_blocks, step + saved_inputs)
+        return MemoryPlan(total, total, resident_blocks, ram_blocks)
+    streamed = cfg.n_layers - resident_blocks
+    device = resident_blocks * block + (2 * block if streamed else 0) + step  # streamed: double buffering
     if resident_blocks == cfg.n_layers:  # everything fits: embeddings and head stay on the device too
-        device += cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2)
+        device += tables
     if stash_on_device:
         device += saved_inputs
     host = ram_blocks * block + (0 if stash_on_device else saved_inputs)
     if streamed > ram_blocks:
         host += 2 * block  # disk reads land in host buffers before the copy
-    if device_is_host:
-        total = host_only_peak(cfg, w, resident_blocks + ram_blocks, lora + working + saved_inputs +
-                               2 * batch * seq * cfg.dim * w)
-        return MemoryPlan(total, total, resident_blocks, ram_blocks)
     return MemoryPlan(int(device), int(host), resident_blocks, ram_blocks)
 
 
 CPU_RUNTIME_BYTES = 160 * 1024 ** 2  # measured: library code paged in, the heap's free slack
 
 
-def host_only_peak(cfg: ModelConfig, w, held_blocks, step_bytes):
+def host_only_peak(cfg: ModelConfig, block, tables, held_blocks, step_bytes):
     """On a CPU there is one memory and no copies: blocks are used where they lie, held in RAM or
     mapped from their file one at a time; the embeddings and head are held with the blocks."""
-    mapped = block_params(cfg) * w if held_blocks < cfg.n_layers else 0
-    tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2) if held_blocks == cfg.n_layers else 0
-    return int(held_blocks * block_params(cfg) * w + mapped + tables + step_bytes + CPU_RUNTIME_BYTES)
+    if held_blocks < cfg.n_layers:
+        return int(held_blocks * block + block + step_bytes + CPU_RUNTIME_BYTES)  # + the mapped block
+    return int(held_blocks * block + tables + step_bytes + CPU_RUNTIME_BYTES)
 
 
 def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget, **kw):

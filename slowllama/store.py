@@ -328,7 +328,7 @@ class DeviceCopier:
 
     def __init__(self, device, shapes, dtype):
         self.device, self.dtype, self.shapes = device, dtype, shapes
-        self.cuda = device.type == 'cuda'
+        self.cuda, self.on_cpu = device.type == 'cuda', device.type == 'cpu'
         self._buffers, self._staging = [None, None], [None, None]
         self._free_events, self._copied_events, self._in_use = [None, None], [None, None], [False, False]
         self._reader = None
@@ -336,14 +336,13 @@ class DeviceCopier:
             self._stream = torch.cuda.Stream(device)
 
     def start(self, host_tensors, from_disk=False):
-        on_cpu = self.device.type == 'cpu'
-        if on_cpu and all(t.dtype == self.dtype for t in host_tensors.values()):
+        if self.on_cpu and all(t.dtype == self.dtype for t in host_tensors.values()):
             return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
-        if not on_cpu and not self.cuda:  # mps: the copy is queued on its own stream already
+        if not self.on_cpu and not self.cuda:  # mps: the copy is queued on its own stream already
             return Ready(None, {n: t.to(self.device, self.dtype) for n, t in host_tensors.items()})
         slot = self._in_use.index(False)  # the engine holds at most one block while one is pending
         self._in_use[slot] = True
-        if on_cpu:
+        if self.on_cpu:
             return Pending(slot, self._read_in_background(self._convert, slot, host_tensors))
         if from_disk:
             return Pending(slot, self._read_in_background(self._stage_and_copy, slot, host_tensors))

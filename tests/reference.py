@@ -40,6 +40,21 @@ def randomize_adapters(adapters, seed=0, scale=0.1):
                     param.copy_(torch.randn(param.shape, generator=g) * scale)
 
 
+def assert_same_loss_and_gradients(first, second, seed):
+    """Two streamed models with the same random adapters, batch and seed: bit-identical loss and
+    LoRA gradients."""
+    from conftest import random_batch
+    randomize_adapters(first.adapters)
+    copy_adapters(first.adapters, second.adapters)
+    tokens, targets = random_batch(first.cfg.vocab_size)
+    torch.manual_seed(seed)
+    loss = first.backward(tokens, targets)
+    torch.manual_seed(seed)
+    assert second.backward(tokens, targets) == loss
+    a, b = first.trainable_parameters(), second.trainable_parameters()
+    assert all(torch.equal(a[k].grad, b[k].grad) for k in a)
+
+
 def peft_model(hf_model, rank=4, alpha=8.0, targets=('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj',
                                                      'up_proj', 'down_proj'), seed=0):
     """transformers model + a non-zero PEFT LoRA adapter (init_lora_weights=False)."""

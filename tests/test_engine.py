@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import slowllama
-from reference import (copy_adapters, masked_mean_ce, peft_grads, peft_model, randomize_adapters,
-                       whole_model)
+from reference import (assert_same_loss_and_gradients, copy_adapters, masked_mean_ce, peft_grads, peft_model,
+                       randomize_adapters, whole_model)
 from conftest import random_batch
 
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -133,16 +133,7 @@ def test_offload_modes_give_identical_gradients(tiny_prepared, offload, dtype):
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
     baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
     other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1, stash_ram_bytes=0, dtype=dtype)
-    randomize_adapters(baseline.adapters)
-    copy_adapters(baseline.adapters, other.adapters)
-    tokens, targets = random_batch(baseline.cfg.vocab_size)
-    torch.manual_seed(7)
-    loss_a = baseline.backward(tokens, targets)
-    torch.manual_seed(7)
-    loss_b = other.backward(tokens, targets)
-    assert loss_a == loss_b
-    a, b = grads_of(baseline), grads_of(other)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_loss_and_gradients(baseline, other, seed=7)
 
 
 def test_gradients_accumulate_across_calls(tiny_prepared):

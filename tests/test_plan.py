@@ -1,13 +1,11 @@
 """The memory planner, automatic placement, and a mixed placement streaming like the others."""
-import torch
 
 import slowllama
 import slowllama.store as store_module
 from slowllama.config import ModelConfig
 from slowllama.plan import GIB, block_params, model_params, place_blocks, predict
 from slowllama.store import block_file
-from conftest import random_batch
-from reference import copy_adapters, randomize_adapters
+from reference import assert_same_loss_and_gradients
 
 LLAMA_7B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000)
 
@@ -56,15 +54,7 @@ def test_mixed_placement_gives_the_same_gradients(tiny_prepared, monkeypatch):
     monkeypatch.setattr(store_module, 'placement', mixed)
     other = slowllama.load(model_dir, lora=lora, dropout=0.1)
     assert other.store.offload == 'mixed'
-    randomize_adapters(baseline.adapters)
-    copy_adapters(baseline.adapters, other.adapters)
-    tokens, targets = random_batch(baseline.cfg.vocab_size)
-    torch.manual_seed(3)
-    loss_a = baseline.backward(tokens, targets)
-    torch.manual_seed(3)
-    assert other.backward(tokens, targets) == loss_a
-    a, b = baseline.trainable_parameters(), other.trainable_parameters()
-    assert all(torch.equal(a[k].grad, b[k].grad) for k in a)
+    assert_same_loss_and_gradients(baseline, other, seed=3)
 
 
 def test_auto_on_cpu_maps_blocks_when_dtypes_match(tiny_prepared):
