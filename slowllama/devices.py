@@ -33,6 +33,12 @@ def resolve_device(name):
     return device
 
 
+def default_dtype(device, dtype=None):
+    """The dtype name to compute in unless --dtype says otherwise: fp32 on the CPU (fast and exact
+    there), bf16 on GPUs."""
+    return dtype or ('fp32' if device.type == 'cpu' else 'bf16')
+
+
 def compute_dtype(device, dtype):
     """The dtype to compute in: bf16 falls back to fp16 on mps builds without bf16 support."""
     if device.type == 'mps' and dtype == torch.bfloat16:

@@ -155,6 +155,19 @@ def save_adapter_folder(folder, cfg: LoraConfig, state, base_model=''):
     write_json(os.path.join(folder, ADAPTER_CONFIG), cfg.to_peft(base_model))
 
 
+def adapter_folder(path):
+    """--lora accepts an adapter folder or a finetune run folder (its adapter/); None stays None."""
+    if path is None:
+        return None
+    path = str(path)
+    if not os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+        if os.path.exists(os.path.join(path, 'adapter', ADAPTER_CONFIG)):
+            return os.path.join(path, 'adapter')
+        raise SlowLlamaError(f'{path}: --lora is neither an adapter folder (adapter_config.json) '
+                             'nor a run folder with adapter/')
+    return path
+
+
 def read_adapter_folder(folder):
     """-> (LoraConfig, {PEFT key: tensor}) from a PEFT-layout folder."""
     folder = str(folder)

@@ -96,3 +96,13 @@ def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget,
     while ram > 0 and plan(resident, ram).host_bytes > ram_budget:
         ram -= 1
     return plan(resident, ram)
+
+
+def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets):
+    """Print the predicted peaks of a finetune in each offload mode."""
+    print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}, '
+          f'LoRA r={rank} on {",".join(targets)}')
+    for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
+                                 ('disk (streamed)', 0, 0)]:
+        plan = predict(cfg, batch, seq, dtype, rank, targets, resident_blocks=resident, ram_blocks=ram)
+        print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')

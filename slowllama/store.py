@@ -184,6 +184,11 @@ def read_manifest(model_dir):
     return manifest
 
 
+def model_config(model_dir):
+    """The ModelConfig of a prepared folder (from its manifest)."""
+    return ModelConfig.from_dict(read_manifest(model_dir)['config'])
+
+
 class BlockStore:
     """Frozen weights of a prepared folder, served to the engine on `device` in `dtype`.
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import slowllama
-from slowllama.bci import (ENCODER_CONFIG, ENCODER_WEIGHTS, EncoderConfig, SignalEncoder, attach_encoder,
+from slowllama.bci.encoder import (ENCODER_CONFIG, ENCODER_WEIGHTS, EncoderConfig, SignalEncoder, attach_encoder,
                            load_encoder, prefix_embeddings)
-from slowllama.bci_data import channel_stats, default_splits, read_bci_data
-from slowllama.bci_decode import decode_trials, edit_distance, load_decoder, word_error_rate
-from slowllama.bci_demo import make_demo_set
+from slowllama.bci.data import channel_stats, default_splits, read_data
+from slowllama.bci.decode import decode_trials, edit_distance, load_decoder, word_error_rate
+from slowllama.bci.synthetic import make_demo_set
 from slowllama.cli import main
 from slowllama.formats.tokenizer import load_tokenizer
 from slowllama.model import rope_table
@@ -165,7 +165,7 @@ def test_bad_data_is_refused(tmp_path, case, message):
         lines[2] = {'sentence': 'no text key'}
     folder = write_set(tmp_path / case, signals, lines)
     with pytest.raises(slowllama.SlowLlamaError, match=message):
-        read_bci_data(folder)
+        read_data(folder)
 
 
 def test_bad_data_is_one_line_from_the_cli(tiny_text_model, tmp_path, capsys):
@@ -219,7 +219,7 @@ def test_end_to_end_synthetic_set_decodes_held_out_trials(tiny_text_model, tmp_p
     scores = capsys.readouterr().out.strip().splitlines()[-1]
     print(f'\n{scores} after {minutes:.2f} min of training')
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
-    dataset = read_bci_data(data)
+    dataset = read_data(data)
     assert [r['index'] for r in rows] == dataset.indices('test')
     exact = np.mean([r['text'] == dataset.texts[r['index']] for r in rows])
     assert exact >= 0.95, scores
@@ -234,7 +234,7 @@ def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_
     tiny_demo_set(data)
     model = slowllama.load(model_dir, lora=slowllama.LoraConfig(rank=4, targets=('q', 'k', 'v', 'o')))
     randomize_adapters(model.adapters, scale=0.3)
-    dataset = read_bci_data(data)
+    dataset = read_data(data)
     cfg = EncoderConfig(channels=dataset.channels, time=dataset.time, out_dim=model.cfg.dim, d_enc=32, patch=4,
                         start_token=1)
     attach_encoder(model, SignalEncoder(cfg, *channel_stats(dataset.signals, dataset.indices('train'))))
@@ -254,12 +254,12 @@ def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_
 
 def test_continue_from_a_saved_adapter_and_encoder(tiny_text_model, tmp_path):
     """finetune --bci-data --adapter DIR starts from that folder's LoRA and encoder (not new ones)."""
-    from slowllama.bci_train import build_bci
+    from slowllama.bci.train import build
     from slowllama.cli import build_parser
-    from slowllama.finetune import resolve
+    from slowllama.recipes.options import resolve
     model_dir, _, _ = tiny_text_model
     tiny_demo_set(tmp_path / 'data')
-    dataset = read_bci_data(tmp_path / 'data')
+    dataset = read_data(tmp_path / 'data')
     model = slowllama.load(model_dir, lora=slowllama.LoraConfig(rank=4, targets=('q', 'v')))
     randomize_adapters(model.adapters)
     cfg = EncoderConfig(channels=dataset.channels, time=dataset.time, out_dim=model.cfg.dim, d_enc=32, patch=4)
@@ -267,7 +267,7 @@ def test_continue_from_a_saved_adapter_and_encoder(tiny_text_model, tmp_path):
     model.save_adapter(tmp_path / 'adapter')
     args = build_parser().parse_args(['finetune', '--model', str(model_dir), '--bci-data', str(tmp_path / 'data'),
                                       '--adapter', str(tmp_path / 'adapter'), '--out', str(tmp_path / 'run')])
-    again, _, _ = build_bci(resolve(args))
+    again, _, _ = build(resolve(args))
     params, want = again.trainable_parameters(), model.trainable_parameters()
     assert set(params) == set(want)
     for name in want:
@@ -277,10 +277,10 @@ def test_continue_from_a_saved_adapter_and_encoder(tiny_text_model, tmp_path):
 
 def test_batch_rows_keep_their_signals():
     """A data-parallel share of a batch (Trainer under torchrun) keeps each row's signal with its text."""
-    from slowllama.bci_data import BciBatch
-    batch = BciBatch(torch.arange(8).view(4, 2), torch.arange(8).view(4, 2), torch.arange(4.0).view(4, 1, 1))
+    from slowllama.bci.data import TrialBatch
+    batch = TrialBatch(torch.arange(8).view(4, 2), torch.arange(8).view(4, 2), torch.arange(4.0).view(4, 1, 1))
     share = batch.rows(slice(2, 4))
-    assert isinstance(share, BciBatch) and share.signals.flatten().tolist() == [2.0, 3.0]
+    assert isinstance(share, TrialBatch) and share.signals.flatten().tolist() == [2.0, 3.0]
     assert share.tokens.tolist() == [[4, 5], [6, 7]] and share.n_targets == 4
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import slowllama
-from slowllama import cli, demo
+from slowllama import cli
+from slowllama.recipes import demo
 from slowllama.formats.tokenizer import load_tokenizer
 from reference import peft_model
 

@@ -129,7 +129,8 @@ def test_debug_shows_the_traceback(tiny_text_model, story, tmp_path):
 
 
 def test_out_of_memory_names_the_flags_that_lower_it(monkeypatch, capsys):
-    from slowllama import cli, finetune
+    from slowllama import cli
+    from slowllama.recipes import finetune
 
     def exhausted(args):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')

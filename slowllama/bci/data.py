@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import IGNORE, Batch, EpochShuffle
-from .errors import SlowLlamaError
+from ..data import IGNORE, Batch, EpochShuffle
+from ..errors import SlowLlamaError
 
 SIGNALS_FILE = 'signals.npy'
 TEXTS_FILE = 'texts.jsonl'
@@ -26,7 +26,7 @@ STATS_CHUNK = 256  # trials per chunk when scanning a memory-mapped signals.npy
 
 
 @dataclass
-class BciData:
+class TrialSet:
     folder: str
     signals: np.ndarray  # [N, channels, time], float32 (memory-mapped when possible)
     texts: list          # N strings
@@ -49,7 +49,7 @@ class BciData:
                 f'({counts})')
 
 
-def read_bci_data(folder):
+def read_data(folder):
     folder = str(folder)
     if not os.path.isdir(folder):
         raise SlowLlamaError(f'{folder}: BCI data folder not found (--bci-data)')
@@ -60,7 +60,7 @@ def read_bci_data(folder):
                              f'holds {signals.shape[0]} trials (one line per trial)')
     if splits is None:
         splits = default_splits(len(texts))
-    data = BciData(folder, signals, texts, splits)
+    data = TrialSet(folder, signals, texts, splits)
     if not data.indices('train'):
         raise SlowLlamaError(f'{os.path.join(folder, TEXTS_FILE)}: no trial has "split": "train"')
     return data
@@ -150,7 +150,7 @@ def channel_stats(signals, indices):
 # --- batches ---------------------------------------------------------------------------------
 
 @dataclass
-class BciBatch(Batch):
+class TrialBatch(Batch):
     """tokens [batch, seq]: the start token, then the text; targets: the text, then EOS (IGNORE on
     padding); signals [batch, channels, time] float32, row for row."""
     signals: torch.Tensor
@@ -181,7 +181,7 @@ class TrialTexts:
             tokens[row, :len(ids)] = torch.tensor([self.start_token] + ids[:-1], dtype=torch.long)
             targets[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         signals = torch.from_numpy(np.array(self.data.signals[list(indices)], dtype=np.float32))
-        return BciBatch(tokens, targets, signals)
+        return TrialBatch(tokens, targets, signals)
 
 
 class TrialBatches(EpochShuffle):

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from .config import read_json
-from .errors import SlowLlamaError
-from .files import SafetensorsFile, write_json, write_safetensors
+from ..config import read_json
+from ..errors import SlowLlamaError
+from ..files import SafetensorsFile, write_json, write_safetensors
 
 ENCODER_WEIGHTS = 'encoder.safetensors'
 ENCODER_CONFIG = 'encoder_config.json'
@@ -176,7 +176,7 @@ def prefix_embeddings(model, encoder, signals, prompt):
     return torch.cat([fixed, prefix], dim=1)
 
 
-def bci_step(model, batch, prompt=()):
+def train_step(model, batch, prompt=()):
     """Training step for the Trainer: streamed forward + manual backward, the gradient at the prefix
     positions carried on into the encoder. Returns the mean loss over the text tokens."""
     encoder = model.attached[ENCODER_NAME]
@@ -186,7 +186,7 @@ def bci_step(model, batch, prompt=()):
 
 
 @torch.no_grad()
-def bci_loss(model, batch, prompt=()):
+def eval_loss(model, batch, prompt=()):
     encoder = model.attached[ENCODER_NAME]
     encoder.eval()
     prefix = prefix_embeddings(model, encoder, batch.signals, list(prompt))

@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from .bci_data import SIGNALS_FILE, TEXTS_FILE
-from .errors import SlowLlamaError
-from .files import atomic_open
+from ..errors import SlowLlamaError
+from ..files import atomic_open
+from .data import SIGNALS_FILE, TEXTS_FILE
 
 WORDS = ('the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'ships', 'at', 'sea', 'look', 'for',
          'light', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten')
@@ -84,24 +84,3 @@ def write_demo_set(folder, signals, lines):
         np.save(f, signals, allow_pickle=False)
     with atomic_open(os.path.join(folder, TEXTS_FILE), 'w') as f:
         f.writelines(json.dumps(line) + '\n' for line in lines)
-
-
-# --- the command --------------------------------------------------------------------------------
-
-def add_arguments(p):
-    p.add_argument('out', help='the data folder to write (signals.npy + texts.jsonl)')
-    p.add_argument('--trials', type=int, default=400, help='recordings (default 400)')
-    p.add_argument('--sentences', type=int, default=24, help='distinct sentences (default 24)')
-    p.add_argument('--channels', type=int, default=16, help='electrodes (default 16)')
-    p.add_argument('--word-len', type=int, default=16, help='samples per word (default 16)')
-    p.add_argument('--max-words', type=int, default=4, help='words per sentence at most (default 4)')
-    p.add_argument('--noise', type=float, default=0.5, help='noise standard deviation (default 0.5)')
-    p.add_argument('--no-splits', action='store_true', help='leave "split" out (bci data then splits itself)')
-    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
-
-
-def run(args):
-    texts = make_demo_set(args.out, args.trials, args.sentences, args.channels, args.word_len, args.max_words,
-                          args.noise, splits=not args.no_splits, seed=args.seed)
-    print(f'{args.trials} trials of {len(texts)} sentences written to {os.path.abspath(args.out)}; '
-          f'e.g. {texts[0]!r}')

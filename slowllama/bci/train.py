@@ -6,38 +6,20 @@ folder when it holds one, else a new one built from the --bci-* flags and the tr
 At each evaluation a few validation trials are decoded and their exact match and WER shown.
 """
 import os
+import sys
 
-from .errors import SlowLlamaError
+from ..errors import SlowLlamaError
+from ..recipes.run_setup import load_model, run_config_of, setup_run, train_and_report
+from ..train import Trainer
+from .data import TrialBatches, TrialTexts, channel_stats, fixed_trial_batches, read_data
+from .decode import decode_trials, exact_match, word_error_rate
+from .encoder import (EncoderConfig, SignalEncoder, attach_encoder, embedding_rms, eval_loss, has_encoder,
+                      load_encoder, prompt_ids, train_step)
 
-# finetune defaults that suit the encoder, trained from scratch (a flag or the YAML file still wins)
-BCI_DEFAULTS = {'iters': 300, 'lr': 1e-3, 'batch-size': 8, 'warmup': 20, 'seq-len': 64, 'eval-every': 100,
-                'targets': 'q,k,v,o'}
-
-# flag -> (type, default, help), merged into finetune.FLAGS
-BCI_FLAGS = {
-    'bci-data': (str, None, 'BCI data folder (signals.npy + texts.jsonl): train the signal encoder head; '
-                            'defaults then become ' + ' '.join(f'--{k} {v}' for k, v in BCI_DEFAULTS.items())),
-    'bci-encoder': (str, None, 'start from the encoder saved in this folder (default: a new one)'),
-    'bci-d-enc': (int, 128, 'BCI encoder width'),
-    'bci-layers': (int, 2, 'BCI encoder transformer layers'),
-    'bci-heads': (int, 4, 'BCI encoder attention heads'),
-    'bci-ffn': (int, 0, 'BCI encoder feed-forward width (0: 4 x width)'),
-    'bci-patch': (int, 8, 'samples per temporal patch (one prefix position each)'),
-    'bci-stride': (int, 4, 'samples between patch starts (0: the patch length)'),
-    'bci-dropout': (float, 0.1, 'dropout inside the BCI encoder'),
-    'bci-prompt': (str, '', 'fixed text placed before the signal prefix'),
-    'bci-decode-trials': (int, 8, 'validation trials decoded at each evaluation (0: none)'),
-}
-
-
-def build_bci(opts, stream=None):
-    """-> (model, tokenizer, trainer) for a BCI run, like finetune.build."""
-    from .bci import attach_encoder, bci_loss, bci_step, prompt_ids
-    from .bci_data import TrialBatches, TrialTexts, fixed_trial_batches, read_bci_data
-    from .finetune import load_model, run_config_of, setup_run
-    from .train import Trainer
+def build(opts, stream=None):
+    """-> (model, tokenizer, trainer) for a BCI run, ready to run."""
     run = setup_run(opts, ('model',), 'with --bci-data')
-    data = read_bci_data(opts.bci_data)
+    data = read_data(opts.bci_data)
     model = load_model(opts, run.device)  # seeds --seed first: the LoRA, then the encoder initialisation
     tokenizer = run.tokenizer
     encoder = attach_encoder(model, make_encoder(opts, data, model, tokenizer, run.out).to(run.device))
@@ -51,8 +33,8 @@ def build_bci(opts, stream=None):
     if opts.bci_decode_trials > 0 and val_indices:
         shown = val_indices[:opts.bci_decode_trials]
         sample_fn = lambda m: decode_summary(m, data, tokenizer, shown, opts.seq_len)  # noqa: E731
-    trainer = Trainer(model, run.train_cfg, run.out, train, val, step_fn=lambda m, b: bci_step(m, b, prompt),
-                      eval_fn=lambda m, b: bci_loss(m, b, prompt), sample_fn=sample_fn,
+    trainer = Trainer(model, run.train_cfg, run.out, train, val, step_fn=lambda m, b: train_step(m, b, prompt),
+                      eval_fn=lambda m, b: eval_loss(m, b, prompt), sample_fn=sample_fn,
                       run_config=run_config_of(opts), stream=stream, group=run.group,
                       skip_nonfinite=opts.skip_nonfinite)
     trainer.log(data.summary())
@@ -61,9 +43,13 @@ def build_bci(opts, stream=None):
     return model, tokenizer, trainer
 
 
+def run(opts, stream=None):
+    """Train as `opts` (resolved finetune flags with --bci-data) say; returns the Trainer's summary."""
+    _, _, trainer = build(opts, stream or sys.stderr)
+    return train_and_report(trainer, resume=opts.resume)
+
+
 def make_encoder(opts, data, model, tokenizer, run_dir):
-    from .bci import EncoderConfig, SignalEncoder, embedding_rms, has_encoder, load_encoder
-    from .bci_data import channel_stats
     own = os.path.join(str(run_dir), 'adapter')
     source = next((f for f in (own if opts.resume else None, opts.bci_encoder, opts.adapter) if has_encoder(f)),
                   None)
@@ -90,7 +76,6 @@ def start_token(tokenizer):
 
 def decode_summary(model, data, tokenizer, indices, max_new_tokens):
     """'exact 3/8, WER 0.21: "pred" for "ref"' over a few validation trials (shown at evaluations)."""
-    from .bci_decode import decode_trials, exact_match, word_error_rate
     predictions = decode_trials(model, data, tokenizer, indices, max_new_tokens)
     references = [data.texts[i] for i in indices]
     hits = round(exact_match(predictions, references) * len(indices))

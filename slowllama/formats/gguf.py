@@ -17,7 +17,7 @@ from ..errors import SlowLlamaError
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
                      NORM_TENSOR, OUTER_TENSORS)
 from ..progress import progress
-from .gguf_tokenizer import tokenizer_files
+from .gguf_tokenizer import metadata, tokenizer_files
 from .layout import block_to_hf
 
 ARCHITECTURES = ('llama',)
@@ -62,11 +62,6 @@ def open_reader(path):
         return gguf.GGUFReader(path, 'r')
     except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
         raise SlowLlamaError(f'{path}: truncated or corrupt GGUF file ({e})') from None
-
-
-def metadata(reader, key, default=None):
-    field = reader.fields.get(key)
-    return field.contents() if field is not None else default
 
 
 def read_config(src, reader=None):

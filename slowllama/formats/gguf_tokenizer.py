@@ -24,9 +24,14 @@ SPECIAL_TOKENS = {'bos_token': 'tokenizer.ggml.bos_token_id', 'eos_token': 'toke
                   'unk_token': 'tokenizer.ggml.unknown_token_id', 'pad_token': 'tokenizer.ggml.padding_token_id'}
 
 
+def metadata(reader, key, default=None):
+    """The value of a GGUF metadata key (default when the file lacks it)."""
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else default
+
+
 def tokenizer_files(reader, path):
     """{file name: bytes} for the GGUF's tokenizer (empty if the file has none)."""
-    from .gguf import metadata
     model = metadata(reader, 'tokenizer.ggml.model')
     if model is None:
         return {}

@@ -9,20 +9,59 @@ import time
 
 import torch
 
-from .config import ModelConfig
-from .plan import GIB, model_params, predict
+from ..config import SHAPES, shape_config
+from ..devices import best_device
+from ..errors import SlowLlamaError
+from ..plan import GIB, model_params, predict, print_plan
+from ..store import model_config
 
-SHAPES = {  # name -> HF config fields
-    'tiny': dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=4096),
-    '0.4b': dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000),
-    '7b': dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    # a few blocks of Llama-2/3 70B's shape, for the time per block against the time to copy it
-    '70b-block': dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=32000),
-}
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def add_arguments(p):
+    p.add_argument('--device', default=None, help='cpu | cuda (default: the best present)')
+    p.add_argument('--shape', default=None,
+                   help='tiny | 0.4b | 7b | 70b-block (default: 0.4b on cpu, 7b on cuda)')
+    p.add_argument('--batch-size', type=int, default=None)
+    p.add_argument('--seq-len', type=int, default=None)
+    p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
+    p.add_argument('--lora-rank', type=int, default=4)
+    p.add_argument('--targets', default='q,v')
+    p.add_argument('--modes', default=None, help='slowllama offload modes to run (default: disk,ram,device; '
+                   'ram for 70b-block)')
+    p.add_argument('--peers', default=None, help='transformers+peft configurations to run (default: '
+                   'hf,hf-ckpt; none for 70b-block)')
+    p.add_argument('--rounds', type=int, default=1, help='run the configurations in turn this many times '
+                   'and keep each one\'s median')
+    p.add_argument('--work', default='models/bench', help='where the random benchmark models are kept')
+    p.add_argument('--json', default='bench.json', help='where to write the results')
+    p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
+    p.add_argument('--model', default=None, help='with --plan: a prepared model folder')
+
+
+def run(args):
+    if args.plan:
+        cfg = model_config(args.model) if args.model else shape_config(args.shape or '7b')
+        return print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
+                          _list(args.targets))
+    device = args.device or best_device()
+    on_cpu = device == 'cpu'
+    shape = args.shape or ('0.4b' if on_cpu else '7b')
+    shape_config(shape)  # one line for an unknown shape
+    if args.rounds < 1 or args.steps < 1:
+        raise SlowLlamaError('--rounds and --steps must be at least 1')
+    blocks_only = shape == '70b-block'  # per-block timing; no whole-model peer to compare with
+    bench(device=device, shape=shape, batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128,
+          steps=args.steps, rank=args.lora_rank, targets=_list(args.targets),
+          modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
+          peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
+          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds)
+
+
+def _list(text):
+    return tuple(x for x in text.split(',') if x)
 
 
 # --- the worker: one configuration in a fresh process ----------------------------------------
@@ -188,7 +227,7 @@ def make_models(shape, work, dtype):
 
 
 def run_in_subprocess(spec):
-    out = subprocess.run([sys.executable, '-m', 'slowllama.bench', '--worker', json.dumps(spec)],
+    out = subprocess.run([sys.executable, '-m', 'slowllama.recipes.bench', '--worker', json.dumps(spec)],
                          capture_output=True, text=True)
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ['?'])[-1]
@@ -203,7 +242,7 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
     times and each keeps its median, so a machine that drifts slows them all alike."""
     dtype = dtype or ('fp32' if device == 'cpu' else 'bf16')
     hf_dir, prepared = make_models(shape, work, dtype)
-    cfg = ModelConfig.from_dict(json.load(open(os.path.join(prepared, 'manifest.json')))['config'])
+    cfg = model_config(prepared)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
                 targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir)
     configs = [('slowllama', m) for m in modes] + [(p, '-') for p in peers]

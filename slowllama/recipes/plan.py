@@ -1,0 +1,21 @@
+"""The plan recipe: the predicted peak device and host memory of a finetune, for a prepared model or a
+named shape, in each offload mode, before running it."""
+from ..config import shape_config
+from ..plan import print_plan
+from ..store import model_config
+
+
+def add_arguments(p):
+    p.add_argument('--model', default=None, help='a prepared model folder')
+    p.add_argument('--shape', default='7b', help='tiny | 0.4b | 7b | 70b-block, when no --model')
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--seq-len', type=int, default=128)
+    p.add_argument('--dtype', default='bf16')
+    p.add_argument('--lora-rank', type=int, default=8)
+    p.add_argument('--targets', default='q,v')
+
+
+def run(args):
+    cfg = model_config(args.model) if args.model else shape_config(args.shape or '7b')
+    print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
+               tuple(args.targets.split(',')))

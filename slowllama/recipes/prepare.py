@@ -1,0 +1,15 @@
+"""The prepare recipe: a Meta checkpoint, a Hugging Face folder or a GGUF file -> a prepared folder."""
+import os
+
+from ..formats import prepare
+
+
+def add_arguments(p):
+    p.add_argument('src', help='Meta checkpoint folder, Hugging Face folder, or .gguf file')
+    p.add_argument('out', help='the prepared folder to write')
+    p.add_argument('--dtype', default='bf16', help='bf16 | fp16 | fp32 (default bf16)')
+
+
+def run(args):
+    out = prepare(args.src, args.out, dtype=args.dtype)
+    print(f'prepared model written to {os.path.abspath(out)}')

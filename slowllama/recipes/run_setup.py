@@ -1,0 +1,130 @@
+"""What every training recipe does first, in one place: check the flags, join the process group, pick
+the device, open the prepared model (its manifest, tokenizer and weights, with LoRA) and the run folder;
+build the supervised (text) trainer; run a trainer to its end and report. Recipes import this module,
+never each other."""
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..api import load
+from ..completion import complete
+from ..data import load_data
+from ..devices import default_dtype, resolve_device
+from ..distributed import init_from_env, shutdown
+from ..errors import SlowLlamaError
+from ..formats.tokenizer import load_tokenizer
+from ..lora import LoraConfig
+from ..store import read_manifest, verify_model
+from ..train import TrainConfig, Trainer
+from .options import parse_bytes
+
+
+def new_run_dir(root='runs'):
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    path, n = os.path.join(root, stamp), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(root, f'{stamp}-{n}')
+    return path
+
+
+@dataclass
+class RunSetup:
+    group: object      # slowllama.distributed.Group
+    device: object     # torch.device
+    tokenizer: object
+    train_cfg: object  # slowllama.train.TrainConfig
+    out: str           # the run folder (rank 0's choice on every process)
+
+
+def setup_run(opts, required, hint):
+    """What every recipe needs first: flags checked, the process group and device, the model's
+    manifest (verified with --verify) and tokenizer, the training settings and the run folder."""
+    for flag in required:
+        if getattr(opts, flag) is None:
+            raise SlowLlamaError(f'--{flag} is required ({hint})')
+    if opts.resume and opts.out is None:
+        raise SlowLlamaError('--resume needs --out RUN_DIR, the run to continue')
+    for flag in ('batch_size', 'eval_batches', 'max_new_tokens'):
+        if getattr(opts, flag) < 1:
+            raise SlowLlamaError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(opts, flag)}')
+    train_cfg = train_config(opts)
+    group, device_name = init_from_env(opts.device)
+    device = resolve_device(device_name)
+    manifest = read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    if opts.verify:
+        verify_model(opts.model)
+    if opts.seq_len > manifest['config']['max_seq_len']:
+        raise SlowLlamaError(f'--seq-len {opts.seq_len} is above the model\'s maximum of '
+                             f'{manifest["config"]["max_seq_len"]} positions')
+    out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
+    return RunSetup(group, device, load_tokenizer(opts.model), train_cfg, out)
+
+
+def train_config(opts):
+    return TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
+                       eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup, schedule=opts.schedule,
+                       min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip, seed=opts.seed,
+                       save_every=opts.save_every, eval_every=opts.eval_every, keep_checkpoints=opts.keep_checkpoints)
+
+
+def load_model(opts, device):
+    """The prepared model with fresh LoRA (seeded by --seed) or --adapter, placed as the flags say."""
+    torch.manual_seed(opts.seed)  # the LoRA initialisation
+    lora = LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
+    return load(opts.model, device, default_dtype(device, opts.dtype), lora=lora, adapter=opts.adapter,
+                offload=opts.offload, dropout=opts.dropout,
+                max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
+
+
+def run_config_of(opts):
+    return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(opts).items()}
+
+
+def build_sft(opts, stream=None):
+    """-> (model, tokenizer, trainer) of a supervised run on text data, ready to run."""
+    run = setup_run(opts, ('model', 'data'), 'run finetune.py with no flags at all for the demo')
+    # under torchrun the data yields global batches; each process trains on its own rows of them
+    data = load_data(opts.data, run.tokenizer, opts.seq_len, opts.batch_size * run.group.world, seed=opts.seed,
+                     val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
+                     eval_batches=opts.eval_batches)
+    model = load_model(opts, run.device)
+    sample_fn = None
+    if opts.prompt:
+        sample_fn = lambda m: complete(m, run.tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
+    trainer = Trainer(model, run.train_cfg, run.out, data.train, data.val, sample_fn=sample_fn,
+                      run_config=run_config_of(opts), stream=stream, group=run.group,
+                      skip_nonfinite=opts.skip_nonfinite)
+    trainer.log(data.summary)
+    return model, run.tokenizer, trainer
+
+
+def train_and_report(trainer, resume=False):
+    """Run the trainer; close the process group (on failure too); print the summary and the run folder
+    on the main process. Returns the Trainer's summary."""
+    say = print if trainer.group.is_main else (lambda *a, **k: None)
+    say(f'run folder: {trainer.run_dir}', flush=True)
+    try:
+        summary = trainer.run(resume=resume)
+    except BaseException:
+        shutdown(ok=False)
+        raise
+    shutdown()
+    say(format_summary(summary), flush=True)
+    say(f'run folder: {trainer.run_dir}', flush=True)
+    return summary
+
+
+def format_summary(summary):
+    parts = [f'step {summary["step"]}']
+    if summary['first_loss'] is not None:
+        parts.append(f'loss {summary["first_loss"]:.4f} -> {summary["last_loss"]:.4f}')
+    if summary['eval_loss'] is not None:
+        parts.append(f'eval loss {summary["eval_loss"]:.4f}')
+    if summary['tokens_per_s']:
+        parts.append(f'{summary["tokens_per_s"]:.0f} tokens/s')
+    parts.append(f'{summary["seconds"]:.1f}s')
+    return 'done: ' + ', '.join(parts)
