@@ -3,6 +3,7 @@ total host memory, free device memory, and the share of the host's RAM that is t
 when torchrun starts several on one machine. On a Mac (mps) host and device are one memory: one
 budget, counted once."""
 import os
+import sys
 
 import psutil
 import torch
@@ -37,3 +38,28 @@ def host_share():
         return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
     except ValueError:
         return 1
+
+
+def process_rss():
+    """This process's resident bytes now."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss():
+    """This process's peak resident bytes (since reset_peak_rss(), where the OS allows a reset)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return psutil.Process().memory_info().peak_wset
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == 'darwin' else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss():
+    """Start the peak over from the current resident bytes (Linux; elsewhere the peak is the
+    process's whole life, which a benchmark worker started for one measurement can live with)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
