@@ -168,7 +168,8 @@ def make_models(shape, work, dtype):
         torch.manual_seed(0)
         config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
         # built in the benchmark's dtype, not in fp32 first: a 7B model then needs 13.5 GB, not 27
-        model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
+        with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):  # a GPU draws 7B numbers in seconds
+            model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
         model.save_pretrained(hf_dir, max_shard_size='2GB')
         del model
     if not os.path.exists(os.path.join(prepared, 'manifest.json')):
