@@ -137,6 +137,7 @@ def test_arena_views_are_aligned_apart_and_hold_what_is_written():
     arena = HostArena(specs)
     assert arena.nbytes == total and arena.memory.numel() == total and not arena.pinned
     base = arena.memory.data_ptr()
+    assert base % ALIGNMENT == 0
     for key, (shape, dtype) in specs.items():
         view = arena.tensors[key]
         assert view.shape == shape and view.dtype == dtype and view.is_contiguous()
