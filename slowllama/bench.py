@@ -41,6 +41,7 @@ def run_worker(spec):
     started = time.perf_counter()
     step, params = (_slowllama_step if spec['system'] == 'slowllama' else _hf_step)(spec, device, dtype,
                                                                                    tokens, targets)
+    synchronize(device)
     load_s = time.perf_counter() - started
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times, marks = [], getattr(step, 'block_marks', None)
