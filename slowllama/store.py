@@ -245,14 +245,17 @@ class BlockStore:
     def release_all(self):
         for i in list(self._held):
             self.release(i)
-        pending, self._pending = self._pending, {}
-        for ticket in pending.values():
-            self._discard(ticket)
+        while self._pending:  # one at a time: a second Ctrl-C leaves the rest for the next call
+            self._discard(self._pending.popitem()[1])
 
     def _discard(self, ticket):
-        """Give back the slot of a fetch that will not be used, once the reader thread has let go."""
-        ticket.settle()
-        self._copier.release(ticket.slot)
+        """Give back the slot of a fetch that will not be used, once the reader thread has let go
+        (interrupted while waiting, the slot still comes back: the reader thread runs one fetch at a
+        time, so its next work on the slot starts after this one)."""
+        try:
+            ticket.settle()
+        finally:
+            self._copier.release(ticket.slot)
 
     def head_norm(self):
         """The final norm's weight on the compute device."""

@@ -230,3 +230,17 @@ def test_unified_memory_is_one_budget(monkeypatch):
     resident = blocks.count('device')
     plan = predict(LLAMA_7B, 4, 128, 'bf16', resident_blocks=resident)
     assert plan.device_bytes + plan.host_bytes <= 0.9 * 10 * 2 ** 30
+
+
+def test_on_a_mac_the_device_budget_is_what_the_os_has_free(monkeypatch):
+    """Unified memory: the free bytes psutil reports, within what Metal allows the process."""
+    import psutil
+    from collections import namedtuple
+    from slowllama.memory import free_device_memory
+    memory = namedtuple('memory', 'total available')
+    monkeypatch.setattr(torch.mps, 'recommended_max_memory', lambda: 21 * 2 ** 30, raising=False)
+    monkeypatch.setattr(torch.mps, 'driver_allocated_memory', lambda: 1 * 2 ** 30, raising=False)
+    monkeypatch.setattr(psutil, 'virtual_memory', lambda: memory(32 * 2 ** 30, 12 * 2 ** 30))
+    assert free_device_memory(torch.device('mps')) == 12 * 2 ** 30  # a busy 32 GB Mac: the OS's figure
+    monkeypatch.setattr(psutil, 'virtual_memory', lambda: memory(128 * 2 ** 30, 100 * 2 ** 30))
+    assert free_device_memory(torch.device('mps')) == 20 * 2 ** 30  # a 128 GB Mac: Metal's limit, not 8 GiB
