@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .head import MIN_SLICE_ROWS, SLICE_ELEMENTS
+from .pinned import ROW_STAGING_BYTES
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
@@ -69,11 +70,11 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
         device += tables
     if stash_on_device:
         device += saved_inputs
-    host = pinned_bytes(cfg, batch * seq, w, resident_blocks, ram_blocks) + (0 if stash_on_device else saved_inputs)
+    host = pinned_bytes(cfg, w, resident_blocks, ram_blocks) + (0 if stash_on_device else saved_inputs)
     return MemoryPlan(int(device), int(host), resident_blocks, ram_blocks)
 
 
-def pinned_bytes(cfg: ModelConfig, tokens, w, resident_blocks, ram_blocks):
+def pinned_bytes(cfg: ModelConfig, w, resident_blocks, ram_blocks):
     """Host bytes the store pins (store.py, pinned.py): the RAM tier (its blocks, and the embeddings
     and head with them when anything is held in RAM), and when blocks stream from disk their two
     staging buffers and the head's two, in the compute dtype (the reader thread converts)."""
@@ -81,8 +82,8 @@ def pinned_bytes(cfg: ModelConfig, tokens, w, resident_blocks, ram_blocks):
     tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2) + cfg.dim * w  # + the final norm
     everything_resident = resident_blocks == cfg.n_layers
     host = ram_blocks * block + (tables if ram_blocks and not everything_resident else 0)
-    if cfg.n_layers - resident_blocks > ram_blocks:
-        head_rows = min(cfg.vocab_size, max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens))
+    if cfg.n_layers - resident_blocks > ram_blocks:  # the head is on the disk tier too
+        head_rows = min(cfg.vocab_size, max(1, ROW_STAGING_BYTES // (cfg.dim * w)))
         host += 2 * block + 2 * head_rows * cfg.dim * w
     return host
 

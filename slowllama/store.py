@@ -21,7 +21,7 @@ from .errors import SlowLlamaError
 from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
-from .pinned import HostArena
+from .pinned import ROW_STAGING_BYTES, HostArena
 from .streams import CopyQueue
 
 FORMAT_NAME = 'slowllama-prepared'
@@ -272,7 +272,7 @@ class BlockStore:
         if self.device.type == 'cpu':
             return rows.to(self.dtype)  # used in place when the dtypes match
         if self._head_stager is None:
-            self._head_stager = RowStager(self._copier.queue, rows.shape, self.dtype)
+            self._head_stager = RowStager(self._copier.queue, self.cfg.dim, self.dtype)
         return self._head_stager.bring(rows)
 
     def release_head_rows(self, start, end):
@@ -465,24 +465,30 @@ class Pending:
 
 class RowStager:
     """Rows of a mapped table (the head, a vocabulary slice at a time) to the device through two
-    pinned host buffers, as blocks travel: a copy from pageable memory would make the host wait
-    for everything queued on the device, once per slice. The copy is queued on the compute stream
-    (the slices are small; what matters is that nothing waits)."""
+    pinned host buffers of ROW_STAGING_BYTES each, as blocks travel: a copy from pageable memory
+    would make the host wait for everything queued on the device, once per slice. A slice larger
+    than a buffer (generation takes the whole vocabulary at once) goes in chunks. The copies are
+    queued on the compute stream: the slices are small, what matters is that nothing waits."""
 
-    def __init__(self, queue, shape, dtype):
+    def __init__(self, queue, dim, dtype):
         self.queue = queue
-        self.arena = HostArena({0: (tuple(shape), dtype), 1: (tuple(shape), dtype)},
+        self.rows = max(1, ROW_STAGING_BYTES // (dim * dtype.itemsize))
+        self.arena = HostArena({0: ((self.rows, dim), dtype), 1: ((self.rows, dim), dtype)},
                                pin=queue.device.type == 'cuda')
         self._copied, self._turn = [None, None], 0
 
     def bring(self, rows):
-        """rows [n, dim] (n at most the first call's) -> a copy on the device."""
-        turn, self._turn = self._turn, 1 - self._turn
-        self.queue.host_waits(self._copied[turn])  # the copy out of this buffer, two slices ago
-        staging = self.arena.tensors[turn][:rows.shape[0]]
-        staging.copy_(rows)
-        on_device = staging.to(self.queue.device, non_blocking=True)
-        self._copied[turn] = self.queue.after_compute()
+        """rows [n, dim] (mapped, any dtype) -> a copy on the device in the buffers' dtype."""
+        dtype = self.arena.tensors[0].dtype
+        on_device = torch.empty(rows.shape, dtype=dtype, device=self.queue.device)
+        for start in range(0, rows.shape[0], self.rows):
+            chunk = rows[start:start + self.rows]
+            turn, self._turn = self._turn, 1 - self._turn
+            self.queue.host_waits(self._copied[turn])  # the copy out of this buffer, two chunks ago
+            staging = self.arena.tensors[turn][:chunk.shape[0]]
+            staging.copy_(chunk)  # the page faults and the dtype conversion, on the host
+            on_device[start:start + chunk.shape[0]].copy_(staging, non_blocking=True)
+            self._copied[turn] = self.queue.after_compute()
         return on_device
 
 

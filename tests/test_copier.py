@@ -13,7 +13,7 @@ import slowllama
 import slowllama.store as store_module
 from slowllama.config import ModelConfig
 from slowllama.files import SafetensorsFile
-from slowllama.pinned import ALIGNMENT, HostArena, arena_bytes, arena_layout
+from slowllama.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
 from slowllama.plan import pinned_bytes, predict
 from slowllama.store import EMBED_FILE, HEAD_FILE, DeviceCopier, Pending, Ready, block_file, block_shapes
 from conftest import random_batch
@@ -183,7 +183,7 @@ def test_planned_host_bytes_are_the_arenas_bytes(cfg):
     ram = predict(cfg, 16, 128, 'bf16', ram_blocks=cfg.n_layers)
     arena = arena_bytes(ram_tier_specs(cfg, torch.bfloat16, cfg.n_layers))
     assert ram.host_bytes <= arena <= ram.host_bytes + (len(block_shapes(cfg)) * cfg.n_layers + 3) * ALIGNMENT
-    assert ram.host_bytes == pinned_bytes(cfg, 16 * 128, 2, 0, cfg.n_layers)
+    assert ram.host_bytes == pinned_bytes(cfg, 2, 0, cfg.n_layers)
     rounded = lambda nbytes: 1 << (nbytes - 1).bit_length()  # noqa: E731  (torch's pinned allocator)
     per_tensor = cfg.n_layers * sum(rounded(math.prod(shape) * 2) for shape in block_shapes(cfg).values())
     assert arena < 0.8 * per_tensor
@@ -193,11 +193,11 @@ def test_streaming_from_disk_plans_its_staging_buffers_and_ram_blocks_bring_the_
     w = 2
     block = arena_bytes({name: (shape, torch.bfloat16) for name, shape in block_shapes(LLAMA_7B).items()})
     tables = 2 * LLAMA_7B.vocab_size * LLAMA_7B.dim * w
-    from_disk = pinned_bytes(LLAMA_7B, 2048, w, resident_blocks=0, ram_blocks=0)
-    assert 2 * block - 9 * 2 * ALIGNMENT <= from_disk < 2 * block + 32 * 2 ** 20  # + two head slices
-    some_in_ram = pinned_bytes(LLAMA_7B, 2048, w, resident_blocks=0, ram_blocks=4)
+    from_disk = pinned_bytes(LLAMA_7B, w, resident_blocks=0, ram_blocks=0)
+    assert from_disk == pytest.approx(2 * block + 2 * ROW_STAGING_BYTES, abs=9 * 2 * ALIGNMENT)  # + the head's two
+    some_in_ram = pinned_bytes(LLAMA_7B, w, resident_blocks=0, ram_blocks=4)
     assert some_in_ram - from_disk >= 4 * (block - 9 * ALIGNMENT) + tables
-    on_device = pinned_bytes(LLAMA_7B, 2048, w, resident_blocks=32, ram_blocks=0)
+    on_device = pinned_bytes(LLAMA_7B, w, resident_blocks=32, ram_blocks=0)
     assert on_device == 0
 
 
@@ -244,3 +244,19 @@ def test_on_a_mac_the_device_budget_is_what_the_os_has_free(monkeypatch):
     assert free_device_memory(torch.device('mps')) == 12 * 2 ** 30  # a busy 32 GB Mac: the OS's figure
     monkeypatch.setattr(psutil, 'virtual_memory', lambda: memory(128 * 2 ** 30, 100 * 2 ** 30))
     assert free_device_memory(torch.device('mps')) == 20 * 2 ** 30  # a 128 GB Mac: Metal's limit, not 8 GiB
+
+
+def test_head_rows_from_disk_travel_through_two_staging_buffers_in_chunks(monkeypatch):
+    """A slice larger than a staging buffer (generation takes the whole vocabulary at once) goes
+    in chunks, the buffers taking turns, converted to the compute dtype on the host."""
+    from slowllama.store import RowStager
+    from slowllama.streams import CopyQueue
+    monkeypatch.setattr(store_module, 'ROW_STAGING_BYTES', 10 * 64 * 2)  # ten bf16 rows of 64
+    stager = RowStager(CopyQueue(torch.device('cpu')), 64, torch.bfloat16)
+    assert stager.rows == 10 and stager.arena.nbytes == 2 * ALIGNMENT
+    table = torch.randn(95, 64)  # fp32, as a mapped fp32 file gives it
+    for start, end in [(0, 7), (7, 95), (40, 41)]:
+        got = stager.bring(table[start:end])
+        assert got.dtype == torch.bfloat16 and torch.equal(got, table[start:end].to(torch.bfloat16))
+        staged = stager.arena.memory.data_ptr(), stager.arena.memory.data_ptr() + stager.arena.nbytes
+        assert not staged[0] <= got.data_ptr() < staged[1]  # a copy, not a view of a buffer reused later
