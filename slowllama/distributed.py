@@ -3,10 +3,12 @@
 Each process streams the blocks itself and takes its own rows of every global batch; the
 gradients of the trainable parameters are summed with all-reduce before each optimizer step, so N
 processes with batch B end where one process with batch N x B ends. nccl on cuda, gloo elsewhere.
-Only rank 0 writes checkpoints, metrics and logs.
+Only rank 0 writes checkpoints, metrics and logs; every process evaluates its share.
 """
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -69,9 +71,23 @@ class Group:
 SINGLE = Group()
 
 
-def init_from_env(device_name=None):
+SLOWEST_READ = 100e6  # bytes/s: a model read from a hard disk, the slowest tier a pass can take
+MIN_TIMEOUT = timedelta(minutes=30)
+
+
+def collective_timeout(model_bytes, grad_accum=1, eval_batches=0, sample_tokens=0):
+    """How long a process waits in a collective for the others before the run is declared hung:
+    twice the longest stretch between two collectives, in streamed passes over the model (a step:
+    a forward and a recomputation per micro-batch; an evaluation: its validation batches, and a
+    pass per sampled token), each read at worst from a hard disk; at least 30 minutes. nccl's
+    default of 10 minutes would end a disk-tier 70B run in its first evaluation."""
+    passes = max(2 * grad_accum, eval_batches + (sample_tokens + 1 if sample_tokens else 0))
+    return max(MIN_TIMEOUT, timedelta(seconds=math.ceil(2 * passes * model_bytes / SLOWEST_READ)))
+
+
+def init_from_env(device_name=None, timeout=MIN_TIMEOUT):
     """-> (Group, device name). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl with
-    one GPU per process (cuda:LOCAL_RANK) on cuda, gloo on cpu."""
+    one GPU per process (cuda:LOCAL_RANK) on cuda, gloo on cpu; `timeout` for every collective."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world <= 1:
         return SINGLE, device_name
@@ -81,7 +97,7 @@ def init_from_env(device_name=None):
     if kind == 'mps':
         raise SlowLlamaError('--device mps: torch.distributed has no mps backend; use cpu or cuda')
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo')
+        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo', timeout=timeout)
     if kind == 'cuda':
         torch.cuda.set_device(local_rank)
         return Group(rank, world, local_rank), f'cuda:{local_rank}'

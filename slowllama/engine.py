@@ -271,7 +271,7 @@ def sample(logits, temperature=0.0, top_p=1.0):
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)  # not a boolean index: that waits for the device
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1)
 

@@ -62,8 +62,10 @@ class StreamedHead:
         exp_rows = torch.zeros(tokens, dim, device=hidden.device) if gradient else None
         target_rows = torch.zeros(tokens, dim, device=hidden.device) if gradient else None
         for start, end, rows, logits in self._slice_logits(hidden):
-            hit = (targets >= start) & (targets < end)
-            target_logit[hit] = logits[hit, targets[hit] - start]
+            # gather and where, not boolean-mask indexing: a mask's nonzero() waits for the device
+            hit = (targets >= start) & (targets < end)  # [tokens]
+            local = (targets - start).clamp(0, end - start - 1)  # [tokens], in range where not hit
+            target_logit = torch.where(hit, logits.gather(1, local[:, None])[:, 0], target_logit)
             new_max = torch.maximum(running_max, logits.max(dim=-1).values)
             rescale = torch.exp(running_max - new_max)
             exp_logits = logits.sub_(new_max[:, None]).exp_()  # in place: the logits are not needed again
@@ -71,7 +73,7 @@ class StreamedHead:
             running_max = new_max
             if gradient:
                 exp_rows.mul_(rescale[:, None]).add_((exp_logits.to(rows.dtype) @ rows).float())
-                target_rows[hit] = rows[targets[hit] - start].float()
+                target_rows = torch.where(hit[:, None], rows.index_select(0, local).float(), target_rows)
         lse = running_max + torch.log(running_sum)
         return lse, target_logit, exp_rows / running_sum[:, None] if gradient else None, target_rows
 

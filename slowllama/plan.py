@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .head import MIN_SLICE_ROWS, SLICE_ELEMENTS
+from .pinned import ROW_STAGING_BYTES
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
@@ -69,10 +70,22 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
         device += tables
     if stash_on_device:
         device += saved_inputs
-    host = ram_blocks * block + (0 if stash_on_device else saved_inputs)
-    if streamed > ram_blocks:
-        host += 2 * block  # disk reads land in host buffers before the copy
+    host = pinned_bytes(cfg, w, resident_blocks, ram_blocks) + (0 if stash_on_device else saved_inputs)
     return MemoryPlan(int(device), int(host), resident_blocks, ram_blocks)
+
+
+def pinned_bytes(cfg: ModelConfig, w, resident_blocks, ram_blocks):
+    """Host bytes the store pins (store.py, pinned.py): the RAM tier (its blocks, and the embeddings
+    and head with them when anything is held in RAM), and when blocks stream from disk their two
+    staging buffers and the head's two, in the compute dtype (the reader thread converts)."""
+    block = block_params(cfg) * w
+    tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2) + cfg.dim * w  # + the final norm
+    everything_resident = resident_blocks == cfg.n_layers
+    host = ram_blocks * block + (tables if ram_blocks and not everything_resident else 0)
+    if cfg.n_layers - resident_blocks > ram_blocks:  # the head is on the disk tier too
+        head_rows = min(cfg.vocab_size, max(1, ROW_STAGING_BYTES // (cfg.dim * w)))
+        host += 2 * block + 2 * head_rows * cfg.dim * w
+    return host
 
 
 CPU_RUNTIME_BYTES = 160 * 1024 ** 2  # measured: library code paged in, the heap's free slack
@@ -86,11 +99,13 @@ def host_only_peak(cfg: ModelConfig, block, tables, held_blocks, step_bytes):
     return int(held_blocks * block + tables + step_bytes + CPU_RUNTIME_BYTES)
 
 
-def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget, **kw):
-    """The most blocks on the device, then in RAM, that keep the predicted peaks under the budgets."""
+def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget, unified=False, **kw):
+    """The most blocks on the device, then in RAM, that keep the predicted peaks under the budgets.
+    unified: device and host are one memory (a Mac), both peaks count against device_budget."""
     resident = cfg.n_layers
     plan = lambda r, m: predict(cfg, batch, seq, dtype, resident_blocks=r, ram_blocks=m, **kw)  # noqa: E731
-    while resident > 0 and plan(resident, 0).device_bytes > device_budget:
+    needs = (lambda p: p.device_bytes + p.host_bytes) if unified else (lambda p: p.device_bytes)  # noqa: E731
+    while resident > 0 and needs(plan(resident, 0)) > device_budget:
         resident -= 1
     ram = cfg.n_layers - resident
     while ram > 0 and plan(resident, ram).host_bytes > ram_budget:

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from .config import ModelConfig, read_json
 from .errors import SlowLlamaError
 from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
+from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
+from .pinned import ROW_STAGING_BYTES, HostArena
+from .streams import CopyQueue
 
 FORMAT_NAME = 'slowllama-prepared'
 FORMAT_VERSION = 1
@@ -207,8 +210,10 @@ class BlockStore:
         self._files, self._verified = {}, set()
         self.tiers = placement(self.cfg, self.device, dtype, offload, self.manifest['dtype'], max_device_mem,
                                max_ram, batch_hint)
-        self._resident = {f: self._load_resident(f, tier) for f, tier in self.tiers.items() if tier != 'disk'}
+        self._arena = None  # the RAM tier, one host allocation (pinned on cuda)
+        self._resident = self._load_resident()
         self._copier = DeviceCopier(self.device, block_shapes(self.cfg), dtype)
+        self._head_stager = None
         self._held, self._pending = {}, {}
 
     @property
@@ -222,7 +227,11 @@ class BlockStore:
         """{name: tensor} for block i on the compute device; valid until release(i)."""
         if i not in self._held:
             ticket = self._pending.pop(i, None) or self._fetch(i)
-            self._held[i] = ticket.wait()
+            try:
+                self._held[i] = ticket.wait()
+            except BaseException:  # a failed read or copy, out of memory, Ctrl-C: the slot comes back
+                self._discard(ticket)
+                raise
         return self._held[i][1]
 
     def prefetch(self, i):
@@ -241,10 +250,17 @@ class BlockStore:
     def release_all(self):
         for i in list(self._held):
             self.release(i)
-        for ticket in self._pending.values():
+        while self._pending:  # one at a time: a second Ctrl-C leaves the rest for the next call
+            self._discard(self._pending.popitem()[1])
+
+    def _discard(self, ticket):
+        """Give back the slot of a fetch that will not be used, once the reader thread has let go
+        (interrupted while waiting, the slot still comes back: the reader thread runs one fetch at a
+        time, so its next work on the slot starts after this one)."""
+        try:
             ticket.settle()
+        finally:
             self._copier.release(ticket.slot)
-        self._pending.clear()
 
     def head_norm(self):
         """The final norm's weight on the compute device."""
@@ -257,7 +273,12 @@ class BlockStore:
         filename, name = self._head_source()
         if filename in self._resident:
             return self._resident[filename][name][start:end].to(self.device, non_blocking=True)
-        return self._file(filename).tensor(name)[start:end].to(self.device, self.dtype)
+        rows = self._file(filename).tensor(name)[start:end]  # [slice, dim], mapped
+        if self.device.type == 'cpu':
+            return rows.to(self.dtype)  # used in place when the dtypes match
+        if self._head_stager is None:
+            self._head_stager = RowStager(self._copier.queue, self.cfg.dim, self.dtype)
+        return self._head_stager.bring(rows)
 
     def release_head_rows(self, start, end):
         """Rows read from a mapped file leave this process's memory (they stay in the page cache)."""
@@ -297,15 +318,25 @@ class BlockStore:
             return self._resident[filename][name].to(self.device, non_blocking=True)
         return self._file(filename).tensor(name).to(self.device, self.dtype, copy=True)
 
-    def _load_resident(self, filename, tier):
-        home = self.device if tier == 'device' else torch.device('cpu')
-        pin = tier == 'ram' and self.device.type == 'cuda'
-        tensors = {}
-        for name, t in self._file(filename).tensors().items():
-            t = t.to(home, self.dtype, copy=True)
-            tensors[name] = t.pin_memory() if pin else t
-        self._files.pop(filename).advise(mmap.MADV_DONTNEED)
-        return tensors
+    def _load_resident(self):
+        """{filename: {name: tensor}} for every file not on the disk tier: those on the device copied
+        there, those in RAM into one host arena (pinned on cuda), in the compute dtype."""
+        in_ram = [f for f, tier in self.tiers.items() if tier == 'ram']
+        specs = {(f, name): (self._file(f).shape(name), self.dtype) for f in in_ram for name in self._file(f).names()}
+        self._arena = HostArena(specs, pin=self.device.type == 'cuda')
+        resident = {}
+        for filename, tier in self.tiers.items():
+            if tier == 'disk':
+                continue
+            tensors = {}
+            for name, t in self._file(filename).tensors().items():
+                if tier == 'ram':
+                    tensors[name] = self._arena.tensors[(filename, name)].copy_(t)
+                else:
+                    tensors[name] = t.to(self.device, self.dtype, copy=True)
+            self._files.pop(filename).advise(mmap.MADV_DONTNEED)
+            resident[filename] = tensors
+        return resident
 
     def _file(self, filename):
         if filename not in self._files:
@@ -324,45 +355,53 @@ class DeviceCopier:
     """Brings streamed blocks to the device in their compute dtype, through two preallocated device
     buffers (double buffering), so block i+1 travels while block i computes.
 
-    On cuda the host -> device copy runs on a side stream, and a buffer is only overwritten once the
-    compute that read it is done. A block read from disk is first read into a pinned staging buffer
-    by a background thread (the reads and page faults would otherwise hold up the thread that
-    launches the compute), then copied. On a cpu there is nothing to copy when the file's dtype is
-    the compute dtype (the mapped file is used as it is); otherwise the conversion into the buffer
-    runs in the background thread."""
+    The copies go through a CopyQueue (a side stream on cuda, the one queue on mps), and a buffer is
+    only overwritten once the compute that read it is done. A block read from disk is first read by
+    a background thread into a pinned staging buffer, converted there to the compute dtype (the
+    reads, page faults and conversion would otherwise hold up the thread that launches the compute,
+    and a dtype-changing copy would make a device temporary), then copied. On a cpu there is nothing
+    to copy when the file's dtype is the compute dtype (the mapped file is used as it is); otherwise
+    the conversion into the buffer runs in the background thread.
+
+    A fetch holds one of the two slots from start() to release(slot); a fetch that fails after
+    claiming one must still be released (BlockStore does)."""
 
     def __init__(self, device, shapes, dtype):
         self.device, self.dtype, self.shapes = device, dtype, shapes
-        self.cuda, self.on_cpu = device.type == 'cuda', device.type == 'cpu'
-        self._buffers, self._staging = [None, None], [None, None]
+        self.on_cpu = device.type == 'cpu'
+        self.queue = CopyQueue(device)
+        self._buffers, self._staging = [None, None], None
         self._free_events, self._copied_events, self._in_use = [None, None], [None, None], [False, False]
         self._reader = None
-        if self.cuda:
-            self._stream = torch.cuda.Stream(device)
 
     def start(self, host_tensors, from_disk=False):
         if self.on_cpu and all(t.dtype == self.dtype for t in host_tensors.values()):
             return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
-        if not self.on_cpu and not self.cuda:  # mps: the copy is queued on its own stream already
-            return Ready(None, {n: t.to(self.device, self.dtype) for n, t in host_tensors.items()})
-        slot = self._in_use.index(False)  # the engine holds at most one block while one is pending
-        self._in_use[slot] = True
-        if self.on_cpu:
-            return Pending(slot, self._read_in_background(self._convert, slot, host_tensors))
-        if from_disk:
-            return Pending(slot, self._read_in_background(self._stage_and_copy, slot, host_tensors))
-        return Ready(slot, *self._copy(slot, host_tensors))
+        slot = self._claim()
+        try:
+            if self.on_cpu:
+                return Pending(slot, self._in_background(self._convert, slot, host_tensors), self.queue)
+            if from_disk or any(t.dtype != self.dtype for t in host_tensors.values()):
+                return Pending(slot, self._in_background(self._stage_and_copy, slot, host_tensors), self.queue)
+            return Ready(slot, *self._copy(slot, host_tensors), queue=self.queue)
+        except BaseException:  # out of memory allocating the buffers, Ctrl-C
+            self.release(slot)
+            raise
 
     def release(self, slot):
         if slot is None:
             return
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))  # the compute that read the buffer
-            self._free_events[slot] = event
+        self._free_events[slot] = self.queue.after_compute()  # the compute that read the buffer
         self._in_use[slot] = False
 
-    def _read_in_background(self, work, slot, host_tensors):
+    def _claim(self):
+        if all(self._in_use):
+            raise RuntimeError('both copy slots are taken: a block was fetched and never released')
+        slot = self._in_use.index(False)
+        self._in_use[slot] = True
+        return slot
+
+    def _in_background(self, work, slot, host_tensors):
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='slowllama-read')
         return self._reader.submit(work, slot, host_tensors)
@@ -373,28 +412,18 @@ class DeviceCopier:
             buffers[name].copy_(tensor)
         return buffers, None
 
-    def _stage_and_copy(self, slot, host_tensors):  # cuda, in the reader thread
-        if self._copied_events[slot] is not None:
-            self._copied_events[slot].synchronize()  # the last copy out of this staging buffer is done
-        if self._staging[slot] is None:
-            self._staging[slot] = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                   for n, t in host_tensors.items()}
-        staging = self._staging[slot]
+    def _stage_and_copy(self, slot, host_tensors):  # cuda and mps, in the reader thread
+        staging = self._staging_slot(slot)
+        self.queue.host_waits(self._copied_events[slot])  # the last copy out of this staging buffer is done
         for name, tensor in host_tensors.items():
-            staging[name].copy_(tensor)
+            staging[name].copy_(tensor)  # the disk read and the dtype conversion, on the host
         return self._copy(slot, staging)
 
-    def _copy(self, slot, host_tensors):  # cuda: on the side stream, after the buffer's last reader
+    def _copy(self, slot, host_tensors):  # on the copy queue, after the buffer's last reader
         buffers = self._slot_buffers(slot)
-        with torch.cuda.stream(self._stream):
-            if self._free_events[slot] is not None:
-                self._stream.wait_event(self._free_events[slot])
-            for name, tensor in host_tensors.items():
-                buffers[name].copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        self._copied_events[slot] = done
-        return buffers, done
+        pairs = [(buffers[name], tensor) for name, tensor in host_tensors.items()]
+        self._copied_events[slot] = self.queue.copy(pairs, after=self._free_events[slot])
+        return buffers, self._copied_events[slot]
 
     def _slot_buffers(self, slot):
         if self._buffers[slot] is None:
@@ -402,17 +431,23 @@ class DeviceCopier:
                                    for n, s in self.shapes.items()}
         return self._buffers[slot]
 
+    def _staging_slot(self, slot):
+        """Slot's half of one host arena for both staging buffers, in the compute dtype."""
+        if self._staging is None:
+            specs = {(s, n): (shape, self.dtype) for s in (0, 1) for n, shape in self.shapes.items()}
+            self._staging = HostArena(specs, pin=self.device.type == 'cuda')
+        return {n: self._staging.tensors[(slot, n)] for n in self.shapes}
+
 
 class Ready:
-    """A fetch whose tensors can be used now (on cuda: once the compute stream waits for `copied`)."""
+    """A fetch whose tensors can be used once the compute waits for `copied` (None: now)."""
 
-    def __init__(self, slot, tensors, copied=None):
-        self.slot, self.tensors, self.copied = slot, tensors, copied
+    def __init__(self, slot, tensors, copied=None, queue=None):
+        self.slot, self.tensors, self.copied, self.queue = slot, tensors, copied, queue
 
     def wait(self):
-        if self.copied is not None:
-            device = next(iter(self.tensors.values())).device
-            torch.cuda.current_stream(device).wait_event(self.copied)
+        if self.queue is not None:
+            self.queue.compute_waits(self.copied)
         return self.slot, self.tensors
 
     def settle(self):
@@ -422,15 +457,44 @@ class Ready:
 class Pending:
     """A fetch running in the reader thread."""
 
-    def __init__(self, slot, future):
-        self.slot, self.future = slot, future
+    def __init__(self, slot, future, queue):
+        self.slot, self.future, self.queue = slot, future, queue
 
     def wait(self):
-        return Ready(self.slot, *self.future.result()).wait()
+        return Ready(self.slot, *self.future.result(), queue=self.queue).wait()
 
     def settle(self):
         """Wait until the reader thread is done with the buffers, whether it succeeded or not."""
         futures.wait([self.future])
+
+
+class RowStager:
+    """Rows of a mapped table (the head, a vocabulary slice at a time) to the device through two
+    pinned host buffers of ROW_STAGING_BYTES each, as blocks travel: a copy from pageable memory
+    would make the host wait for everything queued on the device, once per slice. A slice larger
+    than a buffer (generation takes the whole vocabulary at once) goes in chunks. The copies are
+    queued on the compute stream: the slices are small, what matters is that nothing waits."""
+
+    def __init__(self, queue, dim, dtype):
+        self.queue = queue
+        self.rows = max(1, ROW_STAGING_BYTES // (dim * dtype.itemsize))
+        self.arena = HostArena({0: ((self.rows, dim), dtype), 1: ((self.rows, dim), dtype)},
+                               pin=queue.device.type == 'cuda')
+        self._copied, self._turn = [None, None], 0
+
+    def bring(self, rows):
+        """rows [n, dim] (mapped, any dtype) -> a copy on the device in the buffers' dtype."""
+        dtype = self.arena.tensors[0].dtype
+        on_device = torch.empty(rows.shape, dtype=dtype, device=self.queue.device)
+        for start in range(0, rows.shape[0], self.rows):
+            chunk = rows[start:start + self.rows]
+            turn, self._turn = self._turn, 1 - self._turn
+            self.queue.host_waits(self._copied[turn])  # the copy out of this buffer, two chunks ago
+            staging = self.arena.tensors[turn][:chunk.shape[0]]
+            staging.copy_(chunk)  # the page faults and the dtype conversion, on the host
+            on_device[start:start + chunk.shape[0]].copy_(staging, non_blocking=True)
+            self._copied[turn] = self.queue.after_compute()
+        return on_device
 
 
 # --- placement -----------------------------------------------------------------------------
@@ -448,13 +512,16 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
     if device.type == 'cpu':
         # the page cache already is the RAM tier: mmap'd blocks cost no copy when dtypes match
         tier = 'disk' if DTYPES[stored_dtype] == dtype else 'ram'
-        if tier == 'ram' and _over(cfg, dtype, free_host_memory(), max_ram):
+        if tier == 'ram' and _over(cfg, dtype, free_host_memory() // host_share(), max_ram):
             tier = 'disk'
         return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
     from .plan import place_blocks
+    ram_budget = _cap(free_host_memory() // host_share(), max_ram)  # torchrun: each its share
+    if unified_memory(device):  # one memory: no RAM tier beside the device, host buffers count there
+        ram_budget = 0
     plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype),
                         device_budget=_cap(free_device_memory(device), max_device_mem),
-                        ram_budget=_cap(free_host_memory(), max_ram))
+                        ram_budget=ram_budget, unified=unified_memory(device))
     tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks
              else 'disk' for i, f in enumerate(blocks)}
     everything_fits = plan.resident_blocks == cfg.n_layers
@@ -470,20 +537,3 @@ def _cap(free, cap):
 def _over(cfg, dtype, free, cap):
     from .plan import model_params
     return model_params(cfg) * dtype.itemsize > _cap(free, cap)
-
-
-def free_device_memory(device):
-    if device.type == 'cuda':
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == 'mps':
-        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    return free_host_memory()
-
-
-def free_host_memory():
-    try:
-        with open('/proc/meminfo') as f:
-            info = dict(line.split(':', 1) for line in f)
-        return int(info['MemAvailable'].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 8 * 1024 ** 3  # macOS and others: a conservative guess

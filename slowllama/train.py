@@ -221,16 +221,17 @@ class Trainer:
 
     def evaluate(self, step=None):
         """Validation loss (mean over every counted target) and the sample completion, leaving the
-        RNG exactly as it was so that evaluating never changes training."""
-        if not self.group.is_main:
-            return {}
+        RNG exactly as it was so that evaluating never changes training. Under torchrun every
+        process evaluates its share of the validation batches (the sums are all-reduced) and makes
+        the sample too: none waits in the next collective while another evaluates alone."""
         device = getattr(self.model, 'device', torch.device('cpu'))
         rng = get_rng_state(device)
         result = {}
         if self.val:
-            counts = [batch.n_targets for batch in self.val]
-            losses = [self.eval_fn(self.model, batch) for batch in self.val]
-            result['eval_loss'] = sum(c * l for c, l in zip(counts, losses)) / max(sum(counts), 1)
+            share = self.val[self.group.rank::self.group.world]
+            counted = self.group.sum_float(sum(batch.n_targets for batch in share), device)
+            summed = self.group.sum_float(sum(b.n_targets * self.eval_fn(self.model, b) for b in share), device)
+            result['eval_loss'] = summed / max(counted, 1)
             self.log(f'step {step}: eval loss {result["eval_loss"]:.4f}')
         if self.sample_fn:
             result['sample'] = self.sample_fn(self.model)

@@ -91,3 +91,14 @@ def tiny_text_model(tmp_path_factory):
     out = tmp_path_factory.mktemp('prepared_text') / 'model'
     slowllama.prepare(hf_folder, out, dtype='fp32')
     return out, hf_folder, model
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a CUDA device is (`pytest -m cuda` runs only them) and are
+    skipped elsewhere, visibly, with the reason 'no cuda'."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='no cuda')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)

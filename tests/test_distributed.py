@@ -82,3 +82,85 @@ def test_distributed_resume_ends_on_the_same_adapter(tiny_text_model, story, tmp
     finetune(model_dir, story, tmp_path / 'split', batch=2, processes=2, extra=constant + ['--resume'])
     whole, split = adapter(tmp_path / 'whole'), adapter(tmp_path / 'split')
     assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+# --- evaluation under torchrun: every process its share, none left waiting --------------------
+
+SLOW_S, TIMEOUT_S = 2.5, 6.0  # four validation batches and a sample at SLOW_S: 12.5 s on one process
+
+
+class RandomRows:
+    def __init__(self, vocab, rows, seed):
+        self.vocab, self.rows, self.seed = vocab, rows, seed
+
+    def batch(self, index):
+        from conftest import random_batch
+        from slowllama.data import Batch
+        return Batch(*random_batch(self.vocab, batch=self.rows, seq=12, seed=self.seed + index))
+
+
+def evaluate_in_process(rank, world, model_dir, run_dir, port, out):
+    """One of `world` gloo processes whose collectives time out after TIMEOUT_S: two steps, each
+    followed by an evaluation slower than that timeout."""
+    import time
+    from datetime import timedelta
+    import torch.distributed as dist
+    import slowllama
+    from slowllama.distributed import Group
+    from slowllama.train import Trainer, TrainConfig, default_eval
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same LoRA initialisation in every process, as finetune's --seed gives
+    model = slowllama.load(model_dir, lora=slowllama.LoraConfig(rank=4, targets=('q', 'v')))
+    val = [RandomRows(model.cfg.vocab_size, 2, seed=100).batch(i) for i in range(4)]
+
+    def slow_eval(model, batch):
+        time.sleep(SLOW_S)
+        return default_eval(model, batch)
+
+    def slow_sample(model):
+        time.sleep(SLOW_S)
+        return 'a sample'
+    trainer = Trainer(model, TrainConfig(iters=2, eval_every=1, lr=1e-3, grad_clip=0), run_dir,
+                      RandomRows(model.cfg.vocab_size, 2 * world, seed=0), val=val, eval_fn=slow_eval,
+                      sample_fn=slow_sample, group=Group(rank, world, rank), stream=open(os.devnull, 'w'))
+    summary = trainer.run()
+    counts = [b.n_targets for b in val]
+    expected = sum(c * model.loss(b.tokens, b.targets) for c, b in zip(counts, val)) / sum(counts)
+    with open(f'{out}.{rank}', 'w') as f:
+        json.dump({'eval_loss': summary['eval_loss'], 'expected': expected}, f)
+    dist.destroy_process_group()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_every_process_evaluates_its_share_so_a_slow_evaluation_times_nothing_out(tiny_text_model, tmp_path):
+    """Evaluating on rank 0 alone would leave rank 1 in the next step's all-reduce for over 12 s,
+    twice the collectives' timeout; each evaluating half the batches (and its sample) it waits
+    for nothing, and the all-reduced loss is the mean over every batch."""
+    import torch.multiprocessing as mp
+    model_dir, _, _ = tiny_text_model
+    out = tmp_path / 'result'
+    mp.spawn(evaluate_in_process, args=(2, str(model_dir), str(tmp_path / 'run'), free_port(), str(out)),
+             nprocs=2, join=True)
+    results = [json.loads((tmp_path / f'result.{rank}').read_text()) for rank in (0, 1)]
+    for result in results:
+        assert result['eval_loss'] == pytest.approx(result['expected'], rel=1e-6)
+    assert results[0]['eval_loss'] == results[1]['eval_loss']
+
+
+def test_the_collective_timeout_fits_a_disk_tier_evaluation():
+    from datetime import timedelta
+    from slowllama.distributed import collective_timeout
+    assert collective_timeout(10 ** 9) == timedelta(minutes=30)  # small models: the floor
+    seventy_b = 140 * 10 ** 9
+    timeout = collective_timeout(seventy_b, grad_accum=1, eval_batches=16, sample_tokens=32)
+    assert timeout >= timedelta(seconds=49 * seventy_b / 100e6)  # 49 passes over the model from a hard disk
+    assert timeout > timedelta(minutes=10)  # nccl's default

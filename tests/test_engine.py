@@ -178,3 +178,14 @@ def test_a_failed_pass_hands_its_blocks_back(tiny_prepared, monkeypatch):
     for p in model.trainable_parameters().values():
         p.grad = None
     assert model.backward(tokens, targets) == expected
+
+
+def test_nucleus_sampling_keeps_to_the_top_p_set_without_a_boolean_index():
+    from test_head import OperatorLog
+    from slowllama.engine import sample
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # top_p 0.7: tokens 0 and 1 only
+    torch.manual_seed(0)
+    with OperatorLog() as log:
+        picked = {int(sample(logits, temperature=1.0, top_p=0.7)) for _ in range(200)}
+    assert picked == {0, 1}
+    assert not [name for name in log.names if name.startswith('boolean-mask')]

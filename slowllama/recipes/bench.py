@@ -10,10 +10,11 @@ import time
 import torch
 
 from ..config import SHAPES, shape_config
-from ..devices import best_device
+from ..devices import best_device, synchronize
 from ..errors import SlowLlamaError
+from ..memory import peak_rss, process_rss, reset_peak_rss
 from ..plan import GIB, model_params, predict, print_plan
-from ..store import model_config
+from ..store import DTYPES, dtype_name, model_config, parse_dtype
 
 
 
@@ -66,31 +67,18 @@ def _list(text):
 
 # --- the worker: one configuration in a fresh process ----------------------------------------
 
-def host_rss():
-    with open('/proc/self/status') as f:
-        fields = dict(line.split(':', 1) for line in f)
-    return int(fields['VmRSS'].split()[0]) * 1024, int(fields['VmHWM'].split()[0]) * 1024
-
-
-def reset_peak_rss():
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass
-
-
 def run_worker(spec):
     device = torch.device(spec['device'])
-    dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32, 'fp16': torch.float16}[spec['dtype']]
+    dtype = DTYPES[spec['dtype']]
     torch.manual_seed(0)
     tokens = torch.randint(0, spec['vocab'], (spec['batch'], spec['seq']))
     targets = torch.cat([tokens[:, 1:], torch.full((spec['batch'], 1), -100)], dim=1)
     reset_peak_rss()
-    rss_start, _ = host_rss()
+    rss_start = process_rss()
     started = time.perf_counter()
     step, params = (_slowllama_step if spec['system'] == 'slowllama' else _hf_step)(spec, device, dtype,
                                                                                    tokens, targets)
+    synchronize(device)
     load_s = time.perf_counter() - started
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times, marks = [], getattr(step, 'block_marks', None)
@@ -101,12 +89,11 @@ def run_worker(spec):
         step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize(device)  # every kind: an mps clock read before its queue drains times nothing
         times.append(time.perf_counter() - begin)
     timed = sorted(times[spec['warmup']:])
     step_s = timed[len(timed) // 2]
-    _, rss_peak = host_rss()
+    rss_peak = peak_rss()
     result = {'step_s': step_s, 'tokens_per_s': spec['batch'] * spec['seq'] / step_s, 'load_s': load_s,
               'host_gain_bytes': rss_peak - rss_start}
     if device.type == 'cuda':
@@ -119,8 +106,7 @@ def run_worker(spec):
 def block_times(marks, device):
     """Median seconds from one block's start to the next's, in the forward and in the backward (the
     turn through the head is left out): where streaming is copy-bound this is the copy time."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    synchronize(device)
     forward, backward = [], []
     for (i, start), (j, end) in zip(marks, marks[1:]):
         if abs(i - j) == 1:
@@ -146,8 +132,10 @@ def copy_seconds(nbytes, device, repeats=3):
             end.synchronize()
             best = min(best, start.elapsed_time(end) / 1e3)
         else:
+            synchronize(device)
             begin = time.perf_counter()
             target.copy_(source)
+            synchronize(device)
             best = min(best, time.perf_counter() - begin)
     return best
 
@@ -218,7 +206,8 @@ def make_models(shape, work, dtype):
         torch.manual_seed(0)
         config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
         # built in the benchmark's dtype, not in fp32 first: a 7B model then needs 13.5 GB, not 27
-        model = LlamaForCausalLM._from_config(config, dtype={'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype])
+        with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):  # a GPU draws 7B numbers in seconds
+            model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
         model.save_pretrained(hf_dir, max_shard_size='2GB')
         del model
     if not os.path.exists(os.path.join(prepared, 'manifest.json')):
@@ -240,7 +229,7 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
           json_out='bench.json', rounds=1):
     """Each configuration in its own process; with rounds > 1 the configurations take turns that many
     times and each keeps its median, so a machine that drifts slows them all alike."""
-    dtype = dtype or ('fp32' if device == 'cpu' else 'bf16')
+    dtype = dtype_name(parse_dtype(dtype or ('fp32' if device == 'cpu' else 'bf16')))  # aliases, and a clear error
     hf_dir, prepared = make_models(shape, work, dtype)
     cfg = model_config(prepared)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,

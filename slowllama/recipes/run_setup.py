@@ -12,7 +12,7 @@ from ..api import load
 from ..completion import complete
 from ..data import load_data
 from ..devices import default_dtype, resolve_device
-from ..distributed import init_from_env, shutdown
+from ..distributed import collective_timeout, init_from_env, shutdown
 from ..errors import SlowLlamaError
 from ..formats.tokenizer import load_tokenizer
 from ..lora import LoraConfig
@@ -51,9 +51,12 @@ def setup_run(opts, required, hint):
         if getattr(opts, flag) < 1:
             raise SlowLlamaError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(opts, flag)}')
     train_cfg = train_config(opts)
-    group, device_name = init_from_env(opts.device)
-    device = resolve_device(device_name)
     manifest = read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
+    model_bytes = sum(f['size'] for f in manifest['files'].values())
+    sample_tokens = opts.max_new_tokens if opts.prompt else 0
+    group, device_name = init_from_env(opts.device, collective_timeout(model_bytes, opts.grad_accum,
+                                                                       opts.eval_batches, sample_tokens))
+    device = resolve_device(device_name)
     if opts.verify:
         verify_model(opts.model)
     if opts.seq_len > manifest['config']['max_seq_len']:

@@ -1,0 +1,65 @@
+"""How much memory there is to plan with, from the OS through psutil on every platform: free and
+total host memory, free device memory, and the share of the host's RAM that is this process's
+when torchrun starts several on one machine. On a Mac (mps) host and device are one memory: one
+budget, counted once."""
+import os
+import sys
+
+import psutil
+import torch
+
+
+def free_host_memory():
+    return psutil.virtual_memory().available
+
+
+def total_host_memory():
+    return psutil.virtual_memory().total
+
+
+def unified_memory(device):
+    """Whether the device computes in the host's memory (Apple silicon)."""
+    return device.type == 'mps'
+
+
+def free_device_memory(device):
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == 'mps':  # what the OS has free, within what Metal lets this process take
+        metal = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        return min(free_host_memory(), metal)
+    return free_host_memory()
+
+
+def host_share():
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE): each plans with its
+    share of the host's free memory, as each pins its own copy of the RAM tier."""
+    try:
+        return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    except ValueError:
+        return 1
+
+
+def process_rss():
+    """This process's resident bytes now."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss():
+    """This process's peak resident bytes (since reset_peak_rss(), where the OS allows a reset)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return psutil.Process().memory_info().peak_wset
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == 'darwin' else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss():
+    """Start the peak over from the current resident bytes (Linux; elsewhere the peak is the
+    process's whole life, which a benchmark worker started for one measurement can live with)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
