@@ -97,13 +97,14 @@ def quantize(weight, quant: Quant):
     return {'qweight': qweight, **quantize_absmax(absmax)}
 
 
-def dequantize(parts, shape, quant: Quant):
-    """{part: tensor} -> float32 weight of `shape`, on the parts' device."""
+def dequantize(parts, shape, quant: Quant, out=None):
+    """{part: tensor} -> weight of `shape` on the parts' device: float32, or written into `out` (any
+    float dtype, values formed in float32 and rounded once)."""
     if quant.type == 'int8':
-        return q8_0_dequantize(parts['qweight'], shape)
+        return q8_0_dequantize(parts['qweight'], shape, out)
     absmax = parts['absmax'] if not quant.double_quant else dequantize_absmax(
         parts['absmax'], parts['absmax_scale'], parts['absmax_offset'])
-    return nf4_dequantize(parts['qweight'], absmax, shape)
+    return nf4_dequantize(parts['qweight'], absmax, shape, out)
 
 
 # --- nf4 -------------------------------------------------------------------------------------
@@ -140,17 +141,19 @@ def nf4_quantize(weight):
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
-def nf4_dequantize(qweight, absmax, shape):
-    """-> float32 [shape]: code[index] * absmax of its block."""
+def nf4_dequantize(qweight, absmax, shape, out=None):
+    """-> [shape] (float32 unless `out` says otherwise): code[index] * absmax of its block."""
     n = math.prod(shape)
     pairs = _nf4_pairs(qweight.device)[qweight.long()]  # [bytes, 2]: (high nibble, low nibble) values
-    values = pairs.reshape(-1)[:n]
+    values = pairs.view(-1)[:n]
     full = n - n % NF4_BLOCK
-    out = torch.empty(n, dtype=torch.float32, device=qweight.device)
-    torch.mul(values[:full].view(-1, NF4_BLOCK), absmax[:full // NF4_BLOCK, None], out=out[:full].view(-1, NF4_BLOCK))
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
+    flat = out.view(-1)
+    torch.mul(values[:full].view(-1, NF4_BLOCK), absmax[:full // NF4_BLOCK, None], out=flat[:full].view(-1, NF4_BLOCK))
     if full < n:
-        torch.mul(values[full:], absmax[-1], out=out[full:])
-    return out.view(shape)
+        torch.mul(values[full:], absmax[-1], out=flat[full:])
+    return out
 
 
 _PAIR_TABLES = {}
@@ -218,10 +221,14 @@ def q8_0_quantize(weight):
     return packed.reshape(rows, -1)
 
 
-def q8_0_dequantize(qweight, shape):
-    """uint8 [rows, cols / 32 * 34] -> float32 [rows, cols]: int8 code * fp16 scale."""
+def q8_0_dequantize(qweight, shape, out=None):
+    """uint8 [rows, cols / 32 * 34] -> [rows, cols] (float32 unless `out` says otherwise): int8 code
+    * fp16 scale, multiplied in float32."""
     rows, cols = shape
     blocks = qweight.view(rows, cols // Q8_BLOCK, Q8_BLOCK_BYTES)
     scale = blocks[:, :, :2].view(torch.float16).float()  # [rows, blocks, 1]
     codes = blocks[:, :, 2:].view(torch.int8)
-    return (codes.float() * scale).view(rows, cols)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
+    torch.mul(codes.float(), scale, out=out.view(rows, cols // Q8_BLOCK, Q8_BLOCK))
+    return out

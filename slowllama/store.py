@@ -20,6 +20,8 @@ from .config import ModelConfig, read_json
 from .errors import SlowLlamaError
 from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
 from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
+from .packed import Unpacker, check_file_layout, file_layout, pack_block
+from .quant import Quant, parse_quant
 
 FORMAT_NAME = 'slowllama-prepared'
 FORMAT_VERSION = 1
@@ -54,8 +56,9 @@ class PreparedWriter:
     """Writes a prepared folder into a staging folder beside `out` and swaps it in at finish(),
     so an existing folder is replaced whole or not at all."""
 
-    def __init__(self, out, cfg: ModelConfig, dtype, source):
+    def __init__(self, out, cfg: ModelConfig, dtype, source, quant=None):
         self.out, self.cfg, self.dtype, self.source = str(out), cfg, parse_dtype(dtype), source
+        self.quant = parse_quant(quant)  # None: every weight in `dtype`
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
@@ -63,8 +66,9 @@ class PreparedWriter:
         self.files = {}
         self.tokenizer_files = []
 
-    def write(self, filename, tensors):
-        tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    def write(self, filename, tensors, keep_dtype=()):
+        tensors = {k: v.to(self.dtype) if v.is_floating_point() and k not in keep_dtype else v
+                   for k, v in tensors.items()}
         path = os.path.join(self.staging, filename)
         self.files[filename] = {'sha256': write_safetensors(path, tensors), 'size': os.path.getsize(path)}
 
@@ -77,8 +81,19 @@ class PreparedWriter:
         if missing:
             raise SlowLlamaError(f'{self.source}: layer {i} lacks {sorted(missing)}')
         for name, shape in block_shapes(self.cfg).items():
-            self._check(f'layer {i} {name}', tensors[name], shape)
-        self.write(block_file(i), {name: tensors[name] for name in BLOCK_TENSORS})
+            if not isinstance(tensors[name], dict):  # a dict: parts packed already (GGUF's Q8_0)
+                self._check(f'layer {i} {name}', tensors[name], shape)
+        if self.quant is None:
+            self.write(block_file(i), {name: tensors[name] for name in BLOCK_TENSORS})
+            return
+        # projections packed from the source's own values (not from their `dtype` rounding)
+        packed = pack_block({name: tensors[name] for name in BLOCK_TENSORS}, self.quant, self.source['path'])
+        layout = file_layout(block_shapes(self.cfg), self.quant, self.dtype)
+        for name, (shape, dtype) in layout.items():
+            if tuple(packed[name].shape) != shape or (packed[name].dtype != dtype and name not in BLOCK_TENSORS):
+                raise SlowLlamaError(f'{self.source["path"]}: layer {i} {name} packs to {tuple(packed[name].shape)} '
+                                     f'{packed[name].dtype}, the config needs {shape} {dtype}')
+        self.write(block_file(i), packed, keep_dtype=set(layout) - set(BLOCK_TENSORS))
 
     def write_head(self, norm, lm_head=None):
         self._check(NORM_TENSOR, norm, (self.cfg.dim,))
@@ -104,7 +119,7 @@ class PreparedWriter:
         write_json(os.path.join(self.staging, MANIFEST), {
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
             'dtype': dtype_name(self.dtype), 'source': self.source, 'tokenizer': self.tokenizer_files,
-            'files': self.files})
+            'files': self.files} | ({'quant': self.quant.to_dict()} if self.quant else {}))
         swap_in(self.staging, self.out)
 
     def abort(self):
@@ -199,11 +214,16 @@ class BlockStore:
         self.manifest = read_manifest(model_dir)
         self.cfg = ModelConfig.from_dict(self.manifest['config'])
         self.device, self.dtype, self.verify = torch.device(device), dtype, verify
+        self.quant = Quant.from_dict(self.manifest.get('quant'))  # packed projections travel packed
+        shapes = block_shapes(self.cfg)
+        self._stored_layout = file_layout(shapes, self.quant, DTYPES[self.manifest['dtype']])
+        self._layout = file_layout(shapes, self.quant, dtype)  # what a block is on the device, before unpacking
         self._files, self._verified = {}, set()
         self.tiers = placement(self.cfg, self.device, dtype, offload, self.manifest['dtype'], max_device_mem,
-                               max_ram, batch_hint)
+                               max_ram, batch_hint, self.quant)
         self._resident = {f: self._load_resident(f, tier) for f, tier in self.tiers.items() if tier != 'disk'}
-        self._copier = DeviceCopier(self.device, block_shapes(self.cfg), dtype)
+        self._copier = DeviceCopier(self.device, self._layout, dtype)
+        self._unpacker = Unpacker(shapes, self.quant, self.device, dtype) if self.quant else None
         self._held, self._pending = {}, {}
 
     @property
@@ -217,8 +237,12 @@ class BlockStore:
         """{name: tensor} for block i on the compute device; valid until release(i)."""
         if i not in self._held:
             ticket = self._pending.pop(i, None) or self._fetch(i)
-            self._held[i] = ticket.wait()
-        return self._held[i][1]
+            slot, tensors = ticket.wait()
+            buffers = None
+            if self._unpacker:  # dequantized here, on the compute device, just before use
+                buffers, tensors = self._unpacker.unpack(tensors)
+            self._held[i] = slot, buffers, tensors
+        return self._held[i][2]
 
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
@@ -227,8 +251,10 @@ class BlockStore:
         self._pending[i] = self._fetch(i)
 
     def release(self, i):
-        slot, _ = self._held.pop(i, (None, None))
+        slot, buffers, _ = self._held.pop(i, (None, None, None))
         self._copier.release(slot)
+        if self._unpacker:
+            self._unpacker.release(buffers)
         filename = block_file(i)
         if self.tiers[filename] == 'disk' and filename in self._files:
             self._files[filename].advise(mmap.MADV_DONTNEED)
@@ -295,9 +321,10 @@ class BlockStore:
     def _load_resident(self, filename, tier):
         home = self.device if tier == 'device' else torch.device('cpu')
         pin = tier == 'ram' and self.device.type == 'cuda'
+        is_block = filename not in (EMBED_FILE, HEAD_FILE)
         tensors = {}
         for name, t in self._file(filename).tensors().items():
-            t = t.to(home, self.dtype, copy=True)
+            t = t.to(home, self._layout[name][1] if is_block else self.dtype, copy=True)
             tensors[name] = t.pin_memory() if pin else t
         self._files.pop(filename).advise(mmap.MADV_DONTNEED)
         return tensors
@@ -310,8 +337,11 @@ class BlockStore:
                 raise SlowLlamaError(f'{self.model_dir}: manifest does not list {filename}; run prepare again')
             first_read = self.verify and filename not in self._verified
             check_file(path, expected, checksum=first_read)  # the full checksum once per run
+            mapped = SafetensorsFile(path)
+            if filename not in (EMBED_FILE, HEAD_FILE) and filename not in self._verified:
+                check_file_layout(path, mapped, self._stored_layout)
             self._verified.add(filename)
-            self._files[filename] = SafetensorsFile(path)
+            self._files[filename] = mapped
         return self._files[filename]
 
 
@@ -326,8 +356,8 @@ class DeviceCopier:
     the compute dtype (the mapped file is used as it is); otherwise the conversion into the buffer
     runs in the background thread."""
 
-    def __init__(self, device, shapes, dtype):
-        self.device, self.dtype, self.shapes = device, dtype, shapes
+    def __init__(self, device, layout, dtype):
+        self.device, self.dtype, self.layout = device, dtype, layout  # layout: {name: (shape, dtype)}
         self.cuda, self.on_cpu = device.type == 'cuda', device.type == 'cpu'
         self._buffers, self._staging = [None, None], [None, None]
         self._free_events, self._copied_events, self._in_use = [None, None], [None, None], [False, False]
@@ -336,10 +366,10 @@ class DeviceCopier:
             self._stream = torch.cuda.Stream(device)
 
     def start(self, host_tensors, from_disk=False):
-        if self.on_cpu and all(t.dtype == self.dtype for t in host_tensors.values()):
+        if self.on_cpu and all(t.dtype == self.layout[n][1] for n, t in host_tensors.items()):
             return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
         if not self.on_cpu and not self.cuda:  # mps: the copy is queued on its own stream already
-            return Ready(None, {n: t.to(self.device, self.dtype) for n, t in host_tensors.items()})
+            return Ready(None, {n: t.to(self.device, self.layout[n][1]) for n, t in host_tensors.items()})
         slot = self._in_use.index(False)  # the engine holds at most one block while one is pending
         self._in_use[slot] = True
         if self.on_cpu:
@@ -393,8 +423,8 @@ class DeviceCopier:
 
     def _slot_buffers(self, slot):
         if self._buffers[slot] is None:
-            self._buffers[slot] = {n: torch.empty(s, device=self.device, dtype=self.dtype)
-                                   for n, s in self.shapes.items()}
+            self._buffers[slot] = {n: torch.empty(s, device=self.device, dtype=dtype)
+                                   for n, (s, dtype) in self.layout.items()}
         return self._buffers[slot]
 
 
@@ -431,7 +461,7 @@ class Pending:
 # --- placement -----------------------------------------------------------------------------
 
 def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, max_ram=None,
-              batch_hint=(4, 512)):
+              batch_hint=(4, 512), quant=None):
     """{filename: 'device' | 'ram' | 'disk'}. 'auto' asks the planner how many blocks fit on the
     device and in RAM within the free memory and the --max-device-mem / --max-ram caps."""
     if offload not in OFFLOAD_MODES + ('auto',):
@@ -447,7 +477,7 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
             tier = 'disk'
         return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
     from .plan import place_blocks
-    plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype),
+    plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype), quant=quant,
                         device_budget=_cap(free_device_memory(device), max_device_mem),
                         ram_budget=_cap(free_host_memory(), max_ram))
     tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks
