@@ -150,6 +150,8 @@ def _bench_arguments(p):
     p.add_argument('--json', default='bench.json', help='where to write the results')
     p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
     p.add_argument('--model', default=None, help='with --plan: a prepared model folder')
+    p.add_argument('--quant', default=None, help='nf4 | int8: also run slowllama on a quantized twin (and, '
+                   'for nf4, transformers+peft+bitsandbytes QLoRA with checkpointing as peer hf-qlora)')
 
 
 @command('bench', 'benchmark slowllama beside transformers+peft (table + JSON)')
@@ -169,7 +171,7 @@ def run_bench(args):
           steps=args.steps, rank=args.lora_rank, targets=tuple(args.targets.split(',')),
           modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
           peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
-          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds)
+          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant)
 
 
 def _list(text):
@@ -191,6 +193,7 @@ def _plan_arguments(p):
     p.add_argument('--dtype', default='bf16')
     p.add_argument('--lora-rank', type=int, default=8)
     p.add_argument('--targets', default='q,v')
+    p.add_argument('--quant', default=None, help='nf4 | int8 (with --shape; a --model says its own)')
 
 
 @command('plan', 'predict peak device and host memory of a finetune before running it')
@@ -198,20 +201,25 @@ def _plan_arguments(p):
 def run_plan(args):
     from .config import ModelConfig
     from .plan import GIB, model_params, predict
+    from .quant import Quant, parse_quant
+    quant = parse_quant(args.quant)
     if args.model:
         from .store import read_manifest
-        cfg = ModelConfig.from_dict(read_manifest(args.model)['config'])
+        manifest = read_manifest(args.model)
+        cfg, quant = ModelConfig.from_dict(manifest['config']), Quant.from_dict(manifest.get('quant'))
     else:
         from .bench import SHAPES
         cfg = ModelConfig.from_hf({'model_type': 'llama', **SHAPES[_shape(args.shape or '7b')]})
     dtype = args.dtype or 'bf16'
     batch, seq = args.batch_size or 16, args.seq_len or 128
     targets = tuple(args.targets.split(','))
-    print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}, '
+    print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}'
+          f'{", " + quant.type + " blocks" if quant else ""}, '
           f'LoRA r={args.lora_rank} on {",".join(targets)}')
     for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
                                  ('disk (streamed)', 0, 0)]:
-        plan = predict(cfg, batch, seq, dtype, args.lora_rank, targets, resident_blocks=resident, ram_blocks=ram)
+        plan = predict(cfg, batch, seq, dtype, args.lora_rank, targets, resident_blocks=resident, ram_blocks=ram,
+                       quant=quant)
         print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')
 
 

@@ -144,7 +144,9 @@ def nf4_quantize(weight):
 def nf4_dequantize(qweight, absmax, shape, out=None):
     """-> [shape] (float32 unless `out` says otherwise): code[index] * absmax of its block."""
     n = math.prod(shape)
-    pairs = _nf4_pairs(qweight.device)[qweight.long()]  # [bytes, 2]: (high nibble, low nibble) values
+    # [bytes, 2]: (high nibble, low nibble) values; index_select with int32 indices measured twice as
+    # fast on a CPU as indexing with the int64 ones
+    pairs = torch.index_select(_nf4_pairs(qweight.device), 0, qweight.int())
     values = pairs.view(-1)[:n]
     full = n - n % NF4_BLOCK
     if out is None:
@@ -182,6 +184,15 @@ def dynamic_map():
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+_DYNAMIC_MAPS = {}
+
+
+def _dynamic_map(device):
+    if device not in _DYNAMIC_MAPS:
+        _DYNAMIC_MAPS[device] = dynamic_map().to(device)
+    return _DYNAMIC_MAPS[device]
+
+
 def quantize_absmax(absmax):
     """absmax float32 [blocks] -> {'absmax': uint8 [blocks], 'absmax_scale', 'absmax_offset'}."""
     offset = absmax.mean()
@@ -191,7 +202,7 @@ def quantize_absmax(absmax):
 
 
 def dequantize_absmax(codes, scale, offset):
-    values = dynamic_map().to(codes.device)[codes.long()]
+    values = torch.index_select(_dynamic_map(codes.device), 0, codes.int())
     n, full = values.numel(), values.numel() - values.numel() % ABSMAX_BLOCK
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     out[:full] = (values[:full].view(-1, ABSMAX_BLOCK) * scale[:full // ABSMAX_BLOCK, None]).reshape(-1)
