@@ -280,7 +280,8 @@ def print_table(report):
         plan = f" ({r['planned_device_bytes'] / GIB:.2f})" if 'planned_device_bytes' in r else ''
         dev = f"{device_peak / GIB:.2f}{plan}" if device_peak is not None else '-'
         blocks = f"{r['block_s'] * 1e3:.3g} / {r['copy_s'] * 1e3:.3g}" if r.get('block_s') else '-'
-        print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {dev:>15} "
+        print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {r['step_s']:>7.3f} "
+              f"{r['tokens_per_s']:>7.0f} {dev:>15} "
               f"{r['host_gain_bytes'] / GIB:>9.2f} {r['host_gain_bytes'] / report['model_bytes']:>10.0%} "
               f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {ratio.get('hf-qlora', '-'):>8} {blocks:>18}")
 

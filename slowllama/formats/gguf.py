@@ -108,7 +108,8 @@ def prepare_gguf(src, writer):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
             names = {ours: prefix + gguf_name for ours, (_, gguf_name, _) in BLOCK_TENSORS.items()}
             raw = {ours: name for ours, name in names.items() if name in tensors and carried(name, ours)}
-            block = {ours: read_raw(src, f, tensors[name]) if ours in raw else get(name) for ours, name in names.items()}
+            block = {ours: read_raw(src, f, tensors[name]) if ours in raw else get(name)
+                     for ours, name in names.items()}
             block = block_to_hf(block, cfg)  # whole rows move, so Q8_0's rows of bytes un-permute as values do
             writer.write_block(i, {ours: {'qweight': t} if ours in raw else t for ours, t in block.items()})
         head = None if cfg.tie_embeddings else get(OUTER_TENSORS[HEAD_TENSOR][1])
