@@ -144,14 +144,15 @@ def nf4_quantize(weight):
 def nf4_dequantize(qweight, absmax, shape, out=None):
     """-> [shape] (float32 unless `out` says otherwise): code[index] * absmax of its block."""
     n = math.prod(shape)
-    # [bytes, 2]: (high nibble, low nibble) values; index_select with int32 indices measured twice as
-    # fast on a CPU as indexing with the int64 ones
-    pairs = torch.index_select(_nf4_pairs(qweight.device), 0, qweight.int())
-    values = pairs.view(-1)[:n]
-    full = n - n % NF4_BLOCK
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
-    flat = out.view(-1)
+    # the codes, as (high nibble, low nibble) value pairs [bytes, 2]: gathered straight into a float32
+    # `out` and scaled there in place (one pass less over the weight), else into a float32 temporary
+    in_place = out.dtype == torch.float32 and n % 2 == 0 and out.is_contiguous()
+    pairs = out.view(-1, 2) if in_place else None
+    # index_select with int32 indices measured twice as fast on a CPU as indexing with int64 ones
+    values = torch.index_select(_nf4_pairs(qweight.device), 0, qweight.int(), out=pairs).view(-1)[:n]
+    flat, full = out.view(-1), n - n % NF4_BLOCK
     torch.mul(values[:full].view(-1, NF4_BLOCK), absmax[:full // NF4_BLOCK, None], out=flat[:full].view(-1, NF4_BLOCK))
     if full < n:
         torch.mul(values[full:], absmax[-1], out=flat[full:])
