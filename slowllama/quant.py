@@ -146,12 +146,14 @@ def nf4_dequantize(qweight, absmax, shape, out=None):
     n = math.prod(shape)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
-    # the codes, as (high nibble, low nibble) value pairs [bytes, 2]: gathered straight into a float32
-    # `out` and scaled there in place (one pass less over the weight), else into a float32 temporary
-    in_place = out.dtype == torch.float32 and n % 2 == 0 and out.is_contiguous()
-    pairs = out.view(-1, 2) if in_place else None
-    # index_select with int32 indices measured twice as fast on a CPU as indexing with int64 ones
-    values = torch.index_select(_nf4_pairs(qweight.device), 0, qweight.int(), out=pairs).view(-1)[:n]
+    # each byte's two values (high nibble first) gathered as one 64-bit word [bytes]: straight into a
+    # float32 `out`, then scaled there in place, else into a temporary. One 8-byte gather with int32
+    # indices measured 3x faster on a CPU than two 4-byte ones indexed with int64.
+    in_place = (out.dtype == torch.float32 and n % 2 == 0 and out.is_contiguous()
+                and out.storage_offset() % 2 == 0)  # whole 8-byte words
+    pairs = out.view(-1).view(torch.int64) if in_place else None
+    pairs = torch.index_select(_nf4_pairs(qweight.device), 0, qweight.int(), out=pairs)
+    values = pairs.view(torch.float32)[:n]
     flat, full = out.view(-1), n - n % NF4_BLOCK
     torch.mul(values[:full].view(-1, NF4_BLOCK), absmax[:full // NF4_BLOCK, None], out=flat[:full].view(-1, NF4_BLOCK))
     if full < n:
@@ -163,11 +165,12 @@ _PAIR_TABLES = {}
 
 
 def _nf4_pairs(device):
-    """[256, 2] float32: the two NF4 values a byte holds, high nibble first (one gather per byte)."""
+    """[256] int64: the two NF4 float32 values a byte holds (high nibble's first in memory), as one word."""
     if device not in _PAIR_TABLES:
         code = torch.tensor(NF4_CODE, dtype=torch.float32)
         byte = torch.arange(256)
-        _PAIR_TABLES[device] = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).to(device)
+        pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)  # [256, 2] float32
+        _PAIR_TABLES[device] = pairs.view(torch.int64).view(256).to(device)
     return _PAIR_TABLES[device]
 
 
