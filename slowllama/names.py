@@ -18,6 +18,9 @@ BLOCK_TENSORS = {
     'post_attention_layernorm.weight': ('ffn_norm.weight', 'ffn_norm.weight', None),
 }
 
+# The seven projection weights of a block: what --quant packs (norms stay in the model's dtype)
+PROJECTION_WEIGHTS = tuple(name for name in BLOCK_TENSORS if name.endswith('_proj.weight'))
+
 # Tensors outside the blocks: ours -> (Meta name, GGUF name, Meta split dim)
 EMBED_TENSOR = 'embed_tokens.weight'
 NORM_TENSOR = 'norm.weight'

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from .config import ModelConfig
 from .head import MIN_SLICE_ROWS, SLICE_ELEMENTS
 from .pinned import ROW_STAGING_BYTES
+from .quant import packed_nbytes
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
@@ -13,6 +14,16 @@ DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
 def block_params(cfg: ModelConfig):
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+
+
+def block_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
+    """Bytes of one block as stored and streamed: its seven projections packed when `quant` is set
+    (a quant.Quant), the norms (and everything without quant) in `dtype`."""
+    if quant is None:
+        return block_params(cfg) * DTYPE_BYTES[dtype]
+    q, kv, dim, hidden = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.dim, cfg.hidden_dim
+    projections = [(q, dim), (kv, dim), (kv, dim), (dim, q), (hidden, dim), (hidden, dim), (dim, hidden)]
+    return 2 * dim * DTYPE_BYTES[dtype] + sum(packed_nbytes(shape, quant) for shape in projections)
 
 
 def lora_params(cfg: ModelConfig, rank, targets):
@@ -49,10 +60,12 @@ class MemoryPlan:
 
 
 def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v'), resident_blocks=0,
-            ram_blocks=0, stash_on_device=True, device_is_host=False):
-    """Peak device and host bytes of one training step with this placement."""
+            ram_blocks=0, stash_on_device=True, device_is_host=False, quant=None):
+    """Peak device and host bytes of one training step with this placement. With `quant`, blocks
+    are held and streamed packed and two of them at a time are unpacked on the device."""
     w = DTYPE_BYTES[dtype]
-    block = block_params(cfg) * w
+    block = block_bytes(cfg, dtype, quant)
+    unpacked = 2 * block_params(cfg) * w if quant is not None else 0  # the two reused dequantized buffers
     tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2)  # embeddings and head
     tokens = batch * seq
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
@@ -60,7 +73,7 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     head_slice = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens)  # the head streams in vocabulary slices
     # a slice's logits (exponentiated in place) and rows; hidden, softmax @ rows, target rows, gradient
     loss = 2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 4 * tokens * cfg.dim * 4
-    step = lora + max(block_working_set(cfg, batch, seq, w), loss) + 2 * tokens * cfg.dim * w
+    step = lora + max(block_working_set(cfg, batch, seq, w), loss) + 2 * tokens * cfg.dim * w + unpacked
     if device_is_host:
         total = host_only_peak(cfg, block, tables, resident_blocks + ram_blocks, step + saved_inputs)
         return MemoryPlan(total, total, resident_blocks, ram_blocks)
@@ -113,11 +126,12 @@ def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget,
     return plan(resident, ram)
 
 
-def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets):
-    """Print the predicted peaks of a finetune in each offload mode."""
-    print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}, '
-          f'LoRA r={rank} on {",".join(targets)}')
+def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None):
+    """Print the predicted peaks of a finetune in each offload mode (quant: the blocks' Quant, or None)."""
+    print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}'
+          f'{", " + quant.type + " blocks" if quant else ""}, LoRA r={rank} on {",".join(targets)}')
     for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
                                  ('disk (streamed)', 0, 0)]:
-        plan = predict(cfg, batch, seq, dtype, rank, targets, resident_blocks=resident, ram_blocks=ram)
+        plan = predict(cfg, batch, seq, dtype, rank, targets, resident_blocks=resident, ram_blocks=ram,
+                       quant=quant)
         print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')

@@ -21,7 +21,9 @@ from .errors import SlowLlamaError
 from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
+from .packed import Unpacker, check_file_layout, file_layout, pack_block
 from .pinned import ROW_STAGING_BYTES, HostArena
+from .quant import Quant, parse_quant
 from .streams import CopyQueue
 
 FORMAT_NAME = 'slowllama-prepared'
@@ -57,8 +59,9 @@ class PreparedWriter:
     """Writes a prepared folder into a staging folder beside `out` and swaps it in at finish(),
     so an existing folder is replaced whole or not at all."""
 
-    def __init__(self, out, cfg: ModelConfig, dtype, source):
+    def __init__(self, out, cfg: ModelConfig, dtype, source, quant=None):
         self.out, self.cfg, self.dtype, self.source = str(out), cfg, parse_dtype(dtype), source
+        self.quant = parse_quant(quant)  # None: every weight in `dtype`
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
@@ -66,8 +69,9 @@ class PreparedWriter:
         self.files = {}
         self.tokenizer_files = []
 
-    def write(self, filename, tensors):
-        tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    def write(self, filename, tensors, keep_dtype=()):
+        tensors = {k: v.to(self.dtype) if v.is_floating_point() and k not in keep_dtype else v
+                   for k, v in tensors.items()}
         path = os.path.join(self.staging, filename)
         self.files[filename] = {'sha256': write_safetensors(path, tensors), 'size': os.path.getsize(path)}
 
@@ -80,8 +84,19 @@ class PreparedWriter:
         if missing:
             raise SlowLlamaError(f'{self.source}: layer {i} lacks {sorted(missing)}')
         for name, shape in block_shapes(self.cfg).items():
-            self._check(f'layer {i} {name}', tensors[name], shape)
-        self.write(block_file(i), {name: tensors[name] for name in BLOCK_TENSORS})
+            if not isinstance(tensors[name], dict):  # a dict: parts packed already (GGUF's Q8_0)
+                self._check(f'layer {i} {name}', tensors[name], shape)
+        if self.quant is None:
+            self.write(block_file(i), {name: tensors[name] for name in BLOCK_TENSORS})
+            return
+        # projections packed from the source's own values (not from their `dtype` rounding)
+        packed = pack_block({name: tensors[name] for name in BLOCK_TENSORS}, self.quant, self.source['path'])
+        layout = file_layout(block_shapes(self.cfg), self.quant, self.dtype)
+        for name, (shape, dtype) in layout.items():
+            if tuple(packed[name].shape) != shape or (packed[name].dtype != dtype and name not in BLOCK_TENSORS):
+                raise SlowLlamaError(f'{self.source["path"]}: layer {i} {name} packs to {tuple(packed[name].shape)} '
+                                     f'{packed[name].dtype}, the config needs {shape} {dtype}')
+        self.write(block_file(i), packed, keep_dtype=set(layout) - set(BLOCK_TENSORS))
 
     def write_head(self, norm, lm_head=None):
         self._check(NORM_TENSOR, norm, (self.cfg.dim,))
@@ -107,7 +122,7 @@ class PreparedWriter:
         write_json(os.path.join(self.staging, MANIFEST), {
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
             'dtype': dtype_name(self.dtype), 'source': self.source, 'tokenizer': self.tokenizer_files,
-            'files': self.files})
+            'files': self.files} | ({'quant': self.quant.to_dict()} if self.quant else {}))
         swap_in(self.staging, self.out)
 
     def abort(self):
@@ -188,8 +203,9 @@ def read_manifest(model_dir):
 
 
 def model_config(model_dir):
-    """The ModelConfig of a prepared folder (from its manifest)."""
-    return ModelConfig.from_dict(read_manifest(model_dir)['config'])
+    """(ModelConfig, Quant or None) of a prepared folder, from its manifest."""
+    manifest = read_manifest(model_dir)
+    return ModelConfig.from_dict(manifest['config']), Quant.from_dict(manifest.get('quant'))
 
 
 class BlockStore:
@@ -207,12 +223,17 @@ class BlockStore:
         self.manifest = read_manifest(model_dir)
         self.cfg = ModelConfig.from_dict(self.manifest['config'])
         self.device, self.dtype, self.verify = torch.device(device), dtype, verify
+        self.quant = Quant.from_dict(self.manifest.get('quant'))  # packed projections travel packed
+        shapes = block_shapes(self.cfg)
+        self._stored_layout = file_layout(shapes, self.quant, DTYPES[self.manifest['dtype']])
+        self._layout = file_layout(shapes, self.quant, dtype)  # what a block is on the device, before unpacking
         self._files, self._verified = {}, set()
         self.tiers = placement(self.cfg, self.device, dtype, offload, self.manifest['dtype'], max_device_mem,
-                               max_ram, batch_hint)
+                               max_ram, batch_hint, self.quant)
         self._arena = None  # the RAM tier, one host allocation (pinned on cuda)
         self._resident = self._load_resident()
-        self._copier = DeviceCopier(self.device, block_shapes(self.cfg), dtype)
+        self._copier = DeviceCopier(self.device, self._layout, dtype)
+        self._unpacker = Unpacker(shapes, self.quant, self.device, dtype) if self.quant else None
         self._head_stager = None
         self._held, self._pending = {}, {}
 
@@ -228,11 +249,15 @@ class BlockStore:
         if i not in self._held:
             ticket = self._pending.pop(i, None) or self._fetch(i)
             try:
-                self._held[i] = ticket.wait()
-            except BaseException:  # a failed read or copy, out of memory, Ctrl-C: the slot comes back
+                slot, tensors = ticket.wait()
+                buffers = None
+                if self._unpacker:  # dequantized here, on the compute device, just before use
+                    buffers, tensors = self._unpacker.unpack(tensors)
+            except BaseException:  # a failed read, copy or unpack, out of memory, Ctrl-C: the slot comes back
                 self._discard(ticket)
                 raise
-        return self._held[i][1]
+            self._held[i] = slot, buffers, tensors
+        return self._held[i][2]
 
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
@@ -241,8 +266,10 @@ class BlockStore:
         self._pending[i] = self._fetch(i)
 
     def release(self, i):
-        slot, _ = self._held.pop(i, (None, None))
+        slot, buffers, _ = self._held.pop(i, (None, None, None))
         self._copier.release(slot)
+        if self._unpacker:
+            self._unpacker.release(buffers)
         filename = block_file(i)
         if self.tiers[filename] == 'disk' and filename in self._files:
             self._files[filename].advise(mmap.MADV_DONTNEED)
@@ -320,9 +347,11 @@ class BlockStore:
 
     def _load_resident(self):
         """{filename: {name: tensor}} for every file not on the disk tier: those on the device copied
-        there, those in RAM into one host arena (pinned on cuda), in the compute dtype."""
+        there, those in RAM into one host arena (pinned on cuda); blocks as they travel (packed
+        projections stay packed), the tables in the compute dtype."""
         in_ram = [f for f, tier in self.tiers.items() if tier == 'ram']
-        specs = {(f, name): (self._file(f).shape(name), self.dtype) for f in in_ram for name in self._file(f).names()}
+        specs = {(f, name): (self._file(f).shape(name), self._resident_dtype(f, name))
+                 for f in in_ram for name in self._file(f).names()}
         self._arena = HostArena(specs, pin=self.device.type == 'cuda')
         resident = {}
         for filename, tier in self.tiers.items():
@@ -333,10 +362,13 @@ class BlockStore:
                 if tier == 'ram':
                     tensors[name] = self._arena.tensors[(filename, name)].copy_(t)
                 else:
-                    tensors[name] = t.to(self.device, self.dtype, copy=True)
+                    tensors[name] = t.to(self.device, self._resident_dtype(filename, name), copy=True)
             self._files.pop(filename).advise(mmap.MADV_DONTNEED)
             resident[filename] = tensors
         return resident
+
+    def _resident_dtype(self, filename, name):
+        return self.dtype if filename in (EMBED_FILE, HEAD_FILE) else self._layout[name][1]
 
     def _file(self, filename):
         if filename not in self._files:
@@ -346,8 +378,11 @@ class BlockStore:
                 raise SlowLlamaError(f'{self.model_dir}: manifest does not list {filename}; run prepare again')
             first_read = self.verify and filename not in self._verified
             check_file(path, expected, checksum=first_read)  # the full checksum once per run
+            mapped = SafetensorsFile(path)
+            if filename not in (EMBED_FILE, HEAD_FILE) and filename not in self._verified:
+                check_file_layout(path, mapped, self._stored_layout)
             self._verified.add(filename)
-            self._files[filename] = SafetensorsFile(path)
+            self._files[filename] = mapped
         return self._files[filename]
 
 
@@ -366,8 +401,8 @@ class DeviceCopier:
     A fetch holds one of the two slots from start() to release(slot); a fetch that fails after
     claiming one must still be released (BlockStore does)."""
 
-    def __init__(self, device, shapes, dtype):
-        self.device, self.dtype, self.shapes = device, dtype, shapes
+    def __init__(self, device, layout, dtype):
+        self.device, self.dtype, self.layout = device, dtype, layout  # layout: {name: (shape, dtype)}
         self.on_cpu = device.type == 'cpu'
         self.queue = CopyQueue(device)
         self._buffers, self._staging = [None, None], None
@@ -375,13 +410,13 @@ class DeviceCopier:
         self._reader = None
 
     def start(self, host_tensors, from_disk=False):
-        if self.on_cpu and all(t.dtype == self.dtype for t in host_tensors.values()):
+        if self.on_cpu and all(t.dtype == self.layout[n][1] for n, t in host_tensors.items()):
             return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
         slot = self._claim()
         try:
             if self.on_cpu:
                 return Pending(slot, self._in_background(self._convert, slot, host_tensors), self.queue)
-            if from_disk or any(t.dtype != self.dtype for t in host_tensors.values()):
+            if from_disk or any(t.dtype != self.layout[n][1] for n, t in host_tensors.items()):
                 return Pending(slot, self._in_background(self._stage_and_copy, slot, host_tensors), self.queue)
             return Ready(slot, *self._copy(slot, host_tensors), queue=self.queue)
         except BaseException:  # out of memory allocating the buffers, Ctrl-C
@@ -427,16 +462,17 @@ class DeviceCopier:
 
     def _slot_buffers(self, slot):
         if self._buffers[slot] is None:
-            self._buffers[slot] = {n: torch.empty(s, device=self.device, dtype=self.dtype)
-                                   for n, s in self.shapes.items()}
+            self._buffers[slot] = {n: torch.empty(s, device=self.device, dtype=dtype)
+                                   for n, (s, dtype) in self.layout.items()}
         return self._buffers[slot]
 
     def _staging_slot(self, slot):
-        """Slot's half of one host arena for both staging buffers, in the compute dtype."""
+        """Slot's half of one host arena for both staging buffers, as the block travels (the compute
+        dtype; packed projections packed)."""
         if self._staging is None:
-            specs = {(s, n): (shape, self.dtype) for s in (0, 1) for n, shape in self.shapes.items()}
+            specs = {(s, n): spec for s in (0, 1) for n, spec in self.layout.items()}
             self._staging = HostArena(specs, pin=self.device.type == 'cuda')
-        return {n: self._staging.tensors[(slot, n)] for n in self.shapes}
+        return {n: self._staging.tensors[(slot, n)] for n in self.layout}
 
 
 class Ready:
@@ -500,7 +536,7 @@ class RowStager:
 # --- placement -----------------------------------------------------------------------------
 
 def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, max_ram=None,
-              batch_hint=(4, 512)):
+              batch_hint=(4, 512), quant=None):
     """{filename: 'device' | 'ram' | 'disk'}. 'auto' asks the planner how many blocks fit on the
     device and in RAM within the free memory and the --max-device-mem / --max-ram caps."""
     if offload not in OFFLOAD_MODES + ('auto',):
@@ -519,7 +555,7 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
     ram_budget = _cap(free_host_memory() // host_share(), max_ram)  # torchrun: each its share
     if unified_memory(device):  # one memory: no RAM tier beside the device, host buffers count there
         ram_budget = 0
-    plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype),
+    plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype), quant=quant,
                         device_budget=_cap(free_device_memory(device), max_device_mem),
                         ram_budget=ram_budget, unified=unified_memory(device))
     tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks

@@ -2,6 +2,7 @@
 import os
 
 from ..errors import SlowLlamaError
+from ..quant import parse_quant
 from ..store import PreparedWriter, parse_dtype
 from . import gguf, hf, meta
 
@@ -20,14 +21,16 @@ def detect(src):
                          '(params.json + consolidated.NN.pth) or a .gguf file')
 
 
-def prepare(src, out, dtype='bf16'):
-    """Turn a checkpoint into a prepared folder at `out` (replaced whole, only on success)."""
-    src, dtype = str(src), parse_dtype(dtype)
+def prepare(src, out, dtype='bf16', quant=None, double_quant=False):
+    """Turn a checkpoint into a prepared folder at `out` (replaced whole, only on success).
+    quant: None, 'nf4' or 'int8': the blocks' projection weights stored packed (see quant.py)."""
+    src, dtype, quant = str(src), parse_dtype(dtype), parse_quant(quant, double_quant)
     kind = detect(src)
     readers = {'hf': (hf.read_config, hf.prepare_hf), 'meta': (meta.read_config, meta.prepare_meta),
                'gguf': (gguf.read_config, gguf.prepare_gguf)}
     read_config, fill = readers[kind]
-    writer = PreparedWriter(out, read_config(src), dtype, source={'format': kind, 'path': os.path.abspath(src)})
+    writer = PreparedWriter(out, read_config(src), dtype, source={'format': kind, 'path': os.path.abspath(src)},
+                            quant=quant)
     try:
         fill(src, writer)
         writer.finish()

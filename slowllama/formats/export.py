@@ -15,6 +15,8 @@ from ..errors import SlowLlamaError
 from ..files import SafetensorsFile
 from ..lora import peft_key, read_adapter_folder, save_adapter_folder
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
+from ..packed import check_file_layout, file_layout, is_packed, unpack_block
+from ..quant import Quant
 from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
@@ -33,20 +35,25 @@ class MergedWeights:
     def __init__(self, model_dir, dtype, adapter=None):
         self.model_dir, self.manifest = str(model_dir), read_manifest(model_dir)
         self.cfg, self.dtype = ModelConfig.from_dict(self.manifest['config']), dtype
+        self.quant = Quant.from_dict(self.manifest.get('quant'))
         self.lora, self.state = adapter if adapter else (None, {})
 
     def embed(self):
         return self._read(EMBED_FILE)[EMBED_TENSOR]
 
     def block(self, i):
-        tensors = self._read(block_file(i))
+        layout = file_layout(block_shapes(self.cfg), self.quant, parse_dtype(self.manifest['dtype']))
+        tensors = self._read(block_file(i), cast=self.quant is None, layout=layout)
+        if self.quant is not None:  # packed projections dequantized to fp32, merged, then rounded once
+            tensors = unpack_block(tensors, block_shapes(self.cfg), self.quant)
+            tensors = {n: t if is_packed(n, self.quant) else t.to(self.dtype) for n, t in tensors.items()}
         for target in (self.lora.targets if self.lora else ()):
             path = TARGET_MODULES[target]
             A, B = self.state[peft_key(i, path, 'A')], self.state[peft_key(i, path, 'B')]
             weight = tensors[path + '.weight']
             # W + (alpha / r) B A, the product formed in fp32 (as LoraLinear.merged_weight does)
-            tensors[path + '.weight'] = (weight.float() + self.lora.scale * (B.float() @ A.float())).to(weight.dtype)
-        return tensors
+            tensors[path + '.weight'] = (weight.float() + self.lora.scale * (B.float() @ A.float())).to(self.dtype)
+        return {name: t.to(self.dtype) for name, t in tensors.items()}
 
     def norm(self):
         return self._read(HEAD_FILE)[NORM_TENSOR]
@@ -54,10 +61,13 @@ class MergedWeights:
     def lm_head(self):
         return self.embed() if self.cfg.tie_embeddings else self._read(HEAD_FILE)[HEAD_TENSOR]
 
-    def _read(self, filename):
+    def _read(self, filename, cast=True, layout=None):
         path = os.path.join(self.model_dir, filename)
         check_file(path, self.manifest['files'].get(filename, {'size': None, 'sha256': None}))
-        return {name: t.to(self.dtype) for name, t in SafetensorsFile(path).tensors().items()}
+        mapped = SafetensorsFile(path)
+        if layout is not None:
+            check_file_layout(path, mapped, layout)
+        return {name: t.to(self.dtype) if cast else t for name, t in mapped.tensors().items()}
 
 
 def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):

@@ -15,7 +15,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
-                     NORM_TENSOR, OUTER_TENSORS)
+                     NORM_TENSOR, OUTER_TENSORS, PROJECTION_WEIGHTS)
 from ..progress import progress
 from .gguf_tokenizer import metadata, tokenizer_files
 from .layout import block_to_hf
@@ -94,15 +94,32 @@ def prepare_gguf(src, writer):
                 raise SlowLlamaError(f'{src}: tensor {gguf_name} missing')
             return read_tensor(src, f, tensors[gguf_name])
 
+        def carried(gguf_name, ours):  # Q8_0 into an int8 model: its bytes as they are, not re-quantized
+            return (writer.quant is not None and writer.quant.type == 'int8' and ours in PROJECTION_WEIGHTS
+                    and tensors[gguf_name].tensor_type.name == 'Q8_0')
+
         writer.write_embed(get(OUTER_TENSORS[EMBED_TENSOR][1]))
         for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
-            block = {ours: get(prefix + gguf_name) for ours, (_, gguf_name, _) in BLOCK_TENSORS.items()}
-            writer.write_block(i, block_to_hf(block, cfg))
+            names = {ours: prefix + gguf_name for ours, (_, gguf_name, _) in BLOCK_TENSORS.items()}
+            raw = {ours: name for ours, name in names.items() if name in tensors and carried(name, ours)}
+            block = {ours: read_raw(src, f, tensors[name]) if ours in raw else get(name)
+                     for ours, name in names.items()}
+            block = block_to_hf(block, cfg)  # whole rows move, so Q8_0's rows of bytes un-permute as values do
+            writer.write_block(i, {ours: {'qweight': t} if ours in raw else t for ours, t in block.items()})
         head = None if cfg.tie_embeddings else get(OUTER_TENSORS[HEAD_TENSOR][1])
         writer.write_head(get(OUTER_TENSORS[NORM_TENSOR][1]), head)
     for name, data in tokenizer_files(reader, src).items():
         writer.add_tokenizer_file(name, data)
+
+
+def read_raw(path, f, tensor):
+    """A quantized tensor's bytes as the file holds them: uint8 [rows, bytes per row]."""
+    raw = bytearray(tensor.n_bytes)
+    f.seek(tensor.data_offset)
+    if f.readinto(raw) != tensor.n_bytes:
+        raise SlowLlamaError(f'{path}: truncated GGUF file: {tensor.name} ends past the end of the file')
+    return torch.frombuffer(raw, dtype=torch.uint8).reshape(tuple(int(d) for d in tensor.data.shape))
 
 
 def read_tensor(path, f, tensor):

