@@ -147,7 +147,7 @@ class StreamedModel:
         tokens = tokens.to(self.device)
         x, _ = self._embed(tokens, prefix)
         max_len = x.shape[1] + max_new_tokens
-        caches = [KVCache(x.shape[0], self.cfg.n_kv_heads, max_len, self.cfg.head_dim, self.device, self.dtype)
+        caches = [KVCache.for_model(self.cfg, x.shape[0], max_len, self.device, self.dtype)
                   for _ in range(self.cfg.n_layers)]
         out, position = tokens, 0
         for _ in range(max_new_tokens):

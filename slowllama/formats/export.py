@@ -13,13 +13,14 @@ import tempfile
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
 from ..files import SafetensorsFile
-from ..lora import peft_key, read_adapter_folder, save_adapter_folder
+from ..lora import peft_key, read_adapter_folder
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
 from .meta import write_meta
+from .peft import save_peft_adapter
 
 FORMATS = ('meta', 'hf', 'peft')
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -70,11 +71,15 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
     dtype = parse_dtype(dtype or manifest['dtype'])
     lora = _read_adapter(adapter, model_dir, fmt)
     merged = MergedWeights(model_dir, dtype, lora)
+    if fmt == 'meta' and merged.cfg.model_type != 'llama':
+        raise SlowLlamaError(f'--format meta: Meta checkpoints hold Llama models only, this is '
+                             f'{merged.cfg.model_type}; use --format hf')
     staging = _staging_folder(out)
     try:
         _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
         if fmt == 'peft':
-            save_adapter_folder(staging, lora[0], lora[1], base_model=str(manifest.get('source', {}).get('path', '')))
+            save_peft_adapter(staging, merged.cfg, lora[0], lora[1],
+                              base_model=str(manifest.get('source', {}).get('path', '')))
         elif fmt == 'meta':
             write_meta(merged, staging, shards)
         else:

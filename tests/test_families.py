@@ -1,0 +1,186 @@
+"""The Llama-shaped families against transformers' own class for each: Qwen2 (q/k/v bias, tied),
+Qwen3 (per-head q/k norm, explicit head_dim), Mistral (sliding window), Phi-3 (fused projections,
+window) and Llama 3.2 (tied, llama3 rope scaling): logits, loss and every LoRA gradient with LoRA
+dropout on, greedy generation, export round trips; what we do not build is refused."""
+import copy
+import json
+
+import pytest
+import torch
+
+import slowllama
+from conftest import make_hf_model, random_batch
+from reference import masked_mean_ce, peft_grads, randomize_adapters
+from slowllama.formats.export import export
+
+HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0, 'low_freq_factor': 1.0,
+               'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
+# GQA with odd head counts; windows shorter than the test sequences so that they matter
+FAMILIES = {
+    'qwen2': dict(model_type='qwen2', hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                  tie_word_embeddings=True),
+    'qwen3': dict(model_type='qwen3', num_attention_heads=5, num_key_value_heads=1, head_dim=16),
+    'mistral': dict(model_type='mistral', num_attention_heads=6, num_key_value_heads=3, hidden_size=72,
+                    sliding_window=5),
+    'phi3': dict(model_type='phi3', num_attention_heads=6, num_key_value_heads=2, hidden_size=72,
+                 sliding_window=7, pad_token_id=None),
+    'llama3.2': dict(model_type='llama', tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+}
+
+
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, prepared folder, transformers model) of a tiny random model of each family."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model = make_hf_model(folder / 'hf', seed=11, **FAMILIES[request.param])
+    slowllama.prepare(folder / 'hf', folder / 'prepared', dtype='fp32')
+    return request.param, folder / 'prepared', hf_model
+
+
+def test_config_names_the_family(family):
+    name, model_dir, hf_model = family
+    cfg = slowllama.load(model_dir).cfg
+    assert cfg.model_type == hf_model.config.model_type
+    assert cfg.qkv_bias == (name == 'qwen2') and cfg.qk_norm == (name == 'qwen3')
+    assert cfg.sliding_window == getattr(hf_model.config, 'sliding_window', None)
+    c = hf_model.config
+    assert cfg.head_dim == getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
+    assert cfg.tie_embeddings == hf_model.config.tie_word_embeddings
+
+
+def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_path):
+    """A random adapter of ours exported for peft and loaded by it on transformers' class; both in
+    training mode with LoRA dropout 0.1 and the same seed (peft draws its masks in the order we
+    do): logits, loss and every LoRA gradient agree. Phi-3's fused modules get one dropout mask
+    where we draw three, so it is checked without dropout, through the stacked adapter: its A
+    gradients are ours stacked, its B gradients ours on the diagonal blocks."""
+    from peft import PeftModel
+    from slowllama.formats.peft import peft_adapter
+    name, model_dir, hf_model = family
+    dropout = 0.0 if name == 'phi3' else 0.1
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=dropout, targets=HF_TARGETS)
+    ours = slowllama.load(model_dir, lora=lora)
+    randomize_adapters(ours.adapters)
+    ours.save_adapter(tmp_path / 'adapter')
+    export(model_dir, tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'peft', is_trainable=True)
+    tokens, targets = random_batch(ours.cfg.vocab_size, seq=12, seed=3)
+
+    reference.eval()
+    with torch.no_grad():
+        logit_diff = (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max().item()
+    reference.train()
+    torch.manual_seed(5)
+    ref_loss = masked_mean_ce(reference(input_ids=tokens).logits, targets)
+    ref_loss.backward()
+    torch.manual_seed(5)
+    loss = ours.backward(tokens, targets)
+
+    grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    on_diagonal = peft_adapter(ours.cfg, lora, {k: torch.ones_like(g) for k, g in grads.items()})[1]
+    grads = peft_adapter(ours.cfg, lora, grads)[1]
+    ref_grads = {k: g * on_diagonal[k] for k, g in peft_grads(reference).items()}
+    assert set(grads) == set(ref_grads)
+    worst = max(((grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item() for k in grads)
+    print(f'\n{name}: max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
+          f'max relative grad diff {worst:.2e}')
+    assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-4
+    if dropout:
+        torch.manual_seed(6)
+        assert ours.backward(tokens, targets) != loss  # the dropout is real
+
+
+def test_generate_greedy_equals_transformers(family):
+    """24 greedy tokens; the prompt (8) is longer than the Mistral window (5), and the whole
+    sequence longer than the Phi-3 one (7)."""
+    name, model_dir, hf_model = family
+    ours = slowllama.load(model_dir)
+    prompt = torch.tensor([[5, 17, 42, 9, 3, 77, 21, 60]])
+    want = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    ours.cfg = type(ours.cfg).from_dict({**ours.cfg.to_dict(), 'eos_id': None})
+    got = ours.generate(prompt, 24)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_window_matters():
+    """The windowed mask changes the logits of a sequence longer than the window (else the
+    Mistral checks above would prove nothing about it)."""
+    from slowllama.config import ModelConfig
+    from slowllama.model import Transformer
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64, sliding_window=4)
+    torch.manual_seed(0)
+    windowed = Transformer(cfg).eval()
+    full = Transformer(ModelConfig.from_dict({**cfg.to_dict(), 'sliding_window': None})).eval()
+    full.load_state_dict(windowed.state_dict())
+    tokens = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        a, b = windowed(tokens), full(tokens)
+    assert torch.equal(a[:, :4], b[:, :4]) and (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+
+
+def test_export_hf_and_peft_load_in_transformers_and_peft(family, tmp_path):
+    """export hf: the source's model_type and names (fused again for Phi-3), loaded by
+    transformers' class for it; export peft: target names peft applies to that class."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    name, model_dir, hf_model = family
+    lora = slowllama.LoraConfig(rank=3, alpha=6.0, targets=HF_TARGETS)
+    ours = slowllama.load(model_dir, lora=lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ours.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours.save_adapter(tmp_path / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    want = ours.logits(tokens)
+    assert (want - hf_model(tokens).logits).abs().max() > 1e-3  # the adapter matters
+
+    export(model_dir, tmp_path / 'hf', 'hf', adapter=tmp_path / 'adapter', dtype='fp32')
+    config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    assert config['model_type'] == hf_model.config.model_type
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32).eval()
+    assert type(merged) is type(hf_model)
+    assert set(merged.state_dict()) == set(hf_model.state_dict())
+    export(model_dir, tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
+    loaded = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'peft').eval()
+    with torch.no_grad():
+        hf_diff = (merged(tokens).logits - want).abs().max().item()
+        peft_diff = (loaded(input_ids=tokens).logits - want).abs().max().item()
+    print(f'\n{name} export: hf {hf_diff:.2e}, peft {peft_diff:.2e}')
+    assert hf_diff < 1e-4 and peft_diff < 1e-4
+
+
+def test_export_meta_refuses_other_families(family, tmp_path):
+    name, model_dir, _ = family
+    if name == 'llama3.2':
+        return
+    with pytest.raises(slowllama.SlowLlamaError, match=f'--format meta.*{family[2].config.model_type}'):
+        export(model_dir, tmp_path / 'meta', 'meta')
+
+
+@pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'gemma2'])
+def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
+    folder = tmp_path / 'hf'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps({'model_type': model_type, 'hidden_size': 8}))
+    (folder / 'model.safetensors').write_bytes(b'')
+    with pytest.raises(slowllama.SlowLlamaError, match=f"model_type '{model_type}' is not supported") as e:
+        slowllama.prepare(folder, tmp_path / 'out')
+    assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4, 'short_factor': [1.0] * 6,
+                          'long_factor': [1.0] * 6}}, "rope_type 'longrope' is not supported"),
+    ({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5}},
+     'partial_rotary_factor 0.5'),
+    ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'sliding window on some layers'),
+])
+def test_what_we_do_not_build_is_refused_with_one_line(change, message):
+    from slowllama.config import ModelConfig
+    hf = {'model_type': 'phi3', 'hidden_size': 72, 'num_attention_heads': 6, 'num_hidden_layers': 3,
+          'intermediate_size': 96, 'vocab_size': 128, **change}
+    with pytest.raises(slowllama.SlowLlamaError, match=message):
+        ModelConfig.from_hf(hf)
