@@ -148,8 +148,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [batch, heads, seq, head_dim]
         past, key_start = 0, 0
         if cache is not None:
-            past, key_start = cache.length, cache.start
+            past = cache.length
             k, v = cache.append(k, v)
+            key_start = cache.start  # the window may have let the oldest keys go
         windowed = self.window is not None and past + seq > self.window  # some key falls out of some query's window
         causal = mask is None and past == 0 and seq > 1 and not windowed
         if (past and seq > 1) or windowed:  # after a cached prefix, or a window: say which keys each query sees

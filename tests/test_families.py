@@ -176,7 +176,7 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
                           'long_factor': [1.0] * 6}}, "rope_type 'longrope' is not supported"),
     ({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5}},
      'partial_rotary_factor 0.5'),
-    ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'sliding window on some layers'),
+    ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'use_sliding_window on some layers'),
 ])
 def test_what_we_do_not_build_is_refused_with_one_line(change, message):
     from slowllama.config import ModelConfig
@@ -184,3 +184,13 @@ def test_what_we_do_not_build_is_refused_with_one_line(change, message):
           'intermediate_size': 96, 'vocab_size': 128, **change}
     with pytest.raises(slowllama.SlowLlamaError, match=message):
         ModelConfig.from_hf(hf)
+
+
+def test_windowed_cache_keeps_the_window_only():
+    from slowllama.model import KVCache
+    cache = KVCache(1, 2, 100, 4, 'cpu', torch.float32, window=5)
+    k, _ = cache.append(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))  # a prompt longer than the window
+    assert k.shape[2] == 8 and cache.start == 0
+    for step in range(10):
+        k, _ = cache.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+        assert k.shape[2] == 5 and cache.start + 5 == cache.length == 9 + step

@@ -115,7 +115,8 @@ def write_hf(merged, folder, dtype_name, max_shard_bytes):
 
 
 def _prefixed(block, prefix, cfg):
-    return {prefix + name: tensor for name, tensor in fuse(block, cfg).items()}
+    block = fuse(block, cfg)
+    return {prefix + name: block[name] for name in hf_block_shapes(cfg)}  # in the layout's order
 
 
 def hf_layout(cfg, dtype):
