@@ -33,6 +33,11 @@ def block_tensor_names(cfg):
     return list(BLOCK_TENSORS) + [name for name, (_, flag) in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
 
 
+def gguf_block_name(ours):
+    """Our block tensor name -> llama.cpp's ('self_attn.q_proj.bias' -> 'attn_q.bias')."""
+    return BLOCK_TENSORS[ours][1] if ours in BLOCK_TENSORS else OPTIONAL_BLOCK_TENSORS[ours][0]
+
+
 # The families we build: HF model_type -> the transformers class that loads it
 HF_ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',

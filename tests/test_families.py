@@ -194,3 +194,28 @@ def test_windowed_cache_keeps_the_window_only():
     for step in range(10):
         k, _ = cache.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
         assert k.shape[2] == 5 and cache.start + 5 == cache.length == 9 + step
+
+
+@pytest.mark.parametrize('arch, shape', [
+    ('qwen2', dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
+    ('qwen3', dict(hidden_size=64, num_attention_heads=3, num_key_value_heads=1, head_dim=32)),
+])
+def test_gguf_of_the_family_reads_to_its_hf_twins_logits(arch, shape, tmp_path):
+    """A GGUF written with gguf's writer under llama.cpp's names (q/k not interleaved for these
+    architectures; biases, q/k norms and rope kept as llama.cpp keeps them) gives the logits of
+    its transformers twin carrying the same (dequantized) weights."""
+    from checkpoints import twin_from_gguf, write_gguf
+    import gguf
+    T = gguf.GGMLQuantizationType
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type=arch, intermediate_size=128, **shape)
+    expected = write_gguf(tmp_path / 'm.gguf', hf_model, {'*': T.F16, 'attn_q.weight': T.Q8_0}, arch=arch)
+    assert any(name.endswith(('attn_q.bias', 'attn_q_norm.weight')) for name in expected)
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    model = slowllama.load(tmp_path / 'out')
+    assert model.cfg.model_type == arch and model.cfg.tie_embeddings == hf_model.config.tie_word_embeddings
+    tokens, _ = random_batch(model.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        want = twin_from_gguf(hf_model, expected)(tokens).logits
+    diff = (model.logits(tokens) - want).abs().max().item()
+    print(f'\ngguf {arch}: max |logit diff| {diff:.2e}')
+    assert diff < 1e-4

@@ -1,9 +1,9 @@
-"""GGUF files (llama.cpp): Llama-architecture models, float or quantized, read into a prepared folder.
+"""GGUF files (llama.cpp): llama, qwen2 and qwen3 architectures, float or quantized, read into a prepared folder.
 
 Tensors are dequantized with the `gguf` package one at a time, read with plain file reads (not the
 reader's memory map) so RAM holds one block. GGUF lists shapes innermost first (ggml's `ne`), so
-they are reversed; q/k are in Meta's interleaved rope layout (llama.cpp permutes them) and are
-un-permuted with n_heads (q) and n_kv_heads (k). The tokenizer comes from the metadata.
+they are reversed; for the llama architecture q/k are in Meta's interleaved rope layout (llama.cpp
+permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); qwen2/qwen3 keep HF's. The tokenizer comes from the metadata.
 """
 import math
 import os
@@ -14,13 +14,13 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
-                     NORM_TENSOR, OUTER_TENSORS)
+from ..names import (EMBED_TENSOR, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
+                     NORM_TENSOR, OUTER_TENSORS, block_tensor_names, gguf_block_name)
 from ..progress import progress
 from .gguf_tokenizer import tokenizer_files
 from .layout import block_to_hf
 
-ARCHITECTURES = ('llama',)
+ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 # ModelConfig field -> GGUF metadata key (after '{architecture}.')
 CONFIG_KEYS = {
     'dim': 'embedding_length', 'n_layers': 'block_count', 'n_heads': 'attention.head_count',
@@ -83,8 +83,10 @@ def read_config(src, reader=None):
     embed = tensors.get(OUTER_TENSORS[EMBED_TENSOR][1])
     if embed is None:
         raise SlowLlamaError(f'{src}: no {OUTER_TENSORS[EMBED_TENSOR][1]} tensor')
-    values['rope_scaling'] = _llama3_scaling(src, tensors, values)
-    return ModelConfig(**values, vocab_size=int(embed.shape[1]),
+    values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
+    model_type = GGUF_ARCHITECTURES[arch][0]
+    return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
+                       qkv_bias=model_type == 'qwen2', qk_norm=model_type == 'qwen3',
                        tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
                        bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
                        eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
@@ -93,6 +95,7 @@ def read_config(src, reader=None):
 def prepare_gguf(src, writer):
     cfg, reader = writer.cfg, open_reader(src)
     tensors = {t.name: t for t in reader.tensors}
+    interleaved = GGUF_ARCHITECTURES[metadata(reader, 'general.architecture')][1]
     with open(src, 'rb') as f:
         def get(gguf_name):
             if gguf_name not in tensors:
@@ -102,8 +105,8 @@ def prepare_gguf(src, writer):
         writer.write_embed(get(OUTER_TENSORS[EMBED_TENSOR][1]))
         for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
-            block = {ours: get(prefix + gguf_name) for ours, (_, gguf_name, _) in BLOCK_TENSORS.items()}
-            writer.write_block(i, block_to_hf(block, cfg))
+            block = {ours: get(prefix + gguf_block_name(ours)) for ours in block_tensor_names(cfg)}
+            writer.write_block(i, block_to_hf(block, cfg) if interleaved else block)
         head = None if cfg.tie_embeddings else get(OUTER_TENSORS[HEAD_TENSOR][1])
         writer.write_head(get(OUTER_TENSORS[NORM_TENSOR][1]), head)
     for name, data in tokenizer_files(reader, src).items():
@@ -141,6 +144,16 @@ def _llama3_scaling(src, tensors, values):
         raise SlowLlamaError(f'{src}: {GGUF_ROPE_FREQS} does not follow the Llama-3 rope scaling rule; '
                              'this rope scaling is not supported')
     return scaling
+
+
+def _scaling_metadata(src, reader, arch):
+    """rope.scaling.type from the metadata: none, or linear with its factor; others are refused."""
+    kind = metadata(reader, f'{arch}.rope.scaling.type', 'none')
+    if kind == 'none':
+        return None
+    if kind == 'linear':
+        return {'rope_type': 'linear', 'factor': float(metadata(reader, f'{arch}.rope.scaling.factor'))}
+    raise SlowLlamaError(f'{src}: rope scaling {kind!r} is not supported (none and linear are)')
 
 
 def llama3_divisors(head_dim, theta, scaling):
