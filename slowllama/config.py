@@ -1,6 +1,7 @@
 """ModelConfig: the shape of a Llama-family model, read from Meta params.json, HF config.json or GGUF metadata."""
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import SlowLlamaError
@@ -63,7 +64,7 @@ class ModelConfig:
             n_kv_heads=hf.get('num_key_value_heads') or n_heads, hidden_dim=hf['intermediate_size'],
             vocab_size=hf['vocab_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
             rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
-            rope_scaling=_hf_rope_scaling(hf.get('rope_scaling') or rope, model_type),
+            rope_scaling=_hf_rope_scaling(hf.get('rope_scaling') or rope, hf, model_type),
             max_seq_len=hf.get('max_position_embeddings', 4096),
             tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
             head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
@@ -112,7 +113,8 @@ class ModelConfig:
         if self.model_type in ('qwen2', 'qwen3'):
             config.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
         if self.model_type == 'phi3':
-            config['original_max_position_embeddings'] = self.max_seq_len
+            config['original_max_position_embeddings'] = (self.rope_scaling or {}).get(
+                'original_max_position_embeddings', self.max_seq_len)
         return config
 
     def to_meta(self):
@@ -166,8 +168,9 @@ def _hf_family(hf, model_type):
             'sliding_window': window}
 
 
-def _hf_rope_scaling(scaling, model_type):
-    """None, llama3 or linear scaling; any other rope_type is refused (it would silently change the model)."""
+def _hf_rope_scaling(scaling, hf, model_type):
+    """None, llama3, linear or longrope scaling; any other rope_type is refused (it would silently
+    change the model)."""
     kind = scaling.get('rope_type', scaling.get('type', 'default'))
     if kind == 'default':
         return None
@@ -175,8 +178,23 @@ def _hf_rope_scaling(scaling, model_type):
         return _llama3_scaling(scaling)
     if kind == 'linear':
         return {'rope_type': 'linear', 'factor': float(scaling['factor'])}
+    if kind in ('longrope', 'su'):
+        return _longrope_scaling(scaling, hf)
     raise SlowLlamaError(f'config.json ({model_type}): rope_type {kind!r} is not supported '
-                         '(default, llama3 and linear are)')
+                         '(default, llama3, linear and longrope are)')
+
+
+def _longrope_scaling(scaling, hf):
+    """Phi-3's LongRoPE: per-frequency divisors for short and long sequences, and the cos/sin
+    magnitude transformers derives from the context extension when the config does not give it."""
+    original = int(scaling.get('original_max_position_embeddings') or hf['original_max_position_embeddings'])
+    factor = scaling.get('factor') or hf['max_position_embeddings'] / original
+    attention = scaling.get('attention_factor')
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {'rope_type': 'longrope', 'short_factor': [float(f) for f in scaling['short_factor']],
+            'long_factor': [float(f) for f in scaling['long_factor']],
+            'original_max_position_embeddings': original, 'attention_factor': float(attention)}
 
 
 def _llama3_scaling(scaling):

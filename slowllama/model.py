@@ -32,14 +32,19 @@ def rms_norm(x, weight, eps):
 
 # --- rotary position embedding -------------------------------------------------------------
 
-def rope_inv_freq(cfg: ModelConfig):
-    """Inverse frequencies [head_dim / 2], with Llama-3 (or linear) scaling when the config has it."""
+def rope_inv_freq(cfg: ModelConfig, seq_len=None):
+    """Inverse frequencies [head_dim / 2], with Llama-3, linear or LongRoPE scaling when the config
+    has it. seq_len (the last position + 1) picks LongRoPE's short or long factors."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
     scaling = cfg.rope_scaling
     if not scaling:
         return inv_freq.float()
     if scaling.get('rope_type') == 'linear':  # positions divided by factor
         return (inv_freq / scaling['factor']).float()
+    if scaling.get('rope_type') == 'longrope':  # Phi-3: a divisor per frequency, long ones past the original length
+        long = seq_len is not None and seq_len > scaling['original_max_position_embeddings']
+        divisors = torch.tensor(scaling['long_factor' if long else 'short_factor'], dtype=torch.float64)
+        return (inv_freq / divisors).float()
     factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
     old_len = scaling['original_max_position_embeddings']
     wavelen = 2 * math.pi / inv_freq
@@ -53,10 +58,23 @@ def rope_inv_freq(cfg: ModelConfig):
 
 def rope_table(cfg: ModelConfig, positions, device):
     """cos, sin for the given positions [T] or [batch, T]: [..., T, head_dim] each, float32."""
-    inv_freq = rope_inv_freq(cfg).to(device)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get('rope_type') == 'longrope':  # the factors depend on how far this call reaches, as in HF
+        inv_freq = rope_inv_freq(cfg, int(positions.max()) + 1).to(device)
+    else:
+        inv_freq = rope_inv_freq(cfg).to(device)
     angles = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    magnitude = scaling.get('attention_factor', 1.0)  # LongRoPE scales cos and sin alike
+    return angles.cos() * magnitude, angles.sin() * magnitude
+
+
+def rope_changes_past(cfg: ModelConfig, cached, total):
+    """True when a KV cache of `cached` positions no longer holds valid keys at `total` positions:
+    LongRoPE switches every position to its long factors once the sequence passes the original
+    length, so a cache filled before must be recomputed (as transformers' Phi-3 does)."""
+    scaling = cfg.rope_scaling or {}
+    return scaling.get('rope_type') == 'longrope' and cached <= scaling['original_max_position_embeddings'] < total
 
 
 def rotate_half(x):

@@ -25,6 +25,12 @@ FAMILIES = {
                     sliding_window=5),
     'phi3': dict(model_type='phi3', num_attention_heads=6, num_key_value_heads=2, hidden_size=72,
                  sliding_window=7, pad_token_id=None),
+    # LongRoPE past an original length of 8: training rows (12) and generation use the long factors
+    'phi3-longrope': dict(model_type='phi3', num_attention_heads=6, num_key_value_heads=3, hidden_size=72,
+                          pad_token_id=None, original_max_position_embeddings=8,
+                          rope_parameters={'rope_type': 'longrope', 'rope_theta': 10000.0,
+                                           'short_factor': [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                           'long_factor': [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}),
     'llama3.2': dict(model_type='llama', tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
 }
 
@@ -43,6 +49,8 @@ def test_config_names_the_family(family):
     cfg = slowllama.load(model_dir).cfg
     assert cfg.model_type == hf_model.config.model_type
     assert cfg.qkv_bias == (name == 'qwen2') and cfg.qk_norm == (name == 'qwen3')
+    assert (cfg.rope_scaling or {}).get('rope_type', 'llama3' if cfg.rope_scaling else None) == {
+        'phi3-longrope': 'longrope', 'llama3.2': 'llama3'}.get(name)
     assert cfg.sliding_window == getattr(hf_model.config, 'sliding_window', None)
     c = hf_model.config
     assert cfg.head_dim == getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
@@ -58,7 +66,7 @@ def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_
     from peft import PeftModel
     from slowllama.formats.peft import peft_adapter
     name, model_dir, hf_model = family
-    dropout = 0.0 if name == 'phi3' else 0.1
+    dropout = 0.0 if name.startswith('phi3') else 0.1
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=dropout, targets=HF_TARGETS)
     ours = slowllama.load(model_dir, lora=lora)
     randomize_adapters(ours.adapters)
@@ -172,8 +180,7 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
 
 
 @pytest.mark.parametrize('change, message', [
-    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4, 'short_factor': [1.0] * 6,
-                          'long_factor': [1.0] * 6}}, "rope_type 'longrope' is not supported"),
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}, "rope_type 'yarn' is not supported"),
     ({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5}},
      'partial_rotary_factor 0.5'),
     ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'use_sliding_window on some layers'),
