@@ -18,8 +18,9 @@ class ModelConfig:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None     # Llama-3 style (factor, low/high_freq_factor, original_max_position_embeddings),
-                                         # or {'rope_type': 'linear', 'factor'}
+    rope_scaling: dict | None = None     # Llama-3 style (factor, low/high_freq_factor,
+                                         # original_max_position_embeddings), or with a 'rope_type':
+                                         # 'linear' (factor) or 'longrope' (see _longrope_scaling)
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     head_dim: int = 0                    # 0: dim // n_heads

@@ -163,7 +163,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, 'q_norm'):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [batch, heads, seq, head_dim]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [batch, heads, seq, head_dim]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past, key_start = 0, 0
         if cache is not None:
             past = cache.length

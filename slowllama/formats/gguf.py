@@ -3,7 +3,8 @@
 Tensors are dequantized with the `gguf` package one at a time, read with plain file reads (not the
 reader's memory map) so RAM holds one block. GGUF lists shapes innermost first (ggml's `ne`), so
 they are reversed; for the llama architecture q/k are in Meta's interleaved rope layout (llama.cpp
-permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); qwen2/qwen3 keep HF's. The tokenizer comes from the metadata.
+permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); qwen2/qwen3 keep HF's.
+The tokenizer comes from the metadata.
 """
 import math
 import os
