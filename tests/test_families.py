@@ -10,7 +10,7 @@ import torch
 
 import slowllama
 from conftest import make_hf_model, random_batch
-from reference import masked_mean_ce, peft_grads, randomize_adapters
+from reference import masked_mean_ce, peft_grads, peft_model, randomize_adapters
 from slowllama.formats.export import export
 
 HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -226,3 +226,28 @@ def test_gguf_of_the_family_reads_to_its_hf_twins_logits(arch, shape, tmp_path):
     diff = (model.logits(tokens) - want).abs().max().item()
     print(f'\ngguf {arch}: max |logit diff| {diff:.2e}')
     assert diff < 1e-4
+
+
+def test_phi3_adapters_of_peft_read_back_into_our_projections(tmp_path):
+    """A peft adapter trained on Phi-3's fused modules (one rank-r LoRA on qkv_proj, gate_up_proj)
+    loads as our per-projection LoRAs with peft's logits; one of ours with q, v and up only,
+    exported for peft and read back, is the same adapter with the same targets."""
+    hf_model = make_hf_model(tmp_path / 'hf', seed=4, **FAMILIES['phi3'])
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    reference = peft_model(hf_model, targets=('qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj'))
+    reference.save_pretrained(tmp_path / 'from_peft')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'from_peft')
+    assert ours.lora.targets == ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    with torch.no_grad():
+        assert (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max() < 1e-4
+
+    lora = slowllama.LoraConfig(rank=2, alpha=5.0, targets=('q', 'v', 'up'))
+    ours = slowllama.load(tmp_path / 'prepared', lora=lora)
+    randomize_adapters(ours.adapters)
+    ours.save_adapter(tmp_path / 'adapter')
+    export(tmp_path / 'prepared', tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
+    again = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'peft')
+    assert again.lora == lora
+    first, second = ours.trainable_parameters(), again.trainable_parameters()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

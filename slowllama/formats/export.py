@@ -13,14 +13,14 @@ import tempfile
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
 from ..files import SafetensorsFile
-from ..lora import peft_key, read_adapter_folder
+from ..lora import peft_key
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
 from .meta import write_meta
-from .peft import save_peft_adapter
+from .peft import read_peft_adapter, save_peft_adapter
 
 FORMATS = ('meta', 'hf', 'peft')
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -97,7 +97,7 @@ def _read_adapter(adapter, model_dir, fmt):
         if fmt == 'peft':
             raise SlowLlamaError('--lora: the peft format exports an adapter; give its folder with --lora')
         return None
-    lora, state = read_adapter_folder(adapter)
+    lora, state = read_peft_adapter(adapter, model_dir)
     state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}
     cfg = ModelConfig.from_dict(read_manifest(model_dir)['config'])
     shapes = block_shapes(cfg)
