@@ -4,6 +4,9 @@ window) and Llama 3.2 (tied, llama3 rope scaling): logits, loss and every LoRA g
 dropout on, greedy generation, export round trips; what we do not build is refused."""
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,3 +254,39 @@ def test_phi3_adapters_of_peft_read_back_into_our_projections(tmp_path):
     assert again.lora == lora
     first, second = ours.trainable_parameters(), again.trainable_parameters()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_phi3_prepare_finetune_generate_export_from_the_command_line(tmp_path):
+    """The family's own architecture through the commands: prepare a Phi-3 folder, finetune it
+    (window 7 < rows of 16), generate, export hf: transformers' Phi-3 class gives the logits of
+    our model with the run's adapter."""
+    from conftest import save_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def script(name, *args):
+        done = subprocess.run([sys.executable, f'{root}/scripts/{name}', *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    make_hf_model(tmp_path / 'hf', seed=8, bos_token_id=1, eos_token_id=2, **FAMILIES['phi3'])
+    save_tiny_tokenizer(tmp_path / 'hf')
+    (tmp_path / 'story.txt').write_text('odalys brenn keeps the violet lamp burning every night. ' * 8)
+    script('prepare_model.py', tmp_path / 'hf', tmp_path / 'prepared', '--dtype', 'fp32')
+    script('finetune.py', '--model', tmp_path / 'prepared', '--data', tmp_path / 'story.txt', '--out',
+           tmp_path / 'run', '--device', 'cpu', '--iters', 3, '--batch-size', 2, '--seq-len', 16, '--lr', 1e-2,
+           '--targets', 'q,k,v,o,gate,up,down', '--lora-dropout', 0.1)
+    out = script('test_gen.py', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter', '--prompt',
+                 'the violet', '--max-new-tokens', 12)
+    assert out.strip()
+    script('export.py', '--model', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter', '--format', 'hf',
+           '--out', tmp_path / 'exported', '--dtype', 'fp32')
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'exported', dtype=torch.float32).eval()
+    assert type(merged).__name__ == 'Phi3ForCausalLM'
+    assert 'model.layers.0.self_attn.qkv_proj.weight' in merged.state_dict()
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'run' / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        assert (merged(tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
