@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SlowLlamaError
-from .names import HF_ARCHITECTURES
+from .names import FAMILY_FIELDS, HF_ARCHITECTURES, WINDOWED_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -159,14 +159,12 @@ def _hf_family(hf, model_type):
     rotary = (hf.get('rope_parameters') or {}).get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
     if rotary != 1.0:
         raise SlowLlamaError(f'{where}: partial_rotary_factor {rotary} is not supported (rope on whole heads only)')
-    window = None
-    if model_type in ('mistral', 'phi3'):
-        window = hf.get('sliding_window')
-    elif model_type in ('qwen2', 'qwen3') and hf.get('use_sliding_window'):
-        if hf.get('max_window_layers', hf['num_hidden_layers']) < hf['num_hidden_layers']:
-            raise SlowLlamaError(f'{where}: use_sliding_window on some layers only is not supported')
-    return {'model_type': model_type, 'qkv_bias': model_type == 'qwen2', 'qk_norm': model_type == 'qwen3',
-            'sliding_window': window}
+    window = hf.get('sliding_window') if model_type in WINDOWED_FAMILIES else None
+    if hf.get('use_sliding_window') and hf.get('max_window_layers', hf['num_hidden_layers']) < hf['num_hidden_layers']:
+        raise SlowLlamaError(f'{where}: use_sliding_window on some layers only is not supported')  # qwen
+    if len(set(hf.get('layer_types') or [])) > 1:
+        raise SlowLlamaError(f'{where}: layer_types mixing attention kinds are not supported')
+    return {'model_type': model_type, 'sliding_window': window, **FAMILY_FIELDS.get(model_type, {})}
 
 
 def _hf_rope_scaling(scaling, hf, model_type):

@@ -44,6 +44,11 @@ HF_ARCHITECTURES = {
     'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM',
 }
 
+# What a family's blocks carry beyond Llama's: model_type -> ModelConfig fields (flags of OPTIONAL_BLOCK_TENSORS)
+FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True}}
+# Families whose config.json sliding_window is a window of every layer
+WINDOWED_FAMILIES = ('mistral', 'phi3')
+
 # Tensors a family's HF checkpoints keep fused: model_type -> {HF name: our names, stacked on rows in order}.
 # Split at prepare, fused again at export.
 FUSED_TENSORS = {

@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..names import (EMBED_TENSOR, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
+from ..names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
                      NORM_TENSOR, OUTER_TENSORS, block_tensor_names, gguf_block_name)
 from ..progress import progress
 from .gguf_tokenizer import tokenizer_files
@@ -87,7 +87,7 @@ def read_config(src, reader=None):
     values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
     model_type = GGUF_ARCHITECTURES[arch][0]
     return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
-                       qkv_bias=model_type == 'qwen2', qk_norm=model_type == 'qwen3',
+                       **FAMILY_FIELDS.get(model_type, {}),
                        tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
                        bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
                        eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
