@@ -59,7 +59,13 @@ FUSED_TENSORS = {
 
 # GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
 # for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
-GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False)}
+GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False),
+                      'phi3': ('phi3', False)}
+# llama.cpp's fused block tensors: architecture -> {GGUF name: our names, stacked on rows in order}
+GGUF_FUSED = {
+    'phi3': {'attn_qkv.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'),
+             'ffn_up.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
+}
 
 # Tensors outside the blocks: ours -> (Meta name, GGUF name, Meta split dim)
 EMBED_TENSOR = 'embed_tokens.weight'

@@ -23,6 +23,7 @@ GGUF_EXTRA = {
     'self_attn.q_proj.bias': 'attn_q.bias', 'self_attn.k_proj.bias': 'attn_k.bias',
     'self_attn.v_proj.bias': 'attn_v.bias', 'self_attn.q_norm.weight': 'attn_q_norm.weight',
     'self_attn.k_norm.weight': 'attn_k_norm.weight',
+    'self_attn.qkv_proj.weight': 'attn_qkv.weight', 'mlp.gate_up_proj.weight': 'ffn_up.weight',  # phi3, fused
 }
 OUTER = {
     'model.embed_tokens.weight': ('tok_embeddings.weight', 'token_embd.weight', 1),
@@ -127,6 +128,8 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
     if head_dim != cfg.hidden_size // cfg.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if getattr(cfg, 'sliding_window', None):
+        writer.add_sliding_window(cfg.sliding_window)
     for key, value in (tokenizer or {}).items():
         getattr(writer, key)(value)
     # llama.cpp interleaves q/k rows for its llama architecture only (qwen2/qwen3 use NEOX rope)

@@ -209,20 +209,23 @@ def test_windowed_cache_keeps_the_window_only():
 @pytest.mark.parametrize('arch, shape', [
     ('qwen2', dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
     ('qwen3', dict(hidden_size=64, num_attention_heads=3, num_key_value_heads=1, head_dim=32)),
+    ('phi3', dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=7, pad_token_id=None)),
 ])
 def test_gguf_of_the_family_reads_to_its_hf_twins_logits(arch, shape, tmp_path):
     """A GGUF written with gguf's writer under llama.cpp's names (q/k not interleaved for these
-    architectures; biases, q/k norms and rope kept as llama.cpp keeps them) gives the logits of
-    its transformers twin carrying the same (dequantized) weights."""
+    architectures; biases, q/k norms, Phi-3's fused attn_qkv / ffn_up and its window kept as
+    llama.cpp keeps them) gives the logits of its transformers twin carrying the same
+    (dequantized) weights, over rows longer than the window."""
     from checkpoints import twin_from_gguf, write_gguf
     import gguf
     T = gguf.GGMLQuantizationType
     hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type=arch, intermediate_size=128, **shape)
     expected = write_gguf(tmp_path / 'm.gguf', hf_model, {'*': T.F16, 'attn_q.weight': T.Q8_0}, arch=arch)
-    assert any(name.endswith(('attn_q.bias', 'attn_q_norm.weight')) for name in expected)
+    assert any(name.endswith(('attn_q.bias', 'attn_q_norm.weight', 'attn_qkv.weight')) for name in expected)
     slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
     model = slowllama.load(tmp_path / 'out')
     assert model.cfg.model_type == arch and model.cfg.tie_embeddings == hf_model.config.tie_word_embeddings
+    assert model.cfg.sliding_window == shape.get('sliding_window')
     tokens, _ = random_batch(model.cfg.vocab_size, seq=16)
     with torch.no_grad():
         want = twin_from_gguf(hf_model, expected)(tokens).logits
@@ -290,3 +293,16 @@ def test_phi3_prepare_finetune_generate_export_from_the_command_line(tmp_path):
     tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
     with torch.no_grad():
         assert (merged(tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
+
+
+def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):
+    import numpy as np
+    from checkpoints import write_gguf
+    import gguf
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type='phi3', hidden_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, pad_token_id=None)
+    write_gguf(tmp_path / 'm.gguf', hf_model, {'*': gguf.GGMLQuantizationType.F32}, arch='phi3',
+               extra_tensors={'rope_factors_long.weight': np.ones(8), 'rope_factors_short.weight': np.ones(8)})
+    with pytest.raises(slowllama.SlowLlamaError, match='m.gguf: LongRoPE factors in a GGUF file are not read'):
+        slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()

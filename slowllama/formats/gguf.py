@@ -1,9 +1,11 @@
-"""GGUF files (llama.cpp): llama, qwen2 and qwen3 architectures, float or quantized, read into a prepared folder.
+"""GGUF files (llama.cpp): llama, qwen2, qwen3 and phi3 architectures, float or quantized, read into a
+prepared folder.
 
 Tensors are dequantized with the `gguf` package one at a time, read with plain file reads (not the
 reader's memory map) so RAM holds one block. GGUF lists shapes innermost first (ggml's `ne`), so
 they are reversed; for the llama architecture q/k are in Meta's interleaved rope layout (llama.cpp
-permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); qwen2/qwen3 keep HF's.
+permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); the others keep HF's. Phi-3's
+fused attn_qkv and ffn_up (gate and up) are split as the HF folder's are.
 The tokenizer comes from the metadata.
 """
 import math
@@ -15,11 +17,13 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
-                     NORM_TENSOR, OUTER_TENSORS, block_tensor_names, gguf_block_name)
+from ..names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_FUSED, GGUF_ROPE_FREQS,
+                     HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, WINDOWED_FAMILIES, block_tensor_names,
+                     gguf_block_name)
+from ..store import block_shapes
 from ..progress import progress
 from .gguf_tokenizer import tokenizer_files
-from .layout import block_to_hf
+from .layout import block_to_hf, split_fused, unfused_names
 
 ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 # ModelConfig field -> GGUF metadata key (after '{architecture}.')
@@ -28,7 +32,9 @@ CONFIG_KEYS = {
     'n_kv_heads': 'attention.head_count_kv', 'hidden_dim': 'feed_forward_length',
     'norm_eps': 'attention.layer_norm_rms_epsilon', 'rope_theta': 'rope.freq_base',
     'max_seq_len': 'context_length', 'head_dim': 'attention.key_length',
+    'sliding_window': 'attention.sliding_window',
 }
+LONGROPE_TENSORS = ('rope_factors_long.weight', 'rope_factors_short.weight')
 REQUIRED = ('dim', 'n_layers', 'n_heads', 'hidden_dim')
 LLAMA3_ROPE_DEFAULTS = {'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
 
@@ -84,8 +90,12 @@ def read_config(src, reader=None):
     embed = tensors.get(OUTER_TENSORS[EMBED_TENSOR][1])
     if embed is None:
         raise SlowLlamaError(f'{src}: no {OUTER_TENSORS[EMBED_TENSOR][1]} tensor')
+    if any(name in tensors for name in LONGROPE_TENSORS):
+        raise SlowLlamaError(f'{src}: LongRoPE factors in a GGUF file are not read; prepare the Hugging Face folder')
     values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
     model_type = GGUF_ARCHITECTURES[arch][0]
+    if model_type not in WINDOWED_FAMILIES:
+        values.pop('sliding_window', None)
     return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
                        **FAMILY_FIELDS.get(model_type, {}),
                        tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
@@ -96,7 +106,8 @@ def read_config(src, reader=None):
 def prepare_gguf(src, writer):
     cfg, reader = writer.cfg, open_reader(src)
     tensors = {t.name: t for t in reader.tensors}
-    interleaved = GGUF_ARCHITECTURES[metadata(reader, 'general.architecture')][1]
+    arch = metadata(reader, 'general.architecture')
+    interleaved, fused, shapes = GGUF_ARCHITECTURES[arch][1], GGUF_FUSED.get(arch, {}), block_shapes(cfg)
     with open(src, 'rb') as f:
         def get(gguf_name):
             if gguf_name not in tensors:
@@ -106,7 +117,10 @@ def prepare_gguf(src, writer):
         writer.write_embed(get(OUTER_TENSORS[EMBED_TENSOR][1]))
         for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
-            block = {ours: get(prefix + gguf_block_name(ours)) for ours in block_tensor_names(cfg)}
+            apart = unfused_names(block_tensor_names(cfg), fused)
+            block = {ours: get(prefix + gguf_block_name(ours)) for ours in apart}
+            block.update({name: get(prefix + name) for name in fused})
+            block = split_fused(block, fused, shapes, f'{src}: layer {i}')
             writer.write_block(i, block_to_hf(block, cfg) if interleaved else block)
         head = None if cfg.tie_embeddings else get(OUTER_TENSORS[HEAD_TENSOR][1])
         writer.write_head(get(OUTER_TENSORS[NORM_TENSOR][1]), head)

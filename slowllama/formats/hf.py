@@ -10,7 +10,7 @@ from ..files import SafetensorsFile, write_json
 from ..names import EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
 from ..progress import progress
 from ..store import block_shapes
-from .layout import fuse, hf_block_names, split_fused
+from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .safetensors_stream import SafetensorsStreamWriter
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'special_tokens_map.json',
@@ -64,7 +64,7 @@ def prepare_hf(src, writer):
         opened.clear()
         prefix = HF_BLOCK_PREFIX.format(i=i)
         block = {name: get(prefix + name) for name in hf_block_names(cfg, shapes)}
-        writer.write_block(i, split_fused(block, cfg, shapes, f'{src}: layer {i}'))
+        writer.write_block(i, split_fused(block, fused_parts(cfg), shapes, f'{src}: layer {i}'))
     opened.clear()
     head = None
     if not cfg.tie_embeddings:

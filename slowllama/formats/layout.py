@@ -57,17 +57,21 @@ def fused_parts(cfg):
     return FUSED_TENSORS.get(cfg.model_type, {})
 
 
+def unfused_names(ours, fused):
+    """Our block tensor names that a checkpoint keeps apart (not inside one of `fused`)."""
+    inside = {part for parts in fused.values() for part in parts}
+    return [name for name in ours if name not in inside]
+
+
 def hf_block_names(cfg, ours):
     """Our block tensor names -> the HF checkpoint's names: fused tensors replace their parts."""
-    fused = fused_parts(cfg)
-    inside = {part for parts in fused.values() for part in parts}
-    return [name for name in ours if name not in inside] + list(fused)
+    return unfused_names(ours, fused_parts(cfg)) + list(fused_parts(cfg))
 
 
-def split_fused(block, cfg, shapes, where):
-    """An HF block (fused names) -> ours: each fused tensor cut on rows into its parts."""
+def split_fused(block, fused, shapes, where):
+    """A block with fused tensors ({fused name: our names}) -> ours: each cut on rows into its parts."""
     block = dict(block)
-    for fused, parts in fused_parts(cfg).items():
+    for fused, parts in fused.items():
         tensor = block.pop(fused)
         rows = [shapes[part][0] for part in parts]
         if tensor.shape[0] != sum(rows) or tuple(tensor.shape[1:]) != tuple(shapes[parts[0]][1:]):
