@@ -52,12 +52,12 @@ def test_config_names_the_family(family):
     cfg = slowllama.load(model_dir).cfg
     assert cfg.model_type == hf_model.config.model_type
     assert cfg.qkv_bias == (name == 'qwen2') and cfg.qk_norm == (name == 'qwen3')
-    assert (cfg.rope_scaling or {}).get('rope_type', 'llama3' if cfg.rope_scaling else None) == {
-        'phi3-longrope': 'longrope', 'llama3.2': 'llama3'}.get(name)
-    assert cfg.sliding_window == getattr(hf_model.config, 'sliding_window', None)
-    c = hf_model.config
-    assert cfg.head_dim == getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
-    assert cfg.tie_embeddings == hf_model.config.tie_word_embeddings
+    rope_kind = cfg.rope_scaling and cfg.rope_scaling.get('rope_type', 'llama3')
+    assert rope_kind == {'phi3-longrope': 'longrope', 'llama3.2': 'llama3'}.get(name)
+    hf = hf_model.config
+    assert cfg.sliding_window == getattr(hf, 'sliding_window', None)
+    assert cfg.head_dim == (getattr(hf, 'head_dim', None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
 
 
 def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_path):
@@ -163,12 +163,15 @@ def test_export_hf_and_peft_load_in_transformers_and_peft(family, tmp_path):
     assert hf_diff < 1e-4 and peft_diff < 1e-4
 
 
-def test_export_meta_refuses_other_families(family, tmp_path):
-    name, model_dir, _ = family
-    if name == 'llama3.2':
-        return
-    with pytest.raises(slowllama.SlowLlamaError, match=f'--format meta.*{family[2].config.model_type}'):
+def test_export_meta_writes_llama_and_refuses_the_other_families(family, tmp_path):
+    name, model_dir, hf_model = family
+    if name == 'llama3.2':  # Llama 3.2 goes to Meta's layout with its rope scaling
         export(model_dir, tmp_path / 'meta', 'meta')
+        assert json.loads((tmp_path / 'meta' / 'params.json').read_text())['use_scaled_rope'] is True
+    else:
+        with pytest.raises(slowllama.SlowLlamaError, match=f'--format meta.*{hf_model.config.model_type}'):
+            export(model_dir, tmp_path / 'meta', 'meta')
+        assert not (tmp_path / 'meta').exists()
 
 
 @pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'gemma2'])
