@@ -5,7 +5,8 @@ from .devices import compute_dtype, resolve_device
 from .engine import StreamedModel
 from .errors import SlowLlamaError
 from .formats import prepare
-from .lora import LoraConfig, read_adapter_folder
+from .formats.peft import read_peft_adapter
+from .lora import LoraConfig
 from .store import BlockStore, parse_dtype
 
 __all__ = ['load', 'prepare']
@@ -23,7 +24,7 @@ def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, 
     dtype = compute_dtype(device, parse_dtype(dtype))
     state = None
     if adapter is not None:
-        saved_cfg, state = read_adapter_folder(adapter)
+        saved_cfg, state = read_peft_adapter(adapter, model_dir)
         lora = LoraConfig(saved_cfg.rank, saved_cfg.alpha, lora.dropout if lora else saved_cfg.dropout,
                           saved_cfg.targets)
     lora = lora or LoraConfig()

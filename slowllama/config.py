@@ -1,9 +1,11 @@
 """ModelConfig: the shape of a Llama-family model, read from Meta params.json, HF config.json or GGUF metadata."""
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import SlowLlamaError
+from .names import FAMILY_FIELDS, HF_ARCHITECTURES, WINDOWED_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -16,12 +18,19 @@ class ModelConfig:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None     # Llama-3 style: factor, low/high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None     # Llama-3 style (factor, low/high_freq_factor,
+                                         # original_max_position_embeddings), or with a 'rope_type':
+                                         # 'linear' (factor) or 'longrope' (see _longrope_scaling)
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     head_dim: int = 0                    # 0: dim // n_heads
     bos_id: int | None = None
     eos_id: int | list | None = None
+    # what the families built on the Llama block differ in (see names.HF_ARCHITECTURES)
+    model_type: str = 'llama'
+    qkv_bias: bool = False               # qwen2: bias on q, k and v (frozen like the weights)
+    qk_norm: bool = False                # qwen3: RMSNorm over each head's q and k, before rope
+    sliding_window: int | None = None    # mistral, phi3: a position sees itself and the window - 1 before it
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -45,21 +54,22 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf):
         """From a transformers config.json dict (v4 'rope_theta'/'rope_scaling' or v5 'rope_parameters')."""
-        if hf.get('model_type', 'llama') not in ('llama', 'mistral'):
-            raise SlowLlamaError(f"config.json: model_type {hf.get('model_type')!r} is not a Llama-family model")
+        model_type = hf.get('model_type', 'llama')
+        if model_type not in HF_ARCHITECTURES:
+            raise SlowLlamaError(f'config.json: model_type {model_type!r} is not supported '
+                                 f'(supported: {", ".join(HF_ARCHITECTURES)})')
         rope = hf.get('rope_parameters') or {}
-        scaling = hf.get('rope_scaling') or rope
-        scaling = dict(scaling) if scaling.get('rope_type', scaling.get('type')) == 'llama3' else None
         n_heads = hf['num_attention_heads']
         return cls(
             dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=n_heads,
             n_kv_heads=hf.get('num_key_value_heads') or n_heads, hidden_dim=hf['intermediate_size'],
             vocab_size=hf['vocab_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
             rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
-            rope_scaling=_llama3_scaling(scaling), max_seq_len=hf.get('max_position_embeddings', 4096),
+            rope_scaling=_hf_rope_scaling(hf.get('rope_scaling') or rope, hf, model_type),
+            max_seq_len=hf.get('max_position_embeddings', 4096),
             tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
             head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
-            bos_id=hf.get('bos_token_id'), eos_id=hf.get('eos_token_id'))
+            bos_id=hf.get('bos_token_id'), eos_id=hf.get('eos_token_id'), **_hf_family(hf, model_type))
 
     @classmethod
     def from_meta(cls, params, vocab_size=None):
@@ -84,19 +94,29 @@ class ModelConfig:
             max_seq_len=params.get('max_seq_len', 4096))
 
     def to_hf(self):
-        """The config.json transformers needs to load this model as LlamaForCausalLM."""
+        """The config.json transformers needs to load this model with its own class for model_type."""
         rope = {'rope_type': 'default', 'rope_theta': self.rope_theta}
         if self.rope_scaling:
-            rope = {**self.rope_scaling, 'rope_type': 'llama3', 'rope_theta': self.rope_theta}
-        return {
-            'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': self.dim,
+            rope = {'rope_type': 'llama3', **self.rope_scaling, 'rope_theta': self.rope_theta}
+        config = {
+            'architectures': [HF_ARCHITECTURES[self.model_type]], 'model_type': self.model_type,
+            'hidden_size': self.dim,
             'num_hidden_layers': self.n_layers, 'num_attention_heads': self.n_heads,
             'num_key_value_heads': self.n_kv_heads, 'intermediate_size': self.hidden_dim,
             'vocab_size': self.vocab_size, 'rms_norm_eps': self.norm_eps, 'rope_theta': self.rope_theta,
             'rope_scaling': rope if self.rope_scaling else None, 'rope_parameters': rope,
             'max_position_embeddings': self.max_seq_len, 'tie_word_embeddings': self.tie_embeddings,
             'head_dim': self.head_dim, 'hidden_act': 'silu', 'attention_bias': False, 'mlp_bias': False,
-            'bos_token_id': self.bos_id, 'eos_token_id': self.eos_id, 'torch_dtype': 'bfloat16'}
+            'bos_token_id': self.bos_id, 'eos_token_id': self.eos_id, 'pad_token_id': None,
+            'torch_dtype': 'bfloat16'}
+        if self.model_type in ('mistral', 'phi3'):
+            config['sliding_window'] = self.sliding_window
+        if self.model_type in ('qwen2', 'qwen3'):
+            config.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
+        if self.model_type == 'phi3':
+            config['original_max_position_embeddings'] = (self.rope_scaling or {}).get(
+                'original_max_position_embeddings', self.max_seq_len)
+        return config
 
     def to_meta(self):
         """Meta's params.json. hidden_dim is recovered exactly through ffn_dim_multiplier where needed."""
@@ -105,6 +125,8 @@ class ModelConfig:
                   'rope_theta': self.rope_theta, 'multiple_of': 256}
         params.update(_meta_ffn_params(self.dim, self.hidden_dim))
         if self.rope_scaling:
+            if self.rope_scaling.get('rope_type', 'llama3') != 'llama3':
+                raise SlowLlamaError('--format meta: Meta checkpoints carry llama3 rope scaling only')
             params['use_scaled_rope'] = True
             params['rope_scaling_factor'] = self.rope_scaling['factor']
         return params
@@ -125,6 +147,53 @@ def _meta_ffn_params(dim, hidden_dim):
     # choose a multiplier that lands exactly on hidden_dim with multiple_of = 1
     base = int(2 * (4 * dim) / 3)
     return {'multiple_of': 1, 'ffn_dim_multiplier': (hidden_dim + 0.5) / base}
+
+
+def _hf_family(hf, model_type):
+    """The ModelConfig fields that tell the families apart, refusing what we do not build."""
+    where = f'config.json ({model_type})'
+    if hf.get('hidden_act', 'silu') != 'silu':
+        raise SlowLlamaError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    if hf.get('mlp_bias') or (hf.get('attention_bias') and model_type != 'qwen2'):
+        raise SlowLlamaError(f'{where}: attention_bias / mlp_bias are not supported')
+    rotary = (hf.get('rope_parameters') or {}).get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+    if rotary != 1.0:
+        raise SlowLlamaError(f'{where}: partial_rotary_factor {rotary} is not supported (rope on whole heads only)')
+    window = hf.get('sliding_window') if model_type in WINDOWED_FAMILIES else None
+    if hf.get('use_sliding_window') and hf.get('max_window_layers', hf['num_hidden_layers']) < hf['num_hidden_layers']:
+        raise SlowLlamaError(f'{where}: use_sliding_window on some layers only is not supported')  # qwen
+    if len(set(hf.get('layer_types') or [])) > 1:
+        raise SlowLlamaError(f'{where}: layer_types mixing attention kinds are not supported')
+    return {'model_type': model_type, 'sliding_window': window, **FAMILY_FIELDS.get(model_type, {})}
+
+
+def _hf_rope_scaling(scaling, hf, model_type):
+    """None, llama3, linear or longrope scaling; any other rope_type is refused (it would silently
+    change the model)."""
+    kind = scaling.get('rope_type', scaling.get('type', 'default'))
+    if kind == 'default':
+        return None
+    if kind == 'llama3':
+        return _llama3_scaling(scaling)
+    if kind == 'linear':
+        return {'rope_type': 'linear', 'factor': float(scaling['factor'])}
+    if kind in ('longrope', 'su'):
+        return _longrope_scaling(scaling, hf)
+    raise SlowLlamaError(f'config.json ({model_type}): rope_type {kind!r} is not supported '
+                         '(default, llama3, linear and longrope are)')
+
+
+def _longrope_scaling(scaling, hf):
+    """Phi-3's LongRoPE: per-frequency divisors for short and long sequences, and the cos/sin
+    magnitude transformers derives from the context extension when the config does not give it."""
+    original = int(scaling.get('original_max_position_embeddings') or hf['original_max_position_embeddings'])
+    factor = scaling.get('factor') or hf['max_position_embeddings'] / original
+    attention = scaling.get('attention_factor')
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {'rope_type': 'longrope', 'short_factor': [float(f) for f in scaling['short_factor']],
+            'long_factor': [float(f) for f in scaling['long_factor']],
+            'original_max_position_embeddings': original, 'attention_factor': float(attention)}
 
 
 def _llama3_scaling(scaling):

@@ -17,7 +17,7 @@ from torch.func import functional_call
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
 from .head import IGNORE, StreamedHead
-from .model import Block, KVCache, document_mask, rope_table
+from .model import Block, KVCache, document_mask, rope_changes_past, rope_table
 from .stash import InputStash
 
 
@@ -147,10 +147,14 @@ class StreamedModel:
         tokens = tokens.to(self.device)
         x, _ = self._embed(tokens, prefix)
         max_len = x.shape[1] + max_new_tokens
-        caches = [KVCache(x.shape[0], self.cfg.n_kv_heads, max_len, self.cfg.head_dim, self.device, self.dtype)
+        caches = [KVCache.for_model(self.cfg, x.shape[0], max_len, self.device, self.dtype)
                   for _ in range(self.cfg.n_layers)]
         out, position = tokens, 0
         for _ in range(max_new_tokens):
+            if position and rope_changes_past(self.cfg, position, position + x.shape[1]):  # recompute the cache
+                caches = [KVCache.for_model(self.cfg, x.shape[0], max_len, self.device, self.dtype)
+                          for _ in range(self.cfg.n_layers)]
+                x, position = self._embed(out, prefix)[0], 0
             cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
             x = self._forward_blocks(x, Layout(cos, sin), caches=caches)
             position += x.shape[1]

@@ -76,6 +76,9 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # placeholder on the meta device; the real one arrives per call
         self.weight.requires_grad_(False)
+        self.bias = base.bias  # qwen2's q/k/v: frozen like the weight, supplied the same way
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.lora_A = nn.Linear(self.in_features, cfg.rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.rank, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -84,7 +87,7 @@ class LoraLinear(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        out = F.linear(x, self.weight)
+        out = F.linear(x, self.weight, self.bias)
         lora_in = x.to(self.lora_A.weight.dtype)
         if self.dropout and self.training:
             lora_in = F.dropout(lora_in, self.dropout, True)

@@ -32,12 +32,19 @@ def rms_norm(x, weight, eps):
 
 # --- rotary position embedding -------------------------------------------------------------
 
-def rope_inv_freq(cfg: ModelConfig):
-    """Inverse frequencies [head_dim / 2], with Llama-3 long-context scaling when the config has it."""
+def rope_inv_freq(cfg: ModelConfig, seq_len=None):
+    """Inverse frequencies [head_dim / 2], with Llama-3, linear or LongRoPE scaling when the config
+    has it. seq_len (the last position + 1) picks LongRoPE's short or long factors."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
     scaling = cfg.rope_scaling
     if not scaling:
         return inv_freq.float()
+    if scaling.get('rope_type') == 'linear':  # positions divided by factor
+        return (inv_freq / scaling['factor']).float()
+    if scaling.get('rope_type') == 'longrope':  # Phi-3: a divisor per frequency, long ones past the original length
+        long = seq_len is not None and seq_len > scaling['original_max_position_embeddings']
+        divisors = torch.tensor(scaling['long_factor' if long else 'short_factor'], dtype=torch.float64)
+        return (inv_freq / divisors).float()
     factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
     old_len = scaling['original_max_position_embeddings']
     wavelen = 2 * math.pi / inv_freq
@@ -51,10 +58,23 @@ def rope_inv_freq(cfg: ModelConfig):
 
 def rope_table(cfg: ModelConfig, positions, device):
     """cos, sin for the given positions [T] or [batch, T]: [..., T, head_dim] each, float32."""
-    inv_freq = rope_inv_freq(cfg).to(device)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get('rope_type') == 'longrope':  # the factors depend on how far this call reaches, as in HF
+        inv_freq = rope_inv_freq(cfg, int(positions.max()) + 1).to(device)
+    else:
+        inv_freq = rope_inv_freq(cfg).to(device)
     angles = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    magnitude = scaling.get('attention_factor', 1.0)  # LongRoPE scales cos and sin alike
+    return angles.cos() * magnitude, angles.sin() * magnitude
+
+
+def rope_changes_past(cfg: ModelConfig, cached, total):
+    """True when a KV cache of `cached` positions no longer holds valid keys at `total` positions:
+    LongRoPE switches every position to its long factors once the sequence passes the original
+    length, so a cache filled before must be recomputed (as transformers' Phi-3 does)."""
+    scaling = cfg.rope_scaling or {}
+    return scaling.get('rope_type') == 'longrope' and cached <= scaling['original_max_position_embeddings'] < total
 
 
 def rotate_half(x):
@@ -79,17 +99,42 @@ def document_mask(positions):
     return (same & causal)[:, None]
 
 
+def visible_keys(query_start, n_queries, key_start, n_keys, window, device):
+    """bool [n_queries, n_keys]: the query at absolute position p sees the key at position j when
+    j <= p and, with a sliding window, j > p - window (itself and the window - 1 before it)."""
+    queries = torch.arange(query_start, query_start + n_queries, device=device)[:, None]
+    keys = torch.arange(key_start, key_start + n_keys, device=device)[None]
+    visible = keys <= queries
+    return visible & (keys > queries - window) if window else visible
+
+
 # --- the block -----------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values of one attention layer for generation, preallocated to max_len."""
+    """Keys and values of one attention layer for generation. Without a sliding window they are
+    preallocated to max_len; with one, only the last window - 1 positions are kept between steps
+    (no later query can see further back), so the cache never outgrows the window and a chunk."""
 
-    def __init__(self, batch, n_kv_heads, max_len, head_dim, device, dtype):
-        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, device, dtype, window=None):
+        self.window = window
+        self.k = torch.zeros(batch, n_kv_heads, 0 if window else max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.length = 0  # positions seen so far
+        self.start = 0   # absolute position of the first key kept
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, batch, max_len, device, dtype):
+        return cls(batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype, cfg.sliding_window)
 
     def append(self, k, v):
+        """k, v [batch, kv_heads, new, head_dim] -> every key and value kept, these included."""
+        if self.window:
+            drop = max(0, self.k.shape[2] - (self.window - 1))
+            self.k = torch.cat([self.k[:, :, drop:], k], dim=2)
+            self.v = torch.cat([self.v[:, :, drop:], v], dim=2)
+            self.start += drop
+            self.length += k.shape[2]
+            return self.k, self.v
         start, end = self.length, self.length + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -101,25 +146,35 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # qwen3: one RMSNorm over head_dim, shared by all heads
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.dropout = 0.0
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [batch, heads, seq, head_dim]
-        past = 0
+        if hasattr(self, 'q_norm'):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [batch, heads, seq, head_dim]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past, key_start = 0, 0
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
-        causal = mask is None and past == 0 and seq > 1
-        if past and seq > 1:  # a chunk after a cached prefix: causal within the chunk, sees all the past
-            mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(past)
+            key_start = cache.start  # the window may have let the oldest keys go
+        windowed = self.window is not None and past + seq > self.window  # some key falls out of some query's window
+        causal = mask is None and past == 0 and seq > 1 and not windowed
+        if (past and seq > 1) or windowed:  # after a cached prefix, or a window: say which keys each query sees
+            visible = visible_keys(past, seq, key_start, k.shape[2], self.window, x.device)  # [seq, keys]
+            mask = visible if mask is None else mask & visible
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
                                              enable_gqa=self.n_kv_heads != self.n_heads)

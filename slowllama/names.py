@@ -21,6 +21,55 @@ BLOCK_TENSORS = {
 # The seven projection weights of a block: what --quant packs (norms stay in the model's dtype)
 PROJECTION_WEIGHTS = tuple(name for name in BLOCK_TENSORS if name.endswith('_proj.weight'))
 
+# Block tensors only some families have: ours -> (GGUF name, the ModelConfig flag that adds them)
+OPTIONAL_BLOCK_TENSORS = {
+    'self_attn.q_proj.bias': ('attn_q.bias', 'qkv_bias'),
+    'self_attn.k_proj.bias': ('attn_k.bias', 'qkv_bias'),
+    'self_attn.v_proj.bias': ('attn_v.bias', 'qkv_bias'),
+    'self_attn.q_norm.weight': ('attn_q_norm.weight', 'qk_norm'),
+    'self_attn.k_norm.weight': ('attn_k_norm.weight', 'qk_norm'),
+}
+
+
+def block_tensor_names(cfg):
+    """Our names of one block's tensors for this model's family, in file order."""
+    return list(BLOCK_TENSORS) + [name for name, (_, flag) in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
+
+
+def gguf_block_name(ours):
+    """Our block tensor name -> llama.cpp's ('self_attn.q_proj.bias' -> 'attn_q.bias')."""
+    return BLOCK_TENSORS[ours][1] if ours in BLOCK_TENSORS else OPTIONAL_BLOCK_TENSORS[ours][0]
+
+
+# The families we build: HF model_type -> the transformers class that loads it
+HF_ARCHITECTURES = {
+    'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+    'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM',
+}
+
+# What a family's blocks carry beyond Llama's: model_type -> ModelConfig fields (flags of OPTIONAL_BLOCK_TENSORS)
+FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True}}
+# Families whose config.json sliding_window is a window of every layer
+WINDOWED_FAMILIES = ('mistral', 'phi3')
+
+# Tensors a family's HF checkpoints keep fused: model_type -> {HF name: our names, stacked on rows in order}.
+# Split at prepare, fused again at export.
+FUSED_TENSORS = {
+    'phi3': {'self_attn.qkv_proj.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight',
+                                           'self_attn.v_proj.weight'),
+             'mlp.gate_up_proj.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
+}
+
+# GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
+# for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
+GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False),
+                      'phi3': ('phi3', False)}
+# llama.cpp's fused block tensors: architecture -> {GGUF name: our names, stacked on rows in order}
+GGUF_FUSED = {
+    'phi3': {'attn_qkv.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'),
+             'ffn_up.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
+}
+
 # Tensors outside the blocks: ours -> (Meta name, GGUF name, Meta split dim)
 EMBED_TENSOR = 'embed_tokens.weight'
 NORM_TENSOR = 'norm.weight'
@@ -45,6 +94,9 @@ TARGET_ALIASES = {
     'q_proj': 'q', 'k_proj': 'k', 'v_proj': 'v', 'o_proj': 'o',
     'gate_proj': 'gate', 'up_proj': 'up', 'down_proj': 'down',
 }
+
+# Families whose HF class fuses LoRA targets: model_type -> {PEFT module name: our targets, stacked in order}
+FUSED_TARGETS = {'phi3': {'qkv_proj': ('q', 'k', 'v'), 'gate_up_proj': ('gate', 'up')}}
 
 # PEFT adapter keys: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
 PEFT_PREFIX = 'base_model.model.model.layers.'

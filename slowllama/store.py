@@ -20,7 +20,7 @@ from .config import ModelConfig, read_json
 from .errors import SlowLlamaError
 from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
-from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
+from .names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
 from .packed import Unpacker, check_file_layout, file_layout, pack_block
 from .pinned import ROW_STAGING_BYTES, HostArena
 from .quant import Quant, parse_quant
@@ -80,23 +80,25 @@ class PreparedWriter:
         self.write(EMBED_FILE, {EMBED_TENSOR: weight})
 
     def write_block(self, i, tensors):
-        missing = set(BLOCK_TENSORS) - set(tensors)
+        shapes = block_shapes(self.cfg)
+        missing = set(shapes) - set(tensors)
         if missing:
             raise SlowLlamaError(f'{self.source}: layer {i} lacks {sorted(missing)}')
-        for name, shape in block_shapes(self.cfg).items():
+        for name, shape in shapes.items():
             if not isinstance(tensors[name], dict):  # a dict: parts packed already (GGUF's Q8_0)
                 self._check(f'layer {i} {name}', tensors[name], shape)
+        block = {name: tensors[name] for name in shapes}
         if self.quant is None:
-            self.write(block_file(i), {name: tensors[name] for name in BLOCK_TENSORS})
+            self.write(block_file(i), block)
             return
         # projections packed from the source's own values (not from their `dtype` rounding)
-        packed = pack_block({name: tensors[name] for name in BLOCK_TENSORS}, self.quant, self.source['path'])
-        layout = file_layout(block_shapes(self.cfg), self.quant, self.dtype)
+        packed = pack_block(block, self.quant, self.source['path'])
+        layout = file_layout(shapes, self.quant, self.dtype)
         for name, (shape, dtype) in layout.items():
-            if tuple(packed[name].shape) != shape or (packed[name].dtype != dtype and name not in BLOCK_TENSORS):
+            if tuple(packed[name].shape) != shape or (packed[name].dtype != dtype and name not in shapes):
                 raise SlowLlamaError(f'{self.source["path"]}: layer {i} {name} packs to {tuple(packed[name].shape)} '
                                      f'{packed[name].dtype}, the config needs {shape} {dtype}')
-        self.write(block_file(i), packed, keep_dtype=set(layout) - set(BLOCK_TENSORS))
+        self.write(block_file(i), packed, keep_dtype=set(layout) - set(shapes))
 
     def write_head(self, norm, lm_head=None):
         self._check(NORM_TENSOR, norm, (self.cfg.dim,))
@@ -147,14 +149,18 @@ def check_free_space(folder, needed, what):
 
 
 def block_shapes(cfg: ModelConfig):
+    """{our name: shape} of one block's tensors, those of the model's family only."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {
+    shapes = {
         'self_attn.q_proj.weight': (q, cfg.dim), 'self_attn.k_proj.weight': (kv, cfg.dim),
         'self_attn.v_proj.weight': (kv, cfg.dim), 'self_attn.o_proj.weight': (cfg.dim, q),
         'mlp.gate_proj.weight': (cfg.hidden_dim, cfg.dim), 'mlp.up_proj.weight': (cfg.hidden_dim, cfg.dim),
         'mlp.down_proj.weight': (cfg.dim, cfg.hidden_dim),
         'input_layernorm.weight': (cfg.dim,), 'post_attention_layernorm.weight': (cfg.dim,),
+        'self_attn.q_proj.bias': (q,), 'self_attn.k_proj.bias': (kv,), 'self_attn.v_proj.bias': (kv,),
+        'self_attn.q_norm.weight': (cfg.head_dim,), 'self_attn.k_norm.weight': (cfg.head_dim,),
     }
+    return {name: shapes[name] for name in block_tensor_names(cfg)}
 
 
 def verify_files(folder, files, progress_desc=None):

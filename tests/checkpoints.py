@@ -18,6 +18,13 @@ BLOCK = {
     'input_layernorm.weight': ('attention_norm.weight', 'attn_norm.weight', None),
     'post_attention_layernorm.weight': ('ffn_norm.weight', 'ffn_norm.weight', None),
 }
+# Tensors only qwen2 (biases) and qwen3 (q/k norms) have, and llama.cpp's names for them
+GGUF_EXTRA = {
+    'self_attn.q_proj.bias': 'attn_q.bias', 'self_attn.k_proj.bias': 'attn_k.bias',
+    'self_attn.v_proj.bias': 'attn_v.bias', 'self_attn.q_norm.weight': 'attn_q_norm.weight',
+    'self_attn.k_norm.weight': 'attn_k_norm.weight',
+    'self_attn.qkv_proj.weight': 'attn_qkv.weight', 'mlp.gate_up_proj.weight': 'ffn_up.weight',  # phi3, fused
+}
 OUTER = {
     'model.embed_tokens.weight': ('tok_embeddings.weight', 'token_embd.weight', 1),
     'model.norm.weight': ('norm.weight', 'output_norm.weight', None),
@@ -116,13 +123,20 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters['rope_theta'])
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if getattr(cfg, 'sliding_window', None):
+        writer.add_sliding_window(cfg.sliding_window)
     for key, value in (tokenizer or {}).items():
         getattr(writer, key)(value)
+    # llama.cpp interleaves q/k rows for its llama architecture only (qwen2/qwen3 use NEOX rope)
     heads = {'attn_q.weight': cfg.num_attention_heads, 'attn_k.weight': cfg.num_key_value_heads}
-    names = {OUTER[k][1]: k for k in OUTER if not (k == 'lm_head.weight' and cfg.tie_word_embeddings)}
-    names.update({f'blk.{i}.{g}': f'model.layers.{i}.{hf}' for i in range(cfg.num_hidden_layers)
-                  for hf, (_, g, _) in BLOCK.items()})
+    heads = heads if arch == 'llama' else {}
+    names = _gguf_names(hf_model)
+    names = {g: hf for g, hf in names.items() if not (hf == 'lm_head.weight' and cfg.tie_word_embeddings)}
     expected = {}
     for seed, (gname, hfname) in enumerate(names.items()):
         w = sd[hfname].float().numpy()
@@ -152,10 +166,17 @@ def twin_from_gguf(hf_model, expected):
     """A copy of hf_model carrying exactly the dequantized GGUF weights (the 'same weights')."""
     import copy
     twin = copy.deepcopy(hf_model)
-    cfg = hf_model.config
-    names = {OUTER[k][1]: k for k in OUTER}
-    names.update({f'blk.{i}.{g}': f'model.layers.{i}.{hf}' for i in range(cfg.num_hidden_layers)
-                  for hf, (_, g, _) in BLOCK.items()})
+    names = _gguf_names(hf_model)
     state = {names[g]: torch.from_numpy(np.array(v, dtype=np.float32)) for g, v in expected.items()}
     twin.load_state_dict(state, strict=False)
     return twin
+
+
+def _gguf_names(hf_model):
+    """{GGUF name: HF name} of every tensor of hf_model llama.cpp would write."""
+    cfg, sd = hf_model.config, hf_model.state_dict()
+    names = {OUTER[k][1]: k for k in OUTER}
+    block = {**{hf: g for hf, (_, g, _) in BLOCK.items()}, **GGUF_EXTRA}
+    names.update({f'blk.{i}.{g}': f'model.layers.{i}.{hf}' for i in range(cfg.num_hidden_layers)
+                  for hf, g in block.items() if f'model.layers.{i}.{hf}' in sd})
+    return names

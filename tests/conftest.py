@@ -8,12 +8,13 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_atten
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
 
 
-def make_hf_model(folder, seed=0, max_shard_size=None, **overrides):
-    """Save a random LlamaForCausalLM (weights perturbed from their init so every tensor matters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_hf_model(folder, seed=0, max_shard_size=None, model_type='llama', **overrides):
+    """Save a random transformers model of `model_type` (LlamaForCausalLM by default; weights and
+    biases perturbed from their init so every tensor matters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**TINY, **overrides})
-    model = LlamaForCausalLM(config).eval()
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if 'norm' in name:

@@ -13,7 +13,7 @@ import tempfile
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
 from ..files import SafetensorsFile
-from ..lora import peft_key, read_adapter_folder, save_adapter_folder
+from ..lora import peft_key
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
 from ..quant import Quant
@@ -22,6 +22,7 @@ from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
 from .meta import write_meta
+from .peft import read_peft_adapter, save_peft_adapter
 
 FORMATS = ('meta', 'hf', 'peft')
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -80,11 +81,15 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
     dtype = parse_dtype(dtype or manifest['dtype'])
     lora = _read_adapter(adapter, model_dir, fmt)
     merged = MergedWeights(model_dir, dtype, lora)
+    if fmt == 'meta' and merged.cfg.model_type != 'llama':
+        raise SlowLlamaError(f'--format meta: Meta checkpoints hold Llama models only, this is '
+                             f'{merged.cfg.model_type}; use --format hf')
     staging = _staging_folder(out)
     try:
         _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
         if fmt == 'peft':
-            save_adapter_folder(staging, lora[0], lora[1], base_model=str(manifest.get('source', {}).get('path', '')))
+            save_peft_adapter(staging, merged.cfg, lora[0], lora[1],
+                              base_model=str(manifest.get('source', {}).get('path', '')))
         elif fmt == 'meta':
             write_meta(merged, staging, shards)
         else:
@@ -102,7 +107,7 @@ def _read_adapter(adapter, model_dir, fmt):
         if fmt == 'peft':
             raise SlowLlamaError('--lora: the peft format exports an adapter; give its folder with --lora')
         return None
-    lora, state = read_adapter_folder(adapter)
+    lora, state = read_peft_adapter(adapter, model_dir)
     state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}
     cfg = ModelConfig.from_dict(read_manifest(model_dir)['config'])
     shapes = block_shapes(cfg)

@@ -1,9 +1,12 @@
-"""GGUF files (llama.cpp): Llama-architecture models, float or quantized, read into a prepared folder.
+"""GGUF files (llama.cpp): llama, qwen2, qwen3 and phi3 architectures, float or quantized, read into a
+prepared folder.
 
 Tensors are dequantized with the `gguf` package one at a time, read with plain file reads (not the
 reader's memory map) so RAM holds one block. GGUF lists shapes innermost first (ggml's `ne`), so
-they are reversed; q/k are in Meta's interleaved rope layout (llama.cpp permutes them) and are
-un-permuted with n_heads (q) and n_kv_heads (k). The tokenizer comes from the metadata.
+they are reversed; for the llama architecture q/k are in Meta's interleaved rope layout (llama.cpp
+permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); the others keep HF's. Phi-3's
+fused attn_qkv and ffn_up (gate and up) are split as the HF folder's are.
+The tokenizer comes from the metadata.
 """
 import math
 import os
@@ -14,20 +17,24 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
-                     NORM_TENSOR, OUTER_TENSORS, PROJECTION_WEIGHTS)
+from ..names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_FUSED, GGUF_ROPE_FREQS,
+                     HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, PROJECTION_WEIGHTS, WINDOWED_FAMILIES,
+                     block_tensor_names, gguf_block_name)
 from ..progress import progress
+from ..store import block_shapes
 from .gguf_tokenizer import metadata, tokenizer_files
-from .layout import block_to_hf
+from .layout import block_to_hf, split_fused, unfused_names
 
-ARCHITECTURES = ('llama',)
+ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 # ModelConfig field -> GGUF metadata key (after '{architecture}.')
 CONFIG_KEYS = {
     'dim': 'embedding_length', 'n_layers': 'block_count', 'n_heads': 'attention.head_count',
     'n_kv_heads': 'attention.head_count_kv', 'hidden_dim': 'feed_forward_length',
     'norm_eps': 'attention.layer_norm_rms_epsilon', 'rope_theta': 'rope.freq_base',
     'max_seq_len': 'context_length', 'head_dim': 'attention.key_length',
+    'sliding_window': 'attention.sliding_window',
 }
+LONGROPE_TENSORS = ('rope_factors_long.weight', 'rope_factors_short.weight')
 REQUIRED = ('dim', 'n_layers', 'n_heads', 'hidden_dim')
 LLAMA3_ROPE_DEFAULTS = {'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
 
@@ -78,8 +85,14 @@ def read_config(src, reader=None):
     embed = tensors.get(OUTER_TENSORS[EMBED_TENSOR][1])
     if embed is None:
         raise SlowLlamaError(f'{src}: no {OUTER_TENSORS[EMBED_TENSOR][1]} tensor')
-    values['rope_scaling'] = _llama3_scaling(src, tensors, values)
-    return ModelConfig(**values, vocab_size=int(embed.shape[1]),
+    if any(name in tensors for name in LONGROPE_TENSORS):
+        raise SlowLlamaError(f'{src}: LongRoPE factors in a GGUF file are not read; prepare the Hugging Face folder')
+    values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
+    model_type = GGUF_ARCHITECTURES[arch][0]
+    if model_type not in WINDOWED_FAMILIES:
+        values.pop('sliding_window', None)
+    return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
+                       **FAMILY_FIELDS.get(model_type, {}),
                        tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
                        bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
                        eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
@@ -88,6 +101,8 @@ def read_config(src, reader=None):
 def prepare_gguf(src, writer):
     cfg, reader = writer.cfg, open_reader(src)
     tensors = {t.name: t for t in reader.tensors}
+    arch = metadata(reader, 'general.architecture')
+    interleaved, fused, shapes = GGUF_ARCHITECTURES[arch][1], GGUF_FUSED.get(arch, {}), block_shapes(cfg)
     with open(src, 'rb') as f:
         def get(gguf_name):
             if gguf_name not in tensors:
@@ -101,11 +116,14 @@ def prepare_gguf(src, writer):
         writer.write_embed(get(OUTER_TENSORS[EMBED_TENSOR][1]))
         for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
-            names = {ours: prefix + gguf_name for ours, (_, gguf_name, _) in BLOCK_TENSORS.items()}
-            raw = {ours: name for ours, name in names.items() if name in tensors and carried(name, ours)}
+            names = {ours: prefix + gguf_block_name(ours) for ours in unfused_names(block_tensor_names(cfg), fused)}
+            raw = {ours for ours, name in names.items() if name in tensors and carried(name, ours)}
             block = {ours: read_raw(src, f, tensors[name]) if ours in raw else get(name)
                      for ours, name in names.items()}
-            block = block_to_hf(block, cfg)  # whole rows move, so Q8_0's rows of bytes un-permute as values do
+            block.update({name: get(prefix + name) for name in fused})  # fused ones are dequantized, then split
+            block = split_fused(block, fused, shapes, f'{src}: layer {i}')
+            if interleaved:
+                block = block_to_hf(block, cfg)  # whole rows move, so Q8_0's rows of bytes un-permute as values do
             writer.write_block(i, {ours: {'qweight': t} if ours in raw else t for ours, t in block.items()})
         head = None if cfg.tie_embeddings else get(OUTER_TENSORS[HEAD_TENSOR][1])
         writer.write_head(get(OUTER_TENSORS[NORM_TENSOR][1]), head)
@@ -153,6 +171,16 @@ def _llama3_scaling(src, tensors, values):
         raise SlowLlamaError(f'{src}: {GGUF_ROPE_FREQS} does not follow the Llama-3 rope scaling rule; '
                              'this rope scaling is not supported')
     return scaling
+
+
+def _scaling_metadata(src, reader, arch):
+    """rope.scaling.type from the metadata: none, or linear with its factor; others are refused."""
+    kind = metadata(reader, f'{arch}.rope.scaling.type', 'none')
+    if kind == 'none':
+        return None
+    if kind == 'linear':
+        return {'rope_type': 'linear', 'factor': float(metadata(reader, f'{arch}.rope.scaling.factor'))}
+    raise SlowLlamaError(f'{src}: rope scaling {kind!r} is not supported (none and linear are)')
 
 
 def llama3_divisors(head_dim, theta, scaling):

@@ -2,12 +2,15 @@
 import glob
 import os
 
+import torch
+
 from ..config import ModelConfig, read_json
 from ..errors import SlowLlamaError
 from ..files import SafetensorsFile, write_json
-from ..names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
+from ..names import EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
 from ..progress import progress
 from ..store import block_shapes
+from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .safetensors_stream import SafetensorsStreamWriter
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'special_tokens_map.json',
@@ -56,10 +59,12 @@ def prepare_hf(src, writer):
         return opened[where[name]].tensor(name)
 
     writer.write_embed(get(HF_OUTER[EMBED_TENSOR]))
+    shapes = block_shapes(cfg)
     for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
         opened.clear()
         prefix = HF_BLOCK_PREFIX.format(i=i)
-        writer.write_block(i, {name: get(prefix + name) for name in BLOCK_TENSORS})
+        block = {name: get(prefix + name) for name in hf_block_names(cfg, shapes)}
+        writer.write_block(i, split_fused(block, fused_parts(cfg), shapes, f'{src}: layer {i}'))
     opened.clear()
     head = None
     if not cfg.tie_embeddings:
@@ -83,7 +88,7 @@ def write_hf(merged, folder, dtype_name, max_shard_bytes):
     writers = iter(SafetensorsStreamWriter(os.path.join(folder, name), part, metadata={'format': 'pt'})
                    for name, part in zip(names, parts))
     units = [lambda: {HF_OUTER[EMBED_TENSOR]: merged.embed()}]
-    units += [lambda i=i: _prefixed(merged.block(i), HF_BLOCK_PREFIX.format(i=i)) for i in range(cfg.n_layers)]
+    units += [lambda i=i: _prefixed(merged.block(i), HF_BLOCK_PREFIX.format(i=i), cfg) for i in range(cfg.n_layers)]
     units += [lambda: {HF_OUTER[NORM_TENSOR]: merged.norm()}
               | ({} if cfg.tie_embeddings else {HF_OUTER[HEAD_TENSOR]: merged.lm_head()})]
     writer, left = None, 0
@@ -109,20 +114,27 @@ def write_hf(merged, folder, dtype_name, max_shard_bytes):
     write_json(os.path.join(folder, 'config.json'), {**cfg.to_hf(), 'torch_dtype': dtype_name, 'dtype': dtype_name})
 
 
-def _prefixed(block, prefix):
-    return {prefix + name: block[name] for name in BLOCK_TENSORS}
+def _prefixed(block, prefix, cfg):
+    block = fuse(block, cfg)
+    return {prefix + name: block[name] for name in hf_block_shapes(cfg)}  # in the layout's order
 
 
 def hf_layout(cfg, dtype):
     """{HF checkpoint name: (shape, dtype)} in the order the tensors are written."""
     layout = {HF_OUTER[EMBED_TENSOR]: ((cfg.vocab_size, cfg.dim), dtype)}
-    shapes = block_shapes(cfg)
+    shapes = hf_block_shapes(cfg)
     for i in range(cfg.n_layers):
-        layout.update({HF_BLOCK_PREFIX.format(i=i) + k: (shapes[k], dtype) for k in BLOCK_TENSORS})
+        layout.update({HF_BLOCK_PREFIX.format(i=i) + k: (shape, dtype) for k, shape in shapes.items()})
     layout[HF_OUTER[NORM_TENSOR]] = ((cfg.dim,), dtype)
     if not cfg.tie_embeddings:
         layout[HF_OUTER[HEAD_TENSOR]] = ((cfg.vocab_size, cfg.dim), dtype)
     return layout
+
+
+def hf_block_shapes(cfg):
+    """{HF name: shape} of one block, in the order fuse() gives its tensors."""
+    return {name: tuple(t.shape) for name, t in fuse({n: torch.empty(s, device='meta')
+                                                       for n, s in block_shapes(cfg).items()}, cfg).items()}
 
 
 def plan_shards(layout, max_shard_bytes):

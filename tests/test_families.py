@@ -1,0 +1,311 @@
+"""The Llama-shaped families against transformers' own class for each: Qwen2 (q/k/v bias, tied),
+Qwen3 (per-head q/k norm, explicit head_dim), Mistral (sliding window), Phi-3 (fused projections,
+window) and Llama 3.2 (tied, llama3 rope scaling): logits, loss and every LoRA gradient with LoRA
+dropout on, greedy generation, export round trips; what we do not build is refused."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import slowllama
+from conftest import make_hf_model, random_batch
+from reference import masked_mean_ce, peft_grads, peft_model, randomize_adapters
+from slowllama.formats.export import export
+
+HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0, 'low_freq_factor': 1.0,
+               'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
+# GQA with odd head counts; windows shorter than the test sequences so that they matter
+FAMILIES = {
+    'qwen2': dict(model_type='qwen2', hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                  tie_word_embeddings=True),
+    'qwen3': dict(model_type='qwen3', num_attention_heads=5, num_key_value_heads=1, head_dim=16),
+    'mistral': dict(model_type='mistral', num_attention_heads=6, num_key_value_heads=3, hidden_size=72,
+                    sliding_window=5),
+    'phi3': dict(model_type='phi3', num_attention_heads=6, num_key_value_heads=2, hidden_size=72,
+                 sliding_window=7, pad_token_id=None),
+    # LongRoPE past an original length of 8: training rows (12) and generation use the long factors
+    'phi3-longrope': dict(model_type='phi3', num_attention_heads=6, num_key_value_heads=3, hidden_size=72,
+                          pad_token_id=None, original_max_position_embeddings=8,
+                          rope_parameters={'rope_type': 'longrope', 'rope_theta': 10000.0,
+                                           'short_factor': [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                           'long_factor': [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}),
+    'llama3.2': dict(model_type='llama', tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+}
+
+
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, prepared folder, transformers model) of a tiny random model of each family."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model = make_hf_model(folder / 'hf', seed=11, **FAMILIES[request.param])
+    slowllama.prepare(folder / 'hf', folder / 'prepared', dtype='fp32')
+    return request.param, folder / 'prepared', hf_model
+
+
+def test_config_names_the_family(family):
+    name, model_dir, hf_model = family
+    cfg = slowllama.load(model_dir).cfg
+    assert cfg.model_type == hf_model.config.model_type
+    assert cfg.qkv_bias == (name == 'qwen2') and cfg.qk_norm == (name == 'qwen3')
+    rope_kind = cfg.rope_scaling and cfg.rope_scaling.get('rope_type', 'llama3')
+    assert rope_kind == {'phi3-longrope': 'longrope', 'llama3.2': 'llama3'}.get(name)
+    hf = hf_model.config
+    assert cfg.sliding_window == getattr(hf, 'sliding_window', None)
+    assert cfg.head_dim == (getattr(hf, 'head_dim', None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
+
+
+def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_path):
+    """A random adapter of ours exported for peft and loaded by it on transformers' class; both in
+    training mode with LoRA dropout 0.1 and the same seed (peft draws its masks in the order we
+    do): logits, loss and every LoRA gradient agree. Phi-3's fused modules get one dropout mask
+    where we draw three, so it is checked without dropout, through the stacked adapter: its A
+    gradients are ours stacked, its B gradients ours on the diagonal blocks."""
+    from peft import PeftModel
+    from slowllama.formats.peft import peft_adapter
+    name, model_dir, hf_model = family
+    dropout = 0.0 if name.startswith('phi3') else 0.1
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=dropout, targets=HF_TARGETS)
+    ours = slowllama.load(model_dir, lora=lora)
+    randomize_adapters(ours.adapters)
+    ours.save_adapter(tmp_path / 'adapter')
+    export(model_dir, tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'peft', is_trainable=True)
+    tokens, targets = random_batch(ours.cfg.vocab_size, seq=12, seed=3)
+
+    reference.eval()
+    with torch.no_grad():
+        logit_diff = (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max().item()
+    reference.train()
+    torch.manual_seed(5)
+    ref_loss = masked_mean_ce(reference(input_ids=tokens).logits, targets)
+    ref_loss.backward()
+    torch.manual_seed(5)
+    loss = ours.backward(tokens, targets)
+
+    grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    on_diagonal = peft_adapter(ours.cfg, lora, {k: torch.ones_like(g) for k, g in grads.items()})[1]
+    grads = peft_adapter(ours.cfg, lora, grads)[1]
+    ref_grads = {k: g * on_diagonal[k] for k, g in peft_grads(reference).items()}
+    assert set(grads) == set(ref_grads)
+    worst = max(((grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item() for k in grads)
+    print(f'\n{name}: max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
+          f'max relative grad diff {worst:.2e}')
+    assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-4
+    if dropout:
+        torch.manual_seed(6)
+        assert ours.backward(tokens, targets) != loss  # the dropout is real
+
+
+def test_generate_greedy_equals_transformers(family):
+    """24 greedy tokens; the prompt (8) is longer than the Mistral window (5), and the whole
+    sequence longer than the Phi-3 one (7)."""
+    name, model_dir, hf_model = family
+    ours = slowllama.load(model_dir)
+    prompt = torch.tensor([[5, 17, 42, 9, 3, 77, 21, 60]])
+    want = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    ours.cfg = type(ours.cfg).from_dict({**ours.cfg.to_dict(), 'eos_id': None})
+    got = ours.generate(prompt, 24)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_window_matters():
+    """The windowed mask changes the logits of a sequence longer than the window (else the
+    Mistral checks above would prove nothing about it)."""
+    from slowllama.config import ModelConfig
+    from slowllama.model import Transformer
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64, sliding_window=4)
+    torch.manual_seed(0)
+    windowed = Transformer(cfg).eval()
+    full = Transformer(ModelConfig.from_dict({**cfg.to_dict(), 'sliding_window': None})).eval()
+    full.load_state_dict(windowed.state_dict())
+    tokens = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        a, b = windowed(tokens), full(tokens)
+    assert torch.equal(a[:, :4], b[:, :4]) and (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+
+
+def test_export_hf_and_peft_load_in_transformers_and_peft(family, tmp_path):
+    """export hf: the source's model_type and names (fused again for Phi-3), loaded by
+    transformers' class for it; export peft: target names peft applies to that class."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    name, model_dir, hf_model = family
+    lora = slowllama.LoraConfig(rank=3, alpha=6.0, targets=HF_TARGETS)
+    ours = slowllama.load(model_dir, lora=lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ours.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours.save_adapter(tmp_path / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    want = ours.logits(tokens)
+    assert (want - hf_model(tokens).logits).abs().max() > 1e-3  # the adapter matters
+
+    export(model_dir, tmp_path / 'hf', 'hf', adapter=tmp_path / 'adapter', dtype='fp32')
+    config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    assert config['model_type'] == hf_model.config.model_type
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32).eval()
+    assert type(merged) is type(hf_model)
+    assert set(merged.state_dict()) == set(hf_model.state_dict())
+    export(model_dir, tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
+    loaded = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'peft').eval()
+    with torch.no_grad():
+        hf_diff = (merged(tokens).logits - want).abs().max().item()
+        peft_diff = (loaded(input_ids=tokens).logits - want).abs().max().item()
+    print(f'\n{name} export: hf {hf_diff:.2e}, peft {peft_diff:.2e}')
+    assert hf_diff < 1e-4 and peft_diff < 1e-4
+
+
+def test_export_meta_writes_llama_and_refuses_the_other_families(family, tmp_path):
+    name, model_dir, hf_model = family
+    if name == 'llama3.2':  # Llama 3.2 goes to Meta's layout with its rope scaling
+        export(model_dir, tmp_path / 'meta', 'meta')
+        assert json.loads((tmp_path / 'meta' / 'params.json').read_text())['use_scaled_rope'] is True
+    else:
+        with pytest.raises(slowllama.SlowLlamaError, match=f'--format meta.*{hf_model.config.model_type}'):
+            export(model_dir, tmp_path / 'meta', 'meta')
+        assert not (tmp_path / 'meta').exists()
+
+
+@pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'gemma2'])
+def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
+    folder = tmp_path / 'hf'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps({'model_type': model_type, 'hidden_size': 8}))
+    (folder / 'model.safetensors').write_bytes(b'')
+    with pytest.raises(slowllama.SlowLlamaError, match=f"model_type '{model_type}' is not supported") as e:
+        slowllama.prepare(folder, tmp_path / 'out')
+    assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}, "rope_type 'yarn' is not supported"),
+    ({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5}},
+     'partial_rotary_factor 0.5'),
+    ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'use_sliding_window on some layers'),
+])
+def test_what_we_do_not_build_is_refused_with_one_line(change, message):
+    from slowllama.config import ModelConfig
+    hf = {'model_type': 'phi3', 'hidden_size': 72, 'num_attention_heads': 6, 'num_hidden_layers': 3,
+          'intermediate_size': 96, 'vocab_size': 128, **change}
+    with pytest.raises(slowllama.SlowLlamaError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_windowed_cache_keeps_the_window_only():
+    from slowllama.model import KVCache
+    cache = KVCache(1, 2, 100, 4, 'cpu', torch.float32, window=5)
+    k, _ = cache.append(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))  # a prompt longer than the window
+    assert k.shape[2] == 8 and cache.start == 0
+    for step in range(10):
+        k, _ = cache.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+        assert k.shape[2] == 5 and cache.start + 5 == cache.length == 9 + step
+
+
+@pytest.mark.parametrize('arch, shape', [
+    ('qwen2', dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
+    ('qwen3', dict(hidden_size=64, num_attention_heads=3, num_key_value_heads=1, head_dim=32)),
+    ('phi3', dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=7, pad_token_id=None)),
+])
+def test_gguf_of_the_family_reads_to_its_hf_twins_logits(arch, shape, tmp_path):
+    """A GGUF written with gguf's writer under llama.cpp's names (q/k not interleaved for these
+    architectures; biases, q/k norms, Phi-3's fused attn_qkv / ffn_up and its window kept as
+    llama.cpp keeps them) gives the logits of its transformers twin carrying the same
+    (dequantized) weights, over rows longer than the window."""
+    from checkpoints import twin_from_gguf, write_gguf
+    import gguf
+    T = gguf.GGMLQuantizationType
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type=arch, intermediate_size=128, **shape)
+    expected = write_gguf(tmp_path / 'm.gguf', hf_model, {'*': T.F16, 'attn_q.weight': T.Q8_0}, arch=arch)
+    assert any(name.endswith(('attn_q.bias', 'attn_q_norm.weight', 'attn_qkv.weight')) for name in expected)
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    model = slowllama.load(tmp_path / 'out')
+    assert model.cfg.model_type == arch and model.cfg.tie_embeddings == hf_model.config.tie_word_embeddings
+    assert model.cfg.sliding_window == shape.get('sliding_window')
+    tokens, _ = random_batch(model.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        want = twin_from_gguf(hf_model, expected)(tokens).logits
+    diff = (model.logits(tokens) - want).abs().max().item()
+    print(f'\ngguf {arch}: max |logit diff| {diff:.2e}')
+    assert diff < 1e-4
+
+
+def test_phi3_adapters_of_peft_read_back_into_our_projections(tmp_path):
+    """A peft adapter trained on Phi-3's fused modules (one rank-r LoRA on qkv_proj, gate_up_proj)
+    loads as our per-projection LoRAs with peft's logits; one of ours with q, v and up only,
+    exported for peft and read back, is the same adapter with the same targets."""
+    hf_model = make_hf_model(tmp_path / 'hf', seed=4, **FAMILIES['phi3'])
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    reference = peft_model(hf_model, targets=('qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj'))
+    reference.save_pretrained(tmp_path / 'from_peft')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'from_peft')
+    assert ours.lora.targets == ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    with torch.no_grad():
+        assert (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max() < 1e-4
+
+    lora = slowllama.LoraConfig(rank=2, alpha=5.0, targets=('q', 'v', 'up'))
+    ours = slowllama.load(tmp_path / 'prepared', lora=lora)
+    randomize_adapters(ours.adapters)
+    ours.save_adapter(tmp_path / 'adapter')
+    export(tmp_path / 'prepared', tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
+    again = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'peft')
+    assert again.lora == lora
+    first, second = ours.trainable_parameters(), again.trainable_parameters()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_phi3_prepare_finetune_generate_export_from_the_command_line(tmp_path):
+    """The family's own architecture through the commands: prepare a Phi-3 folder, finetune it
+    (window 7 < rows of 16), generate, export hf: transformers' Phi-3 class gives the logits of
+    our model with the run's adapter."""
+    from conftest import save_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def script(name, *args):
+        done = subprocess.run([sys.executable, f'{root}/scripts/{name}', *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    make_hf_model(tmp_path / 'hf', seed=8, bos_token_id=1, eos_token_id=2, **FAMILIES['phi3'])
+    save_tiny_tokenizer(tmp_path / 'hf')
+    (tmp_path / 'story.txt').write_text('odalys brenn keeps the violet lamp burning every night. ' * 8)
+    script('prepare_model.py', tmp_path / 'hf', tmp_path / 'prepared', '--dtype', 'fp32')
+    script('finetune.py', '--model', tmp_path / 'prepared', '--data', tmp_path / 'story.txt', '--out',
+           tmp_path / 'run', '--device', 'cpu', '--iters', 3, '--batch-size', 2, '--seq-len', 16, '--lr', 1e-2,
+           '--targets', 'q,k,v,o,gate,up,down', '--lora-dropout', 0.1)
+    out = script('test_gen.py', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter', '--prompt',
+                 'the violet', '--max-new-tokens', 12)
+    assert out.strip()
+    script('export.py', '--model', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter', '--format', 'hf',
+           '--out', tmp_path / 'exported', '--dtype', 'fp32')
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'exported', dtype=torch.float32).eval()
+    assert type(merged).__name__ == 'Phi3ForCausalLM'
+    assert 'model.layers.0.self_attn.qkv_proj.weight' in merged.state_dict()
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'run' / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        assert (merged(tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
+
+
+def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):
+    import numpy as np
+    from checkpoints import write_gguf
+    import gguf
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type='phi3', hidden_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, pad_token_id=None)
+    write_gguf(tmp_path / 'm.gguf', hf_model, {'*': gguf.GGMLQuantizationType.F32}, arch='phi3',
+               extra_tensors={'rope_factors_long.weight': np.ones(8), 'rope_factors_short.weight': np.ones(8)})
+    with pytest.raises(slowllama.SlowLlamaError, match='m.gguf: LongRoPE factors in a GGUF file are not read'):
+        slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
