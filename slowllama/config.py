@@ -1,6 +1,8 @@
 """ModelConfig: the shape of a Llama-family model, read from Meta params.json, HF config.json or GGUF metadata."""
+import contextlib
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import SlowLlamaError
@@ -24,11 +26,9 @@ class ModelConfig:
     eos_id: int | list | None = None
 
     def __post_init__(self):
+        check_values(self)
         if self.head_dim == 0:
             object.__setattr__(self, 'head_dim', self.dim // self.n_heads)
-        for name in ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'hidden_dim', 'vocab_size'):
-            if getattr(self, name) <= 0:
-                raise SlowLlamaError(f'model config: {name} must be positive, got {getattr(self, name)}')
         if self.n_heads % self.n_kv_heads:
             raise SlowLlamaError(f'model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}')
 
@@ -37,7 +37,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise SlowLlamaError(f'model config: an object was expected, got {type(d).__name__}')
         known = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise SlowLlamaError(f'model config: {missing[0]} is missing')
         return cls(**{k: v for k, v in d.items() if k in known})
 
     # --- the three sources -------------------------------------------------------------------
@@ -110,6 +116,46 @@ class ModelConfig:
         return params
 
 
+# Ranges wide enough for any released Llama-family model (405B: dim 16384, hidden 53248; vocabularies
+# up to 256k), narrow enough that a hostile manifest or config cannot make us allocate terabytes.
+LIMITS = {'dim': 1 << 16, 'n_layers': 1024, 'n_heads': 1024, 'n_kv_heads': 1024, 'hidden_dim': 1 << 18,
+          'vocab_size': 1 << 22, 'max_seq_len': 1 << 24, 'head_dim': 1 << 12}
+ROPE_SCALING_KEYS = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+
+
+def check_values(cfg):
+    """Types and ranges of every field, before any of them sizes an allocation."""
+    for name, limit in LIMITS.items():
+        value = getattr(cfg, name)
+        low = 0 if name == 'head_dim' else 1  # head_dim 0: dim // n_heads
+        if not _is_int(value) or not low <= value <= limit:
+            raise SlowLlamaError(f'model config: {name} must be an integer in [{low}, {limit}], got {value!r}')
+    if not _is_real(cfg.norm_eps) or not 0 < cfg.norm_eps < 1:
+        raise SlowLlamaError(f'model config: norm_eps must be a number in (0, 1), got {cfg.norm_eps!r}')
+    if not _is_real(cfg.rope_theta) or cfg.rope_theta <= 0:
+        raise SlowLlamaError(f'model config: rope_theta must be a positive number, got {cfg.rope_theta!r}')
+    if cfg.rope_scaling is not None:
+        scaling = cfg.rope_scaling
+        if not isinstance(scaling, dict) or not all(_is_real(scaling.get(k)) and scaling[k] > 0
+                                                    for k in ROPE_SCALING_KEYS):
+            raise SlowLlamaError(f'model config: rope_scaling must hold positive numbers {", ".join(ROPE_SCALING_KEYS)}, '
+                                 f'got {scaling!r:.200}')
+    if not isinstance(cfg.tie_embeddings, bool):
+        raise SlowLlamaError(f'model config: tie_embeddings must be true or false, got {cfg.tie_embeddings!r}')
+    eos = cfg.eos_id if isinstance(cfg.eos_id, list) else [cfg.eos_id]
+    for name, ids in (('bos_id', [cfg.bos_id]), ('eos_id', eos)):
+        if not all(i is None or (_is_int(i) and i >= 0) for i in ids):
+            raise SlowLlamaError(f'model config: {name} must be a token id, got {getattr(cfg, name)!r:.200}')
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
     """Meta's FeedForward size: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
     hidden = int(2 * (4 * dim) / 3)
@@ -133,6 +179,21 @@ def _llama3_scaling(scaling):
     return {'factor': float(scaling['factor']), 'low_freq_factor': float(scaling.get('low_freq_factor', 1.0)),
             'high_freq_factor': float(scaling.get('high_freq_factor', 4.0)),
             'original_max_position_embeddings': int(scaling.get('original_max_position_embeddings', 8192))}
+
+
+@contextlib.contextmanager
+def config_errors(where):
+    """Inside: a config value missing, of the wrong type or out of range is one line naming `where`."""
+    try:
+        yield
+    except SlowLlamaError as e:
+        if not str(e).startswith('model config:'):
+            raise
+        raise SlowLlamaError(f'{where}: {str(e).removeprefix("model config: ")}') from None
+    except KeyError as e:
+        raise SlowLlamaError(f'{where}: lacks {e.args[0]!r}') from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise SlowLlamaError(f'{where}: a config value has the wrong type or range ({e})') from None
 
 
 def read_json(path, what):

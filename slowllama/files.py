@@ -164,6 +164,18 @@ class SafetensorsFile:
                 self._map.madvise(advice)
 
 
+def safetensors_header(path):
+    """{name: entry} of a safetensors file, the header alone read and checked (no mapping)."""
+    path = str(path)
+    try:
+        with open(path, 'rb') as f:
+            entries, _ = _read_header(f, os.path.getsize(path), path)
+    except FileNotFoundError:
+        raise SlowLlamaError(f'{path}: file not found') from None
+    entries.pop('__metadata__', None)
+    return entries
+
+
 def _read_header(f, size, path):
     if size < 8:
         raise SlowLlamaError(f'{path}: truncated safetensors file ({size} bytes)')
@@ -174,6 +186,8 @@ def _read_header(f, size, path):
         entries = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SlowLlamaError(f'{path}: corrupt safetensors header (not JSON)') from None
+    if not isinstance(entries, dict):
+        raise SlowLlamaError(f'{path}: corrupt safetensors header (not a JSON object)')
     data_start = 8 + header_len
     data_size = size - data_start
     for name, entry in entries.items():
@@ -188,9 +202,10 @@ def _check_entry(name, entry, data_size, path):
         dtype = SAFETENSORS_DTYPES[entry['dtype']]
         start, end = entry['data_offsets']
         numel = 1
-        for dim in entry['shape']:
-            if dim < 0:
+        for dim in [start, end, *entry['shape']]:
+            if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim < 1 << 48:
                 raise ValueError
+        for dim in entry['shape']:
             numel *= dim
     except (KeyError, TypeError, ValueError):
         raise SlowLlamaError(f'{path}: corrupt safetensors entry for {name}') from None

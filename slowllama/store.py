@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, read_json
+from .config import ModelConfig, config_errors, read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
+from .files import SafetensorsFile, safetensors_header, sha256_file, write_json, write_safetensors
 from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 
 FORMAT_NAME = 'slowllama-prepared'
@@ -181,7 +181,44 @@ def read_manifest(model_dir):
     if manifest.get('format') != FORMAT_NAME or manifest.get('version') != FORMAT_VERSION:
         raise SlowLlamaError(f'{path}: not a slowllama prepared model of version {FORMAT_VERSION}; '
                              'run prepare_model.py again')
+    check_manifest(str(model_dir), manifest, path)
     return manifest
+
+
+def check_manifest(model_dir, manifest, path):
+    """The manifest's config has sane types and ranges, and the tensors in the files (their headers
+    only) have the shapes it implies: nothing is sized from the config before this holds."""
+    with config_errors(path):
+        cfg = ModelConfig.from_dict(manifest.get('config'))
+    files = manifest.get('files')
+    if (not isinstance(files, dict) or manifest.get('dtype') not in DTYPES
+            or not isinstance(manifest.get('tokenizer', []), list)
+            or not all(isinstance(e, dict) and _is_size(e.get('size')) and isinstance(e.get('sha256'), str)
+                       for e in files.values())):
+        raise SlowLlamaError(f'{path}: damaged manifest (files, dtype or tokenizer); run prepare_model.py again')
+    expected = {block_file(i): block_shapes(cfg) for i in range(cfg.n_layers)}
+    expected[EMBED_FILE] = {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}
+    expected[HEAD_FILE] = {NORM_TENSOR: (cfg.dim,)}
+    if not cfg.tie_embeddings:
+        expected[HEAD_FILE][HEAD_TENSOR] = (cfg.vocab_size, cfg.dim)
+    unlisted = [name for name in expected if name not in files]
+    if unlisted:
+        raise SlowLlamaError(f'{path}: the config needs {unlisted[0]}, which the manifest does not list; '
+                             'run prepare_model.py again')
+    for filename, shapes in expected.items():
+        file_path = os.path.join(model_dir, filename)
+        if not os.path.exists(file_path):
+            continue  # check_file names it when it is read
+        entries = safetensors_header(file_path)
+        for name, shape in shapes.items():
+            if name not in entries or tuple(entries[name]['shape']) != shape:
+                got = tuple(entries[name]['shape']) if name in entries else None
+                raise SlowLlamaError(f'{file_path}: {name} has shape {got}, the manifest\'s config needs '
+                                     f'{shape}; run prepare_model.py again')
+
+
+def _is_size(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class BlockStore:

@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, config_errors
 from ..errors import SlowLlamaError
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_ROPE_FREQS, HEAD_TENSOR,
                      NORM_TENSOR, OUTER_TENSORS)
@@ -66,7 +66,11 @@ def open_reader(path):
 
 def metadata(reader, key, default=None):
     field = reader.fields.get(key)
-    return field.contents() if field is not None else default
+    try:
+        return field.contents() if field is not None else default
+    except UnicodeDecodeError:
+        path = getattr(reader.data, 'filename', 'the GGUF file')
+        raise SlowLlamaError(f'{path}: metadata {key} is not valid UTF-8') from None
 
 
 def read_config(src, reader=None):
@@ -83,11 +87,12 @@ def read_config(src, reader=None):
     embed = tensors.get(OUTER_TENSORS[EMBED_TENSOR][1])
     if embed is None:
         raise SlowLlamaError(f'{src}: no {OUTER_TENSORS[EMBED_TENSOR][1]} tensor')
-    values['rope_scaling'] = _llama3_scaling(src, tensors, values)
-    return ModelConfig(**values, vocab_size=int(embed.shape[1]),
-                       tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
-                       bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
-                       eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
+    with config_errors(src):
+        values['rope_scaling'] = _llama3_scaling(src, tensors, values)
+        return ModelConfig(**values, vocab_size=int(embed.shape[1]),
+                           tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
+                           bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
+                           eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
 
 
 def prepare_gguf(src, writer):

@@ -2,7 +2,7 @@
 import glob
 import os
 
-from ..config import ModelConfig, read_json
+from ..config import ModelConfig, config_errors, read_json
 from ..errors import SlowLlamaError
 from ..files import SafetensorsFile, write_json
 from ..names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
@@ -19,7 +19,9 @@ def is_hf_folder(src):
 
 
 def read_config(src):
-    return ModelConfig.from_hf(read_json(os.path.join(src, 'config.json'), 'config.json'))
+    path = os.path.join(src, 'config.json')
+    with config_errors(path):
+        return ModelConfig.from_hf(read_json(path, 'config.json'))
 
 
 def shard_index(src):

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..config import ModelConfig, read_json
+from ..config import ModelConfig, config_errors, read_json
 from ..errors import SlowLlamaError
 from ..files import write_json
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, META_BLOCK_PREFIX, META_IGNORED,
@@ -58,15 +58,14 @@ def load_shard(path):
 
 
 def read_config(src):
-    params = read_json(os.path.join(src, META_PARAMS), 'params.json')
-    vocab = params.get('vocab_size', -1)
-    if vocab is None or vocab <= 0:  # old params.json: the embedding says how many tokens
-        first = shard_paths(src)[0]
-        vocab = _tensor(load_shard(first), OUTER_TENSORS[EMBED_TENSOR][0], first).shape[0]
-    try:
+    path = os.path.join(src, META_PARAMS)
+    params = read_json(path, 'params.json')
+    with config_errors(path):
+        vocab = params.get('vocab_size', -1)
+        if vocab is None or vocab <= 0:  # old params.json: the embedding says how many tokens
+            first = shard_paths(src)[0]
+            vocab = _tensor(load_shard(first), OUTER_TENSORS[EMBED_TENSOR][0], first).shape[0]
         return ModelConfig.from_meta(params, vocab_size=vocab)
-    except KeyError as e:
-        raise SlowLlamaError(f'{os.path.join(src, META_PARAMS)}: lacks {e.args[0]!r}') from None
 
 
 def _tensor(shard, name, path):
