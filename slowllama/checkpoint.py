@@ -18,6 +18,7 @@ from .files import SafetensorsFile, write_json, write_safetensors
 
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_NAME = re.compile(r'^step_(\d{6,})$')
+ADAM_FIELDS = ('step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')  # what AdamW keeps per parameter
 
 
 def write_checkpoint(folder, model, params, optimizer, state):
@@ -40,10 +41,25 @@ def write_checkpoint(folder, model, params, optimizer, state):
 def read_checkpoint(folder, params, optimizer):
     """Load parameters and optimizer state in place; returns state.json."""
     state = read_json(os.path.join(folder, 'state.json'), 'checkpoint state')
+    check_state(state, os.path.join(folder, 'state.json'))
     load_trainable(params, SafetensorsFile(os.path.join(folder, 'trainable.safetensors')), folder)
     load_optimizer_state(optimizer, list(params), SafetensorsFile(os.path.join(folder, 'optimizer.safetensors')),
                          folder)
     return state
+
+
+def check_state(state, path):
+    """state.json holds what resuming reads, with the types it needs."""
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def rng(value):
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    per_process = state.get('rng_per_process', [state.get('rng')]) if isinstance(state, dict) else None
+    if (not isinstance(state, dict) or not count(state.get('step')) or not count(state.get('data_position'))
+            or not isinstance(per_process, list) or not all(rng(r) for r in per_process)):
+        raise SlowLlamaError(f'{path}: damaged checkpoint state (step, data_position or rng); '
+                             'remove this checkpoint to resume from the one before')
 
 
 def remove_leftovers(run_dir):
@@ -59,9 +75,12 @@ def encode_rng(states):
     return {kind: base64.b64encode(state.cpu().numpy().tobytes()).decode('ascii') for kind, state in states.items()}
 
 
-def decode_rng(encoded):
-    return {kind: torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
-            for kind, text in encoded.items()}
+def decode_rng(encoded, where='state.json'):
+    try:
+        return {kind: torch.from_numpy(np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8).copy())
+                for kind, text in encoded.items()}
+    except ValueError:  # binascii.Error is one
+        raise SlowLlamaError(f'{where}: damaged RNG state (not base64)') from None
 
 
 def optimizer_state(optimizer, names):
@@ -75,12 +94,18 @@ def optimizer_state(optimizer, names):
 
 def load_optimizer_state(optimizer, names, file, where):
     index = {name: i for i, name in enumerate(names)}
+    params = [p for group in optimizer.param_groups for p in group['params']]
     state = {}
     for key in file.names():
-        name, field_name = key.rsplit('.', 1)
+        name, _, field_name = key.rpartition('.')
         if name not in index:
-            raise SlowLlamaError(f'{where}: optimizer state for {name}, which the model does not train')
-        state.setdefault(index[name], {})[field_name] = file.tensor(key).clone()
+            raise SlowLlamaError(f'{where}: optimizer state for {key}, which the model does not train')
+        value = file.tensor(key)
+        shape = () if field_name == 'step' else tuple(params[index[name]].shape)
+        if field_name not in ADAM_FIELDS or tuple(value.shape) != shape or not value.is_floating_point():
+            raise SlowLlamaError(f'{where}: optimizer state {key} has shape {tuple(value.shape)} and dtype '
+                                 f'{value.dtype}; the model needs {shape}')
+        state.setdefault(index[name], {})[field_name] = value.clone()
     saved = optimizer.state_dict()
     saved['state'] = state
     optimizer.load_state_dict(saved)

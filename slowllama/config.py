@@ -204,3 +204,5 @@ def read_json(path, what):
         raise SlowLlamaError(f'{path}: {what} not found') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlowLlamaError(f'{path}: not valid JSON ({e})') from None
+    except RecursionError:
+        raise SlowLlamaError(f'{path}: not valid JSON (nested too deeply)') from None

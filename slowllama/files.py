@@ -184,7 +184,7 @@ def _read_header(f, size, path):
         raise SlowLlamaError(f'{path}: corrupt safetensors header (claims {header_len} bytes)')
     try:
         entries = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise SlowLlamaError(f'{path}: corrupt safetensors header (not JSON)') from None
     if not isinstance(entries, dict):
         raise SlowLlamaError(f'{path}: corrupt safetensors header (not a JSON object)')

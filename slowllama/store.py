@@ -56,6 +56,7 @@ class PreparedWriter:
 
     def __init__(self, out, cfg: ModelConfig, dtype, source):
         self.out, self.cfg, self.dtype, self.source = str(out), cfg, parse_dtype(dtype), source
+        self.where = source.get('path', source) if isinstance(source, dict) else source  # for messages
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
@@ -75,7 +76,7 @@ class PreparedWriter:
     def write_block(self, i, tensors):
         missing = set(BLOCK_TENSORS) - set(tensors)
         if missing:
-            raise SlowLlamaError(f'{self.source}: layer {i} lacks {sorted(missing)}')
+            raise SlowLlamaError(f'{self.where}: layer {i} lacks {sorted(missing)}')
         for name, shape in block_shapes(self.cfg).items():
             self._check(f'layer {i} {name}', tensors[name], shape)
         self.write(block_file(i), {name: tensors[name] for name in BLOCK_TENSORS})
@@ -99,7 +100,7 @@ class PreparedWriter:
         expected = [EMBED_FILE, HEAD_FILE] + [block_file(i) for i in range(self.cfg.n_layers)]
         missing = [f for f in expected if f not in self.files]
         if missing:
-            raise SlowLlamaError(f'{self.source}: incomplete model, nothing written for {missing[:3]}')
+            raise SlowLlamaError(f'{self.where}: incomplete model, nothing written for {missing[:3]}')
         verify_files(self.staging, self.files)  # what reached the disk is what we meant to write
         write_json(os.path.join(self.staging, MANIFEST), {
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
@@ -113,7 +114,7 @@ class PreparedWriter:
     def _check(self, name, tensor, shape):
         if tensor is None or tuple(tensor.shape) != tuple(shape):
             got = None if tensor is None else tuple(tensor.shape)
-            raise SlowLlamaError(f'{self.source}: {name} has shape {got}, the config needs {tuple(shape)}')
+            raise SlowLlamaError(f'{self.where}: {name} has shape {got}, the config needs {tuple(shape)}')
 
 
 def expected_bytes(cfg: ModelConfig, dtype):
@@ -178,7 +179,8 @@ def read_manifest(model_dir):
     if not os.path.isdir(str(model_dir)):
         raise SlowLlamaError(f'{model_dir}: model folder not found (run prepare_model.py first)')
     manifest = read_json(path, 'manifest of a prepared model (run prepare_model.py)')
-    if manifest.get('format') != FORMAT_NAME or manifest.get('version') != FORMAT_VERSION:
+    if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT_NAME
+            or manifest.get('version') != FORMAT_VERSION):
         raise SlowLlamaError(f'{path}: not a slowllama prepared model of version {FORMAT_VERSION}; '
                              'run prepare_model.py again')
     check_manifest(str(model_dir), manifest, path)
@@ -190,12 +192,10 @@ def check_manifest(model_dir, manifest, path):
     only) have the shapes it implies: nothing is sized from the config before this holds."""
     with config_errors(path):
         cfg = ModelConfig.from_dict(manifest.get('config'))
-    files = manifest.get('files')
-    if (not isinstance(files, dict) or manifest.get('dtype') not in DTYPES
-            or not isinstance(manifest.get('tokenizer', []), list)
-            or not all(isinstance(e, dict) and _is_size(e.get('size')) and isinstance(e.get('sha256'), str)
-                       for e in files.values())):
-        raise SlowLlamaError(f'{path}: damaged manifest (files, dtype or tokenizer); run prepare_model.py again')
+    if not _fields_ok(manifest):
+        raise SlowLlamaError(f'{path}: damaged manifest (files, dtype, source or tokenizer); '
+                             'run prepare_model.py again')
+    files = manifest['files']
     expected = {block_file(i): block_shapes(cfg) for i in range(cfg.n_layers)}
     expected[EMBED_FILE] = {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}
     expected[HEAD_FILE] = {NORM_TENSOR: (cfg.dim,)}
@@ -215,6 +215,16 @@ def check_manifest(model_dir, manifest, path):
                 got = tuple(entries[name]['shape']) if name in entries else None
                 raise SlowLlamaError(f'{file_path}: {name} has shape {got}, the manifest\'s config needs '
                                      f'{shape}; run prepare_model.py again')
+
+
+def _fields_ok(manifest):
+    files, tokenizer = manifest.get('files'), manifest.get('tokenizer', [])
+    return (isinstance(files, dict) and manifest.get('dtype') in DTYPES
+            and isinstance(manifest.get('source', {}), dict)
+            and all(isinstance(e, dict) and _is_size(e.get('size')) and isinstance(e.get('sha256'), str)
+                    for e in files.values())
+            and all(os.path.basename(name) == name for name in files)  # nothing outside the folder
+            and isinstance(tokenizer, list) and all(isinstance(n, str) and n in files for n in tokenizer))
 
 
 def _is_size(value):

@@ -28,7 +28,10 @@ def shard_index(src):
     """{tensor name: shard path}, from the index when there is one (headers only are read)."""
     index_path = os.path.join(src, 'model.safetensors.index.json')
     if os.path.exists(index_path):
-        weight_map = read_json(index_path, 'safetensors index')['weight_map']
+        index = read_json(index_path, 'safetensors index')
+        weight_map = index.get('weight_map') if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise SlowLlamaError(f'{index_path}: weight_map must map tensor names to shard file names')
         for path in sorted(set(weight_map.values())):
             shard = SafetensorsFile(os.path.join(src, path))
             for name in (n for n, f in weight_map.items() if f == path):

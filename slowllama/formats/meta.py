@@ -53,8 +53,11 @@ def load_shard(path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise SlowLlamaError(f'{path}: refused to load: the pickle holds code or objects other than '
                              f'tensors ({first})') from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SlowLlamaError(f'{path}: truncated or corrupt checkpoint shard ({str(e).splitlines()[0]})') from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged pickle makes the unpickler fail in many ways (KeyError, IndexError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlowLlamaError(f'{path}: truncated or corrupt checkpoint shard ({first})') from None
 
 
 def read_config(src):

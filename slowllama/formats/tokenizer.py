@@ -19,6 +19,7 @@ class Tokenizer:
         self.pad_id = self._special_id('pad_token', 'pad')
         self.add_bos = bool(config.get('add_bos_token', kind == 'sentencepiece' and self.bos_id is not None))
         self.chat_template = config.get('chat_template')
+        self.config_path = CONFIG_FILE  # load_tokenizer sets the full path, for messages
 
     @property
     def vocab_size(self):
@@ -56,7 +57,7 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=token('bos_token'), eos_token=token('eos_token'))
         except jinja2.TemplateError as e:
-            raise SlowLlamaError(f'{CONFIG_FILE}: the chat template fails ({e})') from None
+            raise SlowLlamaError(f'{self.config_path}: the chat template fails ({e})') from None
 
     def _special_id(self, config_key, sp_name):
         text = _token_text(self.config.get(config_key))
@@ -94,6 +95,12 @@ def load_tokenizer(folder):
     if os.path.exists(config_path):
         config = read_json(config_path, CONFIG_FILE)
         check_config(config, config_path)
+    tokenizer = _with_backend(folder, config)
+    tokenizer.config_path = config_path
+    return tokenizer
+
+
+def _with_backend(folder, config):
     json_path, model_path = os.path.join(folder, 'tokenizer.json'), os.path.join(folder, 'tokenizer.model')
     if os.path.exists(json_path):
         from tokenizers import Tokenizer as HFTokenizer
