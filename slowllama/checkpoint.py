@@ -105,10 +105,21 @@ def load_optimizer_state(optimizer, names, file, where):
         if field_name not in ADAM_FIELDS or tuple(value.shape) != shape or not value.is_floating_point():
             raise SlowLlamaError(f'{where}: optimizer state {key} has shape {tuple(value.shape)} and dtype '
                                  f'{value.dtype}; the model needs {shape}')
+        if not _plausible(field_name, value):
+            raise SlowLlamaError(f'{where}: optimizer state {key} holds impossible values (damaged file)')
         state.setdefault(index[name], {})[field_name] = value.clone()
     saved = optimizer.state_dict()
     saved['state'] = state
     optimizer.load_state_dict(saved)
+
+
+def _plausible(field_name, value):
+    """Finite moments, a second moment >= 0, a whole step count (AdamW overflows on a huge one)."""
+    if not torch.isfinite(value).all():
+        return False
+    if field_name == 'step':
+        return 0 <= value.item() < 2 ** 40 and value.item() == int(value.item())
+    return field_name == 'exp_avg' or bool((value >= 0).all())
 
 
 def load_trainable(params, file, where):
@@ -121,6 +132,8 @@ def load_trainable(params, file, where):
             if tuple(file.shape(name)) != tuple(p.shape):
                 raise SlowLlamaError(f'{where}: {name} has shape {file.shape(name)}, the model needs '
                                      f'{tuple(p.shape)}')
+            if not torch.isfinite(file.tensor(name).float()).all():
+                raise SlowLlamaError(f'{where}: {name} holds values that are not finite (damaged checkpoint)')
             p.copy_(file.tensor(name))
 
 

@@ -132,7 +132,7 @@ def alpaca_example(tokenizer, record, where):
 def chat_example(tokenizer, record, where):
     """Only the assistant's messages are learned. With a chat template each assistant turn is the
     difference between the rendering up to it (with the generation prompt) and the rendering through it."""
-    messages = record['messages']
+    messages = record.get('messages')
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get('role'), str)
                                                  and isinstance(m.get('content'), str) for m in messages):
         raise SlowLlamaError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')

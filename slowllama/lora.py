@@ -184,4 +184,6 @@ def read_adapter_folder(folder):
         rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
         if len(shape) != 2 or rank != cfg.rank:
             raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
+        if not torch.isfinite(weights.tensor(name).float()).all():
+            raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
     return cfg, {name: weights.tensor(name).clone() for name in weights.names()}

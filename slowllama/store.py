@@ -219,7 +219,7 @@ def check_manifest(model_dir, manifest, path):
 
 def _fields_ok(manifest):
     files, tokenizer = manifest.get('files'), manifest.get('tokenizer', [])
-    return (isinstance(files, dict) and manifest.get('dtype') in DTYPES
+    return (isinstance(files, dict) and isinstance(manifest.get('dtype'), str) and manifest['dtype'] in DTYPES
             and isinstance(manifest.get('source', {}), dict)
             and all(isinstance(e, dict) and _is_size(e.get('size')) and isinstance(e.get('sha256'), str)
                     for e in files.values())

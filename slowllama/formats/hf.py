@@ -30,7 +30,9 @@ def shard_index(src):
     if os.path.exists(index_path):
         index = read_json(index_path, 'safetensors index')
         weight_map = index.get('weight_map') if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f.endswith('.safetensors') and os.path.basename(f) == f  # in this folder
+                for f in weight_map.values()):
             raise SlowLlamaError(f'{index_path}: weight_map must map tensor names to shard file names')
         for path in sorted(set(weight_map.values())):
             shard = SafetensorsFile(os.path.join(src, path))

@@ -106,8 +106,10 @@ def _with_backend(folder, config):
         from tokenizers import Tokenizer as HFTokenizer
         try:
             return Tokenizer(HFTokenizer.from_file(json_path), config, 'tokenizers')
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
-            raise SlowLlamaError(f'{json_path}: cannot read the tokenizer ({e})') from None
+        except BaseException as e:  # a bare Exception on bad files, or a Rust panic (a BaseException)
+            if not isinstance(e, Exception) and type(e).__name__ != 'PanicException':
+                raise
+            raise SlowLlamaError(f'{json_path}: cannot read the tokenizer ({str(e).splitlines()[0]})') from None
     if os.path.exists(model_path):
         import sentencepiece
         try:
