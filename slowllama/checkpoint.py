@@ -7,14 +7,13 @@ import base64
 import os
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
 from .config import read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, write_json, write_safetensors
+from .files import SafetensorsFile, clean_leftovers, staging_dir, swap_dir, write_json, write_safetensors
 
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_NAME = re.compile(r'^step_(\d{6,})$')
@@ -22,9 +21,7 @@ ADAM_FIELDS = ('step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')  # what AdamW 
 
 
 def write_checkpoint(folder, model, params, optimizer, state):
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
+    staging = staging_dir(folder)
     try:
         model.save_adapter(staging)
         write_safetensors(os.path.join(staging, 'trainable.safetensors'),
@@ -63,12 +60,20 @@ def check_state(state, path):
 
 
 def remove_leftovers(run_dir):
-    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/)."""
-    for folder in (str(run_dir), os.path.join(str(run_dir), CHECKPOINT_DIR)):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith(('.step_', '.adapter.')) or name.endswith('.old'):
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/), and
+    an old folder put back where a non-atomic swap was cut short. Returns what was found (sentences)."""
+    finals = [os.path.join(str(run_dir), 'adapter')]
+    checkpoints = os.path.join(str(run_dir), CHECKPOINT_DIR)
+    if os.path.isdir(checkpoints):
+        finals += [os.path.join(checkpoints, name[1:].split('.')[0]) for name in os.listdir(checkpoints)
+                   if name.startswith('.step_')]
+    found = [clean_leftovers(final) for final in sorted(set(finals))]
+    for folder, prefix in ((str(run_dir), '.adapter.'), (checkpoints, '.step_')):  # any other staging
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                found.append(f'{os.path.join(folder, name)}: removed, left unfinished by an interrupted run')
+    return [line for line in found if line]
 
 
 def encode_rng(states):
@@ -151,12 +156,5 @@ def list_checkpoints(run_dir):
 
 
 def replace_folder(staging, final):
-    """Rename a complete staging folder to `final`, replacing an older one."""
-    old = None
-    if os.path.exists(final):
-        old = final + '.old'
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put a complete staging folder at `final`, replacing an older one (see files.swap_dir)."""
+    swap_dir(staging, final)

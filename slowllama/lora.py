@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .config import read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, write_json, write_safetensors
+from .files import SafetensorsFile, clean_leftovers, write_json, write_safetensors
 from .names import PEFT_PREFIX, TARGET_MODULES, canonical_target, hf_module_name
 
 
@@ -176,7 +176,9 @@ def read_adapter_folder(folder):
     """-> (LoraConfig, {PEFT key: tensor}) from a PEFT-layout folder."""
     folder = str(folder)
     if not os.path.isdir(folder):
-        raise SlowLlamaError(f'{folder}: adapter folder not found')
+        found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
+        if not os.path.isdir(folder):
+            raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
     cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
     weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
     for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it

@@ -9,7 +9,7 @@ or 'device' (all resident).
 import mmap
 import os
 import shutil
-import tempfile
+import sys
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, config_errors, read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, safetensors_header, sha256_file, write_json, write_safetensors
+from .files import (SafetensorsFile, clean_leftovers, safetensors_header, sha256_file, staging_dir, swap_dir,
+                    write_json, write_safetensors)
 from .names import BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 
 FORMAT_NAME = 'slowllama-prepared'
@@ -60,7 +61,8 @@ class PreparedWriter:
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
-        self.staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(self.out) + '.staging-')
+        announce(clean_leftovers(self.out))
+        self.staging = staging_dir(self.out)
         self.files = {}
         self.tokenizer_files = []
 
@@ -163,13 +165,13 @@ def verify_model(model_dir):
 
 
 def swap_in(staging, out):
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix='.old-')
-        os.replace(out, os.path.join(old, 'model'))
-    os.replace(staging, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_dir(staging, out)  # `out` is the old folder or the new one at every instant
+
+
+def announce(found):
+    """Say what an interrupted earlier write left behind (clean_leftovers' sentence), if anything."""
+    if found:
+        print(found, file=sys.stderr, flush=True)
 
 
 # --- reading a prepared folder -------------------------------------------------------------
@@ -177,7 +179,11 @@ def swap_in(staging, out):
 def read_manifest(model_dir):
     path = os.path.join(str(model_dir), MANIFEST)
     if not os.path.isdir(str(model_dir)):
-        raise SlowLlamaError(f'{model_dir}: model folder not found (run prepare_model.py first)')
+        found = clean_leftovers(model_dir)  # a prepare killed mid-way: say so; an old folder may come back
+        if not os.path.isdir(str(model_dir)):
+            raise SlowLlamaError(f'{model_dir}: model folder not found (run prepare_model.py first)'
+                                 + (f'; {found}' if found else ''))
+        announce(found)
     manifest = read_json(path, 'manifest of a prepared model (run prepare_model.py)')
     if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT_NAME
             or manifest.get('version') != FORMAT_VERSION):

@@ -151,7 +151,8 @@ class Trainer:
 
     def _start(self, resume):
         if self.group.is_main:
-            remove_leftovers(self.run_dir)
+            for found in remove_leftovers(self.run_dir):
+                self.log(found)
         self.group.barrier()
         if not resume and list_checkpoints(self.run_dir):
             raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '

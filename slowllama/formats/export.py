@@ -8,14 +8,13 @@ existing OUT as it was.
 """
 import os
 import shutil
-import tempfile
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..files import SafetensorsFile
+from ..files import SafetensorsFile, clean_leftovers, staging_dir
 from ..lora import peft_key, read_adapter_folder, save_adapter_folder
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
-from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
+from ..store import (EMBED_FILE, HEAD_FILE, announce, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
@@ -136,9 +135,8 @@ def _check_space(out, needed):
 
 
 def _staging_folder(out):
-    parent = os.path.dirname(os.path.abspath(str(out)))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(str(out)) + '.staging-')
+    announce(clean_leftovers(out))
+    return staging_dir(out)
 
 
 def _copy_tokenizer(model_dir, manifest, staging):
