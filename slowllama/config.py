@@ -52,7 +52,7 @@ class ModelConfig:
     def from_hf(cls, hf):
         """From a transformers config.json dict (v4 'rope_theta'/'rope_scaling' or v5 'rope_parameters')."""
         if hf.get('model_type', 'llama') not in ('llama', 'mistral'):
-            raise SlowLlamaError(f"config.json: model_type {hf.get('model_type')!r} is not a Llama-family model")
+            raise SlowLlamaError(f"model config: model_type {hf.get('model_type')!r:.80} is not a Llama-family model")
         rope = hf.get('rope_parameters') or {}
         scaling = hf.get('rope_scaling') or rope
         scaling = dict(scaling) if scaling.get('rope_type', scaling.get('type')) == 'llama3' else None

@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
 from .files import clean_leftovers, staging_dir, swap_dir
+from .store import announce
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
 from .head import IGNORE, StreamedHead
 from .model import Block, KVCache, document_mask, rope_table
@@ -168,7 +169,7 @@ class StreamedModel:
 
     def save_adapter(self, folder, base_model=None):
         """Write the adapter folder whole: beside it first, then swapped in (never half old, half new)."""
-        clean_leftovers(folder)  # what an earlier, interrupted save left beside it
+        announce(clean_leftovers(folder))  # what an earlier, interrupted save left beside it
         staging = staging_dir(folder)
         try:
             save_adapter_folder(staging, self.lora, self.trainable_adapter_state(),
