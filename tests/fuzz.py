@@ -235,7 +235,7 @@ def gguf_slots(path):
 def mutate_gguf(data, rng, slots):
     if rng.random() < 0.3:
         return mutate_bytes(data, rng)
-    offset, width, what = rng.choice(slots)
+    offset, width, what = slots[rng.randrange(2)] if rng.random() < 0.1 else rng.choice(slots)  # the counts too
     old = int.from_bytes(data[offset:offset + width], 'little')
     value = rng.choice(EXTREMES + [old + 1, max(0, old - 1), old * 2, old << 20]) % (1 << (8 * width))
     return what, data[:offset] + value.to_bytes(width, 'little') + data[offset + width:]
