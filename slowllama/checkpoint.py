@@ -7,23 +7,21 @@ import base64
 import os
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
 from .config import read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, write_json, write_safetensors
+from .files import SafetensorsFile, clean_leftovers, staging_dir, swap_dir, write_json, write_safetensors
 
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_NAME = re.compile(r'^step_(\d{6,})$')
+ADAM_FIELDS = ('step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')  # what AdamW keeps per parameter
 
 
 def write_checkpoint(folder, model, params, optimizer, state):
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
+    staging = staging_dir(folder)
     try:
         model.save_adapter(staging)
         write_safetensors(os.path.join(staging, 'trainable.safetensors'),
@@ -40,28 +38,54 @@ def write_checkpoint(folder, model, params, optimizer, state):
 def read_checkpoint(folder, params, optimizer):
     """Load parameters and optimizer state in place; returns state.json."""
     state = read_json(os.path.join(folder, 'state.json'), 'checkpoint state')
+    check_state(state, os.path.join(folder, 'state.json'))
     load_trainable(params, SafetensorsFile(os.path.join(folder, 'trainable.safetensors')), folder)
     load_optimizer_state(optimizer, list(params), SafetensorsFile(os.path.join(folder, 'optimizer.safetensors')),
                          folder)
     return state
 
 
+def check_state(state, path):
+    """state.json holds what resuming reads, with the types it needs."""
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def rng(value):
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    per_process = state.get('rng_per_process', [state.get('rng')]) if isinstance(state, dict) else None
+    if (not isinstance(state, dict) or not count(state.get('step')) or not count(state.get('data_position'))
+            or not isinstance(per_process, list) or not all(rng(r) for r in per_process)):
+        raise SlowLlamaError(f'{path}: damaged checkpoint state (step, data_position or rng); '
+                             'remove this checkpoint to resume from the one before')
+
+
 def remove_leftovers(run_dir):
-    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/)."""
-    for folder in (str(run_dir), os.path.join(str(run_dir), CHECKPOINT_DIR)):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith(('.step_', '.adapter.')) or name.endswith('.old'):
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/), and
+    an old folder put back where a non-atomic swap was cut short. Returns what was found (sentences)."""
+    finals = [os.path.join(str(run_dir), 'adapter')]
+    checkpoints = os.path.join(str(run_dir), CHECKPOINT_DIR)
+    if os.path.isdir(checkpoints):
+        finals += [os.path.join(checkpoints, name[1:].split('.')[0]) for name in os.listdir(checkpoints)
+                   if name.startswith('.step_')]
+    found = [clean_leftovers(final) for final in sorted(set(finals))]
+    for folder, prefix in ((str(run_dir), '.adapter.'), (checkpoints, '.step_')):  # any other staging
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                found.append(f'{os.path.join(folder, name)}: removed, left unfinished by an interrupted run')
+    return [line for line in found if line]
 
 
 def encode_rng(states):
     return {kind: base64.b64encode(state.cpu().numpy().tobytes()).decode('ascii') for kind, state in states.items()}
 
 
-def decode_rng(encoded):
-    return {kind: torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
-            for kind, text in encoded.items()}
+def decode_rng(encoded, where='state.json'):
+    try:
+        return {kind: torch.from_numpy(np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8).copy())
+                for kind, text in encoded.items()}
+    except ValueError:  # binascii.Error is one
+        raise SlowLlamaError(f'{where}: damaged RNG state (not base64)') from None
 
 
 def optimizer_state(optimizer, names):
@@ -75,15 +99,32 @@ def optimizer_state(optimizer, names):
 
 def load_optimizer_state(optimizer, names, file, where):
     index = {name: i for i, name in enumerate(names)}
+    params = [p for group in optimizer.param_groups for p in group['params']]
     state = {}
     for key in file.names():
-        name, field_name = key.rsplit('.', 1)
+        name, _, field_name = key.rpartition('.')
         if name not in index:
-            raise SlowLlamaError(f'{where}: optimizer state for {name}, which the model does not train')
-        state.setdefault(index[name], {})[field_name] = file.tensor(key).clone()
+            raise SlowLlamaError(f'{where}: optimizer state for {key}, which the model does not train')
+        value = file.tensor(key)
+        shape = () if field_name == 'step' else tuple(params[index[name]].shape)
+        if field_name not in ADAM_FIELDS or tuple(value.shape) != shape or not value.is_floating_point():
+            raise SlowLlamaError(f'{where}: optimizer state {key} has shape {tuple(value.shape)} and dtype '
+                                 f'{value.dtype}; the model needs {shape}')
+        if not _plausible(field_name, value):
+            raise SlowLlamaError(f'{where}: optimizer state {key} holds impossible values (damaged file)')
+        state.setdefault(index[name], {})[field_name] = value.clone()
     saved = optimizer.state_dict()
     saved['state'] = state
     optimizer.load_state_dict(saved)
+
+
+def _plausible(field_name, value):
+    """Finite moments, a second moment >= 0, a whole step count (AdamW overflows on a huge one)."""
+    if not torch.isfinite(value).all():
+        return False
+    if field_name == 'step':
+        return 0 <= value.item() < 2 ** 40 and value.item() == int(value.item())
+    return field_name == 'exp_avg' or bool((value >= 0).all())
 
 
 def load_trainable(params, file, where):
@@ -96,6 +137,8 @@ def load_trainable(params, file, where):
             if tuple(file.shape(name)) != tuple(p.shape):
                 raise SlowLlamaError(f'{where}: {name} has shape {file.shape(name)}, the model needs '
                                      f'{tuple(p.shape)}')
+            if not torch.isfinite(file.tensor(name).float()).all():
+                raise SlowLlamaError(f'{where}: {name} holds values that are not finite (damaged checkpoint)')
             p.copy_(file.tensor(name))
 
 
@@ -113,12 +156,5 @@ def list_checkpoints(run_dir):
 
 
 def replace_folder(staging, final):
-    """Rename a complete staging folder to `final`, replacing an older one."""
-    old = None
-    if os.path.exists(final):
-        old = final + '.old'
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put a complete staging folder at `final`, replacing an older one (see files.swap_dir)."""
+    swap_dir(staging, final)

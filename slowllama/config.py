@@ -1,4 +1,5 @@
 """ModelConfig: the shape of a Llama-family model, read from Meta params.json, HF config.json or GGUF metadata."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,11 +34,9 @@ class ModelConfig:
     sliding_window: int | None = None    # mistral, phi3: a position sees itself and the window - 1 before it
 
     def __post_init__(self):
+        check_values(self)
         if self.head_dim == 0:
             object.__setattr__(self, 'head_dim', self.dim // self.n_heads)
-        for name in ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'hidden_dim', 'vocab_size'):
-            if getattr(self, name) <= 0:
-                raise SlowLlamaError(f'model config: {name} must be positive, got {getattr(self, name)}')
         if self.n_heads % self.n_kv_heads:
             raise SlowLlamaError(f'model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}')
 
@@ -46,7 +45,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise SlowLlamaError(f'model config: an object was expected, got {type(d).__name__}')
         known = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise SlowLlamaError(f'model config: {missing[0]} is missing')
         return cls(**{k: v for k, v in d.items() if k in known})
 
     # --- the three sources -------------------------------------------------------------------
@@ -55,8 +60,8 @@ class ModelConfig:
     def from_hf(cls, hf):
         """From a transformers config.json dict (v4 'rope_theta'/'rope_scaling' or v5 'rope_parameters')."""
         model_type = hf.get('model_type', 'llama')
-        if model_type not in HF_ARCHITECTURES:
-            raise SlowLlamaError(f'config.json: model_type {model_type!r} is not supported '
+        if not isinstance(model_type, str) or model_type not in HF_ARCHITECTURES:
+            raise SlowLlamaError(f'config.json: model_type {model_type!r:.80} is not supported '
                                  f'(supported: {", ".join(HF_ARCHITECTURES)})')
         rope = hf.get('rope_parameters') or {}
         n_heads = hf['num_attention_heads']
@@ -132,6 +137,66 @@ class ModelConfig:
         return params
 
 
+# Ranges wide enough for any released Llama-family model (405B: dim 16384, hidden 53248; vocabularies
+# up to 256k), narrow enough that a hostile manifest or config cannot make us allocate terabytes.
+LIMITS = {'dim': 1 << 16, 'n_layers': 1024, 'n_heads': 1024, 'n_kv_heads': 1024, 'hidden_dim': 1 << 18,
+          'vocab_size': 1 << 22, 'max_seq_len': 1 << 24, 'head_dim': 1 << 12}
+# rope_type -> the numbers its rope_scaling must hold (each positive); llama3 is stored without rope_type
+ROPE_SCALING_KEYS = {'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+                     'linear': ('factor',), 'longrope': ('original_max_position_embeddings', 'attention_factor')}
+LONGROPE_LISTS = ('short_factor', 'long_factor')
+
+
+def check_values(cfg):
+    """Types and ranges of every field, before any of them sizes an allocation."""
+    for name, limit in LIMITS.items():
+        value = getattr(cfg, name)
+        low = 0 if name == 'head_dim' else 1  # head_dim 0: dim // n_heads
+        if not _is_int(value) or not low <= value <= limit:
+            raise SlowLlamaError(f'model config: {name} must be an integer in [{low}, {limit}], got {value!r}')
+    if not _is_real(cfg.norm_eps) or not 0 < cfg.norm_eps < 1:
+        raise SlowLlamaError(f'model config: norm_eps must be a number in (0, 1), got {cfg.norm_eps!r}')
+    if not _is_real(cfg.rope_theta) or cfg.rope_theta <= 0:
+        raise SlowLlamaError(f'model config: rope_theta must be a positive number, got {cfg.rope_theta!r}')
+    if cfg.rope_scaling is not None:
+        _check_rope_scaling(cfg.rope_scaling, cfg.head_dim or cfg.dim // cfg.n_heads)
+    if not isinstance(cfg.model_type, str) or cfg.model_type not in HF_ARCHITECTURES:
+        raise SlowLlamaError(f'model config: model_type must be one of {", ".join(HF_ARCHITECTURES)}, '
+                             f'got {cfg.model_type!r:.80}')
+    for name in ('qkv_bias', 'qk_norm'):
+        if not isinstance(getattr(cfg, name), bool):
+            raise SlowLlamaError(f'model config: {name} must be true or false, got {getattr(cfg, name)!r:.80}')
+    if cfg.sliding_window is not None and (not _is_int(cfg.sliding_window) or cfg.sliding_window < 1):
+        raise SlowLlamaError(f'model config: sliding_window must be a positive integer or null, '
+                             f'got {cfg.sliding_window!r:.80}')
+    if not isinstance(cfg.tie_embeddings, bool):
+        raise SlowLlamaError(f'model config: tie_embeddings must be true or false, got {cfg.tie_embeddings!r}')
+    eos = cfg.eos_id if isinstance(cfg.eos_id, list) else [cfg.eos_id]
+    for name, ids in (('bos_id', [cfg.bos_id]), ('eos_id', eos)):
+        if not all(i is None or (_is_int(i) and i >= 0) for i in ids):
+            raise SlowLlamaError(f'model config: {name} must be a token id, got {getattr(cfg, name)!r:.200}')
+
+
+def _check_rope_scaling(scaling, head_dim):
+    kind = scaling.get('rope_type', 'llama3') if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS or not all(_is_real(scaling.get(k)) and scaling[k] > 0
+                                                for k in ROPE_SCALING_KEYS[kind]):
+        raise SlowLlamaError(f'model config: rope_scaling must be llama3, linear or longrope scaling with positive '
+                             f'numbers, got {scaling!r:.200}')
+    if kind == 'longrope' and not all(isinstance(scaling.get(k), list) and len(scaling[k]) == head_dim // 2
+                                      and all(_is_real(f) and f > 0 for f in scaling[k]) for k in LONGROPE_LISTS):
+        raise SlowLlamaError(f'model config: longrope short_factor and long_factor must be {head_dim // 2} '
+                             'positive numbers each')
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
     """Meta's FeedForward size: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
     hidden = int(2 * (4 * dim) / 3)
@@ -204,6 +269,21 @@ def _llama3_scaling(scaling):
             'original_max_position_embeddings': int(scaling.get('original_max_position_embeddings', 8192))}
 
 
+@contextlib.contextmanager
+def config_errors(where):
+    """Inside: a config value missing, of the wrong type or out of range is one line naming `where`."""
+    try:
+        yield
+    except SlowLlamaError as e:
+        if not str(e).startswith('model config:'):
+            raise
+        raise SlowLlamaError(f'{where}: {str(e).removeprefix("model config: ")}') from None
+    except KeyError as e:
+        raise SlowLlamaError(f'{where}: lacks {e.args[0]!r}') from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise SlowLlamaError(f'{where}: a config value has the wrong type or range ({e})') from None
+
+
 def read_json(path, what):
     try:
         with open(path) as f:
@@ -212,6 +292,8 @@ def read_json(path, what):
         raise SlowLlamaError(f'{path}: {what} not found') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlowLlamaError(f'{path}: not valid JSON ({e})') from None
+    except RecursionError:
+        raise SlowLlamaError(f'{path}: not valid JSON (nested too deeply)') from None
 
 
 # Named Llama shapes (Hugging Face config fields) for the benchmark and the memory planner.

@@ -83,6 +83,8 @@ def read_records(path):
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise SlowLlamaError(f'{path}: not valid JSON ({e})') from None
+        except RecursionError:
+            raise SlowLlamaError(f'{path}: JSON nested too deeply') from None
     else:
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -91,6 +93,8 @@ def read_records(path):
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise SlowLlamaError(f'{path}: line {n} is not valid JSON ({e.msg})') from None
+                except RecursionError:
+                    raise SlowLlamaError(f'{path}: line {n} is JSON nested too deeply') from None
     for n, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise SlowLlamaError(f'{path}: record {n} is not a JSON object')
@@ -128,9 +132,9 @@ def alpaca_example(tokenizer, record, where):
 def chat_example(tokenizer, record, where):
     """Only the assistant's messages are learned. With a chat template each assistant turn is the
     difference between the rendering up to it (with the generation prompt) and the rendering through it."""
-    messages = record['messages']
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and 'role' in m and 'content' in m
-                                                 for m in messages):
+    messages = record.get('messages')
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get('role'), str)
+                                                 and isinstance(m.get('content'), str) for m in messages):
         raise SlowLlamaError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
     if not tokenizer.chat_template:
         return _plain_chat_example(tokenizer, messages)

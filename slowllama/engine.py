@@ -8,6 +8,7 @@ the output gradient through and hand the input gradient to the block before. Onl
 """
 
 import functools
+import shutil
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
+from .files import clean_leftovers, staging_dir, swap_dir
+from .store import announce
 from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
 from .head import IGNORE, StreamedHead
 from .model import Block, KVCache, document_mask, rope_changes_past, rope_table
@@ -169,9 +172,17 @@ class StreamedModel:
         return out
 
     def save_adapter(self, folder, base_model=None):
-        save_adapter_folder(folder, self.lora, self.trainable_adapter_state(), base_model or self.store.model_dir)
-        for module in self.attached.values():
-            module.save(folder)
+        """Write the adapter folder whole: beside it first, then swapped in (never half old, half new)."""
+        announce(clean_leftovers(folder))  # what an earlier, interrupted save left beside it
+        staging = staging_dir(folder)
+        try:
+            save_adapter_folder(staging, self.lora, self.trainable_adapter_state(),
+                                base_model or self.store.model_dir)
+            for module in self.attached.values():
+                module.save(staging)
+            swap_dir(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def trainable_adapter_state(self):
         return adapter_state(self.adapters)

@@ -4,10 +4,13 @@ opened as zero-copy memory maps after their header has been checked.
 Nothing we write is pickled; every final name appears only once its bytes are complete on disk.
 """
 import contextlib
+import ctypes
 import hashlib
 import json
 import mmap
 import os
+import shutil
+import sys
 import tempfile
 
 import torch
@@ -66,6 +69,73 @@ def discard_staged(file, tmp):
     file.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
+
+
+# --- whole folders: written beside, swapped in -------------------------------------------------
+
+def staging_dir(final):
+    """A new empty folder beside `final` to write into, then swap_dir() into place."""
+    parent = os.path.dirname(os.path.abspath(str(final)))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(str(final))}.staging-')
+
+
+def swap_dir(staging, final):
+    """Put the complete folder `staging` at `final`, then remove the old one. On Linux the two are
+    exchanged in one step (renameat2 RENAME_EXCHANGE), so `final` is at every instant the old folder
+    or the new one, never missing or mixed. Elsewhere the old one is first renamed to `.NAME.old`, and
+    clean_leftovers() puts it back if a crash came between the two renames."""
+    final = str(final)
+    if os.path.isdir(final) and _exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
+    else:
+        old = _old_name(final)
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def clean_leftovers(final):
+    """Staging folders that an interrupted write of `final` left beside it are removed (and an old
+    folder renamed away by the non-atomic swap is put back). Returns a sentence saying what was
+    found, or None."""
+    final = str(final)
+    parent, name = os.path.split(os.path.abspath(final))
+    if not os.path.isdir(parent):
+        return None
+    found = []
+    old = _old_name(final)
+    if os.path.isdir(old) and not os.path.exists(final):
+        os.replace(old, final)
+        found.append('restored the previous folder')
+    for entry in os.listdir(parent):
+        if entry.startswith(f'.{name}.staging-') or entry == os.path.basename(old):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            found.append(f'removed {entry}')
+    if not found:
+        return None
+    return f'{final}: an earlier write was interrupted; {", ".join(found)} (unfinished, never used)'
+
+
+def _old_name(final):
+    parent, name = os.path.split(os.path.abspath(final))
+    return os.path.join(parent, f'.{name}.old')
+
+
+RENAME_EXCHANGE, AT_FDCWD = 2, -100
+
+
+def _exchange(a, b):
+    """Atomically swap two paths (Linux renameat2); False where the system or file system cannot."""
+    if not sys.platform.startswith('linux'):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None)
+    if renameat2 is None:
+        return False
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def write_json(path, obj):
@@ -164,6 +234,18 @@ class SafetensorsFile:
                 self._map.madvise(advice)
 
 
+def safetensors_header(path):
+    """{name: entry} of a safetensors file, the header alone read and checked (no mapping)."""
+    path = str(path)
+    try:
+        with open(path, 'rb') as f:
+            entries, _ = _read_header(f, os.path.getsize(path), path)
+    except FileNotFoundError:
+        raise SlowLlamaError(f'{path}: file not found') from None
+    entries.pop('__metadata__', None)
+    return entries
+
+
 def _read_header(f, size, path):
     if size < 8:
         raise SlowLlamaError(f'{path}: truncated safetensors file ({size} bytes)')
@@ -172,8 +254,10 @@ def _read_header(f, size, path):
         raise SlowLlamaError(f'{path}: corrupt safetensors header (claims {header_len} bytes)')
     try:
         entries = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise SlowLlamaError(f'{path}: corrupt safetensors header (not JSON)') from None
+    if not isinstance(entries, dict):
+        raise SlowLlamaError(f'{path}: corrupt safetensors header (not a JSON object)')
     data_start = 8 + header_len
     data_size = size - data_start
     for name, entry in entries.items():
@@ -188,9 +272,10 @@ def _check_entry(name, entry, data_size, path):
         dtype = SAFETENSORS_DTYPES[entry['dtype']]
         start, end = entry['data_offsets']
         numel = 1
-        for dim in entry['shape']:
-            if dim < 0:
+        for dim in [start, end, *entry['shape']]:
+            if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim < 1 << 48:
                 raise ValueError
+        for dim in entry['shape']:
             numel *= dim
     except (KeyError, TypeError, ValueError):
         raise SlowLlamaError(f'{path}: corrupt safetensors entry for {name}') from None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .config import read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, write_json, write_safetensors
+from .files import SafetensorsFile, clean_leftovers, write_json, write_safetensors
 from .names import PEFT_PREFIX, TARGET_MODULES, canonical_target, hf_module_name
 
 
@@ -55,14 +55,31 @@ class LoraConfig:
 
     @classmethod
     def from_peft(cls, cfg, where):
+        if not isinstance(cfg, dict):
+            raise SlowLlamaError(f'{where}: adapter_config.json is not a JSON object')
         if cfg.get('peft_type', 'LORA') != 'LORA':
             raise SlowLlamaError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
         if cfg.get('use_dora') or cfg.get('use_rslora') or cfg.get('fan_in_fan_out'):
             raise SlowLlamaError(f'{where}: DoRA, rsLoRA and fan_in_fan_out adapters are not supported')
-        targets = cfg['target_modules']
+        targets = cfg.get('target_modules')
         targets = [targets] if isinstance(targets, str) else targets
-        return cls(rank=cfg['r'], alpha=float(cfg['lora_alpha']), dropout=cfg.get('lora_dropout', 0.0),
-                   targets=tuple(targets))
+        rank, alpha, dropout = cfg.get('r'), cfg.get('lora_alpha'), cfg.get('lora_dropout') or 0.0
+        if (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+                or not _is_int(rank) or not _is_number(alpha) or not _is_number(dropout)):
+            raise SlowLlamaError(f'{where}: adapter_config.json needs an integer r, numbers lora_alpha and '
+                                 'lora_dropout, and target_modules as a list of names')
+        try:
+            return cls(rank=rank, alpha=float(alpha), dropout=dropout, targets=tuple(targets))
+        except SlowLlamaError as e:
+            raise SlowLlamaError(f'{where}: {e}') from None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class LoraLinear(nn.Module):
@@ -175,7 +192,16 @@ def read_adapter_folder(folder):
     """-> (LoraConfig, {PEFT key: tensor}) from a PEFT-layout folder."""
     folder = str(folder)
     if not os.path.isdir(folder):
-        raise SlowLlamaError(f'{folder}: adapter folder not found')
+        found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
+        if not os.path.isdir(folder):
+            raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
     cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
     weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
+    for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it
+        shape = weights.shape(name)
+        rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
+        if len(shape) != 2 or rank != cfg.rank:
+            raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
+        if not torch.isfinite(weights.tensor(name).float()).all():
+            raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
     return cfg, {name: weights.tensor(name).clone() for name in weights.names()}

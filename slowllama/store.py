@@ -9,16 +9,17 @@ or 'device' (all resident).
 import mmap
 import os
 import shutil
-import tempfile
+import sys
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, read_json
+from .config import ModelConfig, config_errors, read_json
 from .errors import SlowLlamaError
-from .files import SafetensorsFile, sha256_file, write_json, write_safetensors
+from .files import (SafetensorsFile, clean_leftovers, safetensors_header, sha256_file, staging_dir, swap_dir,
+                    write_json, write_safetensors)
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
 from .packed import Unpacker, check_file_layout, file_layout, pack_block
@@ -62,10 +63,12 @@ class PreparedWriter:
     def __init__(self, out, cfg: ModelConfig, dtype, source, quant=None):
         self.out, self.cfg, self.dtype, self.source = str(out), cfg, parse_dtype(dtype), source
         self.quant = parse_quant(quant)  # None: every weight in `dtype`
+        self.where = source.get('path', source) if isinstance(source, dict) else source  # for messages
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
-        self.staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(self.out) + '.staging-')
+        announce(clean_leftovers(self.out))
+        self.staging = staging_dir(self.out)
         self.files = {}
         self.tokenizer_files = []
 
@@ -83,7 +86,7 @@ class PreparedWriter:
         shapes = block_shapes(self.cfg)
         missing = set(shapes) - set(tensors)
         if missing:
-            raise SlowLlamaError(f'{self.source}: layer {i} lacks {sorted(missing)}')
+            raise SlowLlamaError(f'{self.where}: layer {i} lacks {sorted(missing)}')
         for name, shape in shapes.items():
             if not isinstance(tensors[name], dict):  # a dict: parts packed already (GGUF's Q8_0)
                 self._check(f'layer {i} {name}', tensors[name], shape)
@@ -92,11 +95,11 @@ class PreparedWriter:
             self.write(block_file(i), block)
             return
         # projections packed from the source's own values (not from their `dtype` rounding)
-        packed = pack_block(block, self.quant, self.source['path'])
+        packed = pack_block(block, self.quant, self.where)
         layout = file_layout(shapes, self.quant, self.dtype)
         for name, (shape, dtype) in layout.items():
             if tuple(packed[name].shape) != shape or (packed[name].dtype != dtype and name not in shapes):
-                raise SlowLlamaError(f'{self.source["path"]}: layer {i} {name} packs to {tuple(packed[name].shape)} '
+                raise SlowLlamaError(f'{self.where}: layer {i} {name} packs to {tuple(packed[name].shape)} '
                                      f'{packed[name].dtype}, the config needs {shape} {dtype}')
         self.write(block_file(i), packed, keep_dtype=set(layout) - set(shapes))
 
@@ -119,7 +122,7 @@ class PreparedWriter:
         expected = [EMBED_FILE, HEAD_FILE] + [block_file(i) for i in range(self.cfg.n_layers)]
         missing = [f for f in expected if f not in self.files]
         if missing:
-            raise SlowLlamaError(f'{self.source}: incomplete model, nothing written for {missing[:3]}')
+            raise SlowLlamaError(f'{self.where}: incomplete model, nothing written for {missing[:3]}')
         verify_files(self.staging, self.files)  # what reached the disk is what we meant to write
         write_json(os.path.join(self.staging, MANIFEST), {
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
@@ -133,7 +136,7 @@ class PreparedWriter:
     def _check(self, name, tensor, shape):
         if tensor is None or tuple(tensor.shape) != tuple(shape):
             got = None if tensor is None else tuple(tensor.shape)
-            raise SlowLlamaError(f'{self.source}: {name} has shape {got}, the config needs {tuple(shape)}')
+            raise SlowLlamaError(f'{self.where}: {name} has shape {got}, the config needs {tuple(shape)}')
 
 
 def expected_bytes(cfg: ModelConfig, dtype):
@@ -186,13 +189,13 @@ def verify_model(model_dir):
 
 
 def swap_in(staging, out):
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix='.old-')
-        os.replace(out, os.path.join(old, 'model'))
-    os.replace(staging, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_dir(staging, out)  # `out` is the old folder or the new one at every instant
+
+
+def announce(found):
+    """Say what an interrupted earlier write left behind (clean_leftovers' sentence), if anything."""
+    if found:
+        print(found, file=sys.stderr, flush=True)
 
 
 # --- reading a prepared folder -------------------------------------------------------------
@@ -200,11 +203,17 @@ def swap_in(staging, out):
 def read_manifest(model_dir):
     path = os.path.join(str(model_dir), MANIFEST)
     if not os.path.isdir(str(model_dir)):
-        raise SlowLlamaError(f'{model_dir}: model folder not found (run prepare_model.py first)')
+        found = clean_leftovers(model_dir)  # a prepare killed mid-way: say so; an old folder may come back
+        if not os.path.isdir(str(model_dir)):
+            raise SlowLlamaError(f'{model_dir}: model folder not found (run prepare_model.py first)'
+                                 + (f'; {found}' if found else ''))
+        announce(found)
     manifest = read_json(path, 'manifest of a prepared model (run prepare_model.py)')
-    if manifest.get('format') != FORMAT_NAME or manifest.get('version') != FORMAT_VERSION:
+    if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT_NAME
+            or manifest.get('version') != FORMAT_VERSION):
         raise SlowLlamaError(f'{path}: not a slowllama prepared model of version {FORMAT_VERSION}; '
                              'run prepare_model.py again')
+    check_manifest(str(model_dir), manifest, path)
     return manifest
 
 
@@ -212,6 +221,53 @@ def model_config(model_dir):
     """(ModelConfig, Quant or None) of a prepared folder, from its manifest."""
     manifest = read_manifest(model_dir)
     return ModelConfig.from_dict(manifest['config']), Quant.from_dict(manifest.get('quant'))
+
+
+def check_manifest(model_dir, manifest, path):
+    """The manifest's config has sane types and ranges, and the tensors in the files (their headers
+    only) have the shapes it implies: nothing is sized from the config before this holds."""
+    with config_errors(path):
+        cfg = ModelConfig.from_dict(manifest.get('config'))
+    if not _fields_ok(manifest):
+        raise SlowLlamaError(f'{path}: damaged manifest (files, dtype, source or tokenizer); '
+                             'run prepare_model.py again')
+    files = manifest['files']
+    with config_errors(path):
+        quant = Quant.from_dict(manifest.get('quant'))
+    stored = file_layout(block_shapes(cfg), quant, DTYPES[manifest['dtype']])  # packed parts, when quantized
+    expected = {block_file(i): {name: shape for name, (shape, _) in stored.items()} for i in range(cfg.n_layers)}
+    expected[EMBED_FILE] = {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}
+    expected[HEAD_FILE] = {NORM_TENSOR: (cfg.dim,)}
+    if not cfg.tie_embeddings:
+        expected[HEAD_FILE][HEAD_TENSOR] = (cfg.vocab_size, cfg.dim)
+    unlisted = [name for name in expected if name not in files]
+    if unlisted:
+        raise SlowLlamaError(f'{path}: the config needs {unlisted[0]}, which the manifest does not list; '
+                             'run prepare_model.py again')
+    for filename, shapes in expected.items():
+        file_path = os.path.join(model_dir, filename)
+        if not os.path.exists(file_path):
+            continue  # check_file names it when it is read
+        entries = safetensors_header(file_path)
+        for name, shape in shapes.items():
+            if name not in entries or tuple(entries[name]['shape']) != shape:
+                got = tuple(entries[name]['shape']) if name in entries else None
+                raise SlowLlamaError(f'{file_path}: {name} has shape {got}, the manifest\'s config needs '
+                                     f'{shape}; run prepare_model.py again')
+
+
+def _fields_ok(manifest):
+    files, tokenizer = manifest.get('files'), manifest.get('tokenizer', [])
+    return (isinstance(files, dict) and isinstance(manifest.get('dtype'), str) and manifest['dtype'] in DTYPES
+            and isinstance(manifest.get('source', {}), dict)
+            and all(isinstance(e, dict) and _is_size(e.get('size')) and isinstance(e.get('sha256'), str)
+                    for e in files.values())
+            and all(os.path.basename(name) == name for name in files)  # nothing outside the folder
+            and isinstance(tokenizer, list) and all(isinstance(n, str) and n in files for n in tokenizer))
+
+
+def _is_size(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class BlockStore:

@@ -151,7 +151,8 @@ class Trainer:
 
     def _start(self, resume):
         if self.group.is_main:
-            remove_leftovers(self.run_dir)
+            for found in remove_leftovers(self.run_dir):
+                self.log(found)
         self.group.barrier()
         if not resume and list_checkpoints(self.run_dir):
             raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
@@ -285,8 +286,8 @@ class Trainer:
         if len(per_process) != self.group.world:
             raise SlowLlamaError(f'{folder}: saved by {len(per_process)} processes, cannot resume exactly '
                                  f'with {self.group.world}')
-        rng = decode_rng(per_process[self.group.rank])
-        if set(rng) != set(get_rng_state(device)):
+        rng, current = decode_rng(per_process[self.group.rank], folder), get_rng_state(device)
+        if set(rng) != set(current) or any(rng[k].shape != current[k].shape for k in rng):
             raise SlowLlamaError(f'{folder}: saved on {state.get("device")}, cannot resume exactly on {device}')
         set_rng_state(device, rng)
         self.step, self.data_position = state['step'], state['data_position']
@@ -366,7 +367,7 @@ def _truncate_log(path, step):
     """Drop what was logged after `step` (and a torn last line) before a resumed run appends again."""
     if not os.path.exists(path):
         return
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # a damaged log must not stop the resume
         lines = f.read().split('\n')[:-1]  # a last line without its newline is torn: drop it
     keep = []
     for line in lines:
@@ -380,8 +381,10 @@ def _truncate_log(path, step):
 def _logged_step(line):
     if line.startswith('{'):
         try:
-            return json.loads(line).get('step')
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             return None
+        step = row.get('step') if isinstance(row, dict) else None
+        return step if isinstance(step, int) else None
     match = re.match(r'step (\d+)', line)
     return int(match.group(1)) if match else None

@@ -8,16 +8,15 @@ existing OUT as it was.
 """
 import os
 import shutil
-import tempfile
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
-from ..files import SafetensorsFile
+from ..files import SafetensorsFile, clean_leftovers, staging_dir
 from ..lora import peft_key
 from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
 from ..quant import Quant
-from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
+from ..store import (EMBED_FILE, HEAD_FILE, announce, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .hf import write_hf
@@ -151,9 +150,8 @@ def _check_space(out, needed):
 
 
 def _staging_folder(out):
-    parent = os.path.dirname(os.path.abspath(str(out)))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(str(out)) + '.staging-')
+    announce(clean_leftovers(out))
+    return staging_dir(out)
 
 
 def _copy_tokenizer(model_dir, manifest, staging):

@@ -15,7 +15,7 @@ import struct
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, config_errors
 from ..errors import SlowLlamaError
 from ..names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_FUSED, GGUF_ROPE_FREQS,
                      HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, PROJECTION_WEIGHTS, WINDOWED_FAMILIES,
@@ -87,15 +87,16 @@ def read_config(src, reader=None):
         raise SlowLlamaError(f'{src}: no {OUTER_TENSORS[EMBED_TENSOR][1]} tensor')
     if any(name in tensors for name in LONGROPE_TENSORS):
         raise SlowLlamaError(f'{src}: LongRoPE factors in a GGUF file are not read; prepare the Hugging Face folder')
-    values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
     model_type = GGUF_ARCHITECTURES[arch][0]
     if model_type not in WINDOWED_FAMILIES:
         values.pop('sliding_window', None)
-    return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
-                       **FAMILY_FIELDS.get(model_type, {}),
-                       tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
-                       bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
-                       eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
+    with config_errors(src):
+        values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
+        return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
+                           **FAMILY_FIELDS.get(model_type, {}),
+                           tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
+                           bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
+                           eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
 
 
 def prepare_gguf(src, writer):

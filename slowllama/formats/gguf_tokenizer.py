@@ -43,6 +43,7 @@ def tokenizer_files(reader, path):
         raise SlowLlamaError(f'{path}: tokenizer.ggml.tokens is missing or empty')
     vocab['token_type'] = vocab['token_type'] or [NORMAL] * len(vocab['tokens'])
     special = {key: metadata(reader, gguf_key) for key, gguf_key in SPECIAL_TOKENS.items()}
+    check_vocab(vocab, special, path)
     if model == 'gpt2':
         files = {'tokenizer.json': byte_level_bpe(vocab, path)}
         add_bos = metadata(reader, 'tokenizer.ggml.add_bos_token', False)
@@ -59,6 +60,29 @@ def tokenizer_files(reader, path):
     return files
 
 
+def check_vocab(vocab, special, path):
+    """Every value the tokenizer builders read has the type and length they need (a file edited by
+    hand or damaged must not end in an exception from inside `tokenizers`)."""
+    n = len(vocab['tokens']) if isinstance(vocab['tokens'], list) else 0
+    lists = {'tokens': (str,), 'token_type': (int,), 'scores': (int, float), 'merges': (str,),
+             'precompiled_charsmap': (int,)}
+    for key, types in lists.items():
+        value = vocab[key]
+        if value is None and key in ('scores', 'merges', 'precompiled_charsmap'):
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, types) and not isinstance(v, bool) for v in value):
+            raise SlowLlamaError(f'{path}: tokenizer.ggml.{key} is not a list of {types[0].__name__}')
+        if key in ('token_type', 'scores') and len(value) != n:
+            raise SlowLlamaError(f'{path}: tokenizer.ggml.{key} has {len(value)} entries for {n} tokens')
+    if vocab['merges'] and not all(' ' in merge for merge in vocab['merges']):
+        raise SlowLlamaError(f'{path}: tokenizer.ggml.merges holds an entry that is not two tokens')
+    if vocab['precompiled_charsmap'] and not all(0 <= b < 256 for b in vocab['precompiled_charsmap']):
+        raise SlowLlamaError(f'{path}: tokenizer.ggml.precompiled_charsmap is not bytes')
+    for key, i in special.items():
+        if i is not None and not (isinstance(i, int) and 0 <= i < n):
+            raise SlowLlamaError(f'{path}: {SPECIAL_TOKENS[key]} {i!r} is not a token id below {n}')
+
+
 # --- gpt2: byte-level BPE ----------------------------------------------------------------------
 
 def byte_level_bpe(vocab, path):
@@ -67,7 +91,10 @@ def byte_level_bpe(vocab, path):
         raise SlowLlamaError(f'{path}: a gpt2 tokenizer without tokenizer.ggml.merges')
     ids = {token: i for i, token in enumerate(vocab['tokens'])}
     merges = [tuple(merge.split(' ', 1)) for merge in vocab['merges']]
-    tokenizer = Tokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise SlowLlamaError(f'{path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})') from None
     split = PRE_TOKENIZER_SPLITS.get(vocab['pre'])
     if split:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from ..config import ModelConfig, read_json
+from ..config import ModelConfig, config_errors, read_json
 from ..errors import SlowLlamaError
 from ..files import SafetensorsFile, write_json
 from ..names import EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
@@ -22,14 +22,21 @@ def is_hf_folder(src):
 
 
 def read_config(src):
-    return ModelConfig.from_hf(read_json(os.path.join(src, 'config.json'), 'config.json'))
+    path = os.path.join(src, 'config.json')
+    with config_errors(path):
+        return ModelConfig.from_hf(read_json(path, 'config.json'))
 
 
 def shard_index(src):
     """{tensor name: shard path}, from the index when there is one (headers only are read)."""
     index_path = os.path.join(src, 'model.safetensors.index.json')
     if os.path.exists(index_path):
-        weight_map = read_json(index_path, 'safetensors index')['weight_map']
+        index = read_json(index_path, 'safetensors index')
+        weight_map = index.get('weight_map') if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f.endswith('.safetensors') and os.path.basename(f) == f  # in this folder
+                for f in weight_map.values()):
+            raise SlowLlamaError(f'{index_path}: weight_map must map tensor names to shard file names')
         for path in sorted(set(weight_map.values())):
             shard = SafetensorsFile(os.path.join(src, path))
             for name in (n for n, f in weight_map.items() if f == path):

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..config import ModelConfig, read_json
+from ..config import ModelConfig, config_errors, read_json
 from ..errors import SlowLlamaError
 from ..files import write_json
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, META_BLOCK_PREFIX, META_IGNORED,
@@ -53,20 +53,22 @@ def load_shard(path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise SlowLlamaError(f'{path}: refused to load: the pickle holds code or objects other than '
                              f'tensors ({first})') from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SlowLlamaError(f'{path}: truncated or corrupt checkpoint shard ({str(e).splitlines()[0]})') from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged pickle makes the unpickler fail in many ways (KeyError, IndexError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlowLlamaError(f'{path}: truncated or corrupt checkpoint shard ({first})') from None
 
 
 def read_config(src):
-    params = read_json(os.path.join(src, META_PARAMS), 'params.json')
-    vocab = params.get('vocab_size', -1)
-    if vocab is None or vocab <= 0:  # old params.json: the embedding says how many tokens
-        first = shard_paths(src)[0]
-        vocab = _tensor(load_shard(first), OUTER_TENSORS[EMBED_TENSOR][0], first).shape[0]
-    try:
+    path = os.path.join(src, META_PARAMS)
+    params = read_json(path, 'params.json')
+    with config_errors(path):
+        vocab = params.get('vocab_size', -1)
+        if vocab is None or vocab <= 0:  # old params.json: the embedding says how many tokens
+            first = shard_paths(src)[0]
+            vocab = _tensor(load_shard(first), OUTER_TENSORS[EMBED_TENSOR][0], first).shape[0]
         return ModelConfig.from_meta(params, vocab_size=vocab)
-    except KeyError as e:
-        raise SlowLlamaError(f'{os.path.join(src, META_PARAMS)}: lacks {e.args[0]!r}') from None
 
 
 def _tensor(shard, name, path):

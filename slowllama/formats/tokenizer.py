@@ -3,9 +3,9 @@
 Settings that transformers keeps in tokenizer_config.json (add_bos_token, special tokens, chat
 template) are read from there when present.
 """
-import json
 import os
 
+from ..config import read_json
 from ..errors import SlowLlamaError
 
 CONFIG_FILE = 'tokenizer_config.json'
@@ -19,6 +19,7 @@ class Tokenizer:
         self.pad_id = self._special_id('pad_token', 'pad')
         self.add_bos = bool(config.get('add_bos_token', kind == 'sentencepiece' and self.bos_id is not None))
         self.chat_template = config.get('chat_template')
+        self.config_path = CONFIG_FILE  # load_tokenizer sets the full path, for messages
 
     @property
     def vocab_size(self):
@@ -50,10 +51,13 @@ class Tokenizer:
             raise SlowLlamaError('this model has no chat template; use plain text or alpaca data')
         import jinja2
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
-        template = env.from_string(self.chat_template)
         token = lambda key: _token_text(self.config.get(key))  # noqa: E731
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=token('bos_token'), eos_token=token('eos_token'))
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=token('bos_token'), eos_token=token('eos_token'))
+        except jinja2.TemplateError as e:
+            raise SlowLlamaError(f'{self.config_path}: the chat template fails ({e})') from None
 
     def _special_id(self, config_key, sp_name):
         text = _token_text(self.config.get(config_key))
@@ -72,21 +76,40 @@ def _token_text(value):
     return value.get('content') if isinstance(value, dict) else value
 
 
+def check_config(config, path):
+    """The tokenizer_config.json values we read have the types transformers gives them."""
+    if not isinstance(config, dict):
+        raise SlowLlamaError(f'{path}: not a JSON object')
+    for key in ('bos_token', 'eos_token', 'pad_token', 'unk_token'):
+        if not isinstance(_token_text(config.get(key)), (str, type(None))):
+            raise SlowLlamaError(f'{path}: {key} must be a string')
+    if not isinstance(config.get('chat_template'), (str, type(None))):
+        raise SlowLlamaError(f'{path}: chat_template must be a string')
+
+
 def load_tokenizer(folder):
     """The tokenizer of a prepared (or Hugging Face / Meta) folder."""
     folder = str(folder)
     config = {}
     config_path = os.path.join(folder, CONFIG_FILE)
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_json(config_path, CONFIG_FILE)
+        check_config(config, config_path)
+    tokenizer = _with_backend(folder, config)
+    tokenizer.config_path = config_path
+    return tokenizer
+
+
+def _with_backend(folder, config):
     json_path, model_path = os.path.join(folder, 'tokenizer.json'), os.path.join(folder, 'tokenizer.model')
     if os.path.exists(json_path):
         from tokenizers import Tokenizer as HFTokenizer
         try:
             return Tokenizer(HFTokenizer.from_file(json_path), config, 'tokenizers')
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
-            raise SlowLlamaError(f'{json_path}: cannot read the tokenizer ({e})') from None
+        except BaseException as e:  # a bare Exception on bad files, or a Rust panic (a BaseException)
+            if not isinstance(e, Exception) and type(e).__name__ != 'PanicException':
+                raise
+            raise SlowLlamaError(f'{json_path}: cannot read the tokenizer ({str(e).splitlines()[0]})') from None
     if os.path.exists(model_path):
         import sentencepiece
         try:
