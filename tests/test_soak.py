@@ -57,7 +57,8 @@ def figures(label, early, late):
 @pytest.mark.slow
 def test_300_steps_keep_memory_files_and_threads_flat(tiny_text_model, tmp_path):
     from slowllama.cli import build_parser
-    from slowllama.finetune import build, resolve
+    from slowllama.recipes.options import resolve
+    from slowllama.recipes.run_setup import build_sft as build
     model_dir, _, _ = tiny_text_model
     data = tmp_path / 'story.txt'
     data.write_text('at dusk the keeper of glimmerfen lights the violet lamp; the boats follow it home. ' * 40)
