@@ -90,7 +90,7 @@ def build_sft(opts, stream=None):
     # under torchrun the data yields global batches; each process trains on its own rows of them
     data = load_data(opts.data, run.tokenizer, opts.seq_len, opts.batch_size * run.group.world, seed=opts.seed,
                      val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
-                     eval_batches=opts.eval_batches)
+                     eval_batches=opts.eval_batches, field=opts.field, split=opts.split)
     model = load_model(opts, run.device)
     sample_fn = None
     if opts.prompt:
