@@ -56,6 +56,8 @@ FLAGS = {
     'adam-eps': (float, 1e-8, 'AdamW epsilon'),
     'grad-clip': (float, 1.0, 'clip the global gradient norm to this (0: off)'),
     'keep-checkpoints': (int, 0, 'keep only the newest N checkpoints (0: all)'),
+    'tensorboard': (bool, False, 'also write the metrics as TensorBoard event files in the run folder '
+                                 '(pip install slowllama[tensorboard])'),
     'config': (str, None, 'YAML file whose keys are these flag names; flags on the command line win'),
 }
 FLAGS.update(BCI_FLAGS)  # --bci-data DIR picks the BCI recipe (slowllama/bci/train.py)

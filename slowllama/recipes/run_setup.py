@@ -97,7 +97,7 @@ def build_sft(opts, stream=None):
         sample_fn = lambda m: complete(m, run.tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
     trainer = Trainer(model, run.train_cfg, run.out, data.train, data.val, sample_fn=sample_fn,
                       run_config=run_config_of(opts), stream=stream, group=run.group,
-                      skip_nonfinite=opts.skip_nonfinite)
+                      skip_nonfinite=opts.skip_nonfinite, tensorboard=opts.tensorboard)
     trainer.log(data.summary)
     return model, run.tokenizer, trainer
 
