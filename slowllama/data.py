@@ -57,10 +57,9 @@ def detect_format(path, field=None, split=None):
     """'text' for a plain text file, else the layout of the first record: 'jsonl', 'alpaca' or 'chat'."""
     if str(path).lower().endswith(TEXT_SUFFIXES):
         return 'text'
-    records = read_records(path, field, split)
-    if not len(records):
+    first = next(iter(read_records(path, field, split)), None)  # a streamed data set: one row read
+    if first is None:
         raise SlowLlamaError(f'{path}: the data set has no records')
-    first = records[0]
     for kind, key in (('chat', 'messages'), ('alpaca', 'instruction'), ('jsonl', 'text')):
         if key in first:
             return kind

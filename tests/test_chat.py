@@ -95,3 +95,15 @@ def test_a_cache_cut_back_continues_as_a_fresh_pass(tiny_text_model):
     assert resumed[0].tolist() == fresh[0, 3:].tolist()
     assert cache.tokens == fresh[0, :-1].tolist()[:len(cache.tokens)]
     assert cache.length == len(cache.tokens) > 4 + 2 + 8  # it grew beyond its first reservation
+
+
+def test_sampling_is_seeded_and_a_too_long_turn_is_refused(tiny_text_model, monkeypatch, capsys):
+    model_dir, _, _ = tiny_text_model
+    sampled = [chat(monkeypatch, capsys, ['ships at sea', 'one two'], str(model_dir), '--temperature', '1.5',
+                    '--seed', '4')[1] for _ in range(2)]
+    greedy = chat(monkeypatch, capsys, ['ships at sea', 'one two'], str(model_dir))[1]
+    assert sampled[0] == sampled[1] != greedy and sampled[0].count('\n') == 2
+    monkeypatch.setattr('sys.stdin', io.StringIO('ships at sea\n'))
+    assert cli.main(['chat', str(model_dir), '--max-new-tokens', '300']) == 0  # the model has 256 positions
+    assert "error: the conversation would pass the model's 256 positions; /reset to start over" in \
+        capsys.readouterr().err
