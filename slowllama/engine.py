@@ -147,7 +147,7 @@ class StreamedModel:
         GenerationCache (new_cache()) kept between calls; `tokens` then continue the tokens it holds,
         and only they go through the blocks (a conversation's new turn)."""
         tokens = tokens.to(self.device)
-        cache = cache or self.new_cache()
+        cache = self.new_cache() if cache is None else cache
         if prefix is not None and cache.tokens:
             raise ValueError('a prefix can only start a sequence, not continue a cached one')
         x, _ = self._embed(tokens, prefix)

@@ -9,6 +9,7 @@ import slowllama
 from slowllama import cli
 from slowllama.conversation import Conversation
 from slowllama.formats.tokenizer import load_tokenizer
+from reference import peft_model
 
 MAX_NEW = 8
 
@@ -45,6 +46,23 @@ def test_chat_through_stdin_equals_transformers_greedy(tiny_text_model, monkeypa
     assert out == f'{first}\n{second}\n{third}\n'
     assert 'conversation reset' in err
     assert len({first, second, third}) == 3  # three different answers: the check can fail
+
+
+def test_chat_with_a_run_folders_adapter_equals_peft(tiny_text_model, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+    model_dir, hf_folder, hf_model = tiny_text_model
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    reference = peft_model(hf_model, rank=4, targets=('q_proj', 'v_proj', 'down_proj'))
+    reference.save_pretrained(tmp_path / 'run' / 'adapter')  # a run folder: --lora finds adapter/
+    turns = ['ships at sea', 'the violet lamp']
+    code, out, err = chat(monkeypatch, capsys, turns, str(model_dir), '--lora', str(tmp_path / 'run'))
+    assert code == 0, err
+    first = hf_reply(reference, hf_tokenizer, [{'role': 'user', 'content': turns[0]}])
+    second = hf_reply(reference, hf_tokenizer, [{'role': 'user', 'content': turns[0]},
+                                                {'role': 'assistant', 'content': first},
+                                                {'role': 'user', 'content': turns[1]}])
+    assert out == f'{first}\n{second}\n'
+    assert first != hf_reply(hf_model, hf_tokenizer, [{'role': 'user', 'content': turns[0]}])  # it matters
 
 
 def test_each_turn_feeds_only_its_new_tokens(tiny_text_model, monkeypatch):
