@@ -109,6 +109,8 @@ def test_a_run_draws_loss_png_and_writes_tensorboard_events(tiny_text_model, tmp
                      '--eval-every', '2', '--tensorboard']) == 0
     assert drawn == [[1, 2], [1, 2, 3, 4]]  # redrawn at the evaluation of step 2 and at the end
     assert png_size(run_dir / 'loss.png')
+    import matplotlib.image
+    assert matplotlib.image.imread(str(run_dir / 'loss.png')).shape[2] == 4  # decodes as an RGBA picture
     rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -117,3 +119,18 @@ def test_a_run_draws_loss_png_and_writes_tensorboard_events(tiny_text_model, tmp
     assert loss == [(r['step'], pytest.approx(r['loss'], rel=1e-6)) for r in rows]
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars('eval/loss')] == \
         [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
+
+
+@pytest.mark.slow
+def test_a_run_without_matplotlib_logs_one_hint_and_finishes(tiny_text_model, tmp_path, monkeypatch):
+    model_dir, _, _ = tiny_text_model
+    story = tmp_path / 'story.txt'
+    story.write_text('ships at sea look for the light. ' * 20)
+    monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)
+    run_dir = tmp_path / 'run'
+    assert cli.main(['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir),
+                     '--device', 'cpu', '--iters', '4', '--seq-len', '16', '--eval-every', '1',
+                     '--val-fraction', '0.2']) == 0
+    log = (run_dir / 'train.log').read_text()
+    assert log.count('loss.png not drawn: drawing plots needs matplotlib: pip install slowllama[plot]') == 1
+    assert 'step 4/4' in log and not (run_dir / 'loss.png').exists()
