@@ -24,25 +24,30 @@ def read_hf_records(path, split=None):
     """The records of the dataset at `path` (split: which one of several; default 'train' or the
     only one) as a lazy sequence of dicts."""
     datasets = _import_datasets(path)
-    path = str(path)
-    suffix = os.path.splitext(path)[1].lower()
     try:
-        if os.path.isdir(path) and _saved_by_datasets(path):
-            return MappedRecords(_pick_split(path, datasets.load_from_disk(path), split))
-        if suffix == '.arrow':
-            _one_split(path, split)
-            return MappedRecords(datasets.Dataset.from_file(path))
-        builder, data_files = (path, None) if os.path.isdir(path) else (FILE_BUILDERS[suffix], path)
-        if not os.path.isdir(path):
-            _one_split(path, split)
-        stream = lambda: datasets.load_dataset(builder, data_files=data_files, split=split or 'train',  # noqa: E731
-                                               streaming=True)
-        stream()  # a missing split or an unreadable folder fails here, with the file named
-        return StreamedRecords(stream, path)
+        return _open(datasets, str(path), split)
+    except SlowLlamaError:
+        raise
     except Exception as e:  # OSError, pyarrow's ArrowInvalid, datasets' own errors for corrupt files
-        if isinstance(e, SlowLlamaError):
-            raise
         raise SlowLlamaError(f'{path}: cannot read it as a Hugging Face dataset ({_first_line(e)})') from None
+
+
+def _open(datasets, path, split):
+    if os.path.isdir(path) and _saved_by_datasets(path):
+        return MappedRecords(_pick_split(path, datasets.load_from_disk(path), split))
+    if os.path.isdir(path):  # data files laid out as on the Hub: the builder reads the split names
+        builder, data_files = path, None
+    else:
+        _one_split(path, split)
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix == '.arrow':
+            return MappedRecords(datasets.Dataset.from_file(path))
+        builder, data_files = FILE_BUILDERS[suffix], path
+
+    def stream():
+        return datasets.load_dataset(builder, data_files=data_files, split=split or 'train', streaming=True)
+    stream()  # a missing split or an unreadable folder fails here, with the file named
+    return StreamedRecords(stream, path)
 
 
 class MappedRecords(Sequence):
@@ -59,10 +64,6 @@ class MappedRecords(Sequence):
 
     def __iter__(self):
         return (dict(row) for row in self.dataset)
-
-    @property
-    def columns(self):
-        return list(self.dataset.column_names)
 
 
 class StreamedRecords(Sequence):
@@ -91,10 +92,6 @@ class StreamedRecords(Sequence):
         if row is None:
             raise IndexError(index)
         return row
-
-    @property
-    def columns(self):
-        return list(self[0]) if len(self) else []
 
 
 def _import_datasets(path):

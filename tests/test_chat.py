@@ -2,7 +2,6 @@
 on the same rendered conversation, the KV cache kept across turns, /reset, /exit and errors."""
 import io
 
-import pytest
 import torch
 
 import slowllama
