@@ -43,9 +43,14 @@ def _open(datasets, path, split):
         if suffix == '.arrow':
             return MappedRecords(datasets.Dataset.from_file(path))
         builder, data_files = FILE_BUILDERS[suffix], path
+    options = {}
+    if builder == 'parquet':  # read row group by row group: pre-buffering kept ~0.3 GB more of a 0.4 GB file
+        import pyarrow.dataset
+        options['fragment_scan_options'] = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
 
     def stream():
-        return datasets.load_dataset(builder, data_files=data_files, split=split or 'train', streaming=True)
+        return datasets.load_dataset(builder, data_files=data_files, split=split or 'train', streaming=True,
+                                     **options)
     stream()  # a missing split or an unreadable folder fails here, with the file named
     return StreamedRecords(stream, path)
 
