@@ -22,6 +22,8 @@ COMMANDS = {
     'finetune': Command('recipes.options', 'LoRA-finetune a prepared model (no flags at all: the embedded demo)',
                         run=None),  # dispatched by run_finetune below
     'test_gen': Command('recipes.generate', 'complete a prompt with a prepared model and an optional LoRA adapter'),
+    'chat': Command('recipes.chat', "chat with a prepared model (its chat template, the KV cache kept across turns)"),
+    'plot': Command('recipes.plot', 'draw the loss, learning rate (and DPO margins) of one or more runs into a PNG'),
     'bench': Command('recipes.bench', 'benchmark slowllama beside transformers+peft (table + JSON)'),
     'plan': Command('recipes.plan', 'predict peak device and host memory of a finetune before running it'),
     'export': Command('recipes.export', 'write a prepared model (+ LoRA) as merged Meta shards, a merged HF '

@@ -12,13 +12,13 @@ def complete(model, tokenizer, prompt, max_new_tokens=48, temperature=0.0, top_p
     ids = tokenizer.encode(prompt)
     if not ids:
         raise SlowLlamaError('--prompt: the prompt encodes to no tokens')
-    stream = _TextStream(tokenizer, on_text)
+    stream = TextStream(tokenizer, on_text)
     out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_p=top_p,
                          on_token=stream.add)
     return stream.finish(out[0, len(ids):].tolist())
 
 
-class _TextStream:
+class TextStream:
     """Decodes the tokens so far and emits only what was added since the last call; text that a
     later token may still change (an incomplete UTF-8 sequence) is held back."""
 

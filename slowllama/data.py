@@ -10,11 +10,13 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import SlowLlamaError
+from .hf_datasets import is_hf_dataset, read_hf_records
 
 IGNORE = -100
 TEXT_SUFFIXES = ('.txt', '.md', '.text')
@@ -51,12 +53,13 @@ class Batch:
 
 # --- reading files -----------------------------------------------------------------------------
 
-def detect_format(path):
+def detect_format(path, field=None, split=None):
     """'text' for a plain text file, else the layout of the first record: 'jsonl', 'alpaca' or 'chat'."""
     if str(path).lower().endswith(TEXT_SUFFIXES):
         return 'text'
-    records = read_records(path)
-    first = records[0]
+    first = next(iter(read_records(path, field, split)), None)  # a streamed data set: one row read
+    if first is None:
+        raise SlowLlamaError(f'{path}: the data set has no records')
     for kind, key in (('chat', 'messages'), ('alpaca', 'instruction'), ('jsonl', 'text')):
         if key in first:
             return kind
@@ -73,8 +76,21 @@ def read_text(path):
         raise SlowLlamaError(f'{path}: not UTF-8 text') from None
 
 
-def read_records(path):
-    """JSON Lines, or one JSON array of objects (the alpaca release is an array)."""
+def read_records(path, field=None, split=None):
+    """The records (dicts) of a data file: JSON Lines, one JSON array of objects (the alpaca release
+    is an array), or a Hugging Face dataset on disk (hf_datasets.py: read lazily, a sequence rather
+    than a list). field: the column that holds the text (a string) or the conversation (a list of
+    messages), for records whose keys are not "text" / "messages". split: see hf_datasets.py."""
+    if is_hf_dataset(path):
+        records = read_hf_records(path, split)
+    else:
+        if split is not None:
+            raise SlowLlamaError(f'{path}: --split applies to Hugging Face datasets, not to JSON files')
+        records = _read_json_records(path)
+    return records if field is None else FieldRecords(records, field, path)
+
+
+def _read_json_records(path):
     text = read_text(path).strip()
     if not text:
         raise SlowLlamaError(f'{path}: the data file is empty')
@@ -99,6 +115,34 @@ def read_records(path):
         if not isinstance(record, dict):
             raise SlowLlamaError(f'{path}: record {n} is not a JSON object')
     return records
+
+
+class FieldRecords(Sequence):
+    """Records seen through one field (--field): {"text": value} for a string, {"messages": value}
+    for a list of messages."""
+
+    def __init__(self, records, field, path):
+        self.records, self.field, self.path = records, field, path
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self._select(self.records[index], index + 1)
+
+    def __iter__(self):
+        return (self._select(record, n) for n, record in enumerate(self.records, 1))
+
+    def _select(self, record, n):
+        if self.field not in record:
+            raise SlowLlamaError(f'{self.path}: record {n} has no field {self.field!r} (--field); it has '
+                                 f'{", ".join(map(str, record)) or "none"}')
+        value = record[self.field]
+        if isinstance(value, str):
+            return {'text': value}
+        if isinstance(value, list):
+            return {'messages': value}
+        raise SlowLlamaError(f'{self.path}: record {n}: field {self.field!r} is neither text nor a list of messages')
 
 
 # --- records -> examples -----------------------------------------------------------------------
@@ -293,8 +337,9 @@ class Dataset:
 
 
 def load_data(path, tokenizer, seq_len, batch_size, seed=0, val_fraction=0.0, pack=False, kind=None,
-              eval_batches=None):
-    """Read a data file into training batches and a validation split (see the module docstring)."""
+              eval_batches=None, field=None, split=None):
+    """Read a data file into training batches and a validation split (see the module docstring).
+    field, split: which column and split of the records (read_records)."""
     path = str(path)
     if not os.path.exists(path):
         raise SlowLlamaError(f'{path}: data file not found (--data)')
@@ -302,12 +347,12 @@ def load_data(path, tokenizer, seq_len, batch_size, seed=0, val_fraction=0.0, pa
         raise SlowLlamaError(f'--seq-len must be at least 2, got {seq_len}')
     if not 0.0 <= val_fraction < 1.0:
         raise SlowLlamaError(f'--val-fraction must be in [0, 1), got {val_fraction}')
-    kind = kind or detect_format(path)
+    kind = kind or detect_format(path, field, split)
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     if kind == 'text':
         return _text_dataset(path, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches)
     return _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id,
-                           eval_batches)
+                           eval_batches, field, split)
 
 
 def _text_dataset(path, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches):
@@ -332,8 +377,9 @@ def _chunks(ids, seq_len):
             for s in range(0, len(ids) - 1, seq_len)]
 
 
-def _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches):
-    records = read_records(path)
+def _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches,
+                    field=None, split=None):
+    records = read_records(path, field, split)
     to_example = {'jsonl': lambda r, w: _text_record(tokenizer, r, w), 'alpaca': lambda r, w: alpaca_example(
         tokenizer, r, w), 'chat': lambda r, w: chat_example(tokenizer, r, w)}[kind]
     n_val = math.ceil(len(records) * val_fraction) if val_fraction else 0

@@ -144,23 +144,28 @@ class StreamedModel:
 
     @torch.no_grad()
     @streamed_pass(training=False)
-    def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None):
+    def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None, cache=None):
         """[1, T] -> [1, T + n] with a KV cache; greedy at temperature 0. Stops early at EOS.
-        on_token(id) is called as each token is chosen (for printing as we go)."""
+        on_token(id) is called as each token is chosen (for printing as we go). cache: a
+        GenerationCache (new_cache()) kept between calls; `tokens` then continue the tokens it holds,
+        and only they go through the blocks (a conversation's new turn)."""
         tokens = tokens.to(self.device)
+        cache = self.new_cache() if cache is None else cache
+        if prefix is not None and cache.tokens:
+            raise ValueError('a prefix can only start a sequence, not continue a cached one')
         x, _ = self._embed(tokens, prefix)
-        max_len = x.shape[1] + max_new_tokens
-        caches = [KVCache.for_model(self.cfg, x.shape[0], max_len, self.device, self.dtype)
-                  for _ in range(self.cfg.n_layers)]
-        out, position = tokens, 0
+        cache.reserve(x.shape[1] + max_new_tokens)
+        out, fed = tokens, tokens[0].tolist()
         for _ in range(max_new_tokens):
+            position = cache.length
             if position and rope_changes_past(self.cfg, position, position + x.shape[1]):  # recompute the cache
-                caches = [KVCache.for_model(self.cfg, x.shape[0], max_len, self.device, self.dtype)
-                          for _ in range(self.cfg.n_layers)]
-                x, position = self._embed(out, prefix)[0], 0
+                fed = cache.tokens + fed
+                cache.keep(0)
+                x, position = self._embed(torch.tensor([fed], device=self.device), prefix)[0], 0
+                cache.reserve(x.shape[1] + max_new_tokens)
             cos, sin = rope_table(self.cfg, torch.arange(position, position + x.shape[1]), self.device)
-            x = self._forward_blocks(x, Layout(cos, sin), caches=caches)
-            position += x.shape[1]
+            x = self._forward_blocks(x, Layout(cos, sin), caches=cache.layers)
+            cache.tokens += fed
             logits = self.head.logits(x[:, -1])
             next_token = sample(logits, temperature, top_p)
             out = torch.cat([out, next_token], dim=1)
@@ -168,8 +173,12 @@ class StreamedModel:
                 on_token(int(next_token))
             if is_eos(self.cfg, int(next_token)):
                 break
-            x = self.store.embed(next_token)
+            x, fed = self.store.embed(next_token), [int(next_token)]
         return out
+
+    def new_cache(self):
+        """An empty GenerationCache for generate(cache=...)."""
+        return GenerationCache(self.cfg, self.device, self.dtype)
 
     def save_adapter(self, folder, base_model=None):
         """Write the adapter folder whole: beside it first, then swapped in (never half old, half new)."""
@@ -243,6 +252,44 @@ class StreamedModel:
             output = self._run_block(i, weights, block_input, layout)  # only its gradient is used
         torch.autograd.backward(output, grad_output)
         return block_input.grad
+
+
+class GenerationCache:
+    """The keys and values of every block for the tokens fed so far (`tokens`; a prefix counts in
+    `length` only), kept between generate() calls. keep(n) forgets all but the first n positions,
+    so a conversation whose new rendering departs from what was fed goes back to where they agree."""
+
+    def __init__(self, cfg, device, dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.layers, self.tokens = [], []
+
+    @property
+    def length(self):
+        return self.layers[0].length if self.layers else 0
+
+    def reserve(self, more):
+        """Room for `more` positions after those held (a bigger copy when needed; a sliding-window
+        cache keeps only its window and grows by itself)."""
+        need = self.length + more
+        if self.layers and (self.cfg.sliding_window or need <= self.layers[0].k.shape[2]):
+            return
+        grown = [KVCache.for_model(self.cfg, 1, max(need, 2 * self.length), self.device, self.dtype)
+                 for _ in range(self.cfg.n_layers)]
+        for new, old in zip(grown, self.layers):
+            new.append(old.k[:, :, :old.length], old.v[:, :, :old.length])
+        self.layers = grown
+
+    def keep(self, n):
+        """Forget all but the first n positions (of a cache started without a prefix); returns how
+        many it kept: none when a sliding window has already dropped keys it would need."""
+        if self.cfg.sliding_window and n < self.length:
+            n = 0
+        if n == 0:
+            self.layers = []
+        for layer in self.layers:
+            layer.length = min(layer.length, n)
+        del self.tokens[n:]
+        return n
 
 
 class UnreadProductWeight(torch.Tensor):

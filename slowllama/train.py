@@ -13,6 +13,8 @@ Run folder:
     metrics.jsonl               one JSON object per step
     train.log                   what the console showed, plus the sample completions
     run_config.json             the run's settings
+    loss.png                    loss, learning rate (and DPO margins), redrawn at each evaluation
+    events.out.tfevents.*       with tensorboard=True: the metrics for TensorBoard
 """
 import json
 import math
@@ -33,6 +35,7 @@ from .devices import get_rng_state, set_rng_state
 from .distributed import SINGLE
 from .errors import SlowLlamaError
 from .files import atomic_open, write_json
+from .plots import LossPlot
 from .runlock import RunLock, StopSignals
 
 SCHEDULES = ('cosine', 'constant')
@@ -103,10 +106,11 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, run_dir, data, val=(), step_fn=default_step,
                  eval_fn=default_eval, sample_fn=None, run_config=None, stream=None, group=SINGLE,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, tensorboard=False):
         """group: the torch.distributed processes (slowllama.distributed); `data` then yields global
         batches, of which this process trains on its own rows. skip_nonfinite: skip a step whose
-        loss or gradient is not finite instead of stopping the run."""
+        loss or gradient is not finite instead of stopping the run. tensorboard: also write the
+        metrics as TensorBoard event files."""
         self.model, self.cfg, self.run_dir = model, cfg, str(run_dir)
         self.group, self.skip_nonfinite = group, skip_nonfinite
         self.data, self.val = data, list(val)
@@ -122,6 +126,10 @@ class Trainer:
         self.data_position = 0  # micro-batches consumed
         self.bar = None
         self._pending = []  # lines logged before run() has set up train.log
+        self.reports = [LossPlot(self.run_dir, self.log)]  # beside metrics.jsonl, on rank 0
+        if tensorboard:
+            from .tensorboard_log import TensorBoardLog
+            self.reports.append(TensorBoardLog(self.run_dir))
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -133,12 +141,16 @@ class Trainer:
             self._start(resume)
             rows, start = [], time.perf_counter()
             self._open_bar()
+            self._report('start', self.step)
             try:
                 for step in range(self.step + 1, self.cfg.iters + 1):
                     row = self._train_step(step)
                     if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn):
                         row.update(self.evaluate(step))
                     self._record(row)
+                    self._report('record', row)
+                    if self._due(step, self.cfg.eval_every) and step < self.cfg.iters:
+                        self._report('refresh')  # the end's redraw is close()'s
                     rows.append(row)
                     if self._due(step, self.cfg.save_every) or stop.requested:
                         self.save_checkpoint()
@@ -147,6 +159,7 @@ class Trainer:
                                              f'continue with --resume --out {self.run_dir}')
             finally:
                 self._close_bar()
+                self._report('close')
         return self._summary(rows, time.perf_counter() - start)
 
     def _start(self, resume):
@@ -315,6 +328,12 @@ class Trainer:
             done = row['step'] - self.step_first + 1
             eta = (time.monotonic() - self._bar_start) / done * (self.cfg.iters - row['step'])
             print(f'{line}, eta {eta:.0f}s', file=self.stream, flush=True)
+
+    def _report(self, event, *args):
+        """Tell the reports beside metrics.jsonl (loss.png, TensorBoard) what happened; rank 0 only."""
+        if self.group.is_main:
+            for report in self.reports:
+                getattr(report, event)(*args)
 
     def log(self, message):
         """A line for train.log and the console (above the bar on a terminal); rank 0 only."""

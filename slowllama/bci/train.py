@@ -36,7 +36,7 @@ def build(opts, stream=None):
     trainer = Trainer(model, run.train_cfg, run.out, train, val, step_fn=lambda m, b: train_step(m, b, prompt),
                       eval_fn=lambda m, b: eval_loss(m, b, prompt), sample_fn=sample_fn,
                       run_config=run_config_of(opts), stream=stream, group=run.group,
-                      skip_nonfinite=opts.skip_nonfinite)
+                      skip_nonfinite=opts.skip_nonfinite, tensorboard=opts.tensorboard)
     trainer.log(data.summary())
     trainer.log(f'encoder: {encoder.cfg.n_patches} prefix positions, '
                 f'{sum(p.numel() for p in encoder.parameters()):,} parameters')

@@ -12,7 +12,11 @@ from ..errors import SlowLlamaError
 # flag -> (type, default, help); the dest is the flag with '-' -> '_'
 FLAGS = {
     'model': (str, None, 'prepared model folder (prepare_model.py)'),
-    'data': (str, None, 'training data: .txt, or .jsonl / .json with "text", alpaca or chat records'),
+    'data': (str, None, 'training data: .txt, .jsonl / .json with "text", alpaca or chat records, or a Hugging '
+                        'Face dataset on disk (a save_to_disk folder, .parquet, .arrow, .csv)'),
+    'field': (str, None, 'the column holding the text (a string) or the conversation (a list of messages), '
+                         'when it is not "text" / "messages"'),
+    'split': (str, None, 'the split of a dataset folder that has several (default: train)'),
     'out': (str, None, 'run folder (default: a new folder under runs/)'),
     'device': (str, None, 'cpu | cuda | mps (default: cuda, then mps, then cpu)'),
     'iters': (int, 100, 'optimizer steps'),
@@ -52,6 +56,8 @@ FLAGS = {
     'adam-eps': (float, 1e-8, 'AdamW epsilon'),
     'grad-clip': (float, 1.0, 'clip the global gradient norm to this (0: off)'),
     'keep-checkpoints': (int, 0, 'keep only the newest N checkpoints (0: all)'),
+    'tensorboard': (bool, False, 'also write the metrics as TensorBoard event files in the run folder '
+                                 '(pip install slowllama[tensorboard])'),
     'config': (str, None, 'YAML file whose keys are these flag names; flags on the command line win'),
 }
 FLAGS.update(BCI_FLAGS)  # --bci-data DIR picks the BCI recipe (slowllama/bci/train.py)

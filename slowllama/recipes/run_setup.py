@@ -93,14 +93,14 @@ def build_sft(opts, stream=None):
     # under torchrun the data yields global batches; each process trains on its own rows of them
     data = load_data(opts.data, run.tokenizer, opts.seq_len, opts.batch_size * run.group.world, seed=opts.seed,
                      val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
-                     eval_batches=opts.eval_batches)
+                     eval_batches=opts.eval_batches, field=opts.field, split=opts.split)
     model = load_model(opts, run.device)
     sample_fn = None
     if opts.prompt:
         sample_fn = lambda m: complete(m, run.tokenizer, opts.prompt, opts.max_new_tokens)  # noqa: E731
     trainer = Trainer(model, run.train_cfg, run.out, data.train, data.val, sample_fn=sample_fn,
                       run_config=run_config_of(opts), stream=stream, group=run.group,
-                      skip_nonfinite=opts.skip_nonfinite)
+                      skip_nonfinite=opts.skip_nonfinite, tensorboard=opts.tensorboard)
     trainer.log(data.summary)
     return model, run.tokenizer, trainer
 
