@@ -41,6 +41,10 @@ def vocab_metadata(model_dir, vocab_size):
     _pad(vocab, vocab_size)
     special = {'bos_token': tokenizer.bos_id, 'eos_token': tokenizer.eos_id, 'pad_token': tokenizer.pad_id,
                'unk_token': vocab.pop('unk_id', None)}
+    unk_text = tokenizer.config.get('unk_token')
+    unk_text = unk_text.get('content') if isinstance(unk_text, dict) else unk_text
+    if special['unk_token'] is None and unk_text in tokens:
+        special['unk_token'] = tokens.index(unk_text)
     for name, token_id in special.items():
         if token_id is not None:
             vocab[SPECIAL_TOKENS[name]] = int(token_id)
