@@ -280,3 +280,20 @@ def test_llama_cpp_runs_the_merged_model_and_the_adapter(smollm2, tmp_path):
         diff = np.abs(with_lora - with_merge).max()
         print(f'llama.cpp base + gguf-lora vs merged: max |logit diff| {diff:.2e}')
         assert diff < 0.02 * np.abs(with_merge).max()
+
+
+def test_blocks_are_written_one_at_a_time(with_adapter, tmp_path, monkeypatch):
+    """Each block is read, merged and written before the next is read (RAM holds one block)."""
+    import slowllama.formats.export as export_module
+    import slowllama.formats.gguf_export as gguf_export
+    model_dir, hf_model, adapter, _, _, _ = with_adapter
+    events, read_block, encode = [], export_module.MergedWeights.block, gguf_export._encode
+    monkeypatch.setattr(export_module.MergedWeights, 'block',
+                        lambda self, i: events.append(('read', i)) or read_block(self, i))
+    monkeypatch.setattr(gguf_export, '_encode', lambda tensor, kind: events.append(('write', None)) or
+                        encode(tensor, kind))
+    export(model_dir, tmp_path / 'model.gguf', 'gguf', adapter=adapter, dtype='f16')
+    reads = [n for n, (what, _) in enumerate(events) if what == 'read']
+    assert len(reads) == hf_model.config.num_hidden_layers
+    # between two reads, exactly one block's tensors are written
+    assert all(b - a - 1 == len(BLOCK) for a, b in zip(reads, reads[1:]))
