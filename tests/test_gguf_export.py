@@ -15,7 +15,7 @@ import torch
 
 import slowllama
 from checkpoints import BLOCK, to_interleaved
-from conftest import CORPUS, random_batch
+from conftest import CORPUS, make_hf_model, random_batch
 from reference import peft_model
 from slowllama.formats.export import export
 
@@ -195,6 +195,25 @@ def test_export_command_line_writes_gguf(with_adapter, tmp_path):
     assert gguf_fields(tmp_path / 'm.gguf')['general.file_type'] == 7  # MOSTLY_Q8_0
     done = run('--model', model_dir, '--format', 'gguf', '--dtype', 'int3', '--out', tmp_path / 'x.gguf')
     assert done.returncode != 0 and '--dtype' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path):
+    rope = {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+            'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, hidden_size=256, num_attention_heads=4, rope_parameters=rope)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'model', dtype='fp32')
+    out = export(tmp_path / 'model', tmp_path / 'model.gguf', 'gguf', dtype='f32')
+    # llama.cpp divides each rope frequency by its factor: transformers' plain over its llama3 frequencies
+    plain = 1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    factors = gguf_tensors(out)['rope_freqs.weight'][0].double()
+    assert torch.allclose(factors, plain / hf_model.model.rotary_emb.inv_freq.double(), rtol=1e-5)
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    slowllama.prepare(out, tmp_path / 'again', dtype='fp32')
+    again = slowllama.load(tmp_path / 'again')
+    assert again.cfg.rope_scaling['factor'] == 8.0
+    tokens, _ = random_batch(again.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        assert (again.logits(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
 
 
 # --- real weights: SmolLM2-135M-Instruct with a random adapter --------------------------------------
