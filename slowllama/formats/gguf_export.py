@@ -130,10 +130,14 @@ def _adapter_tensors(lora, state, cfg):
 
 
 def _check_supported(cfg):
-    # the other families' fields (biases, q/k norms, sliding windows) would need their own names and keys
-    for field in ('qkv_bias', 'qk_norm', 'sliding_window'):
-        if getattr(cfg, field, None):
-            raise SlowLlamaError(f'GGUF export: models with {field} cannot be written yet (only plain llama)')
+    """Only the llama architecture is written: other families' extras (biases, q/k norms, sliding
+    windows) would need their own llama.cpp names and keys. Block tensors without a llama.cpp name
+    are refused again as they are read (_model_tensors)."""
+    family = getattr(cfg, 'model_type', None) or getattr(cfg, 'family', None) or ARCHITECTURE
+    extras = [field for field in ('qkv_bias', 'qk_norm', 'sliding_window') if getattr(cfg, field, None)]
+    if family != ARCHITECTURE or extras:
+        raise SlowLlamaError(f'GGUF export: {family} models{" with " + extras[0] if extras else ""} cannot be '
+                             f'written yet (only {ARCHITECTURE})')
 
 
 # --- how it is encoded ----------------------------------------------------------------------------
