@@ -275,7 +275,8 @@ def test_smollm2_gguf_in_transformers_equals_our_merged_model(smollm2, tmp_path)
 def llama_cpp_last_logits(model_path, prompts, lora_path=None):
     from llama_cpp import Llama
     kwargs = {'lora_path': str(lora_path)} if lora_path else {}
-    llm = Llama(model_path=str(model_path), n_ctx=256, n_threads=2, n_batch=256, verbose=False, **kwargs)
+    llm = Llama(model_path=str(model_path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
+                **kwargs)
     out = []
     for tokens in prompts:
         llm.reset()

@@ -20,7 +20,7 @@ from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..store import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
-from .gguf_export import gguf_dtype, write_gguf_adapter, write_gguf_model
+from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
 from .meta import write_meta
 
@@ -99,7 +99,7 @@ def _export_gguf(model_dir, out, fmt, adapter, dtype):
     lora = _read_adapter(adapter, model_dir, fmt)
     if fmt == 'gguf-lora':
         cfg = ModelConfig.from_dict(manifest['config'])
-        return write_gguf_adapter(lora[0], lora[1], cfg, out, gguf_dtype(dtype, 'f32'))
+        return write_gguf_adapter(lora[0], lora[1], cfg, out, gguf_dtype(dtype, DEFAULT_ADAPTER_DTYPE))
     return write_gguf_model(MergedWeights(model_dir, torch.float32, lora), out, gguf_dtype(dtype, manifest['dtype']))
 
 
