@@ -182,6 +182,9 @@ def test_bad_requests_are_refused_and_leave_the_output_alone(with_adapter, tmp_p
         export(model_dir, out, 'gguf', adapter=adapter, dtype='f32')
     assert out.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ['model.gguf']
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # readable as any file the user writes
 
 
 def test_export_command_line_writes_gguf(with_adapter, tmp_path):

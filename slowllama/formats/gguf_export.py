@@ -215,6 +215,7 @@ def _write(out, metadata, layout, tensors, desc):
                 raise SlowLlamaError(f'{out}: tensor {name} {tuple(tensor.shape)} does not match the planned '
                                      f'{expected} {tuple(shape)}')
             writer.write_tensor_data(_encode(tensor, kind))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; others (an Ollama service) may read it
         commit_staged(writer.fout[0], tmp, out)
         writer.fout = None
     except BaseException as e:
@@ -225,6 +226,12 @@ def _write(out, metadata, layout, tensors, desc):
         if isinstance(e, OSError) and e.errno == 28:
             raise SlowLlamaError(f'{out}: no space left on the device') from None
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _add(writer, key, value):
