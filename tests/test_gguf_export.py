@@ -264,7 +264,7 @@ def test_smollm2_gguf_in_transformers_equals_our_merged_model(smollm2, tmp_path)
         print(f'smollm2 gguf in transformers: max |logit diff| {(theirs - ours).abs().max().item():.2e}')
         assert (theirs - ours).abs().max().item() < 1e-3
     fields = gguf_fields(merged)
-    assert (fields['tokenizer.ggml.model'], fields['tokenizer.ggml.pre']) == ('gpt2', 'gpt2')
+    assert (fields['tokenizer.ggml.model'], fields['tokenizer.ggml.pre']) == ('gpt2', 'gpt-2')
     assert len(fields['tokenizer.ggml.merges']) == 48900 and fields['tokenizer.ggml.padding_token_id'] == 2
     # the tokenizer our GGUF reader rebuilds from the exported metadata encodes as the original
     for name, data in tokenizer_files(open_reader(merged), merged).items():

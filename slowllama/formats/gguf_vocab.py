@@ -148,7 +148,7 @@ def _pre_name(pre_tokenizer):
     steps = _steps(pre_tokenizer)
     kinds = [s.get('type') for s in steps]
     if kinds == ['ByteLevel'] and steps[0].get('use_regex', True):
-        return 'gpt2'
+        return 'gpt-2'
     if kinds == ['Split', 'ByteLevel'] and steps[0].get('pattern', {}).get('Regex') == LLAMA3_SPLIT:
         return 'llama-bpe'
     if kinds == ['Digits', 'ByteLevel'] and steps[0].get('individual_digits'):
