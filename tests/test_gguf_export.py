@@ -288,17 +288,35 @@ def llama_cpp_last_logits(model_path, prompts, lora_path=None):
     return llm, out
 
 
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec('llama_cpp') is None,
+    reason='llama-cpp-python is not installed (CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python '
+           'builds it, ~10-30 minutes)')
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_a_sentencepiece_style_tiny_model(tiny_text_model, tmp_path):
+    from slowllama.formats.tokenizer import load_tokenizer
+    model_dir, _, _ = tiny_text_model
+    out = export(model_dir, tmp_path / 'tiny.gguf', 'gguf', dtype='f32')
+    tokenizer, model = load_tokenizer(model_dir), slowllama.load(model_dir)
+    prompts = [tokenizer.encode(text) for text in CORPUS[:3]]
+    llm, theirs = llama_cpp_last_logits(out, prompts)
+    for text, tokens, logits in zip(CORPUS, prompts, theirs):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokens, text
+        ours = model.logits(torch.tensor([tokens]))[0, -1].numpy()
+        assert int(logits.argmax()) == int(ours.argmax()) and np.corrcoef(ours, logits)[0, 1] > 0.999
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec('llama_cpp') is None,
-                    reason='llama-cpp-python is not installed (CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install '
-                           'llama-cpp-python builds it, ~10-30 minutes)')
+@needs_llama_cpp
 def test_llama_cpp_runs_the_merged_model_and_the_adapter(smollm2, tmp_path):
     model_dir, adapter, merged, texts, prompts, logits = smollm2
     llm, merged_logits = llama_cpp_last_logits(merged, prompts)
     for text, tokens, ours, theirs in zip(texts, prompts, logits, merged_logits):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokens, text
         corr = np.corrcoef(ours.numpy(), theirs)[0, 1]
-        print(f'llama.cpp merged: next token {int(theirs.argmax())} (ours {int(ours.argmax())}), corr {corr:.5f}')
+        print(f'llama.cpp merged: next token {int(theirs.argmax())} (ours {int(ours.argmax())}), corr {corr:.6f}')
         assert int(theirs.argmax()) == int(ours.argmax()) and corr > 0.99
     del llm
     base = export(model_dir, tmp_path / 'base.gguf', 'gguf', dtype='f32')
