@@ -81,7 +81,8 @@ def hyper_parameters(cfg):
 
 def model_layout(cfg, dtype):
     """{GGUF name: (shape in torch order, GGUF type)} in the order the tensors are written."""
-    layout = {OUTER_TENSORS[EMBED_TENSOR][1]: ((cfg.vocab_size, cfg.dim), _matrix_type((cfg.vocab_size, cfg.dim), dtype))}
+    table = (cfg.vocab_size, cfg.dim)
+    layout = {OUTER_TENSORS[EMBED_TENSOR][1]: (table, _matrix_type(table, dtype))}
     if cfg.rope_scaling:
         layout[GGUF_ROPE_FREQS] = ((cfg.head_dim // 2,), 'f32')
     shapes = block_shapes(cfg)
@@ -90,7 +91,7 @@ def model_layout(cfg, dtype):
             layout[GGUF_BLOCK_PREFIX.format(i=i) + gguf_name] = (shapes[ours], _matrix_type(shapes[ours], dtype))
     layout[OUTER_TENSORS[NORM_TENSOR][1]] = ((cfg.dim,), 'f32')
     if not cfg.tie_embeddings:  # llama.cpp falls back to token_embd when output.weight is absent
-        layout[OUTER_TENSORS[HEAD_TENSOR][1]] = ((cfg.vocab_size, cfg.dim), _matrix_type((cfg.vocab_size, cfg.dim), dtype))
+        layout[OUTER_TENSORS[HEAD_TENSOR][1]] = (table, _matrix_type(table, dtype))
     return layout
 
 

@@ -138,9 +138,13 @@ def _is_byte_level(spec):
 
 
 def _is_metaspace(spec):
+    """Spaces written as U+2581: a Metaspace step, or (Llama-2's tokenizer.json) a normalizer that
+    prepends or substitutes it."""
     steps = _steps(spec.get('pre_tokenizer')) + _steps(spec.get('decoder'))
-    return any(s.get('type') == 'Metaspace' for s in steps) or (spec.get('normalizer') or {}).get('type') in (
-        'Sequence', 'Replace', 'Prepend')
+    normalizer = spec.get('normalizer') or {}
+    rules = normalizer.get('normalizers', [normalizer]) if normalizer.get('type') == 'Sequence' else [normalizer]
+    return (any(s.get('type') == 'Metaspace' for s in steps)
+            or any(SPM_SPACE in (r.get('prepend') or r.get('content') or '') for r in rules))
 
 
 def _pre_name(pre_tokenizer):
