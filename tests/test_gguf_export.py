@@ -159,6 +159,31 @@ def test_tokenizer_travels_in_the_metadata(tiny_text_model, tmp_path):
         assert again.encode(text) == ours.encode(text), text
 
 
+def test_sentencepiece_vocabulary_travels_with_its_scores(tmp_path):
+    import sentencepiece
+    from slowllama.formats.tokenizer import load_tokenizer
+    hf = tmp_path / 'hf'
+    make_hf_model(hf, seed=8, vocab_size=320, bos_token_id=1, eos_token_id=2)
+    (tmp_path / 'corpus.txt').write_text('\n'.join(CORPUS))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / 'corpus.txt'), model_prefix=str(hf / 'tokenizer'), vocab_size=300, model_type='bpe',
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    slowllama.prepare(hf, tmp_path / 'model', dtype='fp32')
+    out = export(tmp_path / 'model', tmp_path / 'model.gguf', 'gguf', dtype='f16')
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(hf / 'tokenizer.model'))
+    fields = gguf_fields(out)
+    assert fields['tokenizer.ggml.model'] == 'llama' and fields['tokenizer.ggml.add_space_prefix'] is True
+    assert fields['tokenizer.ggml.tokens'][:300] == [sp.id_to_piece(i) for i in range(300)]
+    assert np.allclose(fields['tokenizer.ggml.scores'][:300], [sp.get_score(i) for i in range(300)])
+    assert fields['tokenizer.ggml.token_type'][:4] == [2, 3, 3, 3]  # unknown, then control tokens
+    assert fields['tokenizer.ggml.token_type'][sp.piece_to_id('<0x41>')] == 6  # byte fallback pieces
+    assert len(fields['tokenizer.ggml.tokens']) == 320  # padded to the embedding rows
+    slowllama.prepare(out, tmp_path / 'again')
+    again = load_tokenizer(tmp_path / 'again')
+    for text in CORPUS + ['Unseen wörds, 42!']:
+        assert again.encode(text) == [1] + sp.encode(text), text
+
+
 @untied_only
 def test_bad_requests_are_refused_and_leave_the_output_alone(with_adapter, tmp_path, monkeypatch):
     model_dir, _, adapter, _, _, _ = with_adapter
