@@ -216,6 +216,9 @@ def _write(out, metadata, layout, tensors, desc):
                 raise SlowLlamaError(f'{out}: tensor {name} {tuple(tensor.shape)} does not match the planned '
                                      f'{expected} {tuple(shape)}')
             writer.write_tensor_data(_encode(tensor, kind))
+        missing = next(names, None)
+        if missing is not None:
+            raise SlowLlamaError(f'{out}: tensor {missing} was planned but never came')
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; others (an Ollama service) may read it
         commit_staged(writer.fout[0], tmp, out)
         writer.fout = None
