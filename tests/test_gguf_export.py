@@ -184,6 +184,26 @@ def test_sentencepiece_vocabulary_travels_with_its_scores(tmp_path):
         assert again.encode(text) == [1] + sp.encode(text), text
 
 
+def test_byte_level_split_rules_get_llama_cpps_names():
+    """llama.cpp splits text by a named rule before BPE; the name follows tokenizer.json's pre-tokenizer."""
+    import json
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from slowllama.formats.gguf_tokenizer import LLAMA3_SPLIT
+    from slowllama.formats.gguf_vocab import _pre_name
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rules = {
+        'gpt-2': pre_tokenizers.ByteLevel(add_prefix_space=False),
+        'llama-bpe': pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior='isolated'),
+                                              byte_level]),
+        'smollm': pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        'default': pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), byte_level]),
+    }
+    for name, rule in rules.items():
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = rule
+        assert _pre_name(json.loads(tokenizer.to_str())['pre_tokenizer']) == name
+
+
 @untied_only
 def test_bad_requests_are_refused_and_leave_the_output_alone(with_adapter, tmp_path, monkeypatch):
     model_dir, _, adapter, _, _, _ = with_adapter
