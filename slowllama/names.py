@@ -127,3 +127,5 @@ META_IGNORED = ('rope.freqs',)  # precomputed rope table in Llama-1/2 shards; re
 # GGUF block tensor prefix, and the per-frequency llama3 rope table it may carry
 GGUF_BLOCK_PREFIX = 'blk.{i}.'
 GGUF_ROPE_FREQS = 'rope_freqs.weight'
+# llama.cpp LoRA adapter tensors: '{GGUF tensor name}.lora_a' (A) and '.lora_b' (B)
+GGUF_LORA_SUFFIXES = {'A': '.lora_a', 'B': '.lora_b'}

@@ -1,5 +1,5 @@
 """Export a prepared model (+ a LoRA adapter) as merged Meta shards, a merged Hugging Face folder,
-or the PEFT adapter alone.
+the PEFT adapter alone, or GGUF for llama.cpp (the merged model, or the adapter: gguf_export.py).
 
 Weights stream block by block: each block is read from the prepared folder, merged
 (W + alpha/r * B A, formed in fp32) and written before the next is read. Everything is written into
@@ -8,6 +8,8 @@ existing OUT as it was.
 """
 import os
 import shutil
+
+import torch
 
 from ..config import ModelConfig
 from ..errors import SlowLlamaError
@@ -19,11 +21,13 @@ from ..quant import Quant
 from ..store import (EMBED_FILE, HEAD_FILE, announce, block_file, block_shapes, check_file, parse_dtype,
                      read_manifest)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
+from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
 from .meta import write_meta
 from .peft import read_peft_adapter, save_peft_adapter
 
-FORMATS = ('meta', 'hf', 'peft')
+FORMATS = ('meta', 'hf', 'peft', 'gguf', 'gguf-lora')
+ADAPTER_ONLY = ('peft', 'gguf-lora')
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 SPACE_MARGIN = 1.05
 
@@ -71,9 +75,11 @@ class MergedWeights:
 
 
 def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):
-    """Write `fmt` ('meta' | 'hf' | 'peft') to `out`; returns out."""
+    """Write `fmt` ('meta' | 'hf' | 'peft' | 'gguf' | 'gguf-lora') to `out`; returns out."""
     if fmt not in FORMATS:
         raise SlowLlamaError(f'--format: unknown format {fmt!r} (use {", ".join(FORMATS)})')
+    if fmt.startswith('gguf'):
+        return _export_gguf(model_dir, out, fmt, adapter, dtype)
     if shards < 1:
         raise SlowLlamaError(f'--shards must be at least 1, got {shards}')
     manifest = read_manifest(model_dir)
@@ -101,10 +107,20 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
     return str(out)
 
 
+def _export_gguf(model_dir, out, fmt, adapter, dtype):
+    """One .gguf file: the merged model (read in fp32, written as --dtype), or the adapter alone."""
+    manifest = read_manifest(model_dir)
+    lora = _read_adapter(adapter, model_dir, fmt)
+    if fmt == 'gguf-lora':
+        cfg = ModelConfig.from_dict(manifest['config'])
+        return write_gguf_adapter(lora[0], lora[1], cfg, out, gguf_dtype(dtype, DEFAULT_ADAPTER_DTYPE))
+    return write_gguf_model(MergedWeights(model_dir, torch.float32, lora), out, gguf_dtype(dtype, manifest['dtype']))
+
+
 def _read_adapter(adapter, model_dir, fmt):
     if adapter is None:
-        if fmt == 'peft':
-            raise SlowLlamaError('--lora: the peft format exports an adapter; give its folder with --lora')
+        if fmt in ADAPTER_ONLY:
+            raise SlowLlamaError(f'--lora: the {fmt} format exports an adapter; give its folder with --lora')
         return None
     lora, state = read_peft_adapter(adapter, model_dir)
     state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}

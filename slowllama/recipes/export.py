@@ -1,16 +1,19 @@
-"""The export recipe: a prepared model (+ LoRA) as merged Meta shards, a merged HF folder or a PEFT adapter."""
+"""The export recipe: a prepared model (+ LoRA) as merged Meta shards, a merged HF folder, a PEFT adapter,
+or GGUF for llama.cpp / Ollama (the merged model, or the adapter alone)."""
 import os
 
-from ..formats.export import export
+from ..formats.export import FORMATS, export
 
 
 def add_arguments(p):
     p.add_argument('--model', required=True, help='the prepared model folder')
     p.add_argument('--lora', default=None, help='the adapter folder (PEFT layout) to merge or export')
-    p.add_argument('--format', required=True, choices=('meta', 'hf', 'peft'), help='meta | hf | peft')
-    p.add_argument('--out', required=True, help='the folder to write (replaced whole, only on success)')
+    p.add_argument('--format', required=True, choices=FORMATS, help=' | '.join(FORMATS))
+    p.add_argument('--out', required=True, help='the folder to write (replaced whole, only on success); '
+                   'for gguf and gguf-lora the file (FILE.gguf)')
     p.add_argument('--shards', type=int, default=1, help='meta: model-parallel shards (1 for 7B, 2 for 13B, 8 for 70B)')
-    p.add_argument('--dtype', default=None, help='bf16 | fp16 | fp32 (default: the prepared model\'s)')
+    p.add_argument('--dtype', default=None, help='bf16 | fp16 | fp32, for gguf also q8_0 (default: the prepared '
+                   'model\'s; gguf-lora: f32)')
     p.add_argument('--max-shard-size', type=float, default=2.0, help='hf: GiB per safetensors file (default 2)')
 
 
