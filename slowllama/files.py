@@ -26,12 +26,24 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def temporary_beside(path):
+    """(fd, name) of a new hidden temporary file beside `path`, with the permissions any new file of
+    the user gets (mkstemp's are private: a model written for a service run as another user, such as
+    Ollama, could not be read)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """Write to a temporary file beside `path`; on success fsync and rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -15,13 +15,12 @@ Both are written under a temporary name beside the output and renamed into place
 """
 import contextlib
 import os
-import tempfile
 
 import numpy as np
 import torch
 
 from ..errors import SlowLlamaError
-from ..files import commit_staged, discard_staged
+from ..files import commit_staged, discard_staged, temporary_beside
 from ..lora import peft_key
 from ..names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_LORA_SUFFIXES, GGUF_ROPE_FREQS,
                      HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, ROPE_PERMUTED, TARGET_MODULES)
@@ -196,7 +195,7 @@ def _write(out, metadata, layout, tensors, desc):
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     check_free_space(folder, sum(_nbytes(shape, kind) for shape, kind in layout.values()), out)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(out) + '.', suffix='.tmp')
+    fd, tmp = temporary_beside(out)
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
     try:
@@ -219,7 +218,6 @@ def _write(out, metadata, layout, tensors, desc):
         missing = next(names, None)
         if missing is not None:
             raise SlowLlamaError(f'{out}: tensor {missing} was planned but never came')
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; others (an Ollama service) may read it
         commit_staged(writer.fout[0], tmp, out)
         writer.fout = None
     except BaseException as e:
@@ -230,12 +228,6 @@ def _write(out, metadata, layout, tensors, desc):
         if isinstance(e, OSError) and e.errno == 28:
             raise SlowLlamaError(f'{out}: no space left on the device') from None
         raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _add(writer, key, value):
