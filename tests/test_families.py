@@ -309,3 +309,32 @@ def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):
     with pytest.raises(slowllama.SlowLlamaError, match='m.gguf: LongRoPE factors in a GGUF file are not read'):
         slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_gguf_qwen2_tokenizer_splits_as_transformers_qwen2_tokenizer(tmp_path):
+    """llama.cpp's 'qwen2' pre-tokenizer (digits one at a time, NFC): the tokenizer read from the
+    GGUF encodes as transformers' Qwen2Tokenizer over the same vocabulary and merges."""
+    import gguf
+    from checkpoints import write_gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from slowllama.formats.tokenizer import load_tokenizer
+    texts = ['In 2024 we sold 1234567 lamps, didn\'t we?', 'café  CAFÉ\n\nthe 3rd of 12 ships', "it's 99.5%"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts * 4 + ['0123456789 ' * 5], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [' '.join(m) if isinstance(m, list) else m for m in json.loads(bpe.to_str())['model']['merges']]
+    fields = {'add_tokenizer_model': 'gpt2', 'add_tokenizer_pre': 'qwen2', 'add_token_list': tokens,
+              'add_token_types': [1] * len(tokens), 'add_token_merges': merges, 'add_add_bos_token': False}
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type='qwen2', vocab_size=len(tokens))
+    write_gguf(tmp_path / 'm.gguf', hf_model, {'*': gguf.GGMLQuantizationType.F32}, tokenizer=fields, arch='qwen2')
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    ours = load_tokenizer(tmp_path / 'out')
+    reference = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m.split(' ')) for m in merges])
+    for text in texts + ['version 10.2.33 of 2048']:
+        want = reference.encode(text, add_special_tokens=False)
+        assert ours.encode(text, bos=False) == want, text
+    assert len(reference.encode('2024', add_special_tokens=False)) == 4  # the split rule matters here
