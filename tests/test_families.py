@@ -309,3 +309,62 @@ def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):
     with pytest.raises(slowllama.SlowLlamaError, match='m.gguf: LongRoPE factors in a GGUF file are not read'):
         slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_gguf_qwen2_tokenizer_splits_as_transformers_qwen2_tokenizer(tmp_path):
+    """llama.cpp's 'qwen2' pre-tokenizer (digits one at a time, NFC): the tokenizer read from the
+    GGUF encodes as transformers' Qwen2Tokenizer over the same vocabulary and merges."""
+    import gguf
+    from checkpoints import write_gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from slowllama.formats.tokenizer import load_tokenizer
+    texts = ['In 2024 we sold 1234567 lamps, didn\'t we?', 'café  CAFÉ\n\nthe 3rd of 12 ships', "it's 99.5%"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts * 4 + ['0123456789 ' * 5], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [' '.join(m) if isinstance(m, list) else m for m in json.loads(bpe.to_str())['model']['merges']]
+    fields = {'add_tokenizer_model': 'gpt2', 'add_tokenizer_pre': 'qwen2', 'add_token_list': tokens,
+              'add_token_types': [1] * len(tokens), 'add_token_merges': merges, 'add_add_bos_token': False}
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type='qwen2', vocab_size=len(tokens))
+    write_gguf(tmp_path / 'm.gguf', hf_model, {'*': gguf.GGMLQuantizationType.F32}, tokenizer=fields, arch='qwen2')
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    ours = load_tokenizer(tmp_path / 'out')
+    reference = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m.split(' ')) for m in merges])
+    for text in texts + ['version 10.2.33 of 2048']:
+        want = reference.encode(text, add_special_tokens=False)
+        assert ours.encode(text, bos=False) == want, text
+    assert len(reference.encode('2024', add_special_tokens=False)) == 4  # the split rule matters here
+
+
+def test_packed_documents_with_a_window_equal_each_document_alone(tmp_path):
+    """Mistral rows packed from documents longer than the window (5): the document mask and the
+    window together give each document's logits, loss and LoRA gradients as transformers + peft
+    give for the documents one by one."""
+    hf_model = make_hf_model(tmp_path / 'hf', seed=6, **FAMILIES['mistral'])
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    reference = peft_model(hf_model, targets=HF_TARGETS)
+    reference.save_pretrained(tmp_path / 'adapter')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'adapter')
+    tokens, targets = random_batch(ours.cfg.vocab_size, batch=2, seq=20, seed=5)
+    documents = [(0, 0, 8), (0, 8, 20), (1, 0, 13), (1, 13, 20)]  # (row, start, end)
+    positions = torch.zeros_like(tokens)
+    for row, start, end in documents:
+        positions[row, start:end] = torch.arange(end - start)
+    logits = ours.logits(tokens, positions=positions)
+    loss = ours.backward(tokens, targets, positions=positions)
+    total, worst_logit = 0.0, 0.0
+    for row, start, end in documents:
+        alone = reference(input_ids=tokens[row:row + 1, start:end]).logits[0]
+        worst_logit = max(worst_logit, (logits[row, start:end] - alone).abs().max().item())
+        total = total + torch.nn.functional.cross_entropy(alone, targets[row, start:end], ignore_index=-100,
+                                                          reduction='sum')
+    ref_loss = total / int((targets != -100).sum())
+    ref_loss.backward()
+    ref_grads = peft_grads(reference)
+    grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    worst = max(((grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item() for k in grads)
+    assert worst_logit < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-4

@@ -18,6 +18,9 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZER_SPLITS = {name: LLAMA3_SPLIT for name in
                         ('llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'pixtral', 'dbrx', 'smaug-bpe')}
+# Qwen2 / Qwen2.5 / Qwen3 (llama.cpp's 'qwen2'): Llama 3's split but one digit at a time, after NFC
+PRE_TOKENIZER_SPLITS['qwen2'] = LLAMA3_SPLIT.replace(r'\p{N}{1,3}', r'\p{N}')
+PRE_TOKENIZER_NFC = ('qwen2',)
 
 # tokenizer_config.json key -> GGUF metadata key holding the token id
 SPECIAL_TOKENS = {'bos_token': 'tokenizer.ggml.bos_token_id', 'eos_token': 'tokenizer.ggml.eos_token_id',
@@ -86,7 +89,7 @@ def check_vocab(vocab, special, path):
 # --- gpt2: byte-level BPE ----------------------------------------------------------------------
 
 def byte_level_bpe(vocab, path):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     if not vocab['merges']:
         raise SlowLlamaError(f'{path}: a gpt2 tokenizer without tokenizer.ggml.merges')
     ids = {token: i for i, token in enumerate(vocab['tokens'])}
@@ -96,6 +99,8 @@ def byte_level_bpe(vocab, path):
     except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
         raise SlowLlamaError(f'{path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})') from None
     split = PRE_TOKENIZER_SPLITS.get(vocab['pre'])
+    if vocab['pre'] in PRE_TOKENIZER_NFC:
+        tokenizer.normalizer = normalizers.NFC()
     if split:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior='isolated'),
