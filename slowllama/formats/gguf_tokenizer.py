@@ -30,7 +30,11 @@ SPECIAL_TOKENS = {'bos_token': 'tokenizer.ggml.bos_token_id', 'eos_token': 'toke
 def metadata(reader, key, default=None):
     """The value of a GGUF metadata key (default when the file lacks it)."""
     field = reader.fields.get(key)
-    return field.contents() if field is not None else default
+    try:
+        return field.contents() if field is not None else default
+    except UnicodeDecodeError:
+        path = getattr(reader.data, 'filename', 'the GGUF file')
+        raise SlowLlamaError(f'{path}: metadata {key} is not valid UTF-8') from None
 
 
 def tokenizer_files(reader, path):
