@@ -91,3 +91,10 @@ def tiny_text_model(tmp_path_factory):
     out = tmp_path_factory.mktemp('prepared_text') / 'model'
     slowllama.prepare(hf_folder, out, dtype='fp32')
     return out, hf_folder, model
+
+
+@pytest.fixture(scope='session')
+def fuzz_corpus(tmp_path_factory):
+    """Valid files of every kind slowllama reads (tests/fuzz.py), for the fuzz and kill tests."""
+    import fuzz
+    return fuzz.build_corpus(tmp_path_factory.mktemp('fuzz_corpus'))
