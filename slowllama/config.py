@@ -153,11 +153,11 @@ def check_values(cfg):
         value = getattr(cfg, name)
         low = 0 if name == 'head_dim' else 1  # head_dim 0: dim // n_heads
         if not _is_int(value) or not low <= value <= limit:
-            raise SlowLlamaError(f'model config: {name} must be an integer in [{low}, {limit}], got {value!r}')
+            raise SlowLlamaError(f'model config: {name} must be an integer in [{low}, {limit}], got {value!r:.80}')
     if not _is_real(cfg.norm_eps) or not 0 < cfg.norm_eps < 1:
-        raise SlowLlamaError(f'model config: norm_eps must be a number in (0, 1), got {cfg.norm_eps!r}')
+        raise SlowLlamaError(f'model config: norm_eps must be a number in (0, 1), got {cfg.norm_eps!r:.80}')
     if not _is_real(cfg.rope_theta) or cfg.rope_theta <= 0:
-        raise SlowLlamaError(f'model config: rope_theta must be a positive number, got {cfg.rope_theta!r}')
+        raise SlowLlamaError(f'model config: rope_theta must be a positive number, got {cfg.rope_theta!r:.80}')
     if cfg.rope_scaling is not None:
         _check_rope_scaling(cfg.rope_scaling, cfg.head_dim or cfg.dim // cfg.n_heads)
     if not isinstance(cfg.model_type, str) or cfg.model_type not in HF_ARCHITECTURES:
@@ -170,7 +170,7 @@ def check_values(cfg):
         raise SlowLlamaError(f'model config: sliding_window must be a positive integer or null, '
                              f'got {cfg.sliding_window!r:.80}')
     if not isinstance(cfg.tie_embeddings, bool):
-        raise SlowLlamaError(f'model config: tie_embeddings must be true or false, got {cfg.tie_embeddings!r}')
+        raise SlowLlamaError(f'model config: tie_embeddings must be true or false, got {cfg.tie_embeddings!r:.80}')
     eos = cfg.eos_id if isinstance(cfg.eos_id, list) else [cfg.eos_id]
     for name, ids in (('bos_id', [cfg.bos_id]), ('eos_id', eos)):
         if not all(i is None or (_is_int(i) and i >= 0) for i in ids):

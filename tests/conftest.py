@@ -103,3 +103,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'cuda' in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope='session')
+def fuzz_corpus(tmp_path_factory):
+    """Valid files of every kind slowllama reads (tests/fuzz.py), for the fuzz and kill tests."""
+    import fuzz
+    return fuzz.build_corpus(tmp_path_factory.mktemp('fuzz_corpus'))

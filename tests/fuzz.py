@@ -11,13 +11,12 @@ reader may end in besides success is a SlowLlamaError whose message names the fi
 (another exception, a hang, a crash, a MemoryError from an allocation no file of that size justifies)
 is a finding.
 """
+import importlib
 import json
-import math
 import multiprocessing
 import os
 import random
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -429,9 +428,8 @@ def _worker(conn, corpus, memory_cap):
 
     import torch
     torch.set_num_threads(1)
-    import slowllama  # noqa: F401  (imported before the cap: the cap is on what a case adds)
-    from slowllama import cli, formats  # noqa: F401
-    from slowllama.recipes import finetune  # noqa: F401
+    for module in ('slowllama', 'slowllama.cli', 'slowllama.recipes.finetune', 'slowllama.formats.export'):
+        importlib.import_module(module)  # before the cap: the cap is on what a case adds
     used = _address_space()
     resource.setrlimit(resource.RLIMIT_AS, (used + memory_cap, used + memory_cap))
     slots = {name: gguf_slots(corpus[name]) for name in corpus if name.endswith('.gguf')}

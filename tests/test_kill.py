@@ -3,7 +3,7 @@ and the trainer's checkpoints write; afterwards the destination is the old compl
 one, the next run says what an interrupted write left, and no staging folder stays behind.
 
 The writers run in tests/writers.py, alternating between two states until killed, so a random delay
-lands at a random point of a write. SLOWLLAMA_KILLS sets the kills per writer (default 3)."""
+lands at a random point of a write. SLOWLLAMA_KILLS sets the kills per writer (default 2)."""
 import contextlib
 import hashlib
 import io
@@ -20,14 +20,14 @@ import fuzz
 import writers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KILLS = int(os.environ.get('SLOWLLAMA_KILLS', 3))
+KILLS = int(os.environ.get('SLOWLLAMA_KILLS', 2))
 
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    paths = fuzz.build_corpus(tmp_path_factory.mktemp('kill_corpus'))
-    other = writers._adapter(paths['prepared'], 3)  # a second adapter for the peft export
-    other.save_adapter(paths['adapter'] + '_other')
+def corpus(fuzz_corpus, tmp_path_factory):
+    paths = dict(fuzz_corpus, adapter=str(tmp_path_factory.mktemp('kill') / 'adapter'))
+    writers._adapter(paths['prepared'], 4).save_adapter(paths['adapter'])
+    writers._adapter(paths['prepared'], 3).save_adapter(paths['adapter'] + '_other')  # for the peft export
     return paths
 
 
