@@ -36,7 +36,10 @@ if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "gpu_check: torch sees no CUDA device here; nothing run" | tee "$out/no_cuda.txt"
     exit 2
 fi
-{ nvidia-smi; python -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)'; } > "$out/environment.txt" 2>&1
+versions='import torch, transformers, peft
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
+      "peft", peft.__version__, "gpu", torch.cuda.get_device_name())'
+{ nvidia-smi; python -c "$versions"; } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
 bench() {  # bench NAME LIMIT_S ARGS...
