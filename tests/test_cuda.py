@@ -32,7 +32,7 @@ def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepare
     reference.to(CUDA, dtype)
     for layer in ref_adapters:  # LoRA trains in fp32 whatever the compute dtype, as ours does
         for adapter in layer.values():
-            adapter.float()
+            adapter.lora_A.float(), adapter.lora_B.float()
     copy_adapters(streamed.adapters, ref_adapters)
     tokens, targets = random_batch(streamed.cfg.vocab_size)
     torch.manual_seed(123)
