@@ -64,9 +64,11 @@ def test_tiers_are_bit_identical(tiny_prepared, monkeypatch, tier, dtype):
     monkeypatch.setattr(store_module, 'placement', placed(TIERS[tier]))
     other = slowllama.load(model_dir, device=CUDA, lora=lora, dropout=0.1, dtype=dtype, stash_ram_bytes=0,
                            stash_device_bytes=0)
-    assert_same_loss_and_gradients(baseline, other, seed=7)
-    tokens, _ = random_batch(baseline.cfg.vocab_size)
-    assert torch.equal(baseline.logits(tokens), other.logits(tokens))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):  # flash attention's backward adds with atomics: not bit-reproducible
+        assert_same_loss_and_gradients(baseline, other, seed=7)
+        tokens, _ = random_batch(baseline.cfg.vocab_size)
+        assert torch.equal(baseline.logits(tokens), other.logits(tokens))
 
 
 def test_logits_loss_and_grads_equal_transformers_peft(tiny_prepared, tmp_path):
