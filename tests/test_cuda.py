@@ -18,6 +18,13 @@ ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 CUDA = 'cuda'
 
 
+@pytest.fixture
+def reproducible_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):  # flash attention's backward adds with atomics
+        yield
+
+
 def max_rel_diff(ours, ref):
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
 
@@ -57,18 +64,16 @@ def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepare
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])  # bf16: the fp32 file converted on the host
 @pytest.mark.parametrize('tier', ['ram', 'device', 'mixed'])
-def test_tiers_are_bit_identical(tiny_prepared, monkeypatch, tier, dtype):
+def test_tiers_are_bit_identical(tiny_prepared, monkeypatch, tier, dtype, reproducible_attention):
     model_dir, _, _ = tiny_prepared
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
     baseline = slowllama.load(model_dir, device=CUDA, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
     monkeypatch.setattr(store_module, 'placement', placed(TIERS[tier]))
     other = slowllama.load(model_dir, device=CUDA, lora=lora, dropout=0.1, dtype=dtype, stash_ram_bytes=0,
                            stash_device_bytes=0)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.MATH):  # flash attention's backward adds with atomics: not bit-reproducible
-        assert_same_loss_and_gradients(baseline, other, seed=7)
-        tokens, _ = random_batch(baseline.cfg.vocab_size)
-        assert torch.equal(baseline.logits(tokens), other.logits(tokens))
+    assert_same_loss_and_gradients(baseline, other, seed=7)
+    tokens, _ = random_batch(baseline.cfg.vocab_size)
+    assert torch.equal(baseline.logits(tokens), other.logits(tokens))
 
 
 def test_logits_loss_and_grads_equal_transformers_peft(tiny_prepared, tmp_path):
@@ -109,7 +114,7 @@ def test_the_ram_tier_and_the_staging_are_pinned_without_rounding(tiny_prepared)
 
 
 @pytest.mark.parametrize('point', list(POINTS))
-def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, point):
+def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, point, reproducible_attention):
     model_dir, _, _ = tiny_text_model
     monkeypatch.setattr(store_module, 'placement', placed(TIERS['mixed']))
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
