@@ -3,10 +3,15 @@
 # 7B shape beside transformers+peft and on 70B-shaped blocks. Everything it prints also lands under
 # $OUT (or ./gpu_check): pytest's output, each benchmark's table and JSON, nvidia-smi.
 #
-#   scripts/gpu_check.sh            all of it (about 10 minutes on one H100, most of it building and
-#                                   loading the random 7B model; the models stay in models/bench)
-#   scripts/gpu_check.sh tests      only `pytest -m cuda` (a minute or two)
-#   scripts/gpu_check.sh bench      only the benchmarks
+#   scripts/gpu_check.sh                 all of it (about 10 minutes on one H100, most of it building
+#                                        and loading the random 7B model; models stay in models/bench)
+#   scripts/gpu_check.sh STAGE...        only those stages, in that order, of:
+#       tests        pytest -m cuda (a minute or two)
+#       7b_16x128    7B, batch 16 x 128: ram and device beside transformers+peft (builds the 7B first)
+#       70b_block    four blocks of Llama-70B's shape from ram and disk: block time against copy time
+#       7b_32x512    7B, 32 x 512: ram and device beside transformers+peft with checkpointing
+#       7b_4x1024    7B, 4 x 1024: ram beside transformers+peft with checkpointing
+#   so a session whose commands may last 10 minutes each runs `tests 7b_16x128`, then the rest.
 #
 # Each stage has its own time limit, so one that hangs cannot eat the others' time.
 set -uo pipefail
@@ -14,7 +19,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-gpu_check}"
 mkdir -p "$out"
-stage="${1:-all}"
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(tests 7b_16x128 70b_block 7b_32x512 7b_4x1024)
 
 run() {  # run NAME LIMIT_S COMMAND...: output to the terminal and to $out/NAME.txt
     local name=$1 limit=$2
@@ -30,25 +36,29 @@ if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "gpu_check: torch sees no CUDA device here; nothing run" | tee "$out/no_cuda.txt"
     exit 2
 fi
-{ nvidia-smi; python -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)'; } > "$out/environment.txt" 2>&1
+versions='import torch, transformers, peft
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
+      "peft", peft.__version__, "gpu", torch.cuda.get_device_name())'
+{ nvidia-smi; python -c "$versions"; } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
-if [[ $stage == all || $stage == tests ]]; then
-    run pytest_cuda 240 python -m pytest -m cuda -q -rs -p no:cacheprovider tests
-fi
+bench() {  # bench NAME LIMIT_S ARGS...
+    local name=$1 limit=$2
+    shift 2
+    run "bench_$name" "$limit" python scripts/bench.py --device cuda --steps 3 --json "$out/bench_$name.json" "$@"
+}
 
-if [[ $stage == all || $stage == bench ]]; then
-    bench() {  # bench NAME ARGS...
-        local name=$1
-        shift
-        run "bench_$name" 300 python scripts/bench.py --device cuda --steps 3 --json "$out/bench_$name.json" "$@"
-    }
-    # targets (issue 16): streamed from pinned RAM >= 4,000 tokens/s at 16 x 128 in <= 3 GiB; resident
-    # >= 1.0x transformers+peft; 32 x 512 >= 1.1x transformers+peft with checkpointing in <= half its memory
-    bench 7b_16x128 --shape 7b --batch-size 16 --seq-len 128 --modes ram,device --peers hf
-    bench 7b_32x512 --shape 7b --batch-size 32 --seq-len 512 --modes ram,device --peers hf-ckpt
-    bench 7b_4x1024 --shape 7b --batch-size 4 --seq-len 1024 --modes ram --peers hf-ckpt
-    # a 70B-shaped block within 1.2x of its copy time (the table's block ms / copy ms)
-    bench 70b_block --shape 70b-block --batch-size 16 --seq-len 128 --modes ram,disk
-fi
+# targets (issue 16): streamed from pinned RAM >= 4,000 tokens/s at 16 x 128 in <= 3 GiB; resident >= 1.0x
+# transformers+peft; 32 x 512 >= 1.1x transformers+peft with checkpointing in <= half its device memory;
+# a 70B-shaped block within 1.2x of its copy time (the table's block ms / copy ms)
+for stage in "${stages[@]}"; do
+    case $stage in
+        tests) run pytest_cuda 240 python -m pytest -m cuda -q -rs -p no:cacheprovider tests ;;
+        7b_16x128) bench 7b_16x128 420 --shape 7b --batch-size 16 --seq-len 128 --modes ram,device --peers hf ;;
+        70b_block) bench 70b_block 240 --shape 70b-block --batch-size 16 --seq-len 128 --modes ram,disk ;;
+        7b_32x512) bench 7b_32x512 300 --shape 7b --batch-size 32 --seq-len 512 --modes ram,device --peers hf-ckpt ;;
+        7b_4x1024) bench 7b_4x1024 240 --shape 7b --batch-size 4 --seq-len 1024 --modes ram --peers hf-ckpt ;;
+        *) echo "gpu_check: unknown stage $stage (tests 7b_16x128 70b_block 7b_32x512 7b_4x1024)"; exit 2 ;;
+    esac
+done
 echo "gpu_check: results in $out"

@@ -12,6 +12,8 @@ import torch
 
 class CopyQueue:
     def __init__(self, device):
+        if device.type != 'cpu' and device.index is None:  # events and streams of one device, from any thread
+            device = torch.device(device.type, torch.accelerator.current_device_index())
         self.device = device
         self.synchronous = device.type == 'cpu'
         if self.synchronous:

@@ -18,11 +18,20 @@ ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 CUDA = 'cuda'
 
 
+@pytest.fixture
+def reproducible_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):  # flash attention's backward adds with atomics
+        yield
+
+
 def max_rel_diff(ours, ref):
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+# bf16: the same computation in another order (blocks recomputed, the head in slices) rounds
+# differently; the test's logic run on a cpu gives 2.3e-2, a wrong mask or weight gives order 1
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepared, dtype, tolerance):
     model_dir, _, _ = tiny_prepared
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
@@ -32,7 +41,7 @@ def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepare
     reference.to(CUDA, dtype)
     for layer in ref_adapters:  # LoRA trains in fp32 whatever the compute dtype, as ours does
         for adapter in layer.values():
-            adapter.float()
+            adapter.lora_A.float(), adapter.lora_B.float()
     copy_adapters(streamed.adapters, ref_adapters)
     tokens, targets = random_batch(streamed.cfg.vocab_size)
     torch.manual_seed(123)
@@ -55,7 +64,7 @@ def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepare
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])  # bf16: the fp32 file converted on the host
 @pytest.mark.parametrize('tier', ['ram', 'device', 'mixed'])
-def test_tiers_are_bit_identical(tiny_prepared, monkeypatch, tier, dtype):
+def test_tiers_are_bit_identical(tiny_prepared, monkeypatch, tier, dtype, reproducible_attention):
     model_dir, _, _ = tiny_prepared
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
     baseline = slowllama.load(model_dir, device=CUDA, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
@@ -105,7 +114,7 @@ def test_the_ram_tier_and_the_staging_are_pinned_without_rounding(tiny_prepared)
 
 
 @pytest.mark.parametrize('point', list(POINTS))
-def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, point):
+def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, point, reproducible_attention):
     model_dir, _, _ = tiny_text_model
     monkeypatch.setattr(store_module, 'placement', placed(TIERS['mixed']))
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
