@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-ROW_STAGING_BYTES = 32 << 20  # each of the two buffers that stage a mapped head's rows (store.RowStager)
+ROW_STAGING_BYTES = 32 << 20  # each of the two buffers that stage a mapped head's rows (copier.RowStager)
 ALIGNMENT = 16384  # every tensor starts on a page (Apple silicon's are 16 KiB), so on a cache line too
 
 

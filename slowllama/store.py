@@ -10,22 +10,20 @@ import mmap
 import os
 import shutil
 import sys
-from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, config_errors, read_json
+from .copier import DeviceCopier, Ready, RowStager
 from .errors import SlowLlamaError
 from .files import (SafetensorsFile, clean_leftovers, safetensors_header, sha256_file, staging_dir, swap_dir,
                     write_json, write_safetensors)
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
 from .packed import Unpacker, check_file_layout, file_layout, pack_block
-from .pinned import ROW_STAGING_BYTES, HostArena
+from .pinned import HostArena
 from .quant import Quant, parse_quant
-from .streams import CopyQueue
 
 FORMAT_NAME = 'slowllama-prepared'
 FORMAT_VERSION = 1
@@ -446,153 +444,6 @@ class BlockStore:
             self._verified.add(filename)
             self._files[filename] = mapped
         return self._files[filename]
-
-
-class DeviceCopier:
-    """Brings streamed blocks to the device in their compute dtype, through two preallocated device
-    buffers (double buffering), so block i+1 travels while block i computes.
-
-    The copies go through a CopyQueue (a side stream on cuda, the one queue on mps), and a buffer is
-    only overwritten once the compute that read it is done. A block read from disk is first read by
-    a background thread into a pinned staging buffer, converted there to the compute dtype (the
-    reads, page faults and conversion would otherwise hold up the thread that launches the compute,
-    and a dtype-changing copy would make a device temporary), then copied. On a cpu there is nothing
-    to copy when the file's dtype is the compute dtype (the mapped file is used as it is); otherwise
-    the conversion into the buffer runs in the background thread.
-
-    A fetch holds one of the two slots from start() to release(slot); a fetch that fails after
-    claiming one must still be released (BlockStore does)."""
-
-    def __init__(self, device, layout, dtype):
-        self.device, self.dtype, self.layout = device, dtype, layout  # layout: {name: (shape, dtype)}
-        self.on_cpu = device.type == 'cpu'
-        self.queue = CopyQueue(device)
-        self._buffers, self._staging = [None, None], None
-        self._free_events, self._copied_events, self._in_use = [None, None], [None, None], [False, False]
-        self._reader = None
-
-    def start(self, host_tensors, from_disk=False):
-        if self.on_cpu and all(t.dtype == self.layout[n][1] for n, t in host_tensors.items()):
-            return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
-        slot = self._claim()
-        try:
-            if self.on_cpu:
-                return Pending(slot, self._in_background(self._convert, slot, host_tensors), self.queue)
-            if from_disk or any(t.dtype != self.layout[n][1] for n, t in host_tensors.items()):
-                return Pending(slot, self._in_background(self._stage_and_copy, slot, host_tensors), self.queue)
-            return Ready(slot, *self._copy(slot, host_tensors), queue=self.queue)
-        except BaseException:  # out of memory allocating the buffers, Ctrl-C
-            self.release(slot)
-            raise
-
-    def release(self, slot):
-        if slot is None:
-            return
-        self._free_events[slot] = self.queue.after_compute()  # the compute that read the buffer
-        self._in_use[slot] = False
-
-    def _claim(self):
-        if all(self._in_use):
-            raise RuntimeError('both copy slots are taken: a block was fetched and never released')
-        slot = self._in_use.index(False)
-        self._in_use[slot] = True
-        return slot
-
-    def _in_background(self, work, slot, host_tensors):
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='slowllama-read')
-        return self._reader.submit(work, slot, host_tensors)
-
-    def _convert(self, slot, host_tensors):  # cpu, in the reader thread
-        buffers = self._slot_buffers(slot)
-        for name, tensor in host_tensors.items():
-            buffers[name].copy_(tensor)
-        return buffers, None
-
-    def _stage_and_copy(self, slot, host_tensors):  # cuda and mps, in the reader thread
-        staging = self._staging_slot(slot)
-        self.queue.host_waits(self._copied_events[slot])  # the last copy out of this staging buffer is done
-        for name, tensor in host_tensors.items():
-            staging[name].copy_(tensor)  # the disk read and the dtype conversion, on the host
-        return self._copy(slot, staging)
-
-    def _copy(self, slot, host_tensors):  # on the copy queue, after the buffer's last reader
-        buffers = self._slot_buffers(slot)
-        pairs = [(buffers[name], tensor) for name, tensor in host_tensors.items()]
-        self._copied_events[slot] = self.queue.copy(pairs, after=self._free_events[slot])
-        return buffers, self._copied_events[slot]
-
-    def _slot_buffers(self, slot):
-        if self._buffers[slot] is None:
-            self._buffers[slot] = {n: torch.empty(s, device=self.device, dtype=dtype)
-                                   for n, (s, dtype) in self.layout.items()}
-        return self._buffers[slot]
-
-    def _staging_slot(self, slot):
-        """Slot's half of one host arena for both staging buffers, as the block travels (the compute
-        dtype; packed projections packed)."""
-        if self._staging is None:
-            specs = {(s, n): spec for s in (0, 1) for n, spec in self.layout.items()}
-            self._staging = HostArena(specs, pin=self.device.type == 'cuda')
-        return {n: self._staging.tensors[(slot, n)] for n in self.layout}
-
-
-class Ready:
-    """A fetch whose tensors can be used once the compute waits for `copied` (None: now)."""
-
-    def __init__(self, slot, tensors, copied=None, queue=None):
-        self.slot, self.tensors, self.copied, self.queue = slot, tensors, copied, queue
-
-    def wait(self):
-        if self.queue is not None:
-            self.queue.compute_waits(self.copied)
-        return self.slot, self.tensors
-
-    def settle(self):
-        pass
-
-
-class Pending:
-    """A fetch running in the reader thread."""
-
-    def __init__(self, slot, future, queue):
-        self.slot, self.future, self.queue = slot, future, queue
-
-    def wait(self):
-        return Ready(self.slot, *self.future.result(), queue=self.queue).wait()
-
-    def settle(self):
-        """Wait until the reader thread is done with the buffers, whether it succeeded or not."""
-        futures.wait([self.future])
-
-
-class RowStager:
-    """Rows of a mapped table (the head, a vocabulary slice at a time) to the device through two
-    pinned host buffers of ROW_STAGING_BYTES each, as blocks travel: a copy from pageable memory
-    would make the host wait for everything queued on the device, once per slice. A slice larger
-    than a buffer (generation takes the whole vocabulary at once) goes in chunks. The copies are
-    queued on the compute stream: the slices are small, what matters is that nothing waits."""
-
-    def __init__(self, queue, dim, dtype):
-        self.queue = queue
-        self.rows = max(1, ROW_STAGING_BYTES // (dim * dtype.itemsize))
-        self.arena = HostArena({0: ((self.rows, dim), dtype), 1: ((self.rows, dim), dtype)},
-                               pin=queue.device.type == 'cuda')
-        self._copied, self._turn = [None, None], 0
-
-    def bring(self, rows):
-        """rows [n, dim] (mapped, any dtype) -> a copy on the device in the buffers' dtype."""
-        dtype = self.arena.tensors[0].dtype
-        on_device = torch.empty(rows.shape, dtype=dtype, device=self.queue.device)
-        for start in range(0, rows.shape[0], self.rows):
-            chunk = rows[start:start + self.rows]
-            turn, self._turn = self._turn, 1 - self._turn
-            self.queue.host_waits(self._copied[turn])  # the copy out of this buffer, two chunks ago
-            staging = self.arena.tensors[turn][:chunk.shape[0]]
-            staging.copy_(chunk)  # the page faults and the dtype conversion, on the host
-            on_device[start:start + chunk.shape[0]].copy_(staging, non_blocking=True)
-            self._copied[turn] = self.queue.after_compute()
-        return on_device
 
 
 # --- placement -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from slowllama.config import ModelConfig
 from slowllama.files import SafetensorsFile
 from slowllama.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
 from slowllama.plan import pinned_bytes, predict
-from slowllama.store import EMBED_FILE, HEAD_FILE, DeviceCopier, Pending, Ready, block_file, block_shapes
+from slowllama.copier import DeviceCopier, Pending, Ready
+from slowllama.store import EMBED_FILE, HEAD_FILE, block_file, block_shapes
 from conftest import random_batch
 from reference import randomize_adapters
 
@@ -249,7 +250,7 @@ def test_on_a_mac_the_device_budget_is_what_the_os_has_free(monkeypatch):
 def test_head_rows_from_disk_travel_through_two_staging_buffers_in_chunks(monkeypatch):
     """A slice larger than a staging buffer (generation takes the whole vocabulary at once) goes
     in chunks, the buffers taking turns, converted to the compute dtype on the host."""
-    from slowllama.store import RowStager
+    from slowllama.copier import RowStager
     from slowllama.streams import CopyQueue
     monkeypatch.setattr(store_module, 'ROW_STAGING_BYTES', 10 * 64 * 2)  # ten bf16 rows of 64
     stager = RowStager(CopyQueue(torch.device('cpu')), 64, torch.bfloat16)
