@@ -53,6 +53,8 @@ FLAGS = {
     'grad-clip': (float, 1.0, 'clip the global gradient norm to this (0: off)'),
     'keep-checkpoints': (int, 0, 'keep only the newest N checkpoints (0: all)'),
     'config': (str, None, 'YAML file whose keys are these flag names; flags on the command line win'),
+    'objective': (str, 'sft', 'sft | dpo (preference pairs {"prompt", "chosen", "rejected"} in --data)'),
+    'beta': (float, 0.1, 'DPO beta: how far the policy may move from the reference'),
 }
 FLAGS.update(BCI_FLAGS)  # --bci-data DIR picks the BCI recipe (slowllama/bci/train.py)
 
