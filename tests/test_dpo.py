@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import slowllama
+from slowllama.files import SafetensorsFile
 from slowllama.dpo import REFERENCE_FILE, attach_reference, compute_reference, eval_step, train_step
 from slowllama.formats.tokenizer import load_tokenizer
 from slowllama.preference import collate_pairs, load_pairs, make_pair
@@ -242,3 +243,23 @@ def test_dpo_flag_errors_are_one_line(tiny_text_model, tmp_path, capsys):
     text.write_text(json.dumps({'text': 'one two'}) + '\n')
     assert main(dpo_args(model_dir, text, tmp_path / 'r2')) == 2
     assert 'record 1' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dpo_two_processes_of_2_pairs_equal_one_of_4(tiny_text_model, tmp_path):
+    """torchrun: each process takes its pairs of every global batch (and its share of the reference
+    pass); the adapter and trl's metrics end where one process with the whole batch ends."""
+    from test_distributed import adapter, finetune, max_relative_difference
+    model_dir, _, _ = tiny_text_model
+    data = write_pairs(tmp_path / 'pairs.jsonl', PAIRS * 3)
+    dpo = ['--objective', 'dpo', '--beta', '0.5', '--val-fraction', '0.2']
+    finetune(model_dir, data, tmp_path / 'single', batch=4, extra=dpo)
+    finetune(model_dir, data, tmp_path / 'pair', batch=2, processes=2, extra=dpo)
+    single, pair = adapter(tmp_path / 'single'), adapter(tmp_path / 'pair')
+    assert max_relative_difference(pair, single) < 1e-4
+    one, two = metrics_of(tmp_path / 'single'), metrics_of(tmp_path / 'pair')
+    assert [row['step'] for row in two] == [1, 2, 3, 4]
+    for key in ('loss',) + METRICS:
+        assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-4, abs=1e-5), key
+    assert two[-1]['eval_rewards/margins'] == pytest.approx(one[-1]['eval_rewards/margins'], rel=1e-4, abs=1e-5)
+    assert SafetensorsFile(tmp_path / 'pair' / REFERENCE_FILE).tensor('train').shape == (len(PAIRS * 3) - 3, 2)

@@ -18,6 +18,8 @@ from ..preference import PairBatches, fixed_pair_batches, load_pairs
 from ..train import Trainer
 from .run_setup import load_model, run_config_of, setup_run, train_and_report
 
+REFERENCE_BATCHES = 4  # training batches per batch of the reference pass
+
 
 def build(opts, stream=None):
     """-> (model, tokenizer, trainer) of a DPO run, ready to run."""
@@ -62,8 +64,10 @@ def reference_logps(model, pairs, opts, run, pad_id, stream):
     if saved is not None:
         note = f'reference log-probs read from {REFERENCE_FILE}'
     else:
-        saved = {split: compute_reference(model, getattr(pairs, split), opts.batch_size, pad_id,
-                                          lora_off=adapter is None, group=run.group, stream=stream)
+        # no gradients, no saved inputs: larger batches than training's
+        size = REFERENCE_BATCHES * opts.batch_size
+        saved = {split: compute_reference(model, getattr(pairs, split), size, pad_id, lora_off=adapter is None,
+                                          group=run.group, stream=stream)
                  for split in ('train', 'val')}
         if run.group.is_main:
             write_reference(run.out, key, saved)
