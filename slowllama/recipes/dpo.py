@@ -25,6 +25,8 @@ def build(opts, stream=None):
     """-> (model, tokenizer, trainer) of a DPO run, ready to run."""
     if opts.beta <= 0:
         raise SlowLlamaError(f'--beta must be positive, got {opts.beta}')
+    if opts.pack:
+        raise SlowLlamaError('--pack does not apply to --objective dpo (each answer is a row of its own)')
     run = setup_run(opts, ('model', 'data'), 'with --objective dpo, a JSONL file of {"prompt", "chosen", '
                                              '"rejected"} pairs')
     if not opts.resume and list_checkpoints(run.out):  # before the reference file is written there
