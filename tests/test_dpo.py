@@ -298,21 +298,31 @@ def smollm2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smollm2_learns_to_prefer_polite_answers(smollm2, tmp_path):
-    """(c) 8 held-out questions: their reward accuracy starts at a tie (policy == reference) and ends
-    >= 0.9 after 8 steps of 2 pairs, with the margin growing; the rude answer became less likely."""
+    """(c) 8 held-out questions: policy == reference at the start (every reward 0, a tie), reward accuracy
+    >= 0.9 after 6 steps of 2 pairs, the margin growing; and the greedy completion of a question about
+    a topic never seen turns polite."""
     from slowllama.cli import main
+    from slowllama.completion import complete
     data = write_pairs(tmp_path / 'polite.jsonl', polite_pairs())
     out = tmp_path / 'run'
     assert main(['finetune', '--objective', 'dpo', '--beta', '0.1', '--model', str(smollm2), '--data', str(data),
-                 '--out', str(out), '--iters', '8', '--batch-size', '2', '--seq-len', '64', '--lr', '1e-3',
-                 '--val-fraction', '0.2', '--eval-every', '4', '--targets', 'q,v', '--schedule', 'constant',
+                 '--out', str(out), '--iters', '6', '--batch-size', '2', '--seq-len', '64', '--lr', '5e-3',
+                 '--val-fraction', '0.2', '--eval-every', '3', '--targets', 'q,k,v,o', '--schedule', 'constant',
                  '--device', 'cpu', '--offload', 'ram']) == 0
     rows = metrics_of(out)
     evals = [row for row in rows if 'eval_rewards/accuracies' in row]
-    print('\n(c) held-out reward accuracy ' + ', '.join(f'step {r["step"]}: {r["eval_rewards/accuracies"]:.2f}'
-                                                       for r in evals)
-          + f'; margins {evals[0]["eval_rewards/margins"]:.3f} -> {evals[-1]["eval_rewards/margins"]:.3f}; '
-          f'{sum(r["step_s"] for r in rows):.0f}s of steps')
+    assert rows[0]['rewards/margins'] == pytest.approx(0.0, abs=1e-3)  # the first step starts from the reference
     assert evals[-1]['eval_rewards/accuracies'] >= 0.9
     assert evals[-1]['eval_rewards/margins'] > evals[0]['eval_rewards/margins'] > 0
     assert evals[-1]['eval_rewards/rejected'] < 0
+
+    prompt = 'Question: Could you explain lanterns to me?\nAnswer:'
+    tokenizer = load_tokenizer(smollm2)
+    base = complete(slowllama.load(smollm2, offload='ram'), tokenizer, prompt, max_new_tokens=8)
+    tuned = complete(slowllama.load(smollm2, adapter=out / 'adapter', offload='ram'), tokenizer, prompt, 8)
+    print('\n(c) held-out reward accuracy ' + ', '.join(f'step {r["step"]}: {r["eval_rewards/accuracies"]:.2f}'
+                                                        for r in evals)
+          + f'; margins {evals[0]["eval_rewards/margins"]:.3f} -> {evals[-1]["eval_rewards/margins"]:.3f}; '
+          f'{sum(r["step_s"] for r in rows):.0f}s of steps; base {base!r}, tuned {tuned!r}')
+    polite = ('thank', 'glad', 'happy', 'certainly', 'of course', 'great question')
+    assert any(word in tuned.lower() for word in polite) and not any(word in base.lower() for word in polite)
