@@ -152,7 +152,7 @@ def load_pairs(path, tokenizer, seq_len, seed=0, val_fraction=0.0):
     records = read_records(path)
     n_val = math.ceil(len(records) * val_fraction) if val_fraction else 0
     if n_val >= len(records):
-        raise SlowLlamaError(f'{path}: {len(records)} pairs are too few for --val-fraction {val_fraction}')
+        raise SlowLlamaError(f'{path}: {len(records)} records are too few for --val-fraction {val_fraction}')
     val_index = set(torch.randperm(len(records), generator=_generator(seed, 1 << 30)).tolist()[:n_val])
     train, val = [], []
     digest = hashlib.sha256()

@@ -242,7 +242,7 @@ def test_dpo_flag_errors_are_one_line(tiny_text_model, tmp_path, capsys):
     assert main(dpo_args(model_dir, data, tmp_path / 'r', '--pack')) == 2
     assert '--pack' in capsys.readouterr().err
     text = tmp_path / 'plain.jsonl'
-    text.write_text(json.dumps({'text': 'one two'}) + '\n')
+    text.write_text((json.dumps({'text': 'one two'}) + '\n') * 4)
     assert main(dpo_args(model_dir, text, tmp_path / 'r2')) == 2
     assert 'record 1' in capsys.readouterr().err
 
@@ -299,15 +299,15 @@ def smollm2(tmp_path_factory):
 @pytest.mark.slow
 def test_smollm2_learns_to_prefer_polite_answers(smollm2, tmp_path):
     """(c) 8 held-out questions: policy == reference at the start (every reward 0, a tie), reward accuracy
-    >= 0.9 after 6 steps of 2 pairs, the margin growing; and the greedy completion of a question about
+    >= 0.9 after 4 steps of 2 pairs, the margin growing; and the greedy completion of a question about
     a topic never seen turns polite."""
     from slowllama.cli import main
     from slowllama.completion import complete
     data = write_pairs(tmp_path / 'polite.jsonl', polite_pairs())
     out = tmp_path / 'run'
     assert main(['finetune', '--objective', 'dpo', '--beta', '0.1', '--model', str(smollm2), '--data', str(data),
-                 '--out', str(out), '--iters', '6', '--batch-size', '2', '--seq-len', '64', '--lr', '5e-3',
-                 '--val-fraction', '0.2', '--eval-every', '3', '--targets', 'q,k,v,o', '--schedule', 'constant',
+                 '--out', str(out), '--iters', '4', '--batch-size', '2', '--seq-len', '64', '--lr', '5e-3',
+                 '--val-fraction', '0.2', '--eval-every', '2', '--targets', 'q,k,v,o', '--schedule', 'constant',
                  '--device', 'cpu', '--offload', 'ram']) == 0
     rows = metrics_of(out)
     evals = [row for row in rows if 'eval_rewards/accuracies' in row]
