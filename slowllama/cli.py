@@ -40,15 +40,22 @@ def module(name):
     return importlib.import_module(f'{__package__}.{name}')
 
 
+OBJECTIVES = {'sft': 'recipes.finetune', 'dpo': 'recipes.dpo'}  # finetune --objective -> its recipe
+
+
 def run_finetune(args):
     """finetune with no flags at all runs the demo; with --bci-data (on the command line or in the YAML
-    file) the BCI recipe; else the text recipe."""
+    file) the BCI recipe; else the recipe of --objective (sft: text, dpo: preference pairs)."""
     options = module('recipes.options')
     if options.nothing_given(args):
         module('recipes.demo').run_demo()
         return 0
     opts = options.resolve(args)
-    module('bci.train' if opts.bci_data is not None else 'recipes.finetune').run(opts)
+    if opts.objective not in OBJECTIVES:
+        raise SlowLlamaError(f'--objective: unknown objective {opts.objective!r} (use sft or dpo)')
+    if opts.bci_data is not None and opts.objective != 'sft':
+        raise SlowLlamaError(f'--objective {opts.objective} does not combine with --bci-data')
+    module('bci.train' if opts.bci_data is not None else OBJECTIVES[opts.objective]).run(opts)
     return 0
 
 

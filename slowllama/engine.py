@@ -18,7 +18,7 @@ from torch.func import functional_call
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
 from .files import clean_leftovers, staging_dir, swap_dir
 from .store import announce
-from .lora import LoraConfig, adapter_state, attach, load_adapter_state, save_adapter_folder
+from .lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state, save_adapter_folder
 from .head import IGNORE, StreamedHead
 from .model import Block, KVCache, document_mask, rope_changes_past, rope_table
 from .stash import InputStash
@@ -97,11 +97,11 @@ class StreamedModel:
         return self.head.logits(x[:, x.shape[1] - tokens.shape[1]:])
 
     @streamed_pass(training=True)
-    def backward(self, tokens, targets, prefix=None, positions=None):
+    def backward(self, tokens, targets, prefix=None, positions=None, weigh=None):
         """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
         (-100: ignored). Accumulates .grad on the trainable parameters (and into `prefix` when it
         requires grad); returns the mean loss over the counted targets as a float. positions: as
-        for logits()."""
+        for logits(). weigh: another loss on the per-token log-probs (StreamedHead.loss_and_grad)."""
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         with torch.no_grad():
             x, layout = self._embed(tokens, prefix.detach() if prefix is not None else None, positions)
@@ -116,7 +116,7 @@ class StreamedModel:
             x = self._forward_blocks(x, layout, before_block=keep_input, keep_last=True)
         rng_after_forward = get_rng_state(self.device)
         self._trim_host_heap()
-        loss, grad = self.head.loss_and_grad(x, targets)
+        loss, grad = self.head.loss_and_grad(x, targets, weigh)
         del x
         for i in reversed(range(self.cfg.n_layers)):
             weights = self.store.block(i)  # the last block is still on the device from the forward
@@ -141,6 +141,18 @@ class StreamedModel:
         x, layout = self._embed(tokens, prefix, positions)
         x = self._forward_blocks(x, layout)
         return self.head.loss(x, self._with_prefix_targets(targets, prefix))
+
+    @torch.no_grad()
+    @streamed_pass(training=False)
+    def token_logprobs(self, tokens, targets, positions=None):
+        """Eval mode, no gradients: the log-prob of each target [batch, seq] (float32, 0 where -100)."""
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        x, layout = self._embed(tokens, None, positions)
+        return self.head.token_logprobs(self._forward_blocks(x, layout), targets)
+
+    def lora_disabled(self):
+        """Context manager: the base model within (every LoRA bypassed), as PEFT's disable_adapter()."""
+        return disabled(self.adapters)
 
     @torch.no_grad()
     @streamed_pass(training=False)

@@ -28,8 +28,12 @@ class StreamedHead:
             self.store.release_head_rows(start, end)
         return out.view(*x.shape[:-1], self.cfg.vocab_size)
 
-    def loss_and_grad(self, x, targets):
-        """Mean cross-entropy over the targets that are not IGNORE, and its gradient wrt x."""
+    def loss_and_grad(self, x, targets, weigh=None):
+        """Mean cross-entropy over the targets that are not IGNORE, and its gradient wrt x.
+
+        weigh: another loss on the same per-token log-probs, e.g. DPO's on their per-row sums:
+        weigh(logps [batch, seq], 0 where IGNORE) -> (loss, d loss / d each position's cross-entropy
+        [batch, seq]); the gradient pass is the same, only the per-position weights change."""
         flat = x.reshape(-1, x.shape[-1]).detach().requires_grad_(True)
         targets = targets.reshape(-1)
         valid = targets != IGNORE
@@ -37,7 +41,12 @@ class StreamedHead:
         with torch.enable_grad():
             h = rms_norm(flat, self.store.head_norm(), self.cfg.norm_eps)  # [tokens, dim]
         lse, target_logit, softmax_rows, target_rows = self._one_pass(h.detach(), targets, gradient=True)
-        loss = ((lse - target_logit) * weight).sum()
+        if weigh is None:
+            loss = ((lse - target_logit) * weight).sum()
+        else:
+            logps = torch.where(valid, target_logit - lse, 0.0).view(x.shape[:-1])
+            loss, weight = weigh(logps)
+            weight = weight.reshape(-1).float() * valid
         # d loss / d h = (softmax - onehot) @ head rows, weighted per position
         h.backward(((softmax_rows - target_rows) * weight[:, None]).to(h.dtype))
         return float(loss), flat.grad.view_as(x)
@@ -50,6 +59,14 @@ class StreamedHead:
         valid = targets != IGNORE
         lse, target_logit, _, _ = self._one_pass(hidden, targets, gradient=False)
         return float(((lse - target_logit) * valid).sum() / valid.sum().clamp(min=1))
+
+    @torch.no_grad()
+    def token_logprobs(self, x, targets):
+        """x [batch, seq, dim] -> float32 log-prob of each target [batch, seq], 0 where IGNORE."""
+        hidden = rms_norm(x.reshape(-1, x.shape[-1]), self.store.head_norm(), self.cfg.norm_eps)
+        targets = targets.reshape(-1)
+        lse, target_logit, _, _ = self._one_pass(hidden, targets, gradient=False)
+        return torch.where(targets != IGNORE, target_logit - lse, 0.0).view(x.shape[:-1])
 
     def _one_pass(self, hidden, targets, gradient):
         """One sweep over the vocabulary slices, online as in flash attention: each position's

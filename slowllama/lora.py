@@ -4,6 +4,7 @@ y = W x + (alpha / r) * B A dropout(x), with A kaiming-initialised and B zero (P
 fresh adapter leaves the model unchanged. The frozen W is supplied per call (streamed); A and B live
 on the device for the whole run.
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -102,9 +103,12 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scale = cfg.scale
         self.dropout = cfg.dropout
+        self.enabled = True  # False: the frozen linear alone (the base model, e.g. DPO's reference)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
         lora_in = x.to(self.lora_A.weight.dtype)
         if self.dropout and self.training:
             lora_in = F.dropout(lora_in, self.dropout, True)
@@ -127,6 +131,19 @@ def attach(block: nn.Module, cfg: LoraConfig, device, dtype=torch.float32):
         setattr(parent, child_name, adapter)
         adapters[path] = adapter
     return adapters
+
+
+@contextlib.contextmanager
+def disabled(layers_adapters):
+    """Within: every adapter bypassed (no LoRA term, no LoRA dropout drawn), as PEFT's disable_adapter()."""
+    adapters = [adapter for layer in layers_adapters for adapter in layer.values()]
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
 
 
 def peft_key(layer, module_path, matrix):

@@ -102,6 +102,9 @@ class Trainer:
     or a subclass carrying more, e.g. signals); `val` is a list of such batches.
     step_fn(model, batch) -> float loss: accumulates gradients on model.trainable_parameters().
     eval_fn(model, batch) -> float loss without gradients. sample_fn(model) -> str, shown at each evaluation.
+    Either may return a dict {'loss': ..., other metrics} instead (e.g. DPO's rewards): each metric is
+    averaged like the loss, logged in metrics.jsonl and on the progress line ('eval_' before it when
+    evaluating); every call must return the same keys.
     """
 
     def __init__(self, model, cfg: TrainConfig, run_dir, data, val=(), step_fn=default_step,
@@ -125,6 +128,7 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # micro-batches consumed
         self.bar = None
+        self.metric_names = ()
         self._pending = []  # lines logged before run() has set up train.log
         self.reports = [LossPlot(self.run_dir, self.log)]  # beside metrics.jsonl, on rank 0
         if tensorboard:
@@ -191,7 +195,9 @@ class Trainer:
             group['lr'] = lr
         started = time.perf_counter()
         batches = [self.data.batch(self.data_position + i) for i in range(self.cfg.grad_accum)]
-        loss = self._accumulate(batches)
+        metrics = self._accumulate(batches)
+        loss = metrics.pop('loss')
+        self.metric_names = tuple(metrics)  # what step_fn reports beside the loss
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float('inf')
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -207,7 +213,7 @@ class Trainer:
         self.step, self.data_position = step, self.data_position + len(batches)
         seconds = time.perf_counter() - started
         tokens = sum(batch.tokens.numel() for batch in batches)  # over every process
-        row = {'step': step, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'tokens': tokens,
+        row = {'step': step, 'loss': loss, **metrics, 'lr': lr, 'grad_norm': grad_norm, 'tokens': tokens,
                'tokens_per_s': tokens / max(seconds, 1e-9), 'step_s': seconds}
         return {**row, 'skipped': True} if skipped else row
 
@@ -216,7 +222,7 @@ class Trainer:
         micro-batches: each micro-batch's mean-loss gradient is weighted by its share of the targets."""
         total = sum(batch.n_targets for batch in batches) or 1  # over the global batches
         summed = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        loss = 0.0
+        metrics = {'loss': 0.0}
         for batch in batches:
             if self.group.active:
                 batch = batch.rows(self.group.rows(batch.tokens.shape[0]))
@@ -224,14 +230,16 @@ class Trainer:
                 p.grad = None
             weight = batch.n_targets / total
             if weight:  # a share with no counted target adds nothing
-                loss += weight * self.step_fn(self.model, batch)
+                for key, value in as_metrics(self.step_fn(self.model, batch)).items():
+                    metrics[key] = metrics.get(key, 0.0) + weight * value
             for name, p in self.params.items():
                 if p.grad is not None:
                     summed[name].add_(p.grad, alpha=weight)
         self.group.sum_(list(summed.values()))  # each process holds its weighted share: sum them
         for name, p in self.params.items():
             p.grad = summed[name]
-        return self.group.sum_float(loss, summed[next(iter(summed))].device)
+        device = summed[next(iter(summed))].device
+        return {key: self.group.sum_float(value, device) for key, value in metrics.items()}
 
     def evaluate(self, step=None):
         """Validation loss (mean over every counted target) and the sample completion, leaving the
@@ -244,9 +252,14 @@ class Trainer:
         if self.val:
             share = self.val[self.group.rank::self.group.world]
             counted = self.group.sum_float(sum(batch.n_targets for batch in share), device)
-            summed = self.group.sum_float(sum(b.n_targets * self.eval_fn(self.model, b) for b in share), device)
-            result['eval_loss'] = summed / max(counted, 1)
-            self.log(f'step {step}: eval loss {result["eval_loss"]:.4f}')
+            results = [(b.n_targets, as_metrics(self.eval_fn(self.model, b))) for b in share]
+            # a process whose share is empty learns the metric names from the others
+            keys = next((k for k in self.group.gather(sorted(results[0][1]) if results else None) if k), ['loss'])
+            for key in keys:
+                summed = self.group.sum_float(sum(c * r[key] for c, r in results), device)
+                result[f'eval_{key}'] = summed / max(counted, 1)
+            extra = ''.join(f' {k} {v:.4g}' for k, v in result.items() if k != 'eval_loss')
+            self.log(f'step {step}: eval loss {result["eval_loss"]:.4f}{extra}')
         if self.sample_fn:
             result['sample'] = self.sample_fn(self.model)
             self.log(f'step {step}: sample: {result["sample"]!r}')
@@ -317,11 +330,14 @@ class Trainer:
             return
         metrics = {k: v for k, v in row.items() if k != 'sample'}
         _append_line(os.path.join(self.run_dir, 'metrics.jsonl'), json.dumps(metrics))
-        line = (f'step {row["step"]}/{self.cfg.iters} loss {row["loss"]:.4f} lr {row["lr"]:.2e} '
+        extra = ''.join(f' {k} {v:.4g}' for k, v in row.items() if k in self.metric_names)
+        line = (f'step {row["step"]}/{self.cfg.iters} loss {row["loss"]:.4f}{extra} lr {row["lr"]:.2e} '
                 f'{row["tokens_per_s"]:.0f} tok/s')
         _append_line(os.path.join(self.run_dir, 'train.log'), line)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f'{row["loss"]:.4f}', tok_s=f'{row["tokens_per_s"]:.0f}', refresh=False)
+            extras = {k: f'{row[k]:.4g}' for k in self.metric_names}
+            self.bar.set_postfix({'loss': f'{row["loss"]:.4f}', **extras, 'tok_s': f'{row["tokens_per_s"]:.0f}'},
+                                 refresh=False)
             self.bar.update(1)
         elif time.monotonic() - self._last_print >= 10 or row['step'] in (self.step_first, self.cfg.iters):
             self._last_print = time.monotonic()
@@ -367,6 +383,11 @@ class Trainer:
                 'last_loss': losses[-1] if losses else None, 'eval_loss': evals[-1] if evals else None,
                 'tokens_per_s': tokens / max(sum(r['step_s'] for r in rows), 1e-9) if rows else None,
                 'seconds': seconds}
+
+
+def as_metrics(result):
+    """A step_fn / eval_fn result (a float loss, or a dict with 'loss' and more) -> a dict of floats."""
+    return {k: float(v) for k, v in result.items()} if isinstance(result, dict) else {'loss': float(result)}
 
 
 # --- logs ----------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ FLAGS = {
     'tensorboard': (bool, False, 'also write the metrics as TensorBoard event files in the run folder '
                                  '(pip install slowllama[tensorboard])'),
     'config': (str, None, 'YAML file whose keys are these flag names; flags on the command line win'),
+    'objective': (str, 'sft', 'sft | dpo (preference pairs {"prompt", "chosen", "rejected"} in --data)'),
+    'beta': (float, 0.1, 'DPO beta: how far the policy may move from the reference'),
 }
 FLAGS.update(BCI_FLAGS)  # --bci-data DIR picks the BCI recipe (slowllama/bci/train.py)
 
