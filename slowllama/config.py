@@ -274,10 +274,13 @@ def config_errors(where):
     """Inside: a config value missing, of the wrong type or out of range is one line naming `where`."""
     try:
         yield
-    except SlowLlamaError as e:
-        if not str(e).startswith('model config:'):
-            raise
-        raise SlowLlamaError(f'{where}: {str(e).removeprefix("model config: ")}') from None
+    except SlowLlamaError as e:  # messages of ModelConfig's own checks name the file here
+        message = str(e)
+        if message.startswith('model config: '):
+            raise SlowLlamaError(f'{where}: {message.removeprefix("model config: ")}') from None
+        if message.startswith('config.json'):
+            raise SlowLlamaError(f'{where}{message.removeprefix("config.json")}') from None
+        raise
     except KeyError as e:
         raise SlowLlamaError(f'{where}: lacks {e.args[0]!r}') from None
     except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
