@@ -37,6 +37,9 @@ class ModelConfig:
         check_values(self)
         if self.head_dim == 0:
             object.__setattr__(self, 'head_dim', self.dim // self.n_heads)
+        if self.head_dim < 2 or self.head_dim % 2:  # rope rotates pairs
+            raise SlowLlamaError(f'model config: head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) '
+                                 'must be even and at least 2')
         if self.n_heads % self.n_kv_heads:
             raise SlowLlamaError(f'model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}')
 

@@ -116,6 +116,27 @@ def test_gguf_with_altered_tokenizer_metadata_is_refused(corpus, tmp_path, field
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_gguf_array_longer_than_the_file_is_refused_not_looped_over(corpus, tmp_path):
+    """The gguf reader looped over an array's claimed count past the end of the file (a hang)."""
+    import gguf
+    from numpy.lib.array_utils import byte_bounds
+    reader = gguf.GGUFReader(corpus['bpe.gguf'])
+    count = reader.fields['tokenizer.ggml.tokens'].parts[4]  # key length, key, type, item type, count
+    offset = byte_bounds(count)[0] - byte_bounds(reader.data)[0]
+    data = bytearray(open(corpus['bpe.gguf'], 'rb').read())
+    data[offset:offset + 8] = (1 << 62).to_bytes(8, 'little')
+    path = tmp_path / 'long.gguf'
+    path.write_bytes(bytes(data))
+    assert 'cannot fit' in _refused(lambda: slowllama.prepare(path, tmp_path / 'out'), path)
+
+
+def test_a_head_count_leaving_no_head_dim_is_refused(corpus, tmp_path):
+    from slowllama.formats.gguf import open_reader
+    path = tmp_path / 'heads.gguf'
+    _rewrite_gguf(open_reader(corpus['bpe.gguf']), path, {'llama.attention.head_count': 256})
+    assert 'head_dim' in _refused(lambda: slowllama.prepare(path, tmp_path / 'out'), path)
+
+
 def _rewrite_gguf(reader, path, changes):
     """A copy of the GGUF with some metadata values replaced (written with the gguf package)."""
     import gguf

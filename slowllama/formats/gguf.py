@@ -9,6 +9,7 @@ fused attn_qkv and ffn_up (gate and up) are split as the HF folder's are.
 The tokenizer comes from the metadata.
 """
 import math
+import mmap
 import os
 import struct
 
@@ -62,9 +63,59 @@ def check_header(path):
                              f'cannot fit in {size} bytes)')
 
 
+# GGUF value type -> size in bytes of a scalar of it (8: string, 9: array)
+SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+
+
+def check_metadata(path):
+    """Walk the key-value section before the gguf reader does: every string length and array count
+    must fit in the file (the reader loops over an array's claimed count even past the file's end)."""
+    with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        n_values = struct.unpack_from('<Q', data, 16)[0]
+        offset = 24
+        for _ in range(n_values):
+            offset = _skip_string(data, offset, path)
+            offset = _skip_value(data, offset + 4, _u(data, offset, '<I', path), path)
+
+
+def _u(data, offset, fmt, path):
+    if offset + struct.calcsize(fmt) > len(data):
+        raise SlowLlamaError(f'{path}: corrupt GGUF metadata (runs past the end of the file)')
+    return struct.unpack_from(fmt, data, offset)[0]
+
+
+def _skip_string(data, offset, path):
+    end = offset + 8 + _u(data, offset, '<Q', path)
+    if end > len(data):
+        raise SlowLlamaError(f'{path}: corrupt GGUF metadata (a string runs past the end of the file)')
+    return end
+
+
+def _skip_value(data, offset, kind, path, depth=0):
+    if depth > 4:  # llama.cpp writes arrays of scalars and strings only
+        raise SlowLlamaError(f'{path}: corrupt GGUF metadata (arrays nested {depth} deep)')
+    if kind in SCALAR_SIZES:
+        return offset + SCALAR_SIZES[kind]
+    if kind == STRING:
+        return _skip_string(data, offset, path)
+    if kind != ARRAY:
+        raise SlowLlamaError(f'{path}: corrupt GGUF metadata (value type {kind})')
+    item, count = _u(data, offset, '<I', path), _u(data, offset + 4, '<Q', path)
+    offset += 12
+    if count * SCALAR_SIZES.get(item, 8) > len(data) - offset:  # strings and arrays take 8 bytes at least
+        raise SlowLlamaError(f'{path}: corrupt GGUF metadata (an array of {count} items cannot fit in the file)')
+    if item in SCALAR_SIZES:
+        return offset + count * SCALAR_SIZES[item]
+    for _ in range(count):
+        offset = _skip_value(data, offset, item, path, depth + 1)
+    return offset
+
+
 def open_reader(path):
     import gguf
     check_header(path)
+    check_metadata(path)
     try:
         return gguf.GGUFReader(path, 'r')
     except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
