@@ -16,7 +16,7 @@ from ..files import atomic_open
 from ..formats.tokenizer import load_tokenizer
 from .data import SPLITS, read_data
 from .decode import decode_trials, exact_match, load_decoder, word_error_rate
-from .synthetic import make_demo_set
+from .synthetic import PRESETS, make_demo_set
 
 
 def add_decode_arguments(p):
@@ -65,18 +65,41 @@ def write_predictions(path, indices, texts):
 
 def add_synthetic_arguments(p):
     p.add_argument('out', help='the data folder to write (signals.npy + texts.jsonl)')
-    p.add_argument('--trials', type=int, default=400, help='recordings (default 400)')
-    p.add_argument('--sentences', type=int, default=24, help='distinct sentences (default 24)')
-    p.add_argument('--channels', type=int, default=16, help='electrodes (default 16)')
-    p.add_argument('--word-len', type=int, default=16, help='samples per word (default 16)')
-    p.add_argument('--max-words', type=int, default=4, help='words per sentence at most (default 4)')
-    p.add_argument('--noise', type=float, default=0.5, help='noise standard deviation (default 0.5)')
+    p.add_argument('--preset', choices=sorted(PRESETS), default=None,
+                   help='external: 16 sentences, 32 channels, noise 0.6, jitter 5 of 20 samples, 12/2/4 trials per '
+                        'sentence (flags given as well win)')
+    p.add_argument('--trials', type=int, default=None, help='recordings, split 80/10/10 (default 400)')
+    p.add_argument('--trials-per-sentence', type=int, default=None,
+                   help='train trials per sentence, instead of --trials (val and test: the next two flags)')
+    p.add_argument('--val-per-sentence', type=int, default=None, help='with --trials-per-sentence (default 2)')
+    p.add_argument('--test-per-sentence', type=int, default=None, help='with --trials-per-sentence (default 4)')
+    p.add_argument('--sentences', type=int, default=None, help='distinct sentences (default 24)')
+    p.add_argument('--channels', type=int, default=None, help='electrodes (default 16)')
+    p.add_argument('--word-len', type=int, default=None, help='samples per word (default 16)')
+    p.add_argument('--min-words', type=int, default=None, help='words per sentence at least (default 1)')
+    p.add_argument('--max-words', type=int, default=None, help='words per sentence at most (default 4)')
+    p.add_argument('--density', type=float, default=None, help='share of the channels a word drives (default 1/3)')
+    p.add_argument('--noise', type=float, default=None,
+                   help='noise standard deviation, as a fraction of the patterns\' amplitude (default 0.35)')
+    p.add_argument('--jitter', type=int, default=None, help='largest shift of a trial, in samples (default word-len/4)')
+    p.add_argument('--test-jitter', type=int, default=None, help='the same for the test trials (default --jitter)')
     p.add_argument('--no-splits', action='store_true', help='leave "split" out (bci data then splits itself)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
 
 
+SYNTHETIC_FLAGS = ('trials', 'sentences', 'channels', 'word_len', 'min_words', 'max_words', 'density', 'noise',
+                   'jitter', 'test_jitter')
+
+
 def run_synthetic(args):
-    texts = make_demo_set(args.out, args.trials, args.sentences, args.channels, args.word_len, args.max_words,
-                          args.noise, splits=not args.no_splits, seed=args.seed)
-    print(f'{args.trials} trials of {len(texts)} sentences written to {os.path.abspath(args.out)}; '
-          f'e.g. {texts[0]!r}')
+    settings = dict(PRESETS.get(args.preset, {}))
+    settings.update({k: getattr(args, k) for k in SYNTHETIC_FLAGS if getattr(args, k) is not None})
+    counts = (args.trials_per_sentence, args.val_per_sentence, args.test_per_sentence)
+    if any(c is not None for c in counts):
+        if args.trials_per_sentence is None and 'per_sentence' not in settings:
+            raise SlowLlamaError('--val-per-sentence and --test-per-sentence need --trials-per-sentence')
+        given = settings.get('per_sentence', (None, 2, 4))
+        settings['per_sentence'] = tuple(c if c is not None else d for c, d in zip(counts, given))
+    texts = make_demo_set(args.out, splits=not args.no_splits, seed=args.seed, **settings)
+    print(f'{len(read_data(args.out).texts)} trials of {len(texts)} sentences written to '
+          f'{os.path.abspath(args.out)}; e.g. {texts[0]!r}')
