@@ -25,7 +25,7 @@ BCI_FLAGS = {
     'bci-lr': (float, None, 'peak learning rate of the encoder (default: --lr); same schedule'),
     'bci-weight-decay': (float, 0.05, 'AdamW weight decay of the encoder'),
     'bci-no-augment': (bool, False, 'train on the trials as recorded (augmentation is on by default)'),
-    'bci-shift': (int, 8, 'augmentation: largest random time shift, in samples'),
+    'bci-shift': (int, None, 'augmentation: largest random time shift, in samples (default: a 16th of a trial)'),
     'bci-stretch': (float, 0.1, 'augmentation: time stretched by a random factor in [1 - x, 1 + x]'),
     'bci-scale': (float, 0.2, 'augmentation: amplitude scaled by a random factor in [1 - x, 1 + x]'),
     'bci-noise': (float, 0.3, 'augmentation: Gaussian noise added to the z-scored signals (standard deviation)'),

@@ -38,9 +38,11 @@ def build(opts, stream=None):
     score_fn = None
     if opts.bci_decode_trials > 0 and val_indices:
         scored = val_indices[:opts.bci_decode_trials]
-        score_fn = lambda m: validation_score(m, data, tokenizer, scored, opts.seq_len)  # noqa: E731
-    augment = None if opts.bci_no_augment else Augment(opts.bci_shift, opts.bci_stretch, opts.bci_scale,
-                                                        opts.bci_noise, opts.bci_channel_drop)
+        longest = max(len(trials.text_ids(i)) for i in train_indices)  # an untrained decoder may never stop
+        score_fn = lambda m: validation_score(m, data, tokenizer, scored, min(opts.seq_len, longest + 2))  # noqa: E731
+    shift = max(1, data.time // 16) if opts.bci_shift is None else opts.bci_shift
+    augment = None if opts.bci_no_augment else Augment(shift, opts.bci_stretch, opts.bci_scale, opts.bci_noise,
+                                                        opts.bci_channel_drop)
     encoder_settings = {'lr': opts.lr if opts.bci_lr is None else opts.bci_lr, 'weight_decay': opts.bci_weight_decay}
     trainer = Trainer(model, run.train_cfg, run.out, train, val,
                       step_fn=lambda m, b: train_step(m, b, prompt, augment),
