@@ -251,7 +251,8 @@ class Trainer:
         if self.score_fn:
             scored = self.score_fn(self.model)
             result.update(scored)
-            self.log(f'step {step}: score {scored["score"]:.4f}' + (f', {scored["sample"]}' if 'sample' in scored else ''))
+            shown = f', {scored["sample"]}' if 'sample' in scored else ''
+            self.log(f'step {step}: score {scored["score"]:.4f}{shown}')
         set_rng_state(device, rng)
         return result
 
