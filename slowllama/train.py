@@ -149,6 +149,8 @@ class Trainer:
                     if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn or self.score_fn):
                         row.update(self.evaluate(step))
                         row.update(self._select(row))
+                        if self.group.active and self.group.gather(bool(row.get('early_stop')))[0]:
+                            row['early_stop'] = True  # rank 0 decides, every process stops
                     self._record(row)
                     rows.append(row)
                     if self._due(step, self.cfg.save_every) or stop.requested or row.get('early_stop'):
