@@ -13,6 +13,7 @@ from ..api import load
 from ..devices import default_dtype, resolve_device
 from ..lora import adapter_folder
 from ..progress import progress
+from .data import words_of
 from .encoder import (ENCODER_NAME, attach_encoder, decode_signal, has_encoder, load_encoder, prefix_embeddings,
                       prompt_ids)
 
@@ -113,20 +114,16 @@ def read_candidates(path):
 
 # --- scores ----------------------------------------------------------------------------------
 
-def words(text):
-    return text.lower().split()
-
-
 def exact_match(predictions, references):
     """Share of trials whose words equal the reference's (case and spacing ignored)."""
-    hits = sum(words(p) == words(r) for p, r in zip(predictions, references))
+    hits = sum(words_of(p) == words_of(r) for p, r in zip(predictions, references))
     return hits / max(len(references), 1)
 
 
 def word_error_rate(predictions, references):
     """Corpus WER: word edits (substitutions + insertions + deletions) over reference words."""
-    edits = sum(edit_distance(words(p), words(r)) for p, r in zip(predictions, references))
-    return edits / max(sum(len(words(r)) for r in references), 1)
+    edits = sum(edit_distance(words_of(p), words_of(r)) for p, r in zip(predictions, references))
+    return edits / max(sum(len(words_of(r)) for r in references), 1)
 
 
 def edit_distance(a, b):

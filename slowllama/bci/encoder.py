@@ -120,6 +120,10 @@ class SignalEncoder(nn.Module):
 
     def forward(self, signals, augment=None):
         """augment: a callable on the z-scored signals [batch, channels, time] (training only)."""
+        return self.projection(self.features(signals, augment))  # [batch, n_patches, out_dim]
+
+    def features(self, signals, augment=None):
+        """[batch, channels, time] -> the encoder's output before the projection [batch, n_patches, d_enc]."""
         expected = (self.cfg.channels, self.cfg.time)
         if signals.dim() != 3 or tuple(signals.shape[1:]) != expected:
             raise SlowLlamaError(f'signals of shape {tuple(signals.shape)}: the encoder needs '
@@ -132,8 +136,7 @@ class SignalEncoder(nn.Module):
             x = self.stem(x).transpose(1, 2)     # [batch, n_patches, d_enc]
         else:
             x = self.patches(x).transpose(1, 2) + self.positions
-        x = self.encoder(x)
-        return self.projection(x)                # [batch, n_patches, out_dim]
+        return self.encoder(x)
 
     def save(self, folder):
         """encoder.safetensors (weights and z-score statistics), then encoder_config.json."""

@@ -21,6 +21,8 @@ from .decode import decode_trials, exact_match, word_error_rate
 from .augment import Augment
 from .encoder import (ENCODER_NAME, EncoderConfig, SignalEncoder, attach_encoder, embedding_rms, eval_loss, has_encoder,
                       load_encoder, prompt_ids, train_step)
+from .pretrain import pretrain_encoder
+
 
 def build(opts, stream=None):
     """-> (model, tokenizer, trainer) for a BCI run, ready to run."""
@@ -28,11 +30,21 @@ def build(opts, stream=None):
     data = read_data(opts.bci_data)
     model = load_model(opts, run.device)  # seeds --seed first: the LoRA, then the encoder initialisation
     tokenizer = run.tokenizer
-    encoder = attach_encoder(model, make_encoder(opts, data, model, tokenizer, run.out).to(run.device))
+    encoder, is_new = make_encoder(opts, data, model, tokenizer, run.out)
+    encoder = attach_encoder(model, encoder.to(run.device))
     prompt = prompt_ids(encoder.cfg, tokenizer)
     trials = TrialTexts(data, tokenizer, encoder.cfg.start_token, opts.seq_len)
-    # under torchrun the batches are global; each process trains on its own rows of them
     train_indices, val_indices = split_for_selection(data)
+    shift = max(1, data.time // 16) if opts.bci_shift is None else opts.bci_shift
+    augment = None if opts.bci_no_augment else Augment(shift, opts.bci_stretch, opts.bci_scale, opts.bci_noise,
+                                                        opts.bci_channel_drop)
+    encoder_settings = {'lr': opts.lr if opts.bci_lr is None else opts.bci_lr, 'weight_decay': opts.bci_weight_decay}
+    pretrained = None
+    if is_new and opts.bci_pretrain > 0:
+        ctc = pretrain_encoder(encoder, data, train_indices, opts.bci_pretrain, opts.batch_size,
+                               encoder_settings['lr'], opts.bci_weight_decay, augment, opts.seed)
+        pretrained = f'encoder pretrained alone: {opts.bci_pretrain} CTC steps, loss {ctc:.3f}'
+    # under torchrun the batches are global; each process trains on its own rows of them
     train = TrialBatches(trials, train_indices, opts.batch_size * run.group.world, opts.seed)
     val = fixed_trial_batches(trials, val_indices, opts.batch_size, opts.eval_batches)
     score_fn = None
@@ -40,10 +52,6 @@ def build(opts, stream=None):
         scored = val_indices[:opts.bci_decode_trials]
         longest = max(len(trials.text_ids(i)) for i in train_indices)  # an untrained decoder may never stop
         score_fn = lambda m: validation_score(m, data, tokenizer, scored, min(opts.seq_len, longest + 2))  # noqa: E731
-    shift = max(1, data.time // 16) if opts.bci_shift is None else opts.bci_shift
-    augment = None if opts.bci_no_augment else Augment(shift, opts.bci_stretch, opts.bci_scale, opts.bci_noise,
-                                                        opts.bci_channel_drop)
-    encoder_settings = {'lr': opts.lr if opts.bci_lr is None else opts.bci_lr, 'weight_decay': opts.bci_weight_decay}
     trainer = Trainer(model, run.train_cfg, run.out, train, val,
                       step_fn=lambda m, b: train_step(m, b, prompt, augment),
                       eval_fn=lambda m, b: eval_loss(m, b, prompt), score_fn=score_fn,
@@ -53,6 +61,8 @@ def build(opts, stream=None):
     if len(train_indices) < len(data.indices('train')):
         trainer.log(f'no val trials: {len(val_indices)} train trials lent to validation')
     trainer.log(f'augmentation: {augment or "off"}')
+    if pretrained:
+        trainer.log(pretrained)
     trainer.log(f'encoder: {encoder.cfg.n_patches} prefix positions, '
                 f'{sum(p.numel() for p in encoder.parameters()):,} parameters')
     return model, tokenizer, trainer
@@ -75,14 +85,14 @@ def make_encoder(opts, data, model, tokenizer, run_dir):
         if (encoder.cfg.channels, encoder.cfg.time) != (data.channels, data.time):
             raise SlowLlamaError(f'{source}: the encoder reads {encoder.cfg.channels} channels x {encoder.cfg.time} '
                                  f'samples, {opts.bci_data} has {data.channels} x {data.time}')
-        return encoder
+        return encoder, False
     cfg = EncoderConfig(channels=data.channels, time=data.time, out_dim=model.cfg.dim, d_enc=opts.bci_d_enc,
                         layers=opts.bci_layers, heads=opts.bci_heads, ffn=opts.bci_ffn, patch=opts.bci_patch,
                         stride=opts.bci_stride, dropout=opts.bci_dropout, prompt=opts.bci_prompt,
                         start_token=start_token(tokenizer), stem=opts.bci_stem, kernel=opts.bci_kernel,
                         pool=opts.bci_pool, conv_layers=opts.bci_conv_layers)
     mean, std = channel_stats(data.signals, data.indices('train'))
-    return SignalEncoder(cfg, mean, std).match_scale(embedding_rms(model, model.cfg.vocab_size))
+    return SignalEncoder(cfg, mean, std).match_scale(embedding_rms(model, model.cfg.vocab_size)), True
 
 
 def start_token(tokenizer):
