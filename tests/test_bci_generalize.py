@@ -133,7 +133,22 @@ def test_format_1_encoders_still_load(tmp_path):
     assert read_encoder_config(tmp_path) == cfg and load_encoder(tmp_path).cfg.stem == 'patch'
 
 
-# --- training: the encoder's optimizer settings, selection on validation ----------------------------
+# --- training: pretraining, the encoder's optimizer settings, selection on validation -----------------
+
+def test_ctc_pretraining_teaches_the_encoder_the_words(tmp_path):
+    """The encoder alone, with a CTC head over the words: its loss falls well below where it starts."""
+    from slowllama.bci.data import channel_stats
+    from slowllama.bci.pretrain import pretrain_encoder
+    make_demo_set(tmp_path / 'set', sentences=4, channels=8, word_len=8, max_words=3, noise=0.3,
+                  per_sentence=(6, 0, 1), seed=4)
+    data = read_data(tmp_path / 'set')
+    torch.manual_seed(0)
+    cfg = EncoderConfig(channels=8, time=data.time, out_dim=16, d_enc=32, heads=2)
+    encoder = SignalEncoder(cfg, *channel_stats(data.signals, data.indices('train')))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    losses = pretrain_encoder(encoder, data, data.indices('train'), 150, 8, 3e-3, 0.0, Augment(shift=1))
+    assert len(losses) == 150 and np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
+    assert torch.equal(encoder.state_dict()['projection.weight'], before['projection.weight'])  # not its job
 
 def small_set(folder, seed=0):
     return make_demo_set(folder, sentences=4, channels=8, word_len=8, min_words=1, max_words=2, noise=0.3,
@@ -262,7 +277,7 @@ def test_bci_decode_prints_free_candidates_and_baseline(tiny_text_model, tmp_pat
 HARD = dict(PRESETS['external'], sentences=6, channels=16, word_len=12, min_words=2, max_words=3, noise=0.8,
             jitter=1, test_jitter=3, per_sentence=(8, 2, 4), seed=202)
 FIRST_ENCODER = ('--bci-stem', 'patch', '--bci-patch', '8', '--bci-stride', '4', '--bci-no-augment',
-                 '--bci-dropout', '0.1', '--bci-weight-decay', '0', '--bci-decode-trials', '0')
+                 '--bci-dropout', '0.1', '--bci-weight-decay', '0', '--bci-decode-trials', '0', '--bci-pretrain', '0')
 
 
 def held_out_exact(model_dir, data_dir, run_dir):
@@ -276,12 +291,12 @@ def held_out_exact(model_dir, data_dir, run_dir):
 
 @pytest.mark.slow
 def test_conv_encoder_generalizes_where_the_first_one_memorizes(tiny_text_model, tmp_path):
-    """Trained alike (300 steps of 16 trials), the conv encoder with augmentation and selection decodes
+    """Trained alike (150 steps of 16 trials), the conv encoder with augmentation and selection decodes
     the shifted held-out trials well above chance (1 in 6) and above the first encoder, which memorizes the
     training trials' timing (measured: 0.83 against 0.42)."""
     model_dir = tiny_text_model[0]
     make_demo_set(tmp_path / 'data', **HARD)
-    common = ('--iters', '300', '--batch-size', '16', '--eval-every', '50', '--lr', '3e-3', '--bci-d-enc', '64')
+    common = ('--iters', '150', '--batch-size', '16', '--eval-every', '50', '--lr', '3e-3', '--bci-d-enc', '64')
     assert main(bci_args(model_dir, tmp_path / 'data', tmp_path / 'new', *common)) == 0
     assert main(bci_args(model_dir, tmp_path / 'data', tmp_path / 'first', *common, *FIRST_ENCODER)) == 0
     new = held_out_exact(model_dir, tmp_path / 'data', tmp_path / 'new')

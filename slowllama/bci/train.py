@@ -43,7 +43,7 @@ def build(opts, stream=None):
     if is_new and opts.bci_pretrain > 0:
         ctc = pretrain_encoder(encoder, data, train_indices, opts.bci_pretrain, opts.batch_size,
                                encoder_settings['lr'], opts.bci_weight_decay, augment, opts.seed)
-        pretrained = f'encoder pretrained alone: {opts.bci_pretrain} CTC steps, loss {ctc:.3f}'
+        pretrained = f'encoder pretrained alone: {len(ctc)} CTC steps, loss {ctc[0]:.3f} -> {ctc[-1]:.3f}'
     # under torchrun the batches are global; each process trains on its own rows of them
     train = TrialBatches(trials, train_indices, opts.batch_size * run.group.world, opts.seed)
     val = fixed_trial_batches(trials, val_indices, opts.batch_size, opts.eval_batches)
