@@ -3,6 +3,7 @@ decoder's LoRA together with the finetune loop (one AdamW, its schedule, checkpo
 
 The encoder comes from, in order: the run's own adapter/ when resuming, --bci-encoder, the --adapter
 folder when it holds one, else a new one built from the --bci-* flags and the train split's statistics.
+A new encoder is first pretrained alone to read the words by CTC (pretrain.py, --bci-pretrain steps).
 Training trials are augmented (augment.py) unless --bci-no-augment; the encoder has its own learning
 rate (--bci-lr, on the same schedule) and weight decay (--bci-weight-decay). At each evaluation the
 validation trials (up to --bci-decode-trials) are decoded: their exact match (then WER) is the score
