@@ -292,8 +292,8 @@ def held_out_exact(model_dir, data_dir, run_dir):
 @pytest.mark.slow
 def test_conv_encoder_generalizes_where_the_first_one_memorizes(tiny_text_model, tmp_path):
     """Trained alike (150 steps of 16 trials), the conv encoder with augmentation and selection decodes
-    the shifted held-out trials well above chance (1 in 6) and above the first encoder, which memorizes the
-    X."""
+    the shifted held-out trials well above chance (1 in 6) and above the first encoder, which memorizes
+    the training trials' timing (measured: 0.83 against 0.38, nearest centroid 0.54)."""
     model_dir = tiny_text_model[0]
     make_demo_set(tmp_path / 'data', **HARD)
     common = ('--iters', '150', '--batch-size', '16', '--eval-every', '50', '--lr', '3e-3', '--bci-d-enc', '64')
