@@ -180,7 +180,7 @@ def test_bad_data_is_one_line_from_the_cli(tiny_text_model, tmp_path, capsys):
 def demo_run(model_dir, data, out, iters, extra=()):
     return main(['finetune', '--model', str(model_dir), '--bci-data', str(data), '--out', str(out),
                  '--iters', str(iters), '--lr', '3e-3', '--bci-d-enc', '64', '--bci-patch', '8', '--bci-stride', '4',
-                 '--eval-every', '50', '--bci-decode-trials', '4', *extra])
+                 '--eval-every', '50', '--bci-decode-trials', '4', '--bci-pretrain', '200', *extra])
 
 
 def tiny_demo_set(folder):

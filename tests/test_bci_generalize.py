@@ -157,7 +157,7 @@ def small_set(folder, seed=0):
 
 def bci_args(model_dir, data, out, *extra):
     return ['finetune', '--model', str(model_dir), '--bci-data', str(data), '--out', str(out), '--bci-d-enc', '32',
-            '--offload', 'ram', *extra]
+            '--offload', 'ram', '--bci-pretrain', '50', *extra]
 
 
 def test_encoder_has_its_own_learning_rate_and_weight_decay(tiny_text_model, tmp_path):
@@ -296,7 +296,8 @@ def test_conv_encoder_generalizes_where_the_first_one_memorizes(tiny_text_model,
     the training trials' timing (measured: 0.83 against 0.38, nearest centroid 0.54)."""
     model_dir = tiny_text_model[0]
     make_demo_set(tmp_path / 'data', **HARD)
-    common = ('--iters', '150', '--batch-size', '16', '--eval-every', '50', '--lr', '3e-3', '--bci-d-enc', '64')
+    common = ('--iters', '150', '--batch-size', '16', '--eval-every', '50', '--lr', '3e-3', '--bci-d-enc', '64',
+              '--bci-pretrain', '300')
     assert main(bci_args(model_dir, tmp_path / 'data', tmp_path / 'new', *common)) == 0
     assert main(bci_args(model_dir, tmp_path / 'data', tmp_path / 'first', *common, *FIRST_ENCODER)) == 0
     new = held_out_exact(model_dir, tmp_path / 'data', tmp_path / 'new')
