@@ -1,4 +1,4 @@
-"""python scripts/make_bci_demo.py OUT_DIR [--trials N] [--sentences S] [--channels C] [--noise X]: a synthetic BCI set"""
+"""python scripts/make_bci_demo.py OUT_DIR [--preset external] [--trials-per-sentence N] [--noise X] [--jitter J] [--seed S]: a synthetic BCI set"""
 import os
 import sys
 

@@ -9,6 +9,7 @@ prefix encoder, ...) plug in through `step_fn` / `eval_fn`.
 
 Run folder:
     adapter/                    the latest adapter (PEFT layout)
+    best/                       the adapter of the best validation score (with a score_fn, or --patience)
     checkpoints/step_NNNNNN/    everything --resume needs (see checkpoint.py)
     metrics.jsonl               one JSON object per step
     train.log                   what the console showed, plus the sample completions
@@ -57,6 +58,7 @@ class TrainConfig:
     save_every: int = 0          # 0: a checkpoint at the end only
     eval_every: int = 0          # 0: evaluate at the end only (when there is validation data)
     keep_checkpoints: int = 0    # 0: keep them all
+    patience: int = 0            # stop after this many evaluations without a better score; 0: never
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -67,7 +69,7 @@ class TrainConfig:
         non_negative = {'--lr': self.lr, '--weight-decay': self.weight_decay, '--warmup': self.warmup,
                         '--grad-clip': self.grad_clip, '--save-every': self.save_every,
                         '--eval-every': self.eval_every, '--keep-checkpoints': self.keep_checkpoints,
-                        '--min-lr-ratio': self.min_lr_ratio}
+                        '--min-lr-ratio': self.min_lr_ratio, '--patience': self.patience}
         for flag, value in non_negative.items():
             if value < 0:
                 raise SlowLlamaError(f'{flag} must not be negative, got {value}')
@@ -105,26 +107,34 @@ class Trainer:
     Either may return a dict {'loss': ..., other metrics} instead (e.g. DPO's rewards): each metric is
     averaged like the loss, logged in metrics.jsonl and on the progress line ('eval_' before it when
     evaluating); every call must return the same keys.
+    score_fn(model) -> {'score': float (higher is better), other metrics...}: at each evaluation; the
+    adapter of the best score is kept as best/ and cfg.patience applies (without score_fn, with
+    cfg.patience and validation data, the score is minus the validation loss).
     """
 
     def __init__(self, model, cfg: TrainConfig, run_dir, data, val=(), step_fn=default_step,
                  eval_fn=default_eval, sample_fn=None, run_config=None, stream=None, group=SINGLE,
-                 skip_nonfinite=False, tensorboard=False):
+                 skip_nonfinite=False, tensorboard=False, score_fn=None, param_groups=None):
         """group: the torch.distributed processes (slowllama.distributed); `data` then yields global
         batches, of which this process trains on its own rows. skip_nonfinite: skip a step whose
         loss or gradient is not finite instead of stopping the run. tensorboard: also write the
-        metrics as TensorBoard event files."""
+        metrics as TensorBoard event files. param_groups: {name prefix: {'lr': peak lr,
+        'weight_decay': ...}} for parameters with settings of their own (the BCI encoder)."""
         self.model, self.cfg, self.run_dir = model, cfg, str(run_dir)
         self.group, self.skip_nonfinite = group, skip_nonfinite
         self.data, self.val = data, list(val)
         self.step_fn, self.eval_fn, self.sample_fn = step_fn, eval_fn, sample_fn
         self.run_config = run_config or {}
         self.stream = stream or sys.stderr
+        self.score_fn = score_fn
         self.params = dict(model.trainable_parameters())
         if not self.params:
             raise SlowLlamaError('the model has no trainable parameters (check --targets)')
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        groups = optimizer_groups(self.params, cfg, param_groups or {})
+        self.params = {name: self.params[name] for g in groups for name in g.pop('names')}  # the optimizer's order
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
+        self.best = {'score': None, 'step': None, 'evals_since': 0}  # the selection on held-out data
         self.step = 0
         self.data_position = 0  # micro-batches consumed
         self.bar = None
@@ -149,15 +159,20 @@ class Trainer:
             try:
                 for step in range(self.step + 1, self.cfg.iters + 1):
                     row = self._train_step(step)
-                    if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn):
+                    if self._due(step, self.cfg.eval_every) and (self.val or self.sample_fn or self.score_fn):
                         row.update(self.evaluate(step))
+                        row.update(self._select(row))
+                        if self.group.active and self.group.gather(bool(row.get('early_stop')))[0]:
+                            row['early_stop'] = True  # rank 0 decides, every process stops
                     self._record(row)
                     self._report('record', row)
                     if self._due(step, self.cfg.eval_every) and step < self.cfg.iters:
                         self._report('refresh')  # the end's redraw is close()'s
                     rows.append(row)
-                    if self._due(step, self.cfg.save_every) or stop.requested:
+                    if self._due(step, self.cfg.save_every) or stop.requested or row.get('early_stop'):
                         self.save_checkpoint()
+                    if row.get('early_stop'):
+                        break
                     if stop.requested:
                         raise SlowLlamaError(f'stopped by {stop.requested} at step {self.step}; checkpoint saved, '
                                              f'continue with --resume --out {self.run_dir}')
@@ -192,7 +207,7 @@ class Trainer:
     def _train_step(self, step):
         lr = lr_at(self.cfg, step)
         for group in self.optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group['lr_scale']
         started = time.perf_counter()
         batches = [self.data.batch(self.data_position + i) for i in range(self.cfg.grad_accum)]
         metrics = self._accumulate(batches)
@@ -263,8 +278,32 @@ class Trainer:
         if self.sample_fn:
             result['sample'] = self.sample_fn(self.model)
             self.log(f'step {step}: sample: {result["sample"]!r}')
+        if self.score_fn:
+            scored = self.score_fn(self.model)
+            result.update(scored)
+            shown = f', {scored["sample"]}' if 'sample' in scored else ''
+            self.log(f'step {step}: score {scored["score"]:.4f}{shown}')
         set_rng_state(device, rng)
         return result
+
+    def _select(self, result):
+        """Keep the adapter of the best score so far as best/; -> {'early_stop': True} once cfg.patience
+        evaluations in a row have not beaten it."""
+        score = result.get('score', -result['eval_loss'] if 'eval_loss' in result else None)
+        if score is None or not (self.score_fn or self.cfg.patience) or not self.group.is_main:
+            return {}
+        best = self.best
+        if best['score'] is None or score > best['score']:
+            best.update(score=score, step=self.step, evals_since=0)
+            self._save_adapter_as('best')
+            self.log(f'step {self.step}: best score so far ({score:.4f}), kept in best/')
+            return {}
+        best['evals_since'] += 1
+        if self.cfg.patience and best['evals_since'] >= self.cfg.patience:
+            self.log(f'step {self.step}: no better score in {self.cfg.patience} evaluations (--patience); '
+                     f'stopping, the best (step {best["step"]}, {best["score"]:.4f}) is in best/')
+            return {'early_stop': True}
+        return {}
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -276,18 +315,18 @@ class Trainer:
             self.group.barrier()  # rank 0 writes; the others wait until the checkpoint is complete
             return
         write_checkpoint(folder, self.model, self.params, self.optimizer, state)
-        self._save_latest_adapter()
+        self._save_adapter_as('adapter')
         self.group.barrier()
         if self.cfg.keep_checkpoints:
             for _, old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(os.path.join(self.run_dir, CHECKPOINT_DIR, old), ignore_errors=True)
         self.log(f'step {self.step}: checkpoint {folder}')
 
-    def _save_latest_adapter(self):
-        staging = tempfile.mkdtemp(dir=self.run_dir, prefix='.adapter.')
+    def _save_adapter_as(self, name):
+        staging = tempfile.mkdtemp(dir=self.run_dir, prefix=f'.{name}.')
         try:
             self.model.save_adapter(staging)
-            replace_folder(staging, os.path.join(self.run_dir, 'adapter'))
+            replace_folder(staging, os.path.join(self.run_dir, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -295,7 +334,7 @@ class Trainer:
         device = getattr(self.model, 'device', torch.device('cpu'))
         rng = encode_rng(get_rng_state(device))
         state = {'step': self.step, 'data_position': self.data_position, 'iters': self.cfg.iters,
-                 'seed': self.cfg.seed, 'rng': rng, 'device': str(device)}
+                 'seed': self.cfg.seed, 'rng': rng, 'device': str(device), 'best': self.best}
         if self.group.active:
             state['rng_per_process'] = self.group.gather(rng)
         return state
@@ -317,6 +356,7 @@ class Trainer:
             raise SlowLlamaError(f'{folder}: saved on {state.get("device")}, cannot resume exactly on {device}')
         set_rng_state(device, rng)
         self.step, self.data_position = state['step'], state['data_position']
+        self.best = state.get('best', self.best)
         if self.group.is_main:
             for log_name in ('metrics.jsonl', 'train.log'):
                 _truncate_log(os.path.join(self.run_dir, log_name), self.step)
@@ -382,7 +422,29 @@ class Trainer:
         return {'run_dir': self.run_dir, 'step': self.step, 'first_loss': losses[0] if losses else None,
                 'last_loss': losses[-1] if losses else None, 'eval_loss': evals[-1] if evals else None,
                 'tokens_per_s': tokens / max(sum(r['step_s'] for r in rows), 1e-9) if rows else None,
-                'seconds': seconds}
+                'seconds': seconds, 'best_score': self.best['score'], 'best_step': self.best['step'],
+                'stopped_early': bool(rows and rows[-1].get('early_stop'))}
+
+
+def optimizer_groups(params, cfg: TrainConfig, overrides):
+    """AdamW parameter groups: the parameters under each prefix of `overrides` with its own peak lr
+    (as lr_scale, a share of cfg.lr, so one schedule drives every group) and weight decay; the rest
+    with cfg's. Each group lists its parameter names as 'names'."""
+    groups = []
+    rest = dict(params)
+    for prefix, settings in overrides.items():
+        names = [n for n in rest if n.startswith(prefix)]
+        for n in names:
+            del rest[n]
+        lr = settings.get('lr', cfg.lr)
+        if names:
+            groups.append({'names': names, 'params': [params[n] for n in names],
+                           'lr_scale': lr / cfg.lr if cfg.lr else 1.0,
+                           'weight_decay': settings.get('weight_decay', cfg.weight_decay)})
+    if rest:
+        groups.insert(0, {'names': list(rest), 'params': list(rest.values()), 'lr_scale': 1.0,
+                          'weight_decay': cfg.weight_decay})
+    return groups
 
 
 def as_metrics(result):

@@ -121,6 +121,11 @@ def _record(path, number, line):
     return record
 
 
+def words_of(text):
+    """The words of a sentence, as the scores compare them (case and spacing ignored)."""
+    return text.lower().split()
+
+
 def default_splits(n):
     """A deterministic split for a set without "split" fields: a fixed permutation, 10% val, 10% test."""
     held_out = int(n * HELD_OUT_FRACTION) if n >= 10 else 0

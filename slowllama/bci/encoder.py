@@ -1,8 +1,17 @@
 """The BCI encoder head: neural recordings -> prefix embeddings for a Llama decoder.
 
-signals [batch, channels, time] -> per-channel z-score (train statistics, fixed) -> temporal patches
-(a strided Conv1d, one patch = `patch` samples every `stride`) -> + learned positions -> a
-TransformerEncoder -> LayerNorm + Linear to the decoder's hidden size: the prefix [batch, patches, dim].
+signals [batch, channels, time] -> per-channel z-score (train statistics, fixed) -> (training only: the
+augmentation, augment.py) -> a front end -> a TransformerEncoder -> LayerNorm + Linear to the decoder's
+hidden size: the prefix [batch, positions, dim].
+
+Front ends (`stem`):
+  conv  (default) small-kernel Conv1d + GELU + average pooling, `conv_layers` times (as EEGNet and
+        BrainDecode's shallow/deep nets start): a word's pattern gives the same features wherever it
+        falls in the trial, and no absolute position is added, so the features do not tie a word to a
+        time. Order still reaches the decoder: the prefix positions sit in its sequence, under its
+        rotary (relative) positions.
+  patch (the first encoder) a strided Conv1d over patches + learned absolute positions; it learns the
+        timing of the training trials and generalizes poorly when new trials are shifted (issue 17).
 
 The decoder reads [fixed prompt tokens][prefix][start token, text tokens] and learns the text only.
 The encoder is an ordinary nn.Module trained with the decoder's LoRA: attached to the model, its
@@ -22,7 +31,8 @@ from ..files import SafetensorsFile, write_json, write_safetensors
 ENCODER_WEIGHTS = 'encoder.safetensors'
 ENCODER_CONFIG = 'encoder_config.json'
 ENCODER_NAME = 'encoder'  # the prefix of its parameters in model.trainable_parameters()
-ENCODER_FORMAT = 1
+ENCODER_FORMAT = 2  # 1: before the conv stem (its configs have no 'stem': they are 'patch')
+STEMS = ('conv', 'patch')
 
 
 @dataclass(frozen=True)
@@ -34,9 +44,13 @@ class EncoderConfig:
     layers: int = 2
     heads: int = 4
     ffn: int = 0                 # feed-forward width; 0: 4 * d_enc
-    patch: int = 8               # samples per temporal patch
-    stride: int = 0              # samples between patch starts; 0: = patch (no overlap)
+    patch: int = 8               # stem 'patch': samples per temporal patch
+    stride: int = 0              # stem 'patch': samples between patch starts; 0: = patch (no overlap)
     dropout: float = 0.1
+    stem: str = 'conv'           # 'conv' | 'patch' (see the module's docstring)
+    kernel: int = 5              # stem 'conv': samples per convolution kernel
+    pool: int = 2                # stem 'conv': average pooling after each convolution
+    conv_layers: int = 2         # stem 'conv': convolutions (the prefix is time / pool ** conv_layers long)
     prompt: str = ''             # fixed text placed before the prefix ('' : none)
     start_token: int = 0         # the token fed right after the prefix, that predicts the first text token
 
@@ -50,7 +64,14 @@ class EncoderConfig:
             raise SlowLlamaError(f'--bci-d-enc ({self.d_enc}) must be a multiple of --bci-heads ({self.heads})')
         if self.ffn < 0 or self.stride < 0 or not 0.0 <= self.dropout < 1.0:
             raise SlowLlamaError('--bci-ffn and --bci-stride must be >= 0 and --bci-dropout in [0, 1)')
-        if self.patch > self.time:
+        if self.stem not in STEMS:
+            raise SlowLlamaError(f'--bci-stem must be conv or patch, got {self.stem!r}')
+        if self.stem == 'conv' and (self.kernel < 1 or self.pool < 1 or self.conv_layers < 1):
+            raise SlowLlamaError('--bci-kernel, --bci-pool and --bci-conv-layers must be at least 1')
+        if self.stem == 'conv' and self.time < self.pool ** self.conv_layers:
+            raise SlowLlamaError(f'a trial of {self.time} samples is shorter than the pooling '
+                                 f'(--bci-pool {self.pool} ** --bci-conv-layers {self.conv_layers})')
+        if self.stem == 'patch' and self.patch > self.time:
             raise SlowLlamaError(f'--bci-patch ({self.patch}) is longer than a trial ({self.time} samples)')
 
     @property
@@ -60,6 +81,11 @@ class EncoderConfig:
     @property
     def n_patches(self):
         """Prefix positions per trial."""
+        if self.stem == 'conv':
+            length = self.time
+            for _ in range(self.conv_layers):
+                length //= self.pool
+            return length
         return (self.time - self.patch) // self.step + 1
 
 
@@ -73,8 +99,11 @@ class SignalEncoder(nn.Module):
         std = torch.ones(cfg.channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
         self.register_buffer('channel_mean', mean.reshape(cfg.channels).clone())
         self.register_buffer('channel_std', std.reshape(cfg.channels).clamp(min=1e-6).clone())
-        self.patches = nn.Conv1d(cfg.channels, cfg.d_enc, kernel_size=cfg.patch, stride=cfg.step)
-        self.positions = nn.Parameter(torch.randn(cfg.n_patches, cfg.d_enc) * 0.02)
+        if cfg.stem == 'conv':
+            self.stem = conv_stem(cfg)
+        else:
+            self.patches = nn.Conv1d(cfg.channels, cfg.d_enc, kernel_size=cfg.patch, stride=cfg.step)
+            self.positions = nn.Parameter(torch.randn(cfg.n_patches, cfg.d_enc) * 0.02)
         layer = nn.TransformerEncoderLayer(cfg.d_enc, cfg.heads, cfg.ffn or 4 * cfg.d_enc, cfg.dropout,
                                            activation='gelu', batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(cfg.d_enc),
@@ -89,16 +118,25 @@ class SignalEncoder(nn.Module):
             self.projection.bias.zero_()
         return self
 
-    def forward(self, signals):
+    def forward(self, signals, augment=None):
+        """augment: a callable on the z-scored signals [batch, channels, time] (training only)."""
+        return self.projection(self.features(signals, augment))  # [batch, n_patches, out_dim]
+
+    def features(self, signals, augment=None):
+        """[batch, channels, time] -> the encoder's output before the projection [batch, n_patches, d_enc]."""
         expected = (self.cfg.channels, self.cfg.time)
         if signals.dim() != 3 or tuple(signals.shape[1:]) != expected:
             raise SlowLlamaError(f'signals of shape {tuple(signals.shape)}: the encoder needs '
                                  f'[batch, {expected[0]}, {expected[1]}]')
         device = self.channel_mean.device
         x = (signals.to(device, torch.float32) - self.channel_mean[:, None]) / self.channel_std[:, None]
-        x = self.patches(x).transpose(1, 2)  # [batch, n_patches, d_enc]
-        x = self.encoder(x + self.positions)
-        return self.projection(x)            # [batch, n_patches, out_dim]
+        if augment is not None:
+            x = augment(x)
+        if self.cfg.stem == 'conv':
+            x = self.stem(x).transpose(1, 2)     # [batch, n_patches, d_enc]
+        else:
+            x = self.patches(x).transpose(1, 2) + self.positions
+        return self.encoder(x)
 
     def save(self, folder):
         """encoder.safetensors (weights and z-score statistics), then encoder_config.json."""
@@ -107,6 +145,17 @@ class SignalEncoder(nn.Module):
         write_json(os.path.join(folder, ENCODER_CONFIG), {'format': ENCODER_FORMAT, **asdict(self.cfg),
                                                           'channel_mean': self.channel_mean.tolist(),
                                                           'channel_std': self.channel_std.tolist()})
+
+
+def conv_stem(cfg: EncoderConfig):
+    """[batch, channels, time] -> [batch, d_enc, time / pool ** conv_layers]: conv (same length), GELU,
+    dropout, average pooling, `conv_layers` times."""
+    layers, width = [], cfg.channels
+    for _ in range(cfg.conv_layers):
+        layers += [nn.Conv1d(width, cfg.d_enc, cfg.kernel, padding='same'), nn.GELU(),
+                   nn.Dropout(cfg.dropout), nn.AvgPool1d(cfg.pool)]
+        width = cfg.d_enc
+    return nn.Sequential(*layers)
 
 
 def has_encoder(folder):
@@ -118,8 +167,10 @@ def read_encoder_config(folder):
     if not os.path.exists(path):
         raise SlowLlamaError(f'{path}: no BCI encoder here (expected {ENCODER_CONFIG} and {ENCODER_WEIGHTS})')
     raw = read_json(path, ENCODER_CONFIG)
-    if raw.get('format') != ENCODER_FORMAT:
+    if raw.get('format') not in (1, ENCODER_FORMAT):
         raise SlowLlamaError(f'{path}: unknown encoder format {raw.get("format")!r}')
+    if raw['format'] == 1:
+        raw = {**raw, 'stem': 'patch'}
     names = {f.name for f in fields(EncoderConfig)}
     try:
         return EncoderConfig(**{k: v for k, v in raw.items() if k in names})
@@ -165,10 +216,10 @@ def prompt_ids(cfg: EncoderConfig, tokenizer):
 
 # --- conditioning: [prompt][prefix][tokens] ----------------------------------------------------------
 
-def prefix_embeddings(model, encoder, signals, prompt):
+def prefix_embeddings(model, encoder, signals, prompt, augment=None):
     """The embeddings placed before the text tokens: the fixed prompt's (no gradient) then the
     encoder's prefix (with gradient when training). -> [batch, len(prompt) + n_patches, dim]"""
-    prefix = encoder(signals)
+    prefix = encoder(signals, augment)
     if not prompt:
         return prefix
     fixed = model.embed(torch.tensor([prompt]))  # [1, P, dim]
@@ -176,12 +227,12 @@ def prefix_embeddings(model, encoder, signals, prompt):
     return torch.cat([fixed, prefix], dim=1)
 
 
-def train_step(model, batch, prompt=()):
+def train_step(model, batch, prompt=(), augment=None):
     """Training step for the Trainer: streamed forward + manual backward, the gradient at the prefix
     positions carried on into the encoder. Returns the mean loss over the text tokens."""
     encoder = model.attached[ENCODER_NAME]
     encoder.train()
-    prefix = prefix_embeddings(model, encoder, batch.signals, list(prompt))
+    prefix = prefix_embeddings(model, encoder, batch.signals, list(prompt), augment)
     return model.backward(batch.tokens, batch.targets, prefix=prefix)
 
 

@@ -44,6 +44,8 @@ FLAGS = {
     'val-fraction': (float, 0.0, 'share of the data held out for validation'),
     'eval-every': (int, 0, 'evaluate every N steps (0: at the end only)'),
     'eval-batches': (int, 16, 'validation batches per evaluation at most'),
+    'patience': (int, 0, 'stop after N evaluations without a better validation score; the best adapter is '
+                         'kept as best/ (0: never stop)'),
     'prompt': (str, None, 'prompt to complete at each evaluation'),
     'max-new-tokens': (int, 32, 'length of that completion'),
     'grad-accum': (int, 1, 'micro-batches per optimizer step'),

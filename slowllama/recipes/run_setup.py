@@ -70,7 +70,8 @@ def train_config(opts):
     return TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
                        eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup, schedule=opts.schedule,
                        min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip, seed=opts.seed,
-                       save_every=opts.save_every, eval_every=opts.eval_every, keep_checkpoints=opts.keep_checkpoints)
+                       save_every=opts.save_every, eval_every=opts.eval_every, keep_checkpoints=opts.keep_checkpoints,
+                       patience=opts.patience)
 
 
 def load_model(opts, device):
