@@ -2,9 +2,11 @@
 reward margins, read from the run folders' metrics.jsonl and drawn with matplotlib (an optional
 extra: pip install slowllama[plot]). A training run keeps its own loss.png up to date (LossPlot);
 `slowllama plot RUN [RUN...]` draws several runs into one picture, each run one colour."""
+import gc
 import json
 import os
 
+from .devices import HeapTrimmer
 from .errors import SlowLlamaError
 from .files import atomic_open
 
@@ -105,6 +107,7 @@ class LossPlot:
 
     def __init__(self, run_dir, log):
         self.run_dir, self.log, self.failed = str(run_dir), log, False
+        self.trim_heap = HeapTrimmer()
 
     def start(self, step):
         pass
@@ -120,6 +123,10 @@ class LossPlot:
         except Exception as e:  # a picture is never worth a failed run
             self.failed = True
             self.log(f'loss.png not drawn: {e}')
+        # a figure is a web of reference cycles, and its buffers, once freed, stay in glibc's heap
+        # between what lives on: a long run's resident memory crept up by ~30 MB. Free and give back.
+        gc.collect()
+        self.trim_heap()
 
     def close(self):
         self.refresh()

@@ -15,6 +15,7 @@ from slowllama.config import ModelConfig
 from slowllama.files import SafetensorsFile
 from slowllama.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
 from slowllama.plan import pinned_bytes, predict
+from slowllama import copier as copier_module
 from slowllama.copier import DeviceCopier, Pending, Ready
 from slowllama.store import EMBED_FILE, HEAD_FILE, block_file, block_shapes
 from conftest import random_batch
@@ -252,7 +253,7 @@ def test_head_rows_from_disk_travel_through_two_staging_buffers_in_chunks(monkey
     in chunks, the buffers taking turns, converted to the compute dtype on the host."""
     from slowllama.copier import RowStager
     from slowllama.streams import CopyQueue
-    monkeypatch.setattr(store_module, 'ROW_STAGING_BYTES', 10 * 64 * 2)  # ten bf16 rows of 64
+    monkeypatch.setattr(copier_module, 'ROW_STAGING_BYTES', 10 * 64 * 2)  # ten bf16 rows of 64
     stager = RowStager(CopyQueue(torch.device('cpu')), 64, torch.bfloat16)
     assert stager.rows == 10 and stager.arena.nbytes == 2 * ALIGNMENT
     table = torch.randn(95, 64)  # fp32, as a mapped fp32 file gives it
