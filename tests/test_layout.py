@@ -7,7 +7,8 @@ import os
 import slowllama
 
 PACKAGE = os.path.dirname(os.path.abspath(slowllama.__file__))
-SHARED_BY_RECIPES = {'slowllama.recipes', 'slowllama.recipes.options', 'slowllama.recipes.run_setup'}
+SHARED_BY_RECIPES = {'slowllama.recipes', 'slowllama.recipes.options', 'slowllama.recipes.run_setup',
+                     'slowllama.recipes.inference'}
 OTHER_RECIPES = {'slowllama.bci.train', 'slowllama.bci.commands'}  # the BCI package's own recipes
 ENTRY_POINTS = {'slowllama.cli', 'slowllama.__main__'}  # dispatch to recipes by name
 
