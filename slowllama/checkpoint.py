@@ -4,6 +4,7 @@ trainable.safetensors (every trainable parameter by name), optimizer.safetensors
 states as base64 of their uint8 tensors). Written into a hidden staging folder and renamed into place
 when complete; state.json is written last. Safetensors and JSON only, no pickle."""
 import base64
+import math
 import os
 import re
 import shutil
@@ -53,22 +54,29 @@ def check_state(state, path):
     def rng(value):
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     per_process = state.get('rng_per_process', [state.get('rng')]) if isinstance(state, dict) else None
+    def best(value):  # the selection on held-out data (train.Trainer._select)
+        return (isinstance(value, dict) and set(value) == {'score', 'step', 'evals_since'}
+                and (value['score'] is None or (isinstance(value['score'], (int, float))
+                                                and not isinstance(value['score'], bool)
+                                                and math.isfinite(value['score'])))
+                and (value['step'] is None or count(value['step'])) and count(value['evals_since']))
     if (not isinstance(state, dict) or not count(state.get('step')) or not count(state.get('data_position'))
-            or not isinstance(per_process, list) or not all(rng(r) for r in per_process)):
-        raise SlowLlamaError(f'{path}: damaged checkpoint state (step, data_position or rng); '
+            or not isinstance(per_process, list) or not all(rng(r) for r in per_process)
+            or not best(state.get('best', {'score': None, 'step': None, 'evals_since': 0}))):
+        raise SlowLlamaError(f'{path}: damaged checkpoint state (step, data_position, rng or best); '
                              'remove this checkpoint to resume from the one before')
 
 
 def remove_leftovers(run_dir):
     """Staging folders that a killed run left behind (never a complete checkpoint or adapter/), and
     an old folder put back where a non-atomic swap was cut short. Returns what was found (sentences)."""
-    finals = [os.path.join(str(run_dir), 'adapter')]
+    finals = [os.path.join(str(run_dir), 'adapter'), os.path.join(str(run_dir), 'best')]
     checkpoints = os.path.join(str(run_dir), CHECKPOINT_DIR)
     if os.path.isdir(checkpoints):
         finals += [os.path.join(checkpoints, name[1:].split('.')[0]) for name in os.listdir(checkpoints)
                    if name.startswith('.step_')]
     found = [clean_leftovers(final) for final in sorted(set(finals))]
-    for folder, prefix in ((str(run_dir), '.adapter.'), (checkpoints, '.step_')):  # any other staging
+    for folder, prefix in ((str(run_dir), '.adapter.'), (str(run_dir), '.best.'), (checkpoints, '.step_')):
         for name in os.listdir(folder) if os.path.isdir(folder) else ():
             if name.startswith(prefix):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)

@@ -224,7 +224,8 @@ def test_damaged_adapter_config_is_one_line(corpus, tmp_path, edit):
 @pytest.mark.parametrize('edit', [
     lambda s: s.__setitem__('step', 'two'), lambda s: s.__setitem__('rng', True),
     lambda s: s['rng'].__setitem__('cpu', '!!not base64!!'), lambda s: s['rng'].__setitem__('cpu', 'AAAA'),
-    lambda s: [s],
+    lambda s: [s], lambda s: s.__setitem__('best', {}), lambda s: s.__setitem__('best', 7),
+    lambda s: s.__setitem__('best', {'score': float('nan'), 'step': 1, 'evals_since': 0}),
 ])
 def test_damaged_checkpoint_state_is_one_line(corpus, tmp_path, edit):
     run = _copy(corpus, 'run', tmp_path)
