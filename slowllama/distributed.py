@@ -5,6 +5,7 @@ gradients of the trainable parameters are summed with all-reduce before each opt
 processes with batch B end where one process with batch N x B ends. nccl on cuda, gloo elsewhere.
 Only rank 0 writes checkpoints, metrics and logs; every process evaluates its share.
 """
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -111,3 +112,6 @@ def shutdown(ok=True):
         if ok:
             dist.barrier()
         dist.destroy_process_group()
+    # what still refers to the group (work handles, gathered objects in reference cycles) goes now,
+    # while the interpreter is whole: gloo's threads torn down at interpreter exit abort the process
+    gc.collect()
