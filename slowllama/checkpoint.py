@@ -76,9 +76,10 @@ def remove_leftovers(run_dir):
         finals += [os.path.join(checkpoints, name[1:].split('.')[0]) for name in os.listdir(checkpoints)
                    if name.startswith('.step_')]
     found = [clean_leftovers(final) for final in sorted(set(finals))]
-    for folder, prefix in ((str(run_dir), '.adapter.'), (str(run_dir), '.best.'), (checkpoints, '.step_')):
+    # any other staging, nested ones included (a save_adapter staged inside a checkpoint's staging)
+    for folder, prefixes in ((str(run_dir), ('adapter.', 'best.')), (checkpoints, ('step_',))):
         for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            if name.startswith(prefix):
+            if name.startswith('.') and name.lstrip('.').startswith(prefixes):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
                 found.append(f'{os.path.join(folder, name)}: removed, left unfinished by an interrupted run')
     return [line for line in found if line]

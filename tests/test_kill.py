@@ -174,3 +174,17 @@ def test_the_exchange_swaps_whole_folders(tmp_path):
         f.write('new')
     swap_dir(staging, final)
     assert sorted(os.listdir(final)) == ['b'] and leftovers(final) == []
+
+
+def test_nested_staging_left_by_a_kill_is_removed(tmp_path):
+    """A save_adapter staged inside a checkpoint's (or adapter's) staging folder, killed midway,
+    leaves '..NAME.staging-X.staging-Y': the next run removes it and says so."""
+    from slowllama.checkpoint import remove_leftovers
+    nested = [tmp_path / 'checkpoints' / '..step_000006.staging-a1.staging-b2', tmp_path / '..adapter.c3.staging-d4']
+    for folder in nested:
+        folder.mkdir(parents=True)
+        (folder / 'adapter_model.safetensors').write_bytes(b'half')
+    (tmp_path / 'checkpoints' / 'step_000004').mkdir()  # a complete checkpoint stays
+    found = remove_leftovers(tmp_path)
+    assert not any(folder.exists() for folder in nested) and len(found) == 2
+    assert (tmp_path / 'checkpoints' / 'step_000004').exists()
