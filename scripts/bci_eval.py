@@ -5,8 +5,8 @@ generated with its own seed, the encoder + LoRA trained with `finetune --bci-dat
 kept by validation), and the test trials decoded freely and with the set's sentences as --candidates,
 beside the nearest-centroid baseline. Prints one line per setting and a JSON summary at the end.
 
-    python scripts/prepare_model.py .../SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2
-    python scripts/bci_eval.py --model /tmp/smollm2 --settings target
+    python scripts/prepare_model.py .../SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2
+    python scripts/bci_eval.py --model models/smollm2 --settings target
 """
 import argparse
 import json
