@@ -336,10 +336,8 @@ class Dataset:
     summary: str
 
 
-def load_data(path, tokenizer, seq_len, batch_size, seed=0, val_fraction=0.0, pack=False, kind=None,
-              eval_batches=None, field=None, split=None):
-    """Read a data file into training batches and a validation split (see the module docstring).
-    field, split: which column and split of the records (read_records)."""
+def check_data_flags(path, seq_len, val_fraction):
+    """--data exists, --seq-len and --val-fraction are usable; -> the path as a string."""
     path = str(path)
     if not os.path.exists(path):
         raise SlowLlamaError(f'{path}: data file not found (--data)')
@@ -347,6 +345,14 @@ def load_data(path, tokenizer, seq_len, batch_size, seed=0, val_fraction=0.0, pa
         raise SlowLlamaError(f'--seq-len must be at least 2, got {seq_len}')
     if not 0.0 <= val_fraction < 1.0:
         raise SlowLlamaError(f'--val-fraction must be in [0, 1), got {val_fraction}')
+    return path
+
+
+def load_data(path, tokenizer, seq_len, batch_size, seed=0, val_fraction=0.0, pack=False, kind=None,
+              eval_batches=None, field=None, split=None):
+    """Read a data file into training batches and a validation split (see the module docstring).
+    field, split: which column and split of the records (read_records)."""
+    path = check_data_flags(path, seq_len, val_fraction)
     kind = kind or detect_format(path, field, split)
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     if kind == 'text':

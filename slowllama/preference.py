@@ -14,12 +14,11 @@ rows never separates an answer from its twin.
 import dataclasses
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE, Batch, EpochShuffle, _generator, read_records
+from .data import IGNORE, Batch, EpochShuffle, _generator, check_data_flags, read_records
 from .errors import SlowLlamaError
 
 KEYS = ('prompt', 'chosen', 'rejected')
@@ -143,13 +142,7 @@ def load_pairs(path, tokenizer, seq_len, seed=0, val_fraction=0.0, split=None):
     """Read preference pairs (JSONL / JSON, or a Hugging Face dataset on disk: --split picks one of
     its splits); hold out ceil(val_fraction * n) of them (the same records the SFT reader would hold
     out)."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise SlowLlamaError(f'{path}: data not found (--data)')
-    if seq_len < 2:
-        raise SlowLlamaError(f'--seq-len must be at least 2, got {seq_len}')
-    if not 0.0 <= val_fraction < 1.0:
-        raise SlowLlamaError(f'--val-fraction must be in [0, 1), got {val_fraction}')
+    path = check_data_flags(path, seq_len, val_fraction)
     records = read_records(path, split=split)
     n_val = math.ceil(len(records) * val_fraction) if val_fraction else 0
     if n_val >= len(records):
