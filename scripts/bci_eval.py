@@ -31,6 +31,7 @@ SETTINGS = {
         'external noise 0.6': dict(EXTERNAL, seed=101),
         'noise 1.0': dict(EXTERNAL, noise=1.0, seed=102),
         'test jitter 5, train jitter 2': dict(EXTERNAL, noise=0.8, jitter=2, test_jitter=5, seed=103),
+        'noise 1.0 and test jitter 5, train jitter 2': dict(EXTERNAL, noise=1.0, jitter=2, test_jitter=5, seed=104),
     },
     'hard': {  # small sets for a tiny model: fewer trials, more noise, more jitter at test time
         'noise 1.0, 8 trials': dict(EXTERNAL, sentences=6, channels=16, word_len=12, min_words=2, max_words=3,
@@ -57,7 +58,8 @@ def evaluate(model_dir, name, settings, root, flags):
     ranked = rank_candidates(model, data, tokenizer, indices, sentences)
     return {'setting': name, 'seed': settings['seed'], 'steps': rows[-1]['step'], 'train_minutes': round(minutes, 2),
             'steps_per_s': round(len(rows) / sum(r['step_s'] for r in rows), 4),
-            'best_step': max((r for r in rows if 'score' in r), key=lambda r: r['score'], default={}).get('step'),
+            'best_step': max((r for r in rows if 'score' in r), default={},  # ties: the lower eval loss, as best/
+                             key=lambda r: (r['score'], -r.get('eval_loss', 0.0))).get('step'),
             'test_trials': len(indices), 'free_exact': exact_match(free, references),
             'free_wer': word_error_rate(free, references), 'candidates_exact': exact_match(ranked, references),
             'centroid_exact': exact_match(nearest_centroid(data, indices), references)}

@@ -7,7 +7,8 @@
 #                                        and loading the random 7B model; models stay in models/bench)
 #   scripts/gpu_check.sh STAGE...        only those stages, in that order, of:
 #       tests        pytest -m cuda (a minute or two)
-#       7b_16x128    7B, batch 16 x 128: ram and device beside transformers+peft (builds the 7B first)
+#       7b_16x128    7B, batch 16 x 128: ram and device beside transformers+peft, and on its nf4 twin
+#                    beside transformers+peft+bitsandbytes QLoRA (builds the 7B and the twin first)
 #       70b_block    four blocks of Llama-70B's shape from ram and disk: block time against copy time
 #       7b_32x512    7B, 32 x 512: ram and device beside transformers+peft with checkpointing
 #       7b_4x1024    7B, 4 x 1024: ram beside transformers+peft with checkpointing
@@ -32,6 +33,10 @@ run() {  # run NAME LIMIT_S COMMAND...: output to the terminal and to $out/NAME.
     echo "=== $name: exit $status after $((SECONDS - started)) s" | tee -a "$out/$name.txt"
 }
 
+if ! command -v python >/dev/null; then  # images that have only python3
+    mkdir -p /tmp/gpu_check_bin && ln -sf "$(command -v python3)" /tmp/gpu_check_bin/python
+    export PATH="/tmp/gpu_check_bin:$PATH"
+fi
 if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: torch sees no CUDA device here; nothing run" | tee "$out/no_cuda.txt"
     exit 2
@@ -53,8 +58,9 @@ bench() {  # bench NAME LIMIT_S ARGS...
 # a 70B-shaped block within 1.2x of its copy time (the table's block ms / copy ms)
 for stage in "${stages[@]}"; do
     case $stage in
-        tests) run pytest_cuda 240 python -m pytest -m cuda -q -rs -p no:cacheprovider tests ;;
-        7b_16x128) bench 7b_16x128 420 --shape 7b --batch-size 16 --seq-len 128 --modes ram,device --peers hf ;;
+        tests) run pytest_cuda 240 python -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py ;;
+        7b_16x128) bench 7b_16x128 420 --shape 7b --batch-size 16 --seq-len 128 --modes ram,device --peers hf \
+                   --quant nf4 ;;  # nf4 (issue 12): >= 1.5x bf16 from ram in <= 3 GiB; >= 1.0x hf-qlora
         70b_block) bench 70b_block 240 --shape 70b-block --batch-size 16 --seq-len 128 --modes ram,disk ;;
         7b_32x512) bench 7b_32x512 300 --shape 7b --batch-size 32 --seq-len 512 --modes ram,device --peers hf-ckpt ;;
         7b_4x1024) bench 7b_4x1024 240 --shape 7b --batch-size 4 --seq-len 1024 --modes ram --peers hf-ckpt ;;

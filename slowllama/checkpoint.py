@@ -54,11 +54,13 @@ def check_state(state, path):
     def rng(value):
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     per_process = state.get('rng_per_process', [state.get('rng')]) if isinstance(state, dict) else None
-    def best(value):  # the selection on held-out data (train.Trainer._select)
-        return (isinstance(value, dict) and set(value) == {'score', 'step', 'evals_since'}
-                and (value['score'] is None or (isinstance(value['score'], (int, float))
-                                                and not isinstance(value['score'], bool)
-                                                and math.isfinite(value['score'])))
+    def number(value):
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 and math.isfinite(value))
+
+    def best(value):  # the selection on held-out data (train.Trainer._select); older runs have no eval_loss
+        return (isinstance(value, dict) and set(value) - {'eval_loss'} == {'score', 'step', 'evals_since'}
+                and number(value['score']) and number(value.get('eval_loss'))
                 and (value['step'] is None or count(value['step'])) and count(value['evals_since']))
     if (not isinstance(state, dict) or not count(state.get('step')) or not count(state.get('data_position'))
             or not isinstance(per_process, list) or not all(rng(r) for r in per_process)

@@ -47,6 +47,11 @@ def process_rss():
 
 def peak_rss():
     """This process's peak resident bytes (since reset_peak_rss(), where the OS allows a reset)."""
+    try:  # Linux: VmHWM is what clear_refs resets. getrusage's maxrss is not: a process started by
+        with open('/proc/self/status') as f:  # a big one inherits that one's peak through fork and exec
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

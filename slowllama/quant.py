@@ -14,6 +14,8 @@ to float32 on whatever device the parts are on:
   uint8 [rows, cols / 32 * 34], GGUF's bytes exactly).
 """
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +146,8 @@ def nf4_quantize(weight):
 def nf4_dequantize(qweight, absmax, shape, out=None):
     """-> [shape] (float32 unless `out` says otherwise): code[index] * absmax of its block."""
     n = math.prod(shape)
+    if out is not None and _fused_nf4_into(qweight, absmax, n, out):
+        return out
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
     # each byte's two values (high nibble first) gathered as one 64-bit word [bytes]: straight into a
@@ -159,6 +163,46 @@ def nf4_dequantize(qweight, absmax, shape, out=None):
     if full < n:
         torch.mul(values[full:], absmax[-1], out=flat[full:])
     return out
+
+
+# On cuda the three plain kernels (widen the bytes, gather the pairs, scale) move about 14 bytes per
+# bf16 value through the GPU's memory; one fused kernel moves 2.5. torch.compile builds it, with the
+# same fp32 product rounded once, so the same bits (tests/test_cuda.py). Measured on an H200, one
+# Llama-7B block to bf16: 1.44 ms plain, 0.99 ms fused; the 7B step from pinned RAM went from 6,359
+# to 7,011 tokens/s. On a cpu the compiled kernel was 2x slower than the plain path: not used there.
+_FUSED = {'kernel': None, 'failed': False}
+
+
+def _nf4_into(qweight, absmax, code, out):
+    codes = torch.stack([qweight >> 4, qweight & 15], dim=1).reshape(-1, NF4_BLOCK).long()
+    out.copy_(code[codes] * absmax[:, None])
+
+
+def _fused_nf4_into(qweight, absmax, n, out):
+    """Dequantize into `out` with one compiled kernel where that is on offer (cuda, whole blocks);
+    -> False where the caller's plain path must do it."""
+    if (_FUSED['failed'] or not out.is_cuda or n % NF4_BLOCK or not out.is_contiguous()
+            or os.environ.get('SLOWLLAMA_FUSED_DEQUANT', '1') == '0'):
+        return False
+    if _FUSED['kernel'] is None:
+        _FUSED['kernel'] = torch.compile(_nf4_into, dynamic=True, fullgraph=True)
+    try:
+        _FUSED['kernel'](qweight.reshape(-1), absmax, _nf4_code(out.device), out.view(-1, NF4_BLOCK))
+    except Exception as error:  # noqa: BLE001 (no compiler, an old triton): the plain kernels still work
+        _FUSED['failed'] = True
+        print(f'slowllama: the fused nf4 kernel could not be built ({type(error).__name__}); '
+              f'dequantizing with plain torch kernels', file=sys.stderr)
+        return False
+    return True
+
+
+_CODES = {}
+
+
+def _nf4_code(device):
+    if device not in _CODES:
+        _CODES[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _CODES[device]
 
 
 _PAIR_TABLES = {}

@@ -134,7 +134,8 @@ class Trainer:
         self.params = {name: self.params[name] for g in groups for name in g.pop('names')}  # the optimizer's order
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
-        self.best = {'score': None, 'step': None, 'evals_since': 0}  # the selection on held-out data
+        # the selection on held-out data (_select)
+        self.best = {'score': None, 'step': None, 'evals_since': 0, 'eval_loss': None}
         self.step = 0
         self.data_position = 0  # micro-batches consumed
         self.bar = None
@@ -288,15 +289,24 @@ class Trainer:
 
     def _select(self, result):
         """Keep the adapter of the best score so far as best/; -> {'early_stop': True} once cfg.patience
-        evaluations in a row have not beaten it."""
+        evaluations in a row have not beaten it. A score that only ties the best (an exact match that
+        is already perfect) replaces it when its eval loss is lower: the later, surer model; it does
+        not count as better for the patience."""
         score = result.get('score', -result['eval_loss'] if 'eval_loss' in result else None)
         if score is None or not (self.score_fn or self.cfg.patience) or not self.group.is_main:
             return {}
-        best = self.best
-        if best['score'] is None or score > best['score']:
-            best.update(score=score, step=self.step, evals_since=0)
+        best, loss = self.best, result.get('eval_loss')
+        better = best['score'] is None or score > best['score']
+        surer = (not better and score == best['score'] and loss is not None
+                 and best.get('eval_loss') is not None and loss < best['eval_loss'])
+        if better or surer:
+            best.update(score=score, step=self.step, eval_loss=loss)
             self._save_adapter_as('best')
-            self.log(f'step {self.step}: best score so far ({score:.4f}), kept in best/')
+            self.log(f'step {self.step}: ' + (f'best score so far ({score:.4f})' if better else
+                                              f'the best score again ({score:.4f}) at a lower eval loss')
+                     + ', kept in best/')
+        if better:
+            best['evals_since'] = 0
             return {}
         best['evals_since'] += 1
         if self.cfg.patience and best['evals_since'] >= self.cfg.patience:

@@ -44,6 +44,19 @@ def test_peak_memory_sees_an_allocation():
     del x
 
 
+def test_a_worker_does_not_inherit_its_parents_peak():
+    """bench's driver builds the random model (its peak: the whole model) and then starts the
+    workers: their peak, after the reset, is theirs (getrusage's maxrss carried the driver's over)."""
+    import subprocess
+    import sys
+    big = torch.ones(512 << 20, dtype=torch.uint8)  # this process's peak now holds 512 MiB
+    del big
+    probe = ('from slowllama.memory import peak_rss, process_rss, reset_peak_rss; reset_peak_rss(); '
+             'print(peak_rss() - process_rss())')
+    out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 64 << 20
+
+
 def test_an_unknown_dtype_is_one_clear_line(tmp_path):
     from slowllama.errors import SlowLlamaError
     with pytest.raises(SlowLlamaError, match='--dtype'):

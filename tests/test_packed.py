@@ -42,23 +42,23 @@ def prepared(request, quant_hf, tmp_path_factory):
     return out, q
 
 
-def bnb_base(hf_folder):
+def bnb_base(hf_folder, device='cpu'):
     """The HF folder loaded by transformers, its projections quantized by bitsandbytes (nf4, fp32 compute)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(hf_folder, quantization_config=config, dtype=torch.float32,
-                                                 device_map='cpu')
+                                                 device_map=device)
     for module in model.modules():  # on a CPU with AVX512-BF16, bitsandbytes' eval path computes in bf16
         if hasattr(module, 'support_avx512bf16_for_cpu'):  # (and keeps a repacked weight without autograd)
             module.support_avx512bf16_for_cpu = False
     return model
 
 
-def bnb_qlora(hf_folder, lora_dropout, seed=0):
+def bnb_qlora(hf_folder, lora_dropout, seed=0, device='cpu'):
     """QLoRA as peft builds it: bnb_base + a non-zero LoRA on every projection."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
-    return get_peft_model(bnb_base(hf_folder), LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS,
+    return get_peft_model(bnb_base(hf_folder, device), LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS,
                                                           lora_dropout=lora_dropout, init_lora_weights=False))
 
 

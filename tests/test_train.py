@@ -171,3 +171,26 @@ def test_eval_loss_equals_the_training_loss_without_dropout(tiny_text_model):
     randomize_adapters(no_dropout.adapters)
     tokens, targets = random_batch(128, seed=9)
     assert no_dropout.loss(tokens, targets) == pytest.approx(no_dropout.backward(tokens, targets), rel=1e-6)
+
+
+def test_a_tied_score_at_a_lower_eval_loss_moves_best_but_not_the_patience(tiny_text_model, tmp_path):
+    """A validation score that cannot get better (exact match already 1.0) ties at every evaluation:
+    best/ follows the lowest eval loss among the ties, and --patience still counts them as no better."""
+    model_dir, _, _ = tiny_text_model
+    data = text_data(model_dir, tmp_path)
+    model = load_model(model_dir, seed=1)
+    cfg = TrainConfig(iters=8, lr=5e-3, warmup=1, eval_every=2, seed=11, patience=3)
+    trainer = Trainer(model, cfg, tmp_path / 'run', data.train, data.val,
+                      step_fn=lambda m, b: m.backward(b.tokens, b.targets), score_fn=lambda m: {'score': 1.0})
+    trainer.run()
+    evals = [r for r in metrics(tmp_path / 'run') if 'eval_loss' in r]
+    assert [r['step'] for r in evals] == [2, 4, 6, 8]
+    losses = [r['eval_loss'] for r in evals]
+    assert losses[1] < losses[0] and losses[2] < losses[1]  # the lr makes the loss fall
+    log = (tmp_path / 'run' / 'train.log').read_text()
+    assert 'no better score in 3 evaluations' in log  # stopped at step 8: the ties were no better
+    assert trainer.best['step'] == evals[losses.index(min(losses))]['step'] > 2
+    assert trainer.best['eval_loss'] == min(losses)
+    best = slowllama.load(model_dir, adapter=tmp_path / 'run' / 'best').trainable_parameters()
+    final = slowllama.load(model_dir, adapter=tmp_path / 'run' / 'adapter').trainable_parameters()
+    assert (trainer.best['step'] == 8) == all(torch.equal(best[k], final[k]) for k in best)

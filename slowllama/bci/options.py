@@ -24,7 +24,7 @@ BCI_FLAGS = {
     'bci-dropout': (float, 0.2, 'dropout inside the BCI encoder'),
     'bci-lr': (float, None, 'peak learning rate of the encoder (default: --lr); same schedule'),
     'bci-weight-decay': (float, 0.05, 'AdamW weight decay of the encoder'),
-    'bci-pretrain': (int, 1000, 'steps of CTC pretraining of a new encoder alone (reading the words), before the '
+    'bci-pretrain': (int, 3000, 'steps of CTC pretraining of a new encoder alone (reading the words), before the '
                                'joint training: seconds, against minutes through the decoder (0: none)'),
     'bci-no-augment': (bool, False, 'train on the trials as recorded (augmentation is on by default)'),
     'bci-shift': (int, None, 'augmentation: largest random time shift, in samples (default: a 16th of a trial)'),

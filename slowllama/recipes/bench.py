@@ -229,8 +229,9 @@ def run_in_subprocess(spec):
     out = subprocess.run([sys.executable, '-m', 'slowllama.recipes.bench', '--worker', json.dumps(spec)],
                          capture_output=True, text=True)
     if out.returncode:
-        last = (out.stderr.strip().splitlines() or ['?'])[-1]
-        return {'error': last}
+        lines = out.stderr.strip().splitlines() or ['?']
+        print('\n'.join(lines[-20:]), file=sys.stderr)  # the traceback's end, for whoever reads the log
+        return {'error': lines[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -257,6 +258,8 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
             print(f'bench: {system} {mode} {q or ""} (round {turn + 1} of {rounds}) ...', file=sys.stderr, flush=True)
             spec = {**base, 'system': system, 'mode': mode, 'model_dir': quantized if q else prepared}
             runs[(system, mode, q)].append(run_in_subprocess(spec))
+            print(f'bench: {system} {mode} {q or ""}: {_one_line(runs[(system, mode, q)][-1])}', file=sys.stderr,
+                  flush=True)  # so a run cut off at its time limit still leaves what it measured
     rows = [{'system': system, 'mode': mode, 'quant': q, **median_run(runs[(system, mode, q)]),
              **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q))}
             for system, mode, q in configs]
@@ -268,6 +271,10 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
         json.dump(report, f, indent=2)
     print(f'bench: wrote {json_out}')
     return report
+
+
+def _one_line(result):
+    return ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items())
 
 
 def median_run(results):
