@@ -74,3 +74,40 @@ def peft_grads(model):
     """{our PEFT key: grad} from a peft model."""
     return {name.replace('.default.weight', '.weight'): p.grad for name, p in model.named_parameters()
             if 'lora_' in name}
+
+
+def max_rel_diff(ours, ref):
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
+
+
+def against_whole_model(model_dir, device='cpu', dtype=torch.float32, **load_options):
+    """The streamed backward against autograd over the whole model (same weights, random LoRA on
+    every projection, model and LoRA dropout 0.1, same seed) -> (loss, loss difference, worst
+    relative LoRA gradient difference)."""
+    import slowllama
+    from conftest import random_batch
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))
+    streamed = slowllama.load(model_dir, device=device, dtype=dtype, lora=lora, dropout=0.1, **load_options)
+    randomize_adapters(streamed.adapters)
+    reference, ref_adapters = whole_model(model_dir, lora, dropout=0.1)
+    reference.to(device, dtype)
+    for layer in ref_adapters:  # LoRA trains in fp32 whatever the compute dtype, as ours does
+        for adapter in layer.values():
+            adapter.lora_A.float(), adapter.lora_B.float()
+    copy_adapters(streamed.adapters, ref_adapters)
+    tokens, targets = random_batch(streamed.cfg.vocab_size)
+    torch.manual_seed(123)
+    loss = streamed.backward(tokens, targets)
+    torch.manual_seed(123)
+    reference.train()
+    ref_loss = masked_mean_ce(reference(tokens.to(device)), targets.to(device))
+    ref_loss.backward()
+    worst = 0.0
+    for ours, ref in zip(streamed.adapters, ref_adapters):
+        for path in ours:
+            for matrix in ('lora_A', 'lora_B'):
+                want = getattr(ref[path], matrix).weight.grad
+                assert want.abs().max() > 0
+                worst = max(worst, max_rel_diff(getattr(ours[path], matrix).weight.grad, want))
+    print(f'\n{device} {dtype}: loss diff {abs(loss - ref_loss.item()):.2e}, max relative grad diff {worst:.2e}')
+    return loss, abs(loss - ref_loss.item()), worst

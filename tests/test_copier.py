@@ -78,6 +78,20 @@ POINTS = {  # where a fetch can fail -> (what is raised, the functions that rais
 }
 
 
+def fail_once(model, monkeypatch, point, at):
+    """A step of `model` with POINTS[point]'s fault raised at the at-th call -> how often it fired."""
+    error, targets = POINTS[point]
+    fault = Fault(error, at)
+    with monkeypatch.context() as patch:
+        for owner, name in targets:
+            patch.setattr(owner, name, fault.wrap(getattr(owner, name)))
+        try:
+            step(model)
+        except BaseException as raised:  # noqa: B036 (KeyboardInterrupt is one of them)
+            assert raised is error
+    return fault.fired
+
+
 CONFIGS = [  # (compute dtype, copy as on a device)
     (torch.bfloat16, False),  # the fp32 file converted into the slot buffers in the reader thread
     (torch.bfloat16, True),   # ... converted into the staging buffers, then copied
@@ -95,17 +109,9 @@ def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, ti
     for dtype, as_device in CONFIGS:
         clean_loss, clean_grads = step(load(model_dir, dtype, as_device))
         model = load(model_dir, dtype, as_device)
-        for point, (error, targets) in POINTS.items():
+        for point in POINTS:
             for at in (1, 4):  # in the forward; on the disk tier also in the backward's recomputation
-                fault = Fault(error, at)
-                with monkeypatch.context() as patch:
-                    for owner, name in targets:
-                        patch.setattr(owner, name, fault.wrap(getattr(owner, name)))
-                    try:
-                        step(model)
-                    except BaseException as raised:  # noqa: B036 (KeyboardInterrupt is one of them)
-                        assert raised is error
-                fired[point] += fault.fired
+                fired[point] += fail_once(model, monkeypatch, point, at)
                 store = model.store
                 assert not store._held and not store._pending and store._copier._in_use == [False, False]
         loss, grads = step(model)

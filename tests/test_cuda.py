@@ -11,13 +11,12 @@ import torch
 import slowllama
 import slowllama.store as store_module
 from conftest import random_batch
-from reference import (assert_same_loss_and_gradients, copy_adapters, masked_mean_ce, peft_grads, peft_model,
-                       randomize_adapters, whole_model)
-from test_copier import POINTS, TIERS, Fault, placed, step
+from reference import (against_whole_model, assert_same_loss_and_gradients, masked_mean_ce, max_rel_diff,
+                       peft_grads, peft_model, randomize_adapters)
+from test_copier import POINTS, TIERS, fail_once, placed, step
 from test_packed import bnb_qlora, prepared, quant_hf  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cuda
-ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 CUDA = 'cuda'
 
 
@@ -28,46 +27,11 @@ def reproducible_attention():
         yield
 
 
-def max_rel_diff(ours, ref):
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
-
-
-def against_whole_model(model_dir, dtype=torch.float32, offload='disk'):
-    """The streamed backward against autograd over the whole model (same weights, random LoRA on
-    every projection, dropout 0.1, same seed) -> (loss, loss difference, worst relative LoRA gradient
-    difference)."""
-    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
-    streamed = slowllama.load(model_dir, device=CUDA, dtype=dtype, lora=lora, dropout=0.1, offload=offload)
-    randomize_adapters(streamed.adapters)
-    reference, ref_adapters = whole_model(model_dir, lora, dropout=0.1)
-    reference.to(CUDA, dtype)
-    for layer in ref_adapters:  # LoRA trains in fp32 whatever the compute dtype, as ours does
-        for adapter in layer.values():
-            adapter.lora_A.float(), adapter.lora_B.float()
-    copy_adapters(streamed.adapters, ref_adapters)
-    tokens, targets = random_batch(streamed.cfg.vocab_size)
-    torch.manual_seed(123)
-    loss = streamed.backward(tokens, targets)
-    torch.manual_seed(123)
-    reference.train()
-    ref_loss = masked_mean_ce(reference(tokens.to(CUDA)), targets.to(CUDA))
-    ref_loss.backward()
-    worst = 0.0
-    for ours, ref in zip(streamed.adapters, ref_adapters):
-        for path in ours:
-            for matrix in ('lora_A', 'lora_B'):
-                want = getattr(ref[path], matrix).weight.grad
-                assert want.abs().max() > 0
-                worst = max(worst, max_rel_diff(getattr(ours[path], matrix).weight.grad, want))
-    print(f'\ncuda {dtype}, {offload}: loss diff {abs(loss - ref_loss.item()):.2e}, max relative grad diff {worst:.2e}')
-    return loss, abs(loss - ref_loss.item()), worst
-
-
 # bf16: the same computation in another order (blocks recomputed, the head in slices) rounds
 # differently; the test's logic run on a cpu gives 2.3e-2, a wrong mask or weight gives order 1
 @pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepared, dtype, tolerance):
-    loss, loss_diff, worst = against_whole_model(tiny_prepared[0], dtype)
+    loss, loss_diff, worst = against_whole_model(tiny_prepared[0], CUDA, dtype, offload='disk')
     assert loss_diff < tolerance * max(1.0, abs(loss)) and worst < tolerance
 
 
@@ -151,18 +115,9 @@ def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, po
         return model
     clean_loss, clean_grads = step(load())
     model = load()
-    error, targets = POINTS[point]
     fired = 0
     for at in (1, 2):
-        fault = Fault(error, at)
-        with monkeypatch.context() as patch:
-            for owner, name in targets:
-                patch.setattr(owner, name, fault.wrap(getattr(owner, name)))
-            try:
-                step(model)
-            except BaseException as raised:  # noqa: B036
-                assert raised is error
-        fired += fault.fired
+        fired += fail_once(model, monkeypatch, point, at)
         assert model.store._copier._in_use == [False, False]
     assert fired
     loss, grads = step(model)
@@ -172,7 +127,7 @@ def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, po
 def test_packed_streamed_equals_whole_model_autograd(prepared):
     """Packed blocks travel and are dequantized on the device: the same loss and gradients as the
     whole model built from the dequantized weights, dropout on."""
-    _, loss_diff, worst = against_whole_model(prepared[0], offload='ram')
+    _, loss_diff, worst = against_whole_model(prepared[0], CUDA, offload='ram')
     assert loss_diff < 1e-4 and worst < 1e-4
 
 
