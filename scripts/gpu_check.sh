@@ -34,8 +34,8 @@ run() {  # run NAME LIMIT_S COMMAND...: output to the terminal and to $out/NAME.
 }
 
 if ! command -v python >/dev/null; then  # images that have only python3
-    mkdir -p /tmp/gpu_check_bin && ln -sf "$(command -v python3)" /tmp/gpu_check_bin/python
-    export PATH="/tmp/gpu_check_bin:$PATH"
+    shim=$(mktemp -d) && ln -sf "$(command -v python3)" "$shim/python"
+    export PATH="$shim:$PATH"
 fi
 if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: torch sees no CUDA device here; nothing run" | tee "$out/no_cuda.txt"

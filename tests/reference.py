@@ -111,3 +111,20 @@ def against_whole_model(model_dir, device='cpu', dtype=torch.float32, **load_opt
                 worst = max(worst, max_rel_diff(getattr(ours[path], matrix).weight.grad, want))
     print(f'\n{device} {dtype}: loss diff {abs(loss - ref_loss.item()):.2e}, max relative grad diff {worst:.2e}')
     return loss, abs(loss - ref_loss.item()), worst
+
+
+def step_beside_peft(ours, reference, tokens, targets, seed=5):
+    """Our model and a peft one on the same batch: logits in eval mode, then one backward each from
+    the same seed (so the same dropout masks where both draw them alike) -> (eval logits of the
+    reference, max logit difference, our loss, the reference's loss tensor, already backpropagated)."""
+    reference.eval()
+    with torch.no_grad():
+        ref_logits = reference(input_ids=tokens).logits
+    logit_diff = (ours.logits(tokens) - ref_logits).abs().max().item()
+    reference.train()
+    torch.manual_seed(seed)
+    ref_loss = masked_mean_ce(reference(input_ids=tokens).logits, targets)
+    ref_loss.backward()
+    torch.manual_seed(seed)
+    loss = ours.backward(tokens, targets)
+    return ref_logits, logit_diff, loss, ref_loss

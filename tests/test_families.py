@@ -13,7 +13,7 @@ import torch
 
 import slowllama
 from conftest import make_hf_model, random_batch
-from reference import masked_mean_ce, peft_grads, peft_model, randomize_adapters
+from reference import peft_grads, peft_model, randomize_adapters, step_beside_peft
 from slowllama.formats.export import export
 
 HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -78,15 +78,7 @@ def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_
     reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / 'peft', is_trainable=True)
     tokens, targets = random_batch(ours.cfg.vocab_size, seq=12, seed=3)
 
-    reference.eval()
-    with torch.no_grad():
-        logit_diff = (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max().item()
-    reference.train()
-    torch.manual_seed(5)
-    ref_loss = masked_mean_ce(reference(input_ids=tokens).logits, targets)
-    ref_loss.backward()
-    torch.manual_seed(5)
-    loss = ours.backward(tokens, targets)
+    _, logit_diff, loss, ref_loss = step_beside_peft(ours, reference, tokens, targets)
 
     grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
     on_diagonal = peft_adapter(ours.cfg, lora, {k: torch.ones_like(g) for k, g in grads.items()})[1]

@@ -11,8 +11,8 @@ import torch
 import slowllama
 from checkpoints import write_gguf
 from conftest import make_hf_model, random_batch, save_tiny_tokenizer
-from reference import (against_whole_model, assert_same_loss_and_gradients, masked_mean_ce, max_rel_diff,
-                       peft_grads)
+from reference import (against_whole_model, assert_same_loss_and_gradients, max_rel_diff, peft_grads,
+                       step_beside_peft)
 from slowllama import cli, quant
 from slowllama.files import SafetensorsFile, sha256_file, write_json, write_safetensors
 from slowllama.quant import Quant
@@ -71,16 +71,7 @@ def test_nf4_equals_transformers_peft_bitsandbytes_with_dropout(quant_hf, tmp_pa
     ours = slowllama.load(tmp_path / 'nf4', adapter=tmp_path / 'adapter', lora=slowllama.LoraConfig(dropout=0.1))
     tokens, targets = random_batch(ours.cfg.vocab_size, seed=3)
 
-    reference.eval()
-    with torch.no_grad():
-        ref_logits = reference(input_ids=tokens).logits
-    logit_diff = (ours.logits(tokens) - ref_logits).abs().max().item()
-    reference.train()
-    torch.manual_seed(5)
-    ref_loss = masked_mean_ce(reference(input_ids=tokens).logits, targets)
-    ref_loss.backward()
-    torch.manual_seed(5)
-    loss = ours.backward(tokens, targets)
+    ref_logits, logit_diff, loss, ref_loss = step_beside_peft(ours, reference, tokens, targets)
     ref_grads = peft_grads(reference)
     grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
     assert set(grads) == set(ref_grads)
