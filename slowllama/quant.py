@@ -166,29 +166,24 @@ def nf4_dequantize(qweight, absmax, shape, out=None):
 
 
 # On cuda the three plain kernels (widen the bytes, gather the pairs, scale) move about 14 bytes per
-# bf16 value through the GPU's memory; one fused kernel moves 2.5. torch.compile builds it, with the
-# same fp32 product rounded once, so the same bits (tests/test_cuda.py). Measured on an H200, one
-# Llama-7B block to bf16: 1.44 ms plain, 0.99 ms fused; the 7B step from pinned RAM went from 6,359
-# to 7,011 tokens/s. On a cpu the compiled kernel was 2x slower than the plain path: not used there.
-_FUSED = {'kernel': None, 'failed': False}
-
-
-def _nf4_into(qweight, absmax, code, out):
-    codes = torch.stack([qweight >> 4, qweight & 15], dim=1).reshape(-1, NF4_BLOCK).long()
-    out.copy_(code[codes] * absmax[:, None])
+# bf16 value through the GPU's memory; the one Triton kernel of kernels.py moves 2.5, with the same
+# fp32 product rounded once, so the same bits (tests/test_cuda.py). Measured on an H200, one Llama-7B
+# block to bf16: 1.42 ms plain, 0.78 ms as torch.compile builds the formula, 0.17 ms in Triton. There
+# is no such kernel on a cpu (compiled there, the formula was 2x slower than the plain path).
+# SLOWLLAMA_FUSED_DEQUANT=0 turns it off.
+_FUSED = {'failed': False}
 
 
 def _fused_nf4_into(qweight, absmax, n, out):
-    """Dequantize into `out` with one compiled kernel where that is on offer (cuda, whole blocks);
-    -> False where the caller's plain path must do it."""
-    if (_FUSED['failed'] or not out.is_cuda or n % NF4_BLOCK or not out.is_contiguous()
-            or os.environ.get('SLOWLLAMA_FUSED_DEQUANT', '1') == '0'):
+    """Dequantize into `out` with the one-pass kernel where that is on offer (cuda, Triton); -> False
+    where the caller's plain path must do it."""
+    from . import kernels
+    if (_FUSED['failed'] or not out.is_cuda or not out.is_contiguous() or not qweight.is_contiguous()
+            or not kernels.available() or os.environ.get('SLOWLLAMA_FUSED_DEQUANT', '1') == '0'):
         return False
-    if _FUSED['kernel'] is None:
-        _FUSED['kernel'] = torch.compile(_nf4_into, dynamic=True, fullgraph=True)
     try:
-        _FUSED['kernel'](qweight.reshape(-1), absmax, _nf4_code(out.device), out.view(-1, NF4_BLOCK))
-    except Exception as error:  # noqa: BLE001 (no compiler, an old triton): the plain kernels still work
+        kernels.nf4_into(qweight, absmax, _nf4_code(out.device), n, out)
+    except Exception as error:  # noqa: BLE001 (no compiler, a GPU Triton does not build for)
         _FUSED['failed'] = True
         print(f'slowllama: the fused nf4 kernel could not be built ({type(error).__name__}); '
               f'dequantizing with plain torch kernels', file=sys.stderr)

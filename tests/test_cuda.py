@@ -152,16 +152,19 @@ def test_nf4_equals_bitsandbytes_cuda_qlora(quant_hf, tmp_path):
     assert_same_as_peft(ours, reference.train())  # no dropout: train() changes nothing but the mode
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_nf4_kernel_gives_the_plain_kernels_bits(monkeypatch, dtype):
-    from slowllama import quant
-    for shape in [(4096, 11008), (96, 64), (3, 128)]:
+    """The one-pass Triton unpack, on any length (a last partial block, an odd count): the plain
+    kernels' bits."""
+    from slowllama import kernels, quant
+    assert kernels.available()  # torch's cuda builds ship Triton
+    for shape in [(4096, 11008), (96, 64), (3, 128), (7, 9), (129, 33), (1, 1)]:
         weight = torch.randn(shape, device=CUDA)
         qweight, absmax = quant.nf4_quantize(weight)
-        fused = quant.nf4_dequantize(qweight, absmax, shape, out=torch.empty(shape, dtype=dtype, device=CUDA))
-        assert quant._FUSED['kernel'] is not None and not quant._FUSED['failed']
+        fused = quant.nf4_dequantize(qweight, absmax, shape, out=torch.full(shape, 7.0, dtype=dtype, device=CUDA))
+        assert not quant._FUSED['failed']
         with monkeypatch.context() as patch:
             patch.setenv('SLOWLLAMA_FUSED_DEQUANT', '0')
             plain = quant.nf4_dequantize(qweight, absmax, shape, out=torch.empty(shape, dtype=dtype, device=CUDA))
-        assert torch.equal(fused, plain)
+        assert torch.equal(fused, plain), (shape, dtype)
         assert (fused.float() - weight).abs().max() < 0.2 * weight.abs().max()  # and it is the weight

@@ -131,15 +131,3 @@ def test_unsupported_quantization_is_refused():
         quant.parse_quant('q3')
     with pytest.raises(SlowLlamaError, match='--quant int8: .* has shape'):
         quant.check_quantizable((64, 40), Quant('int8'), 'mlp.up_proj.weight')
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_the_fused_kernels_formula_gives_the_plain_bits(dtype):
-    """What cuda compiles into one kernel (quant._nf4_into), run eagerly here: the same values as the
-    plain path into the same dtype (on cuda, tests/test_cuda.py compares the compiled kernel)."""
-    weight = torch.randn(300, 576)
-    qweight, absmax = quant.nf4_quantize(weight)
-    plain = quant.nf4_dequantize(qweight, absmax, weight.shape, out=torch.empty(weight.shape, dtype=dtype))
-    fused = torch.empty(weight.shape, dtype=dtype)
-    quant._nf4_into(qweight, absmax, quant._nf4_code(torch.device('cpu')), fused.view(-1, quant.NF4_BLOCK))
-    assert torch.equal(plain, fused)
