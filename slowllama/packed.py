@@ -5,11 +5,15 @@ A packed projection 'self_attn.q_proj.weight' is stored as 'self_attn.q_proj.qwe
 'self_attn.q_proj.absmax' ... for nf4); its shape is the config's. Only the prepared writer, the
 store and export read this module: the engine always gets plain weights.
 """
+import sys
+
 import torch
 
+from . import kernels
 from .errors import SlowLlamaError
-from .names import PROJECTION_WEIGHTS
-from .quant import Quant, check_quantizable, dequantize, packed_layout, quantize
+from .names import EMBED_TENSOR, HEAD_TENSOR, PROJECTION_WEIGHTS
+from .quant import (NF4_BLOCK, Quant, check_quantizable, dequantize, dequantize_absmax_at, nf4_code,
+                    nf4_dequantize, packed_layout, q8_0_dequantize, quantize)
 
 
 def part_name(weight_name, part):
@@ -18,7 +22,7 @@ def part_name(weight_name, part):
 
 
 def is_packed(name, quant):
-    return quant is not None and name in PROJECTION_WEIGHTS
+    return quant is not None and (name in PROJECTION_WEIGHTS or (quant.head and name in (EMBED_TENSOR, HEAD_TENSOR)))
 
 
 def file_layout(shapes, quant: Quant | None, dtype):
@@ -33,7 +37,7 @@ def file_layout(shapes, quant: Quant | None, dtype):
     return layout
 
 
-def pack_block(tensors, quant: Quant, source):
+def pack_block(tensors, quant: Quant, source, rows=False):
     """{weight name: float tensor, or {part: tensor} packed already} -> {name in the file: tensor}."""
     out = {}
     for name, tensor in tensors.items():
@@ -41,7 +45,7 @@ def pack_block(tensors, quant: Quant, source):
             out[name] = tensor
             continue
         if not isinstance(tensor, dict):
-            check_quantizable(tuple(tensor.shape), quant, f'{source}: {name}')
+            check_quantizable(tuple(tensor.shape), quant, f'{source}: {name}', rows)
             tensor = quantize(tensor, quant)
         out.update({part_name(name, part): t for part, t in tensor.items()})
     return out
@@ -80,6 +84,30 @@ def unpack_block(tensors, shapes, quant: Quant, out=None):
     return block
 
 
+def unpack_rows(tensors, name, shape, quant: Quant, rows, device, dtype):
+    """Rows of a packed [vocab, dim] table (embeddings, head; nf4 blocks never cross its rows) as a
+    new [rows, dim] tensor of `dtype` on `device`. rows: (start, end), or a LongTensor of indices.
+    Only those rows' bytes are read and travel; they are unpacked on `device`."""
+    vocab, dim = shape
+    parts = {part: tensors[part_name(name, part)] for part in packed_layout(shape, quant)}
+    span = isinstance(rows, tuple)
+    pick = (lambda t: t[rows[0]:rows[1]]) if span else (lambda t: t.index_select(0, rows.to(t.device)))
+    count = rows[1] - rows[0] if span else rows.numel()
+    if quant.type == 'int8':
+        return q8_0_dequantize(pick(parts['qweight']).to(device), (count, dim), dtype=dtype)
+    per_row = dim // NF4_BLOCK
+    qweight = pick(parts['qweight'].view(vocab, dim // 2)).to(device)
+    if not quant.double_quant:
+        absmax = pick(parts['absmax'].view(vocab, per_row)).to(device)
+    else:  # each absmax code with its own block of 256's scale
+        codes = pick(parts['absmax'].view(vocab, per_row)).to(device)
+        first = rows[0] * per_row if span else rows.to(device)[:, None] * per_row
+        positions = (first + torch.arange(per_row, device=device)).reshape(-1)
+        absmax = dequantize_absmax_at(codes.reshape(-1), parts['absmax_scale'].to(device),
+                                      parts['absmax_offset'].to(device), positions)
+    return nf4_dequantize(qweight.reshape(-1), absmax.reshape(-1), (count, dim), dtype=dtype)
+
+
 class Unpacker:
     """Dequantizes packed blocks on the compute device into two reused sets of buffers, one for the
     block in use and one for the block after it. A third block held at once (only whole-model
@@ -88,6 +116,8 @@ class Unpacker:
     def __init__(self, shapes, quant: Quant, device, dtype):
         self.shapes, self.quant, self.device, self.dtype = shapes, quant, device, dtype
         self._pool = [self._buffers(), self._buffers()]
+        if quant.type == 'nf4' and torch.device(device).type == 'cpu':
+            _hint_cpu_library()
 
     def unpack(self, tensors):
         """-> (buffers to hand back with release(), {weight name: tensor})."""
@@ -105,3 +135,16 @@ class Unpacker:
     def _buffers(self):
         return {name: torch.empty(shape, device=self.device, dtype=self.dtype)
                 for name, shape in self.shapes.items() if is_packed(name, self.quant)}
+
+
+_HINTED = []
+
+
+def _hint_cpu_library():
+    """One line, once, where nf4 unpacks on a cpu without bitsandbytes' kernel."""
+    why = kernels.cpu_library_status(nf4_code(torch.device('cpu')))
+    if why and kernels.enabled() and not _HINTED:
+        _HINTED.append(why)
+        low, high = (f'{major}.{minor}' for major, minor in kernels.BITSANDBYTES_CHECKED)
+        print(f"slowllama: {why}; nf4 unpacks about 5x faster on a cpu with bitsandbytes >={low},<{high} "
+              f"(pip install 'slowllama[qlora]')", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Memory planning: how many bytes each part of a run needs, where the frozen blocks should live,
 and the peak device and host memory a run will reach. Pure arithmetic over ModelConfig; no files."""
+import math
 from dataclasses import dataclass
 
 from .config import ModelConfig
@@ -59,6 +60,13 @@ class MemoryPlan:
                 f'blocks: {self.resident_blocks} on device, {self.ram_blocks} in RAM, rest from disk')
 
 
+def table_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
+    """Bytes of the embeddings and head (one table when tied), packed with --quant-head."""
+    shape = (cfg.vocab_size, cfg.dim)
+    one = packed_nbytes(shape, quant) if quant is not None and quant.head else math.prod(shape) * DTYPE_BYTES[dtype]
+    return one * (1 if cfg.tie_embeddings else 2)
+
+
 def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v'), resident_blocks=0,
             ram_blocks=0, stash_on_device=True, device_is_host=False, quant=None):
     """Peak device and host bytes of one training step with this placement. With `quant`, blocks
@@ -66,7 +74,7 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     w = DTYPE_BYTES[dtype]
     block = block_bytes(cfg, dtype, quant)
     unpacked = 2 * block_params(cfg) * w if quant is not None else 0  # the two reused dequantized buffers
-    tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2)  # embeddings and head
+    tables = table_bytes(cfg, dtype, quant)
     tokens = batch * seq
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
     saved_inputs = cfg.n_layers * tokens * cfg.dim * w

@@ -14,7 +14,6 @@ to float32 on whatever device the parts are on:
   uint8 [rows, cols / 32 * 34], GGUF's bytes exactly).
 """
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -39,9 +38,11 @@ NF4_CODE = (
 
 @dataclass(frozen=True)
 class Quant:
-    """How a prepared model's projection weights are packed (recorded in its manifest)."""
+    """How a prepared model's projection weights are packed (recorded in its manifest); with `head`,
+    the embeddings and output head too."""
     type: str
     double_quant: bool = False
+    head: bool = False
 
     def __post_init__(self):
         if self.type not in QUANT_TYPES:
@@ -51,18 +52,20 @@ class Quant:
 
     def to_dict(self):
         block = NF4_BLOCK if self.type == 'nf4' else Q8_BLOCK
-        return {'type': self.type, 'blocksize': block, 'double_quant': self.double_quant}
+        return {'type': self.type, 'blocksize': block, 'double_quant': self.double_quant, 'head': self.head}
 
     @classmethod
     def from_dict(cls, d):
-        return None if d is None else cls(d['type'], bool(d.get('double_quant', False)))
+        return None if d is None else cls(d['type'], bool(d.get('double_quant', False)), bool(d.get('head', False)))
 
 
-def parse_quant(quant, double_quant=False):
+def parse_quant(quant, double_quant=False, head=False):
     """None | 'nf4' | 'int8' | Quant -> Quant or None."""
+    if quant is None and head:
+        raise SlowLlamaError('--quant-head: packs the embeddings and head with --quant nf4 or int8; give --quant')
     if quant is None or isinstance(quant, Quant):
         return quant
-    return Quant(str(quant), double_quant)
+    return Quant(str(quant), double_quant, head)
 
 
 def packed_layout(shape, quant: Quant):
@@ -83,10 +86,14 @@ def packed_nbytes(shape, quant: Quant):
     return sum(math.prod(s) * dtype.itemsize for s, dtype in packed_layout(shape, quant).values())
 
 
-def check_quantizable(shape, quant: Quant, name):
+def check_quantizable(shape, quant: Quant, name, rows=False):
+    """rows: the weight is read a row at a time (embeddings, head), so nf4 blocks may not cross rows."""
     if quant.type == 'int8' and (len(shape) != 2 or shape[1] % Q8_BLOCK):
         raise SlowLlamaError(f'--quant int8: {name} has shape {tuple(shape)}; Q8_0 needs rows of a multiple '
                              f'of {Q8_BLOCK} values')
+    if rows and quant.type == 'nf4' and shape[-1] % NF4_BLOCK:
+        raise SlowLlamaError(f'--quant-head: {name} has rows of {shape[-1]} values; nf4 read a row at a '
+                             f'time needs a multiple of {NF4_BLOCK}')
 
 
 def quantize(weight, quant: Quant):
@@ -99,14 +106,14 @@ def quantize(weight, quant: Quant):
     return {'qweight': qweight, **quantize_absmax(absmax)}
 
 
-def dequantize(parts, shape, quant: Quant, out=None):
-    """{part: tensor} -> weight of `shape` on the parts' device: float32, or written into `out` (any
-    float dtype, values formed in float32 and rounded once)."""
+def dequantize(parts, shape, quant: Quant, out=None, dtype=torch.float32):
+    """{part: tensor} -> weight of `shape` on the parts' device: a new tensor of `dtype`, or written
+    into `out` (any float dtype); values formed in float32 and rounded once."""
     if quant.type == 'int8':
-        return q8_0_dequantize(parts['qweight'], shape, out)
+        return q8_0_dequantize(parts['qweight'], shape, out, dtype)
     absmax = parts['absmax'] if not quant.double_quant else dequantize_absmax(
         parts['absmax'], parts['absmax_scale'], parts['absmax_offset'])
-    return nf4_dequantize(parts['qweight'], absmax, shape, out)
+    return nf4_dequantize(parts['qweight'], absmax, shape, out, dtype)
 
 
 # --- nf4 -------------------------------------------------------------------------------------
@@ -143,13 +150,14 @@ def nf4_quantize(weight):
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
-def nf4_dequantize(qweight, absmax, shape, out=None):
-    """-> [shape] (float32 unless `out` says otherwise): code[index] * absmax of its block."""
+def nf4_dequantize(qweight, absmax, shape, out=None, dtype=torch.float32, plain=False):
+    """-> [shape] (new, of `dtype`, or written into `out`): code[index] * absmax of its block. A
+    faster kernel does it where one serves (kernels.py), unless `plain`."""
     n = math.prod(shape)
-    if out is not None and _fused_nf4_into(qweight, absmax, n, out):
-        return out
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
+        out = torch.empty(shape, dtype=dtype, device=qweight.device)
+    if not plain and _fused_nf4_into(qweight, absmax, shape, out):
+        return out
     # each byte's two values (high nibble first) gathered as one 64-bit word [bytes]: straight into a
     # float32 `out`, then scaled there in place, else into a temporary. One 8-byte gather with int32
     # indices measured 3x faster on a CPU than two 4-byte ones indexed with int64.
@@ -166,23 +174,23 @@ def nf4_dequantize(qweight, absmax, shape, out=None):
 
 
 # On cuda the three plain kernels (widen the bytes, gather the pairs, scale) move about 14 bytes per
-# bf16 value through the GPU's memory; the one Triton kernel of kernels.py moves 2.5, with the same
-# fp32 product rounded once, so the same bits (tests/test_cuda.py). Measured on an H200, one Llama-7B
-# block to bf16: 1.42 ms plain, 0.78 ms as torch.compile builds the formula, 0.17 ms in Triton. There
-# is no such kernel on a cpu (compiled there, the formula was 2x slower than the plain path).
-# SLOWLLAMA_FUSED_DEQUANT=0 turns it off.
+# bf16 value through the GPU's memory. Measured on an H200, one Llama-7B block to bf16: 1.42 ms plain,
+# 0.78 ms as torch.compile builds the formula, 0.17 ms with the Triton kernel of kernels.py. On a cpu,
+# bitsandbytes' kernel where it is installed (compiled by torch, the formula was 2x slower there).
 _FUSED = {'failed': False}
 
 
-def _fused_nf4_into(qweight, absmax, n, out):
-    """Dequantize into `out` with the one-pass kernel where that is on offer (cuda, Triton); -> False
-    where the caller's plain path must do it."""
+def _fused_nf4_into(qweight, absmax, shape, out):
+    """Dequantize into `out` with a faster kernel where one serves; -> False where the caller's plain
+    path must do it."""
     from . import kernels
+    if out.device.type == 'cpu':
+        return kernels.cpu_nf4_into(qweight, absmax, nf4_code(out.device), shape, out)
     if (_FUSED['failed'] or not out.is_cuda or not out.is_contiguous() or not qweight.is_contiguous()
-            or not kernels.available() or os.environ.get('SLOWLLAMA_FUSED_DEQUANT', '1') == '0'):
+            or not kernels.triton_available() or not kernels.enabled()):
         return False
     try:
-        kernels.nf4_into(qweight, absmax, _nf4_code(out.device), n, out)
+        kernels.triton_nf4_into(qweight, absmax, nf4_code(out.device), math.prod(shape), out)
     except Exception as error:  # noqa: BLE001 (no compiler, a GPU Triton does not build for)
         _FUSED['failed'] = True
         print(f'slowllama: the fused nf4 kernel could not be built ({type(error).__name__}); '
@@ -194,7 +202,7 @@ def _fused_nf4_into(qweight, absmax, n, out):
 _CODES = {}
 
 
-def _nf4_code(device):
+def nf4_code(device):
     if device not in _CODES:
         _CODES[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
     return _CODES[device]
@@ -254,6 +262,13 @@ def dequantize_absmax(codes, scale, offset):
     return out + offset
 
 
+def dequantize_absmax_at(codes, scale, offset, positions):
+    """The absmax of `codes`, which sit at `positions` of the whole array (a table read a row at a
+    time): the same products as dequantize_absmax."""
+    values = torch.index_select(_dynamic_map(codes.device), 0, codes.int())
+    return values * scale[positions // ABSMAX_BLOCK] + offset
+
+
 # --- int8 (Q8_0) -------------------------------------------------------------------------------
 
 def _round_half_away(x):
@@ -275,14 +290,14 @@ def q8_0_quantize(weight):
     return packed.reshape(rows, -1)
 
 
-def q8_0_dequantize(qweight, shape, out=None):
-    """uint8 [rows, cols / 32 * 34] -> [rows, cols] (float32 unless `out` says otherwise): int8 code
-    * fp16 scale, multiplied in float32."""
+def q8_0_dequantize(qweight, shape, out=None, dtype=torch.float32):
+    """uint8 [rows, cols / 32 * 34] -> [rows, cols] (new, of `dtype`, or written into `out`): int8
+    code * fp16 scale, multiplied in float32."""
     rows, cols = shape
     blocks = qweight.view(rows, cols // Q8_BLOCK, Q8_BLOCK_BYTES)
     scale = blocks[:, :, :2].view(torch.float16).float()  # [rows, blocks, 1]
     codes = blocks[:, :, 2:].view(torch.int8)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=qweight.device)
+        out = torch.empty(shape, dtype=dtype, device=qweight.device)
     torch.mul(codes.float(), scale, out=out.view(rows, cols // Q8_BLOCK, Q8_BLOCK))
     return out

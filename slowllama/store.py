@@ -21,7 +21,7 @@ from .files import (SafetensorsFile, clean_leftovers, safetensors_header, sha256
                     write_json, write_safetensors)
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
-from .packed import Unpacker, check_file_layout, file_layout, pack_block
+from .packed import Unpacker, check_file_layout, file_layout, pack_block, unpack_rows
 from .pinned import HostArena
 from .quant import Quant, parse_quant
 
@@ -78,7 +78,7 @@ class PreparedWriter:
 
     def write_embed(self, weight):
         self._check(EMBED_TENSOR, weight, (self.cfg.vocab_size, self.cfg.dim))
-        self.write(EMBED_FILE, {EMBED_TENSOR: weight})
+        self._write_table(EMBED_FILE, {EMBED_TENSOR: weight})
 
     def write_block(self, i, tensors):
         shapes = block_shapes(self.cfg)
@@ -107,7 +107,15 @@ class PreparedWriter:
         if not self.cfg.tie_embeddings:
             self._check(HEAD_TENSOR, lm_head, (self.cfg.vocab_size, self.cfg.dim))
             tensors[HEAD_TENSOR] = lm_head
-        self.write(HEAD_FILE, tensors)
+        self._write_table(HEAD_FILE, tensors)
+
+    def _write_table(self, filename, tensors):
+        """The embeddings or head file: with --quant-head the table packed (from the source's own
+        values), the final norm in `dtype`."""
+        if self.quant is None or not self.quant.head:
+            return self.write(filename, tensors)
+        packed = pack_block(tensors, self.quant, self.where, rows=True)
+        self.write(filename, packed, keep_dtype=set(packed) - set(tensors))
 
     def add_tokenizer_file(self, name, data: bytes):
         path = os.path.join(self.staging, name)
@@ -147,6 +155,12 @@ def check_free_space(folder, needed, what):
     free = shutil.disk_usage(folder).free
     if free < needed * 1.01:
         raise SlowLlamaError(f'{what}: needs {needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free')
+
+
+def table_shapes(cfg: ModelConfig):
+    """{filename: {name: shape}} of the embeddings file and the norm-and-head file."""
+    head = {NORM_TENSOR: (cfg.dim,)} | ({} if cfg.tie_embeddings else {HEAD_TENSOR: (cfg.vocab_size, cfg.dim)})
+    return {EMBED_FILE: {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}, HEAD_FILE: head}
 
 
 def block_shapes(cfg: ModelConfig):
@@ -234,10 +248,9 @@ def check_manifest(model_dir, manifest, path):
         quant = Quant.from_dict(manifest.get('quant'))
     stored = file_layout(block_shapes(cfg), quant, DTYPES[manifest['dtype']])  # packed parts, when quantized
     expected = {block_file(i): {name: shape for name, (shape, _) in stored.items()} for i in range(cfg.n_layers)}
-    expected[EMBED_FILE] = {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}
-    expected[HEAD_FILE] = {NORM_TENSOR: (cfg.dim,)}
-    if not cfg.tie_embeddings:
-        expected[HEAD_FILE][HEAD_TENSOR] = (cfg.vocab_size, cfg.dim)
+    for filename, shapes in table_shapes(cfg).items():  # packed with --quant-head
+        layout = file_layout(shapes, quant, DTYPES[manifest['dtype']])
+        expected[filename] = {name: shape for name, (shape, _) in layout.items()}
     unlisted = [name for name in expected if name not in files]
     if unlisted:
         raise SlowLlamaError(f'{path}: the config needs {unlisted[0]}, which the manifest does not list; '
@@ -287,6 +300,10 @@ class BlockStore:
         shapes = block_shapes(self.cfg)
         self._stored_layout = file_layout(shapes, self.quant, DTYPES[self.manifest['dtype']])
         self._layout = file_layout(shapes, self.quant, dtype)  # what a block is on the device, before unpacking
+        self._tables = table_shapes(self.cfg)
+        self._packed_tables = self.quant is not None and self.quant.head  # --quant-head
+        self._stored_tables = {f: file_layout(shapes, self.quant, DTYPES[self.manifest['dtype']])
+                               for f, shapes in self._tables.items()}
         self._files, self._verified = {}, set()
         self.tiers = placement(self.cfg, self.device, dtype, offload, self.manifest['dtype'], max_device_mem,
                                max_ram, batch_hint, self.quant)
@@ -358,6 +375,8 @@ class BlockStore:
         head is hundreds of MB at 7B and above, so the engine takes it a vocabulary slice at a time
         and hands each slice back with release_head_rows()."""
         filename, name = self._head_source()
+        if self._packed_tables:
+            return self._table_rows(filename, name, (start, end))
         if filename in self._resident:
             return self._resident[filename][name][start:end].to(self.device, non_blocking=True)
         rows = self._file(filename).tensor(name)[start:end]  # [slice, dim], mapped
@@ -371,7 +390,10 @@ class BlockStore:
         """Rows read from a mapped file leave this process's memory (they stay in the page cache)."""
         filename, name = self._head_source()
         if filename in self._files:
-            self._files[filename].advise_rows(name, start, end, mmap.MADV_DONTNEED)
+            if self._packed_tables:  # the packed rows' bytes are not rows of the file's tensors
+                self._files[filename].advise(mmap.MADV_DONTNEED)
+            else:
+                self._files[filename].advise_rows(name, start, end, mmap.MADV_DONTNEED)
 
     def _head_source(self):
         return (EMBED_FILE, EMBED_TENSOR) if self.cfg.tie_embeddings else (HEAD_FILE, HEAD_TENSOR)
@@ -379,6 +401,9 @@ class BlockStore:
     def embed(self, tokens):
         """Token embeddings [batch, seq, dim] on the device. Only the rows needed are read, so the
         embedding matrix never travels whole."""
+        if self._packed_tables:
+            rows = self._table_rows(EMBED_FILE, EMBED_TENSOR, tokens.reshape(-1).long())
+            return rows.view(*tokens.shape, self.cfg.dim)
         if EMBED_FILE in self._resident:
             table = self._resident[EMBED_FILE][EMBED_TENSOR]
             return F.embedding(tokens.to(table.device), table).to(self.device, self.dtype)
@@ -388,6 +413,16 @@ class BlockStore:
         return rows
 
     # --- internals -----------------------------------------------------------------------
+
+    def _table_rows(self, filename, name, rows):
+        """Rows of a packed table (--quant-head), unpacked on the device; a mapped file's pages are
+        let go after (each row read faulted in its neighbours too)."""
+        resident = self._resident.get(filename)
+        tensors = resident if resident is not None else self._file(filename).tensors()
+        out = unpack_rows(tensors, name, self._tables[filename][name], self.quant, rows, self.device, self.dtype)
+        if resident is None and isinstance(rows, torch.Tensor):
+            self._files[filename].advise(mmap.MADV_DONTNEED)
+        return out
 
     def _fetch(self, i):
         filename = block_file(i)
@@ -428,7 +463,9 @@ class BlockStore:
         return resident
 
     def _resident_dtype(self, filename, name):
-        return self.dtype if filename in (EMBED_FILE, HEAD_FILE) else self._layout[name][1]
+        if filename in self._tables:  # the tables in the compute dtype, their packed parts as stored
+            return self.dtype if name in self._tables[filename] else self._stored_tables[filename][name][1]
+        return self._layout[name][1]
 
     def _file(self, filename):
         if filename not in self._files:
@@ -439,8 +476,10 @@ class BlockStore:
             first_read = self.verify and filename not in self._verified
             check_file(path, expected, checksum=first_read)  # the full checksum once per run
             mapped = SafetensorsFile(path)
-            if filename not in (EMBED_FILE, HEAD_FILE) and filename not in self._verified:
-                check_file_layout(path, mapped, self._stored_layout)
+            if filename not in self._verified:
+                layout = self._stored_tables.get(filename, self._stored_layout)
+                if filename not in self._tables or self._packed_tables:
+                    check_file_layout(path, mapped, layout)
             self._verified.add(filename)
             self._files[filename] = mapped
         return self._files[filename]

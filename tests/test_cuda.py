@@ -14,7 +14,7 @@ from conftest import random_batch
 from reference import (against_whole_model, assert_same_loss_and_gradients, masked_mean_ce, max_rel_diff,
                        peft_grads, peft_model, randomize_adapters)
 from test_copier import POINTS, TIERS, fail_once, placed, step
-from test_packed import bnb_qlora, prepared, quant_hf  # noqa: F401 (fixtures)
+from test_packed import bnb_qlora, head_packed, prepared, quant_hf  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cuda
 CUDA = 'cuda'
@@ -140,6 +140,22 @@ def test_packed_tiers_are_bit_identical(prepared, offload, reproducible_attentio
     assert_same_loss_and_gradients(baseline, other, seed=7)
 
 
+@pytest.mark.parametrize('offload', ['disk', 'ram', 'device'])
+def test_packed_tables_unpack_on_the_device_to_the_cpus_rows(head_packed, offload, reproducible_attention):
+    """--quant-head: the embeddings' and head's rows unpacked on cuda are the cpu's, on every tier,
+    and the tiers give the same gradients."""
+    model_dir, _, _ = head_packed
+    tokens = torch.tensor([[5, 0, 127, 5], [64, 3, 9, 126]])
+    on_cpu = slowllama.load(model_dir).store
+    store = slowllama.load(model_dir, device=CUDA, offload=offload).store
+    assert torch.equal(store.embed(tokens).cpu(), on_cpu.embed(tokens))
+    assert torch.equal(store.head_rows(32, 96).cpu(), on_cpu.head_rows(32, 96))
+    lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
+    baseline = slowllama.load(model_dir, device=CUDA, lora=lora, offload='disk', dropout=0.1)
+    other = slowllama.load(model_dir, device=CUDA, lora=lora, offload=offload, dropout=0.1)
+    assert_same_loss_and_gradients(baseline, other, seed=7)
+
+
 def test_nf4_equals_bitsandbytes_cuda_qlora(quant_hf, tmp_path):
     """QLoRA as transformers + peft + bitsandbytes run it on cuda (its own dequantize kernel), no
     dropout: the same logits, loss and LoRA gradients as ours on the nf4 model."""
@@ -157,7 +173,7 @@ def test_fused_nf4_kernel_gives_the_plain_kernels_bits(monkeypatch, dtype):
     """The one-pass Triton unpack, on any length (a last partial block, an odd count): the plain
     kernels' bits."""
     from slowllama import kernels, quant
-    assert kernels.available()  # torch's cuda builds ship Triton
+    assert kernels.triton_available()  # torch's cuda builds ship Triton
     for shape in [(4096, 11008), (96, 64), (3, 128), (7, 9), (129, 33), (1, 1)]:
         weight = torch.randn(shape, device=CUDA)
         qweight, absmax = quant.nf4_quantize(weight)

@@ -248,3 +248,101 @@ def test_finetune_resume_generate_and_export_on_nf4(quant_hf, tmp_path, capsys):
     assert cli.main(['test_gen', str(model_dir), '--lora', str(run_dir), '--prompt', 'the violet',
                      '--max-new-tokens', '6']) == 0
     assert capsys.readouterr().out.strip() == tokenizer.decode(want.tolist()).strip()
+
+
+# --- --quant-head: the embeddings and head packed too ---------------------------------------------
+
+@pytest.fixture(scope='module', params=['nf4', 'nf4-dq', 'int8-tied'])
+def head_packed(request, tmp_path_factory):
+    """(prepared folder, Quant, transformers model): tables packed with --quant-head, fp32 norms;
+    int8 on a model whose head is its embeddings."""
+    folder = tmp_path_factory.mktemp('hf_head')
+    tied = request.param.endswith('tied')
+    hf_model = make_hf_model(folder, seed=6, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                             tie_word_embeddings=tied, **QUANT_TINY)
+    save_tiny_tokenizer(folder)
+    q = Quant('int8' if tied else 'nf4', request.param == 'nf4-dq', head=True)
+    out = tmp_path_factory.mktemp('prepared_head') / 'model'
+    slowllama.prepare(folder, out, dtype='fp32', quant=q)
+    return out, q, hf_model
+
+
+def packed_table(hf_model, name, q):
+    """The transformers model's table quantized and dequantized: what --quant-head holds."""
+    source = hf_model.state_dict()[name]
+    return quant.dequantize(quant.quantize(source, q), tuple(source.shape), q)
+
+
+def test_quant_head_holds_the_tables_packed_and_reads_their_rows(head_packed):
+    model_dir, q, hf_model = head_packed
+    embed = SafetensorsFile(model_dir / 'embed.safetensors')
+    assert 'embed_tokens.weight' not in embed.names() and embed.tensor('embed_tokens.qweight').dtype == torch.uint8
+    head = SafetensorsFile(model_dir / 'head.safetensors')
+    assert head.tensor('norm.weight').dtype == torch.float32
+    assert ('lm_head.qweight' in head.names()) != hf_model.config.tie_word_embeddings
+    assert json.loads((model_dir / 'manifest.json').read_text())['quant']['head'] is True
+    table = packed_table(hf_model, 'model.embed_tokens.weight', q)
+    head_table = table if hf_model.config.tie_word_embeddings else packed_table(hf_model, 'lm_head.weight', q)
+    tokens = torch.tensor([[5, 0, 127, 5], [64, 3, 9, 126]])
+    for offload in ('disk', 'ram', 'device'):
+        store = slowllama.load(model_dir, offload=offload).store
+        assert torch.equal(store.embed(tokens), table[tokens])
+        assert torch.equal(store.head_rows(32, 96), head_table[32:96])
+        store.release_head_rows(32, 96)
+
+
+def test_quant_head_equals_transformers_peft_on_the_packed_tables(tmp_path):
+    """Logits, loss and every LoRA gradient, LoRA dropout 0.1, against QLoRA as transformers + peft +
+    bitsandbytes run it, its embeddings and head set to what --quant-head holds."""
+    folder = tmp_path / 'hf'
+    hf_model = make_hf_model(folder, seed=6, bos_token_id=1, eos_token_id=2, pad_token_id=3, **QUANT_TINY)
+    save_tiny_tokenizer(folder)
+    q = Quant('nf4', head=True)
+    model_dir = slowllama.prepare(folder, tmp_path / 'nf4', dtype='fp32', quant=q)
+    reference = bnb_qlora(folder, lora_dropout=0.1)
+    with torch.no_grad():
+        base = reference.base_model.model
+        base.model.embed_tokens.weight.copy_(packed_table(hf_model, 'model.embed_tokens.weight', q))
+        base.lm_head.weight.copy_(packed_table(hf_model, 'lm_head.weight', q))
+    reference.save_pretrained(tmp_path / 'adapter')
+    ours = slowllama.load(model_dir, adapter=tmp_path / 'adapter', lora=slowllama.LoraConfig(dropout=0.1))
+    tokens, targets = random_batch(ours.cfg.vocab_size, seed=3)
+    _, logit_diff, loss, ref_loss = step_beside_peft(ours, reference, tokens, targets)
+    ref_grads = peft_grads(reference)
+    grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    worst = max(max_rel_diff(grads[k], ref_grads[k]) for k in grads)
+    assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-5
+
+
+@pytest.mark.parametrize('offload', ['ram', 'device'])
+def test_quant_head_tiers_give_identical_gradients(head_packed, offload):
+    model_dir, _, _ = head_packed
+    lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
+    baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1)
+    other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1)
+    assert_same_loss_and_gradients(baseline, other, seed=7)
+
+
+def test_quant_head_exports_the_unpacked_tables_and_counts_their_bytes(head_packed, tmp_path):
+    from safetensors.torch import load_file
+
+    from slowllama.formats.export import export
+    from slowllama.plan import table_bytes
+    model_dir, q, hf_model = head_packed
+    export(model_dir, tmp_path / 'hf', 'hf', dtype='fp32')
+    tensors = {}
+    for path in sorted((tmp_path / 'hf').glob('*.safetensors')):
+        tensors |= load_file(path)
+    assert torch.equal(tensors['model.embed_tokens.weight'], packed_table(hf_model, 'model.embed_tokens.weight', q))
+    cfg = slowllama.load(model_dir).cfg
+    packed = [SafetensorsFile(model_dir / f).tensors() for f in ('embed.safetensors', 'head.safetensors')]
+    assert table_bytes(cfg, 'fp32', q) == sum(t.nbytes for ts in packed for name, t in ts.items() if name != 'norm.weight')
+    assert table_bytes(cfg, 'bf16', q) < 0.6 * table_bytes(cfg, 'bf16')
+
+
+def test_quant_head_without_quant_or_with_rows_that_split_blocks_is_refused(quant_hf, tmp_path, capsys):
+    hf_folder, _ = quant_hf
+    assert cli.main(['prepare', str(hf_folder), str(tmp_path / 'out'), '--quant-head']) != 0
+    assert 'error: --quant-head' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+    with pytest.raises(slowllama.SlowLlamaError, match='--quant-head: .* rows of 96 values'):
+        quant.check_quantizable((128, 96), Quant('nf4', head=True), 'embed_tokens.weight', rows=True)

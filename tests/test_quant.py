@@ -12,6 +12,7 @@ from slowllama.quant import Quant
 # odd sizes, a last partial block, a single short block, a vector; the last dim odd or a multiple of
 # 64 (bitsandbytes' CPU dequantize kernel cuts blocks per row when rows are even but not a multiple of
 # the block size, disagreeing with its own quantize there; its torch path does not, see below)
+CODE = quant.nf4_code(torch.device('cpu'))
 NF4_SHAPES = [(64, 64), (37, 53), (3, 5), (1000, 333), (256, 576), (4097,), (129, 128)]
 
 
@@ -131,3 +132,60 @@ def test_unsupported_quantization_is_refused():
         quant.parse_quant('q3')
     with pytest.raises(SlowLlamaError, match='--quant int8: .* has shape'):
         quant.check_quantizable((64, 40), Quant('int8'), 'mlp.up_proj.weight')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpu_library_kernel_gives_the_plain_bits(dtype):
+    """bitsandbytes' C++ kernel, called into our buffer (kernels.py), where it serves: rows of whole
+    blocks, double-quantized absmax too; and where it does not (a row of 96, an odd shape), the
+    plain path. Either way the plain kernels' bits."""
+    from slowllama import kernels
+    assert kernels.cpu_library_status(quant.nf4_code(torch.device('cpu'))) is None  # the test extra installs a checked bitsandbytes
+    for shape, served in [((1024, 2816), True), ((3, 128), True), ((5, 64), True), ((96, 96), False),
+                          ((7, 9), False)]:
+        weight = random_weight(shape, seed=shape[0])
+        for double_quant in (False, True):
+            parts = quant.quantize(weight, Quant('nf4', double_quant))
+            absmax = parts['absmax'] if not double_quant else quant.dequantize_absmax(
+                parts['absmax'], parts['absmax_scale'], parts['absmax_offset'])
+            out = torch.full(shape, float('nan'), dtype=dtype)
+            assert kernels.cpu_nf4_into(parts['qweight'], absmax, CODE, shape, out) == served
+            fast = quant.dequantize(parts, shape, Quant('nf4', double_quant), out=out)
+            plain = quant.nf4_dequantize(parts['qweight'], absmax, shape, dtype=dtype, plain=True)
+            assert torch.equal(fast, plain), (shape, double_quant)
+
+
+def test_without_the_cpu_library_nf4_unpacks_in_plain_torch_after_one_hint(monkeypatch, capsys):
+    from slowllama import kernels, packed
+    monkeypatch.setattr(kernels, '_CPU', {'status': 'bitsandbytes is not installed'})
+    monkeypatch.setattr(packed, '_HINTED', [])
+    weight = random_weight((64, 128), seed=3)
+    parts = quant.quantize(weight, Quant('nf4'))
+    out = torch.empty(weight.shape)
+    assert not kernels.cpu_nf4_into(parts['qweight'], parts['absmax'], CODE, weight.shape, out)
+    shapes = {'mlp.up_proj.weight': (64, 128)}
+    for _ in range(2):
+        unpacker = packed.Unpacker(shapes, Quant('nf4'), 'cpu', torch.float32)
+        _, block = unpacker.unpack({'mlp.up_proj.qweight': parts['qweight'], 'mlp.up_proj.absmax': parts['absmax']})
+        assert torch.equal(block['mlp.up_proj.weight'], quant.nf4_dequantize(parts['qweight'], parts['absmax'],
+                                                                            weight.shape, plain=True))
+    hints = capsys.readouterr().err.strip().splitlines()
+    assert len(hints) == 1 and 'bitsandbytes is not installed' in hints[0] and 'slowllama[qlora]' in hints[0]
+
+
+def test_an_unchecked_bitsandbytes_version_is_not_called(monkeypatch):
+    from slowllama import kernels
+    monkeypatch.setattr(kernels.importlib.metadata, 'version', lambda name: '0.51.0')
+    status = kernels._load_cpu_library(CODE)
+    assert list(status) == ['status'] and '0.51.0 is not a version' in status['status']
+
+
+def test_a_library_kernel_that_gives_other_bits_is_not_used():
+    import ctypes
+
+    from slowllama import kernels
+
+    def zeros(qweight, absmax, out, blocksize, rows, cols):
+        ctypes.memset(out, 0, 2 * rows * cols)  # zeros where values belong
+    assert not kernels._same_bits_as_plain({torch.float32: zeros, torch.bfloat16: zeros}, CODE)
+    assert kernels._same_bits_as_plain(kernels._cpu_library(CODE), CODE)  # and the real one does

@@ -21,10 +21,11 @@ def detect(src):
                          '(params.json + consolidated.NN.pth) or a .gguf file')
 
 
-def prepare(src, out, dtype='bf16', quant=None, double_quant=False):
+def prepare(src, out, dtype='bf16', quant=None, double_quant=False, quant_head=False):
     """Turn a checkpoint into a prepared folder at `out` (replaced whole, only on success).
-    quant: None, 'nf4' or 'int8': the blocks' projection weights stored packed (see quant.py)."""
-    src, dtype, quant = str(src), parse_dtype(dtype), parse_quant(quant, double_quant)
+    quant: None, 'nf4' or 'int8': the blocks' projection weights stored packed (see quant.py);
+    quant_head: the embeddings and output head packed too (QLoRA keeps them unquantized)."""
+    src, dtype, quant = str(src), parse_dtype(dtype), parse_quant(quant, double_quant, quant_head)
     kind = detect(src)
     readers = {'hf': (hf.read_config, hf.prepare_hf), 'meta': (meta.read_config, meta.prepare_meta),
                'gguf': (gguf.read_config, gguf.prepare_gguf)}

@@ -19,7 +19,7 @@ from ..names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
 from ..quant import Quant
 from ..store import (EMBED_FILE, HEAD_FILE, announce, block_file, block_shapes, check_file, parse_dtype,
-                     read_manifest)
+                     read_manifest, table_shapes)
 from ..store import swap_in  # the same whole-folder swap the prepared writer uses
 from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
@@ -43,7 +43,7 @@ class MergedWeights:
         self.lora, self.state = adapter if adapter else (None, {})
 
     def embed(self):
-        return self._read(EMBED_FILE)[EMBED_TENSOR]
+        return self._table(EMBED_FILE)[EMBED_TENSOR]
 
     def block(self, i):
         layout = file_layout(block_shapes(self.cfg), self.quant, parse_dtype(self.manifest['dtype']))
@@ -60,10 +60,20 @@ class MergedWeights:
         return {name: t.to(self.dtype) for name, t in tensors.items()}
 
     def norm(self):
-        return self._read(HEAD_FILE)[NORM_TENSOR]
+        return self._table(HEAD_FILE)[NORM_TENSOR]
 
     def lm_head(self):
-        return self.embed() if self.cfg.tie_embeddings else self._read(HEAD_FILE)[HEAD_TENSOR]
+        return self.embed() if self.cfg.tie_embeddings else self._table(HEAD_FILE)[HEAD_TENSOR]
+
+    def _table(self, filename):
+        """The embeddings or the norm-and-head file; packed tables (--quant-head) dequantized to fp32
+        and rounded once to the export dtype."""
+        if self.quant is None or not self.quant.head:
+            return self._read(filename)
+        shapes = table_shapes(self.cfg)[filename]
+        layout = file_layout(shapes, self.quant, parse_dtype(self.manifest['dtype']))
+        tensors = self._read(filename, cast=False, layout=layout)
+        return {name: t.to(self.dtype) for name, t in unpack_block(tensors, shapes, self.quant).items()}
 
     def _read(self, filename, cast=True, layout=None):
         path = os.path.join(self.model_dir, filename)
