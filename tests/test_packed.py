@@ -346,3 +346,43 @@ def test_quant_head_without_quant_or_with_rows_that_split_blocks_is_refused(quan
     assert 'error: --quant-head' in capsys.readouterr().err and not (tmp_path / 'out').exists()
     with pytest.raises(slowllama.SlowLlamaError, match='--quant-head: .* rows of 96 values'):
         quant.check_quantizable((128, 96), Quant('nf4', head=True), 'embed_tokens.weight', rows=True)
+
+
+@pytest.mark.slow
+def test_finetune_resume_generate_and_export_with_quant_head(quant_hf, tmp_path, capsys):
+    """The commands on a model whose tables are packed too: prepare --quant-head, finetune, resume to
+    the same adapter bytes, test_gen as greedy decoding of the same logits, export hf (the unpacked
+    tables with the merged blocks, loadable by transformers, same logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from slowllama.formats.tokenizer import load_tokenizer
+    hf_folder, _ = quant_hf
+    model_dir, run_dir = tmp_path / 'nf4', tmp_path / 'run'
+    assert cli.main(['prepare', str(hf_folder), str(model_dir), '--quant', 'nf4', '--double-quant',
+                     '--quant-head', '--dtype', 'fp32']) == 0
+    story = tmp_path / 'story.txt'
+    story.write_text('odalys brenn keeps the violet lamp burning every night. ships at sea look for the light. ' * 8)
+    args = ['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir), '--iters', '4',
+            '--seq-len', '16', '--batch-size', '2', '--lr', '1e-2', '--lora-dropout', '0.1', '--targets', 'q,v',
+            '--save-every', '2']
+    assert cli.main(args) == 0
+    adapter = (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes()
+    import shutil
+    shutil.rmtree(run_dir / 'checkpoints' / 'step_000004')
+    assert cli.main(args + ['--resume']) == 0
+    assert (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes() == adapter
+    assert cli.main(['export', '--model', str(model_dir), '--lora', str(run_dir / 'adapter'), '--format', 'hf',
+                     '--out', str(tmp_path / 'hf_out'), '--dtype', 'fp32']) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf_out', dtype=torch.float32).eval()
+    ours = slowllama.load(model_dir, adapter=run_dir / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seed=9)
+    with torch.no_grad():
+        assert (merged(input_ids=tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
+    tokenizer = load_tokenizer(model_dir)
+    ids = torch.tensor([tokenizer.encode('the violet')])
+    want = merged.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
+                           pad_token_id=3)[0, ids.shape[1]:]
+    capsys.readouterr()
+    assert cli.main(['test_gen', str(model_dir), '--lora', str(run_dir), '--prompt', 'the violet',
+                     '--max-new-tokens', '6']) == 0
+    assert capsys.readouterr().out.strip() == tokenizer.decode(want.tolist()).strip()

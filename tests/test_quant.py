@@ -9,10 +9,11 @@ import torch
 from slowllama import quant
 from slowllama.quant import Quant
 
+CODE = quant.nf4_code(torch.device('cpu'))  # the 16 NF4 values
+
 # odd sizes, a last partial block, a single short block, a vector; the last dim odd or a multiple of
 # 64 (bitsandbytes' CPU dequantize kernel cuts blocks per row when rows are even but not a multiple of
 # the block size, disagreeing with its own quantize there; its torch path does not, see below)
-CODE = quant.nf4_code(torch.device('cpu'))
 NF4_SHAPES = [(64, 64), (37, 53), (3, 5), (1000, 333), (256, 576), (4097,), (129, 128)]
 
 
