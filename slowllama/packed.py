@@ -12,7 +12,7 @@ import torch
 from . import kernels
 from .errors import SlowLlamaError
 from .names import EMBED_TENSOR, HEAD_TENSOR, PROJECTION_WEIGHTS
-from .quant import (NF4_BLOCK, Quant, check_quantizable, dequantize, dequantize_absmax_at, nf4_code,
+from .quant import (NF4_BLOCK, Quant, check_quantizable, dequantize, dequantize_absmax, nf4_code,
                     nf4_dequantize, packed_layout, q8_0_dequantize, quantize)
 
 
@@ -103,8 +103,8 @@ def unpack_rows(tensors, name, shape, quant: Quant, rows, device, dtype):
         codes = pick(parts['absmax'].view(vocab, per_row)).to(device)
         first = rows[0] * per_row if span else rows.to(device)[:, None] * per_row
         positions = (first + torch.arange(per_row, device=device)).reshape(-1)
-        absmax = dequantize_absmax_at(codes.reshape(-1), parts['absmax_scale'].to(device),
-                                      parts['absmax_offset'].to(device), positions)
+        absmax = dequantize_absmax(codes.reshape(-1), parts['absmax_scale'].to(device),
+                                   parts['absmax_offset'].to(device), positions)
     return nf4_dequantize(qweight.reshape(-1), absmax.reshape(-1), (count, dim), dtype=dtype)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .errors import SlowLlamaError
 
 QUANT_TYPES = ('nf4', 'int8')
@@ -183,7 +184,6 @@ _FUSED = {'failed': False}
 def _fused_nf4_into(qweight, absmax, shape, out):
     """Dequantize into `out` with a faster kernel where one serves; -> False where the caller's plain
     path must do it."""
-    from . import kernels
     if out.device.type == 'cpu':
         return kernels.cpu_nf4_into(qweight, absmax, nf4_code(out.device), shape, out)
     if (_FUSED['failed'] or not out.is_cuda or not out.is_contiguous() or not qweight.is_contiguous()
@@ -252,21 +252,19 @@ def quantize_absmax(absmax):
     return {'absmax': codes, 'absmax_scale': scale, 'absmax_offset': offset.reshape(1)}
 
 
-def dequantize_absmax(codes, scale, offset):
+def dequantize_absmax(codes, scale, offset, positions=None):
+    """Codes -> float32 absmax: each a map value times its block of 256's scale, plus the offset.
+    positions: where `codes` sit in the whole array, when they are some rows of a table read a row at
+    a time (the same products)."""
     values = torch.index_select(_dynamic_map(codes.device), 0, codes.int())
+    if positions is not None:
+        return values * scale[positions // ABSMAX_BLOCK] + offset
     n, full = values.numel(), values.numel() - values.numel() % ABSMAX_BLOCK
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     out[:full] = (values[:full].view(-1, ABSMAX_BLOCK) * scale[:full // ABSMAX_BLOCK, None]).reshape(-1)
     if full < n:
         out[full:] = values[full:] * scale[-1]
     return out + offset
-
-
-def dequantize_absmax_at(codes, scale, offset, positions):
-    """The absmax of `codes`, which sit at `positions` of the whole array (a table read a row at a
-    time): the same products as dequantize_absmax."""
-    values = torch.index_select(_dynamic_map(codes.device), 0, codes.int())
-    return values * scale[positions // ABSMAX_BLOCK] + offset
 
 
 # --- int8 (Q8_0) -------------------------------------------------------------------------------

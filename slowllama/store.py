@@ -389,11 +389,8 @@ class BlockStore:
     def release_head_rows(self, start, end):
         """Rows read from a mapped file leave this process's memory (they stay in the page cache)."""
         filename, name = self._head_source()
-        if filename in self._files:
-            if self._packed_tables:  # the packed rows' bytes are not rows of the file's tensors
-                self._files[filename].advise(mmap.MADV_DONTNEED)
-            else:
-                self._files[filename].advise_rows(name, start, end, mmap.MADV_DONTNEED)
+        if filename in self._files and not self._packed_tables:  # packed: let go when unpacked
+            self._files[filename].advise_rows(name, start, end, mmap.MADV_DONTNEED)
 
     def _head_source(self):
         return (EMBED_FILE, EMBED_TENSOR) if self.cfg.tie_embeddings else (HEAD_FILE, HEAD_TENSOR)
@@ -415,12 +412,12 @@ class BlockStore:
     # --- internals -----------------------------------------------------------------------
 
     def _table_rows(self, filename, name, rows):
-        """Rows of a packed table (--quant-head), unpacked on the device; a mapped file's pages are
-        let go after (each row read faulted in its neighbours too)."""
+        """Rows of a packed table (--quant-head), unpacked on the device into a new tensor, so a
+        mapped file's pages are let go at once (each row read faulted in its neighbours too)."""
         resident = self._resident.get(filename)
         tensors = resident if resident is not None else self._file(filename).tensors()
         out = unpack_rows(tensors, name, self._tables[filename][name], self.quant, rows, self.device, self.dtype)
-        if resident is None and isinstance(rows, torch.Tensor):
+        if resident is None:
             self._files[filename].advise(mmap.MADV_DONTNEED)
         return out
 

@@ -210,22 +210,12 @@ def test_finetune_resume_generate_and_export_on_nf4(quant_hf, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slowllama.formats.tokenizer import load_tokenizer
     hf_folder, _ = quant_hf
     model_dir, run_dir = tmp_path / 'nf4', tmp_path / 'run'
     assert cli.main(['prepare', str(hf_folder), str(model_dir), '--quant', 'nf4', '--dtype', 'fp32']) == 0
-    story = tmp_path / 'story.txt'
-    story.write_text('odalys brenn keeps the violet lamp burning every night. ships at sea look for the light. ' * 8)
-    args = ['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir), '--iters', '4',
-            '--seq-len', '16', '--batch-size', '2', '--lr', '1e-2', '--dropout', '0.1', '--lora-dropout', '0.1',
-            '--targets', 'q,v,down', '--save-every', '2', '--val-fraction', '0.2', '--eval-every', '2',
-            '--prompt', 'the', '--max-new-tokens', '3']
-    assert cli.main(args) == 0
-    adapter = (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes()
-    import shutil
-    shutil.rmtree(run_dir / 'checkpoints' / 'step_000004')
-    assert cli.main(args + ['--resume']) == 0
-    assert (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes() == adapter
+    finetune_and_resume(model_dir, run_dir, tmp_path, ['--dropout', '0.1', '--targets', 'q,v,down', '--val-fraction',
+                                                       '0.2', '--eval-every', '2', '--prompt', 'the',
+                                                       '--max-new-tokens', '3'])
     ours = slowllama.load(model_dir, adapter=run_dir / 'adapter')
     tokens, _ = random_batch(ours.cfg.vocab_size, seed=9)
     logits = ours.logits(tokens)
@@ -240,10 +230,32 @@ def test_finetune_resume_generate_and_export_on_nf4(quant_hf, tmp_path, capsys):
     with torch.no_grad():
         assert (qlora(input_ids=tokens).logits - logits).abs().max() < 1e-4
 
+    assert_test_gen_is_greedy(qlora, model_dir, run_dir, capsys)
+
+
+def finetune_and_resume(model_dir, run_dir, tmp_path, extra):
+    """finetune 4 steps with LoRA dropout, then again with --resume after the last checkpoint is lost:
+    the same adapter bytes."""
+    import shutil
+    story = tmp_path / 'story.txt'
+    story.write_text('odalys brenn keeps the violet lamp burning every night. ships at sea look for the light. ' * 8)
+    args = ['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir), '--iters', '4',
+            '--seq-len', '16', '--batch-size', '2', '--lr', '1e-2', '--lora-dropout', '0.1', '--save-every', '2',
+            *extra]
+    assert cli.main(args) == 0
+    adapter = (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes()
+    shutil.rmtree(run_dir / 'checkpoints' / 'step_000004')
+    assert cli.main(args + ['--resume']) == 0
+    assert (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes() == adapter
+
+
+def assert_test_gen_is_greedy(reference, model_dir, run_dir, capsys):
+    """test_gen with the run's adapter prints what `reference` (a transformers model) decodes greedily."""
+    from slowllama.formats.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor([tokenizer.encode('the violet')])
-    want = qlora.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
-                          pad_token_id=3)[0, ids.shape[1]:]
+    want = reference.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
+                              pad_token_id=3)[0, ids.shape[1]:]
     capsys.readouterr()
     assert cli.main(['test_gen', str(model_dir), '--lora', str(run_dir), '--prompt', 'the violet',
                      '--max-new-tokens', '6']) == 0
@@ -355,22 +367,11 @@ def test_finetune_resume_generate_and_export_with_quant_head(quant_hf, tmp_path,
     tables with the merged blocks, loadable by transformers, same logits)."""
     from transformers import AutoModelForCausalLM
 
-    from slowllama.formats.tokenizer import load_tokenizer
     hf_folder, _ = quant_hf
     model_dir, run_dir = tmp_path / 'nf4', tmp_path / 'run'
     assert cli.main(['prepare', str(hf_folder), str(model_dir), '--quant', 'nf4', '--double-quant',
                      '--quant-head', '--dtype', 'fp32']) == 0
-    story = tmp_path / 'story.txt'
-    story.write_text('odalys brenn keeps the violet lamp burning every night. ships at sea look for the light. ' * 8)
-    args = ['finetune', '--model', str(model_dir), '--data', str(story), '--out', str(run_dir), '--iters', '4',
-            '--seq-len', '16', '--batch-size', '2', '--lr', '1e-2', '--lora-dropout', '0.1', '--targets', 'q,v',
-            '--save-every', '2']
-    assert cli.main(args) == 0
-    adapter = (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes()
-    import shutil
-    shutil.rmtree(run_dir / 'checkpoints' / 'step_000004')
-    assert cli.main(args + ['--resume']) == 0
-    assert (run_dir / 'adapter' / 'adapter_model.safetensors').read_bytes() == adapter
+    finetune_and_resume(model_dir, run_dir, tmp_path, ['--targets', 'q,v'])
     assert cli.main(['export', '--model', str(model_dir), '--lora', str(run_dir / 'adapter'), '--format', 'hf',
                      '--out', str(tmp_path / 'hf_out'), '--dtype', 'fp32']) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf_out', dtype=torch.float32).eval()
@@ -378,11 +379,4 @@ def test_finetune_resume_generate_and_export_with_quant_head(quant_hf, tmp_path,
     tokens, _ = random_batch(ours.cfg.vocab_size, seed=9)
     with torch.no_grad():
         assert (merged(input_ids=tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
-    tokenizer = load_tokenizer(model_dir)
-    ids = torch.tensor([tokenizer.encode('the violet')])
-    want = merged.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
-                           pad_token_id=3)[0, ids.shape[1]:]
-    capsys.readouterr()
-    assert cli.main(['test_gen', str(model_dir), '--lora', str(run_dir), '--prompt', 'the violet',
-                     '--max-new-tokens', '6']) == 0
-    assert capsys.readouterr().out.strip() == tokenizer.decode(want.tolist()).strip()
+    assert_test_gen_is_greedy(merged, model_dir, run_dir, capsys)
