@@ -124,6 +124,10 @@ def load_optimizer_state(optimizer, names, file, where):
         if not _plausible(field_name, value):
             raise SlowLlamaError(f'{where}: optimizer state {key} holds impossible values (damaged file)')
         state.setdefault(index[name], {})[field_name] = value.clone()
+    for i, fields in state.items():  # AdamW needs every moment of a parameter it has a step for
+        lacking = sorted(set(ADAM_FIELDS[:3]) - set(fields))
+        if lacking:
+            raise SlowLlamaError(f'{where}: optimizer state of {names[i]} lacks {lacking[0]} (damaged file)')
     saved = optimizer.state_dict()
     saved['state'] = state
     optimizer.load_state_dict(saved)

@@ -35,6 +35,8 @@ class ModelConfig:
 
     def __post_init__(self):
         check_values(self)
+        for name in ('norm_eps', 'rope_theta'):  # a JSON integer such as 10**40 is a number too, held as one
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.head_dim == 0:
             object.__setattr__(self, 'head_dim', self.dim // self.n_heads)
         if self.head_dim < 2 or self.head_dim % 2:  # rope rotates pairs

@@ -101,8 +101,10 @@ def unpack_rows(tensors, name, shape, quant: Quant, rows, device, dtype):
         absmax = pick(parts['absmax'].view(vocab, per_row)).to(device)
     else:  # each absmax code with its own block of 256's scale
         codes = pick(parts['absmax'].view(vocab, per_row)).to(device)
-        first = rows[0] * per_row if span else rows.to(device)[:, None] * per_row
-        positions = (first + torch.arange(per_row, device=device)).reshape(-1)
+        if span:
+            positions = torch.arange(rows[0] * per_row, rows[1] * per_row, device=device)
+        else:
+            positions = (rows.to(device)[:, None] * per_row + torch.arange(per_row, device=device)).reshape(-1)
         absmax = dequantize_absmax(codes.reshape(-1), parts['absmax_scale'].to(device),
                                    parts['absmax_offset'].to(device), positions)
     return nf4_dequantize(qweight.reshape(-1), absmax.reshape(-1), (count, dim), dtype=dtype)

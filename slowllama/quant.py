@@ -57,7 +57,17 @@ class Quant:
 
     @classmethod
     def from_dict(cls, d):
-        return None if d is None else cls(d['type'], bool(d.get('double_quant', False)), bool(d.get('head', False)))
+        """A manifest's record (None: not quantized). A damaged one is a 'model config:' error, which
+        config_errors names the manifest in."""
+        if d is None:
+            return None
+        flags = (d.get('double_quant', False), d.get('head', False)) if isinstance(d, dict) else ()
+        try:
+            if len(flags) != 2 or not all(isinstance(flag, bool) for flag in flags):
+                raise SlowLlamaError('double_quant and head must be true or false')
+            return cls(d['type'], *flags)
+        except (SlowLlamaError, TypeError, KeyError):
+            raise SlowLlamaError(f'model config: quant must be a record slowllama writes, got {d!r:.120}') from None
 
 
 def parse_quant(quant, double_quant=False, head=False):

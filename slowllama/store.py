@@ -461,7 +461,8 @@ class BlockStore:
 
     def _resident_dtype(self, filename, name):
         if filename in self._tables:  # the tables in the compute dtype, their packed parts as stored
-            return self.dtype if name in self._tables[filename] else self._stored_tables[filename][name][1]
+            packed_part = name not in self._tables[filename] and name in self._stored_tables[filename]
+            return self._stored_tables[filename][name][1] if packed_part else self.dtype
         return self._layout[name][1]
 
     def _file(self, filename):

@@ -43,7 +43,7 @@ def build_corpus(root):
     T = gguf.GGMLQuantizationType
     root = str(root)
     paths = {name: os.path.join(root, name) for name in
-             ('hf', 'meta', 'prepared', 'adapter', 'run', 'bpe.gguf', 'spm.gguf')}
+             ('hf', 'meta', 'prepared', 'packed', 'adapter', 'run', 'bpe.gguf', 'spm.gguf')}
     from pathlib import Path
     model = make_hf_model(paths['hf'], seed=5, max_shard_size='100KB', hidden_size=64, intermediate_size=192,
                           num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -61,6 +61,8 @@ def build_corpus(root):
     write_gguf(paths['spm.gguf'], model, {'*': T.Q8_0}, tokenizer={
         'add_tokenizer_model': 'llama', 'add_token_scores': [-float(i) for i in range(len(tokens))], **common})
     slowllama.prepare(paths['hf'], paths['prepared'], dtype='fp32')
+    from slowllama.quant import Quant  # blocks and tables packed, the absmax too
+    slowllama.prepare(paths['hf'], paths['packed'], dtype='fp32', quant=Quant('nf4', double_quant=True, head=True))
     torch.manual_seed(0)
     lora = slowllama.LoraConfig(rank=2, alpha=4.0, targets=('q', 'v', 'down'))
     loaded = slowllama.load(paths['prepared'], lora=lora)
@@ -350,6 +352,7 @@ READERS = {
     'prepare-hf': (['hf'], None, _prepare, 2),
     'prepare-meta': (['meta'], None, _prepare, 2),
     'load-prepared': (['prepared'], None, _load_prepared, 3),
+    'load-packed': (['packed'], None, _load_prepared, 2),
     'verify': (['prepared'], ['manifest.json'], _verify, 2),
     'adapter': (['adapter'], None, _adapter, 2),
     'export': (['adapter', 'prepared'], ['adapter_config.json', 'adapter_model.safetensors', 'manifest.json'],
@@ -382,7 +385,7 @@ class Case:
     def mutate(self, gguf_slot_cache):
         kind = mutate_file(self.file, self.rng, gguf_slot_cache)
         relative = os.path.relpath(self.file, self.input)
-        if self.mutated_input == 'prepared' and relative != 'manifest.json' and self.rng.random() < 0.5:
+        if self.mutated_input in ('prepared', 'packed') and relative != 'manifest.json' and self.rng.random() < 0.5:
             reseal(self.input, relative)  # past the checksum, as a stranger's folder would be
             kind += '+resealed'
         return kind

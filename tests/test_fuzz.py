@@ -93,6 +93,39 @@ def test_manifest_config_of_wrong_type_or_size_is_refused(corpus, tmp_path, key,
     assert key in message or 'shape' in message or 'n_kv_heads' in message, message
 
 
+@pytest.mark.parametrize('quant', [{'type': ''}, {'type': [1, 2, 3]}, [1, 2, 3], {'type': 'nf4', 'head': 'yes'},
+                                   {'type': 'int8', 'double_quant': True}, {'blocksize': 64}])
+def test_a_damaged_quant_record_is_refused_naming_the_manifest(corpus, tmp_path, quant):
+    """Found by fuzzing the packed folder: the record's own check said '--quant: ...' without the file."""
+    model = _copy(corpus, 'packed', tmp_path)
+    _edit_json(model / 'manifest.json', lambda m: m.__setitem__('quant', quant))
+    assert 'quant must be a record' in _refused(lambda: slowllama.load(model), model)
+
+
+def test_config_numbers_are_held_as_floats_and_extra_table_tensors_do_not_break_the_ram_tier(corpus, tmp_path):
+    """Found by fuzzing: rope_theta 10**40 (a JSON integer) overflowed in torch at the first forward;
+    the tie flag turned on beside a head file that holds the head broke the ram tier with a KeyError."""
+    import torch
+    model = _copy(corpus, 'prepared', tmp_path)
+    _edit_json(model / 'manifest.json', lambda m: m['config'].update(rope_theta=10 ** 40, tie_embeddings=True))
+    loaded = slowllama.load(model, offload='ram')
+    assert loaded.cfg.rope_theta == 1e40
+    assert loaded.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2).shape[-1] >= 1
+
+
+def test_a_checkpoint_missing_one_moment_is_refused(corpus, tmp_path):
+    """Found by fuzzing: an optimizer file without a parameter's exp_avg reached AdamW's step (KeyError)."""
+    from slowllama.files import SafetensorsFile, write_safetensors
+    run = _copy(corpus, 'run', tmp_path)
+    checkpoint = sorted((run / 'checkpoints').iterdir())[-1]
+    tensors = dict(SafetensorsFile(checkpoint / 'optimizer.safetensors').tensors())
+    dropped = next(k for k in sorted(tensors) if k.endswith('.exp_avg'))
+    write_safetensors(checkpoint / 'optimizer.safetensors', {k: v.clone() for k, v in tensors.items() if k != dropped})
+    message = _refused(lambda: fuzz.run_finetune(corpus['prepared'], corpus['text.txt'], str(run), 3, '--resume'),
+                       checkpoint)
+    assert 'lacks exp_avg' in message
+
+
 def test_a_manifest_without_its_tensors_is_refused_before_allocating(corpus, tmp_path):
     model = _copy(corpus, 'prepared', tmp_path)
     _edit_json(model / 'manifest.json', lambda m: m['config'].__setitem__('n_layers', 1000))

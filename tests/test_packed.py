@@ -270,8 +270,9 @@ def head_packed(request, tmp_path_factory):
     int8 on a model whose head is its embeddings."""
     folder = tmp_path_factory.mktemp('hf_head')
     tied = request.param.endswith('tied')
+    # rows of 192: three nf4 blocks a row, and (double quant) absmax in two blocks of 256
     hf_model = make_hf_model(folder, seed=6, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                             tie_word_embeddings=tied, **QUANT_TINY)
+                             tie_word_embeddings=tied, hidden_size=192, **QUANT_TINY)
     save_tiny_tokenizer(folder)
     q = Quant('int8' if tied else 'nf4', request.param == 'nf4-dq', head=True)
     out = tmp_path_factory.mktemp('prepared_head') / 'model'
