@@ -22,7 +22,7 @@ from slowllama.bci.decode import (decode_trials, exact_match, load_decoder, rank
                                   word_error_rate)
 from slowllama.bci.synthetic import PRESETS, make_demo_set  # noqa: E402
 from slowllama.cli import main  # noqa: E402
-from slowllama.formats.tokenizer import load_tokenizer  # noqa: E402
+from slowllama.weights.formats.tokenizer import load_tokenizer  # noqa: E402
 
 EXTERNAL = PRESETS['external']
 # name -> make_demo_set settings; seeds far from the demo's (0) and from the tests'

@@ -1,13 +1,13 @@
 """The Python API: slowllama.prepare(...) and slowllama.load(...)."""
 import torch
 
-from .devices import compute_dtype, resolve_device
-from .engine import StreamedModel
+from .engine.devices import compute_dtype, resolve_device
+from .engine.streamed import StreamedModel
 from .errors import SlowLlamaError
-from .formats import prepare
-from .formats.peft import read_peft_adapter
-from .lora import LoraConfig
-from .store import BlockStore, parse_dtype
+from .model.lora import LoraConfig
+from .weights.formats import prepare
+from .weights.formats.peft import read_peft_adapter
+from .weights.store import BlockStore, parse_dtype
 
 __all__ = ['load', 'prepare']
 

@@ -61,7 +61,7 @@ def build_corpus(root):
     write_gguf(paths['spm.gguf'], model, {'*': T.Q8_0}, tokenizer={
         'add_tokenizer_model': 'llama', 'add_token_scores': [-float(i) for i in range(len(tokens))], **common})
     slowllama.prepare(paths['hf'], paths['prepared'], dtype='fp32')
-    from slowllama.quant import Quant  # blocks and tables packed, the absmax too
+    from slowllama.model.quant import Quant  # blocks and tables packed, the absmax too
     slowllama.prepare(paths['hf'], paths['packed'], dtype='fp32', quant=Quant('nf4', double_quant=True, head=True))
     torch.manual_seed(0)
     lora = slowllama.LoraConfig(rank=2, alpha=4.0, targets=('q', 'v', 'down'))
@@ -266,7 +266,7 @@ def mutate_file(path, rng, gguf_slot_cache):
 def reseal(folder, filename):
     """A hostile but self-consistent prepared folder: the manifest's size and sha256 of `filename`
     made to match its (mutated) bytes, so the reader gets past the checksum."""
-    from slowllama.files import sha256_file
+    from slowllama.weights.files import sha256_file
     manifest_path = os.path.join(folder, 'manifest.json')
     with open(manifest_path) as f:
         manifest = json.load(f)
@@ -289,7 +289,7 @@ def _load_prepared(case):
     import torch
 
     import slowllama
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(case.input)
     tokenizer.decode(tokenizer.encode('the keeper of the lamp'))
     model = slowllama.load(case.input, offload=case.rng.choice(['disk', 'ram']))
@@ -297,7 +297,7 @@ def _load_prepared(case):
 
 
 def _verify(case):
-    from slowllama.store import verify_model
+    from slowllama.weights.store import verify_model
     verify_model(case.input)
 
 
@@ -310,7 +310,7 @@ def _adapter(case):
 
 
 def _export(case):
-    from slowllama.formats.export import export
+    from slowllama.weights.formats.export import export
     fmt = case.rng.choice(['hf', 'meta', 'peft'])
     export(case.given('prepared'), os.path.join(case.scratch, 'out'), fmt, adapter=case.given('adapter'))
 
@@ -320,8 +320,8 @@ def _resume(case):
 
 
 def _data(case):
-    from slowllama.data import load_data
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.data.dataset import load_data
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(case.corpus['prepared'])
     data = load_data(case.input, tokenizer, seq_len=16, batch_size=2, val_fraction=case.rng.choice([0.0, 0.3]),
                      pack=case.rng.random() < 0.5)
@@ -329,7 +329,7 @@ def _data(case):
 
 
 def _tokenizer(case):
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(case.input)
     ids = tokenizer.encode('odalys keeps the lamp', eos=True)
     tokenizer.decode(ids)
@@ -338,9 +338,9 @@ def _tokenizer(case):
 
 
 def _gguf_config(case):
-    from slowllama.formats import gguf
+    from slowllama.weights.formats import gguf
     gguf.read_config(case.input)
-    from slowllama.formats.gguf_tokenizer import tokenizer_files
+    from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
     tokenizer_files(gguf.open_reader(case.input), case.input)
 
 
@@ -431,7 +431,7 @@ def _worker(conn, corpus, memory_cap):
 
     import torch
     torch.set_num_threads(1)
-    for module in ('slowllama', 'slowllama.cli', 'slowllama.recipes.finetune', 'slowllama.formats.export'):
+    for module in ('slowllama', 'slowllama.cli', 'slowllama.recipes.finetune', 'slowllama.weights.formats.export'):
         importlib.import_module(module)  # before the cap: the cap is on what a case adds
     used = _address_space()
     resource.setrlimit(resource.RLIMIT_AS, (used + memory_cap, used + memory_cap))

@@ -3,9 +3,9 @@ import copy
 
 import torch
 
-from slowllama.lora import attach
-from slowllama.model import Transformer
-from slowllama.store import BlockStore
+from slowllama.model.lora import attach
+from slowllama.model.block import Transformer
+from slowllama.weights.store import BlockStore
 
 
 def whole_model(model_dir, lora_cfg, dropout=0.0):

@@ -16,8 +16,8 @@ from slowllama.bci.data import channel_stats, default_splits, read_data
 from slowllama.bci.decode import decode_trials, edit_distance, load_decoder, word_error_rate
 from slowllama.bci.synthetic import make_demo_set
 from slowllama.cli import main
-from slowllama.formats.tokenizer import load_tokenizer
-from slowllama.model import rope_table
+from slowllama.weights.formats.tokenizer import load_tokenizer
+from slowllama.model.block import rope_table
 from reference import copy_adapters, masked_mean_ce, randomize_adapters, whole_model
 from conftest import random_batch
 
@@ -190,7 +190,7 @@ def tiny_demo_set(folder):
 def test_resume_continues_the_encoder_exactly(tiny_text_model, tmp_path):
     """Encoder and LoRA live in the checkpoints: a run stopped at step 2 and resumed ends where an
     uninterrupted run ends."""
-    from slowllama.files import SafetensorsFile
+    from slowllama.weights.files import SafetensorsFile
     model_dir, _, _ = tiny_text_model
     tiny_demo_set(tmp_path / 'data')
     assert demo_run(model_dir, tmp_path / 'data', tmp_path / 'whole', 4, ['--save-every', '2']) == 0
@@ -228,7 +228,7 @@ def test_end_to_end_synthetic_set_decodes_held_out_trials(tiny_text_model, tmp_p
 def test_merged_decoder_with_encoder_decodes_like_adapter_and_encoder(tiny_text_model, tmp_path):
     """A decoder with the LoRA merged in (export --format hf, then prepare) plus the encoder decodes
     what the base + adapter + encoder decode."""
-    from slowllama.formats.export import export
+    from slowllama.weights.formats.export import export
     model_dir, _, _ = tiny_text_model
     data = tmp_path / 'data'
     tiny_demo_set(data)

@@ -17,7 +17,7 @@ from slowllama.bci.encoder import (ENCODER_CONFIG, EncoderConfig, SignalEncoder,
                                    prefix_embeddings, read_encoder_config)
 from slowllama.bci.synthetic import PRESETS, make_demo_set
 from slowllama.cli import main
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.weights.formats.tokenizer import load_tokenizer
 
 
 # --- the synthetic sets ---------------------------------------------------------------------------

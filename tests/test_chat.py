@@ -6,8 +6,8 @@ import torch
 
 import slowllama
 from slowllama import cli
-from slowllama.conversation import Conversation
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.training.conversation import Conversation
+from slowllama.weights.formats.tokenizer import load_tokenizer
 from reference import peft_model
 
 MAX_NEW = 8

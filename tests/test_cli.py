@@ -11,7 +11,7 @@ import torch
 import slowllama
 from slowllama import cli
 from slowllama.recipes import demo
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.weights.formats.tokenizer import load_tokenizer
 from reference import peft_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

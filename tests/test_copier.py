@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import slowllama
-import slowllama.store as store_module
-from slowllama.config import ModelConfig
-from slowllama.files import SafetensorsFile
-from slowllama.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
-from slowllama.plan import pinned_bytes, predict
-from slowllama import copier as copier_module
-from slowllama.copier import DeviceCopier, Pending, Ready
-from slowllama.store import EMBED_FILE, HEAD_FILE, block_file, block_shapes
+import slowllama.weights.store as store_module
+from slowllama.model.config import ModelConfig
+from slowllama.weights.files import SafetensorsFile
+from slowllama.weights.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
+from slowllama.weights.plan import pinned_bytes, predict
+from slowllama.weights import copier as copier_module
+from slowllama.weights.copier import DeviceCopier, Pending, Ready
+from slowllama.weights.store import EMBED_FILE, HEAD_FILE, block_file, block_shapes
 from conftest import random_batch
 from reference import randomize_adapters
 
@@ -210,8 +210,8 @@ def test_streaming_from_disk_plans_its_staging_buffers_and_ram_blocks_bring_the_
 
 
 def test_torchrun_ranks_share_the_host_memory(monkeypatch):
-    from slowllama import memory
-    from slowllama.store import placement
+    from slowllama.weights import memory
+    from slowllama.weights.store import placement
     monkeypatch.setattr(store_module, 'free_device_memory', lambda device: 8 * 2 ** 30)
     monkeypatch.setattr(store_module, 'free_host_memory', lambda: 24 * 2 ** 30)
     device = torch.device('cuda')  # only planned, nothing allocated
@@ -229,7 +229,7 @@ def test_torchrun_ranks_share_the_host_memory(monkeypatch):
 def test_unified_memory_is_one_budget(monkeypatch):
     """On a Mac (mps) there is no RAM tier beside the device: what does not fit streams from disk,
     and the host buffers count in the same budget."""
-    from slowllama.store import placement
+    from slowllama.weights.store import placement
     monkeypatch.setattr(store_module, 'free_device_memory', lambda device: 10 * 2 ** 30)
     monkeypatch.setattr(store_module, 'free_host_memory', lambda: 10 * 2 ** 30)
     tiers = placement(LLAMA_7B, torch.device('mps'), torch.bfloat16, 'auto', 'bf16', batch_hint=(4, 128))
@@ -244,7 +244,7 @@ def test_on_a_mac_the_device_budget_is_what_the_os_has_free(monkeypatch):
     """Unified memory: the free bytes psutil reports, within what Metal allows the process."""
     import psutil
     from collections import namedtuple
-    from slowllama.memory import free_device_memory
+    from slowllama.weights.memory import free_device_memory
     memory = namedtuple('memory', 'total available')
     monkeypatch.setattr(torch.mps, 'recommended_max_memory', lambda: 21 * 2 ** 30, raising=False)
     monkeypatch.setattr(torch.mps, 'driver_allocated_memory', lambda: 1 * 2 ** 30, raising=False)
@@ -257,8 +257,8 @@ def test_on_a_mac_the_device_budget_is_what_the_os_has_free(monkeypatch):
 def test_head_rows_from_disk_travel_through_two_staging_buffers_in_chunks(monkeypatch):
     """A slice larger than a staging buffer (generation takes the whole vocabulary at once) goes
     in chunks, the buffers taking turns, converted to the compute dtype on the host."""
-    from slowllama.copier import RowStager
-    from slowllama.streams import CopyQueue
+    from slowllama.weights.copier import RowStager
+    from slowllama.weights.streams import CopyQueue
     monkeypatch.setattr(copier_module, 'ROW_STAGING_BYTES', 10 * 64 * 2)  # ten bf16 rows of 64
     stager = RowStager(CopyQueue(torch.device('cpu')), 64, torch.bfloat16)
     assert stager.rows == 10 and stager.arena.nbytes == 2 * ALIGNMENT

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slowllama
-import slowllama.store as store_module
+import slowllama.weights.store as store_module
 from conftest import random_batch
 from reference import (against_whole_model, assert_same_loss_and_gradients, masked_mean_ce, max_rel_diff,
                        peft_grads, peft_model, randomize_adapters)
@@ -92,7 +92,7 @@ def test_the_ram_tier_and_the_staging_are_pinned_without_rounding(tiny_prepared)
     of the RAM tier is a view into it. `is_pinned()` does not see registered memory on torch 2.11
     (measured on an H200), and probing the driver with a second registration leaves an error that
     the next kernel launch reports, so the check is on the arena."""
-    from slowllama.pinned import HostArena
+    from slowllama.weights.pinned import HostArena
     arena = HostArena({'a': ((1000, 1000), torch.bfloat16), 'b': ((3, 5), torch.float32)}, pin=True)
     assert arena.pinned and all(inside(t, arena.memory) for t in arena.tensors.values())
     model_dir, _, _ = tiny_prepared
@@ -172,7 +172,7 @@ def test_nf4_equals_bitsandbytes_cuda_qlora(quant_hf, tmp_path):
 def test_fused_nf4_kernel_gives_the_plain_kernels_bits(monkeypatch, dtype):
     """The one-pass Triton unpack, on any length (a last partial block, an odd count): the plain
     kernels' bits."""
-    from slowllama import kernels, quant
+    from slowllama.model import kernels, quant
     assert kernels.triton_available()  # torch's cuda builds ship Triton
     for shape in [(4096, 11008), (96, 64), (3, 128), (7, 9), (129, 33), (1, 1)]:
         weight = torch.randn(shape, device=CUDA)

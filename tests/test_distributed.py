@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from slowllama.files import SafetensorsFile
+from slowllama.weights.files import SafetensorsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +95,7 @@ class RandomRows:
 
     def batch(self, index):
         from conftest import random_batch
-        from slowllama.data import Batch
+        from slowllama.data.dataset import Batch
         return Batch(*random_batch(self.vocab, batch=self.rows, seq=12, seed=self.seed + index))
 
 
@@ -106,8 +106,8 @@ def evaluate_in_process(rank, world, model_dir, run_dir, port, out):
     from datetime import timedelta
     import torch.distributed as dist
     import slowllama
-    from slowllama.distributed import Group
-    from slowllama.train import Trainer, TrainConfig, default_eval
+    from slowllama.training.distributed import Group
+    from slowllama.training.trainer import Trainer, TrainConfig, default_eval
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     torch.set_num_threads(1)
@@ -158,7 +158,7 @@ def test_every_process_evaluates_its_share_so_a_slow_evaluation_times_nothing_ou
 
 def test_the_collective_timeout_fits_a_disk_tier_evaluation():
     from datetime import timedelta
-    from slowllama.distributed import collective_timeout
+    from slowllama.training.distributed import collective_timeout
     assert collective_timeout(10 ** 9) == timedelta(minutes=30)  # small models: the floor
     seventy_b = 140 * 10 ** 9
     timeout = collective_timeout(seventy_b, grad_accum=1, eval_batches=16, sample_tokens=32)

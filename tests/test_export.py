@@ -14,7 +14,7 @@ import slowllama
 from checkpoints import split_dims
 from conftest import random_batch
 from reference import peft_model
-from slowllama.formats.export import export
+from slowllama.weights.formats.export import export
 
 TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 
@@ -104,7 +104,7 @@ def test_failures_leave_the_existing_output_alone(with_adapter, tmp_path, monkey
     with pytest.raises(slowllama.SlowLlamaError, match='--shards 5'):
         export(model_dir, out, 'meta', adapter=adapter, shards=5)
 
-    import slowllama.formats.export as export_module
+    import slowllama.weights.formats.export as export_module
     monkeypatch.setattr(export_module.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     with pytest.raises(slowllama.SlowLlamaError, match='not enough disk space'):
         export(model_dir, out, 'hf', adapter=adapter)

@@ -14,7 +14,7 @@ import torch
 import slowllama
 from conftest import make_hf_model, random_batch
 from reference import peft_grads, peft_model, randomize_adapters, step_beside_peft
-from slowllama.formats.export import export
+from slowllama.weights.formats.export import export
 
 HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0, 'low_freq_factor': 1.0,
@@ -67,7 +67,7 @@ def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_
     where we draw three, so it is checked without dropout, through the stacked adapter: its A
     gradients are ours stacked, its B gradients ours on the diagonal blocks."""
     from peft import PeftModel
-    from slowllama.formats.peft import peft_adapter
+    from slowllama.weights.formats.peft import peft_adapter
     name, model_dir, hf_model = family
     dropout = 0.0 if name.startswith('phi3') else 0.1
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=dropout, targets=HF_TARGETS)
@@ -110,8 +110,8 @@ def test_generate_greedy_equals_transformers(family):
 def test_window_matters():
     """The windowed mask changes the logits of a sequence longer than the window (else the
     Mistral checks above would prove nothing about it)."""
-    from slowllama.config import ModelConfig
-    from slowllama.model import Transformer
+    from slowllama.model.config import ModelConfig
+    from slowllama.model.block import Transformer
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64, sliding_window=4)
     torch.manual_seed(0)
     windowed = Transformer(cfg).eval()
@@ -184,7 +184,7 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'use_sliding_window on some layers'),
 ])
 def test_what_we_do_not_build_is_refused_with_one_line(change, message):
-    from slowllama.config import ModelConfig
+    from slowllama.model.config import ModelConfig
     hf = {'model_type': 'phi3', 'hidden_size': 72, 'num_attention_heads': 6, 'num_hidden_layers': 3,
           'intermediate_size': 96, 'vocab_size': 128, **change}
     with pytest.raises(slowllama.SlowLlamaError, match=message):
@@ -192,7 +192,7 @@ def test_what_we_do_not_build_is_refused_with_one_line(change, message):
 
 
 def test_windowed_cache_keeps_the_window_only():
-    from slowllama.model import KVCache
+    from slowllama.model.block import KVCache
     cache = KVCache(1, 2, 100, 4, 'cpu', torch.float32, window=5)
     k, _ = cache.append(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))  # a prompt longer than the window
     assert k.shape[2] == 8 and cache.start == 0
@@ -310,7 +310,7 @@ def test_gguf_qwen2_tokenizer_splits_as_transformers_qwen2_tokenizer(tmp_path):
     from checkpoints import write_gguf
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     texts = ['In 2024 we sold 1234567 lamps, didn\'t we?', 'café  CAFÉ\n\nthe 3rd of 12 ships', "it's 99.5%"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -36,7 +36,7 @@ MEASURE = textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[1])
     import slowllama
-    import slowllama.formats.export  # noqa: F401  (code, not data: loaded before measuring)
+    import slowllama.weights.formats.export  # noqa: F401  (code, not data: loaded before measuring)
 
     def status(key):
         return int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) * 1024
@@ -50,7 +50,7 @@ MEASURE = textwrap.dedent('''
     if sys.argv[2] == 'prepare':
         slowllama.prepare(sys.argv[3], sys.argv[4], dtype='bf16')
     else:
-        from slowllama.formats.export import export
+        from slowllama.weights.formats.export import export
         export(sys.argv[3], sys.argv[4], sys.argv[2], adapter=sys.argv[5], shards=2)
     print(before, status('VmHWM'))
 ''')
@@ -152,8 +152,8 @@ def test_prepare_peak_memory_stays_near_one_block(tmp_path, fmt):
 def big_prepared(tmp_path_factory):
     """The 48-block model prepared in fp32, and a rank-8 adapter on every linear of every block."""
     import slowllama
-    from slowllama.lora import LoraConfig, save_adapter_folder
-    from slowllama.store import block_shapes
+    from slowllama.model.lora import LoraConfig, save_adapter_folder
+    from slowllama.weights.store import block_shapes
     folder = tmp_path_factory.mktemp('big')
     src = write_hf(str(folder / 'hf'))
     slowllama.prepare(src, folder / 'prepared', dtype='fp32')

@@ -115,7 +115,7 @@ def test_config_numbers_are_held_as_floats_and_extra_table_tensors_do_not_break_
 
 def test_a_checkpoint_missing_one_moment_is_refused(corpus, tmp_path):
     """Found by fuzzing: an optimizer file without a parameter's exp_avg reached AdamW's step (KeyError)."""
-    from slowllama.files import SafetensorsFile, write_safetensors
+    from slowllama.weights.files import SafetensorsFile, write_safetensors
     run = _copy(corpus, 'run', tmp_path)
     checkpoint = sorted((run / 'checkpoints').iterdir())[-1]
     tensors = dict(SafetensorsFile(checkpoint / 'optimizer.safetensors').tensors())
@@ -138,8 +138,8 @@ def test_a_manifest_without_its_tensors_is_refused_before_allocating(corpus, tmp
 ])
 def test_gguf_with_altered_tokenizer_metadata_is_refused(corpus, tmp_path, field, value):
     """The issue's case: altered tokenizer metadata ended in an exception from building the BPE."""
-    from slowllama.formats.gguf import open_reader
-    from slowllama.formats.gguf_tokenizer import tokenizer_files
+    from slowllama.weights.formats.gguf import open_reader
+    from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
     reader = open_reader(corpus['bpe.gguf'])
     keys = {key.rsplit('.', 1)[-1]: key for key in reader.fields}
     path = tmp_path / 'altered.gguf'
@@ -164,7 +164,7 @@ def test_a_gguf_array_longer_than_the_file_is_refused_not_looped_over(corpus, tm
 
 
 def test_a_head_count_leaving_no_head_dim_is_refused(corpus, tmp_path):
-    from slowllama.formats.gguf import open_reader
+    from slowllama.weights.formats.gguf import open_reader
     path = tmp_path / 'heads.gguf'
     _rewrite_gguf(open_reader(corpus['bpe.gguf']), path, {'llama.attention.head_count': 256})
     assert 'head_dim' in _refused(lambda: slowllama.prepare(path, tmp_path / 'out'), path)
@@ -210,8 +210,8 @@ DEEP = '[' * 100_000 + ']' * 100_000
     ('prepared', 'tokenizer_config.json', lambda p: _edit_json(p, lambda c: c.__setitem__('bos_token', 1))),
 ])
 def test_damaged_prepared_folder_is_one_line(corpus, tmp_path, name, filename, edit):
-    from slowllama.formats.export import export
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.weights.formats.export import export
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     model = _copy(corpus, name, tmp_path)
     edit(model / filename)
     if filename == 'manifest.json':
@@ -222,7 +222,7 @@ def test_damaged_prepared_folder_is_one_line(corpus, tmp_path, name, filename, e
 
 
 def test_a_chat_template_that_fails_names_the_file(corpus, tmp_path):
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     model = _copy(corpus, 'prepared', tmp_path)
     _edit_json(model / 'tokenizer_config.json', lambda c: c.__setitem__('chat_template', '{{ x + }}'))
     tokenizer = load_tokenizer(model)
@@ -235,8 +235,8 @@ def test_a_chat_template_that_fails_names_the_file(corpus, tmp_path):
     json.dumps({'messages': [{'role': None, 'content': 'x'}]}),
 ])
 def test_damaged_chat_data_is_one_line(corpus, tmp_path, line):
-    from slowllama.data import load_data
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.data.dataset import load_data
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     path = tmp_path / 'chat.jsonl'
     path.write_text(open(corpus['chat.jsonl']).read() + line + '\n')
     _refused(lambda: load_data(path, load_tokenizer(corpus['prepared']), 16, 2), path)
@@ -316,7 +316,7 @@ def test_a_damaged_safetensors_index_is_one_line(corpus, tmp_path, index):
     {'dtype': 'F32', 'shape': [0, 1 << 62], 'data_offsets': [0, 0]},
 ])
 def test_safetensors_offsets_and_dims_must_be_integers(tmp_path, entry):
-    from slowllama.files import SafetensorsFile
+    from slowllama.weights.files import SafetensorsFile
     header = json.dumps({'w': entry}).encode()
     path = tmp_path / 'bad.safetensors'
     path.write_bytes(len(header).to_bytes(8, 'little') + header + bytes(8))

@@ -7,9 +7,9 @@ import datasets
 import pytest
 import torch
 
-from slowllama.data import load_data, read_records
+from slowllama.data.dataset import load_data, read_records
 from slowllama.errors import SlowLlamaError
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.weights.formats.tokenizer import load_tokenizer
 from conftest import CORPUS, save_tiny_tokenizer
 
 TEXT = [{'text': line} for line in CORPUS]

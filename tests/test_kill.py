@@ -109,8 +109,8 @@ def test_a_killed_writer_leaves_the_old_or_the_new_state(corpus, tmp_path, write
 @pytest.mark.slow
 def test_a_killed_trainer_leaves_complete_checkpoints_and_resumes(corpus, tmp_path):
     import slowllama
-    from slowllama.checkpoint import list_checkpoints, read_checkpoint
-    from slowllama.lora import read_adapter_folder
+    from slowllama.training.checkpoint import list_checkpoints, read_checkpoint
+    from slowllama.model.lora import read_adapter_folder
     rng = random.Random('kill checkpoint')
     run = str(tmp_path / 'run')
     for kill in range(KILLS):
@@ -151,7 +151,7 @@ def staging(run):
 def test_a_swap_cut_short_is_put_back(tmp_path):
     """Where the atomic exchange is missing: a crash between the two renames leaves `.NAME.old`,
     which the next reader puts back (the old complete state) and says so."""
-    from slowllama.files import clean_leftovers, staging_dir
+    from slowllama.weights.files import clean_leftovers, staging_dir
     final = tmp_path / 'adapter'
     final.mkdir()
     (final / 'weights').write_text('old')
@@ -165,7 +165,7 @@ def test_a_swap_cut_short_is_put_back(tmp_path):
 
 
 def test_the_exchange_swaps_whole_folders(tmp_path):
-    from slowllama.files import staging_dir, swap_dir
+    from slowllama.weights.files import staging_dir, swap_dir
     final = tmp_path / 'model'
     final.mkdir()
     (final / 'a').write_text('old')
@@ -179,7 +179,7 @@ def test_the_exchange_swaps_whole_folders(tmp_path):
 def test_nested_staging_left_by_a_kill_is_removed(tmp_path):
     """A save_adapter staged inside a checkpoint's (or adapter's) staging folder, killed midway,
     leaves '..NAME.staging-X.staging-Y': the next run removes it and says so."""
-    from slowllama.checkpoint import remove_leftovers
+    from slowllama.training.checkpoint import remove_leftovers
     nested = [tmp_path / 'checkpoints' / '..step_000006.staging-a1.staging-b2', tmp_path / '..adapter.c3.staging-d4']
     for folder in nested:
         folder.mkdir(parents=True)

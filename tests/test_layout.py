@@ -59,7 +59,7 @@ def is_recipe(module):
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert 'slowllama.engine' in graph['slowllama.api'] and 'slowllama.recipes.run_setup' in graph['slowllama.bci.train']
+    assert 'slowllama.engine.streamed' in graph['slowllama.api'] and 'slowllama.recipes.run_setup' in graph['slowllama.bci.train']
     assert sum(map(is_recipe, graph)) >= 8
 
 

@@ -29,7 +29,7 @@ def test_llama3_scaling_is_read_and_matters(tmp_path):
     slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
     model = slowllama.load(tmp_path / 'prepared')
     assert model.cfg.rope_scaling['factor'] == 8.0
-    from slowllama.model import rope_inv_freq
+    from slowllama.model.block import rope_inv_freq
     plain = type(model.cfg).from_dict({**model.cfg.to_dict(), 'rope_scaling': None})
     assert not torch.allclose(rope_inv_freq(model.cfg), rope_inv_freq(plain))
 

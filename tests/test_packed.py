@@ -13,9 +13,10 @@ from checkpoints import write_gguf
 from conftest import make_hf_model, random_batch, save_tiny_tokenizer
 from reference import (against_whole_model, assert_same_loss_and_gradients, max_rel_diff, peft_grads,
                        step_beside_peft)
-from slowllama import cli, quant
-from slowllama.files import SafetensorsFile, sha256_file, write_json, write_safetensors
-from slowllama.quant import Quant
+from slowllama import cli
+from slowllama.model import quant
+from slowllama.weights.files import SafetensorsFile, sha256_file, write_json, write_safetensors
+from slowllama.model.quant import Quant
 
 HF_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 # rows a multiple of 64: bitsandbytes' CPU dequantize kernel cuts blocks per row (see test_quant.py)
@@ -132,7 +133,7 @@ def test_packed_weights_are_the_source_quantized(prepared, quant_hf):
 
 
 def test_block_files_and_plan_count_packed_bytes(prepared, quant_hf, tmp_path):
-    from slowllama.plan import block_bytes
+    from slowllama.weights.plan import block_bytes
     model_dir, q = prepared
     hf_folder, _ = quant_hf
     slowllama.prepare(hf_folder, tmp_path / 'bf16', dtype='bf16')
@@ -196,7 +197,7 @@ def test_packed_part_of_the_wrong_size_is_refused(prepared, tmp_path):
     assert sha256_file(path) == manifest['files'][path.name]['sha256']
     with pytest.raises(slowllama.SlowLlamaError, match='block_002.safetensors: mlp.up_proj.qweight'):
         slowllama.load(broken, offload='ram')
-    from slowllama.formats.export import export
+    from slowllama.weights.formats.export import export
     with pytest.raises(slowllama.SlowLlamaError, match='block_002.safetensors: mlp.up_proj.qweight'):
         export(broken, tmp_path / 'out', 'hf')
     assert not (tmp_path / 'out').exists()
@@ -251,7 +252,7 @@ def finetune_and_resume(model_dir, run_dir, tmp_path, extra):
 
 def assert_test_gen_is_greedy(reference, model_dir, run_dir, capsys):
     """test_gen with the run's adapter prints what `reference` (a transformers model) decodes greedily."""
-    from slowllama.formats.tokenizer import load_tokenizer
+    from slowllama.weights.formats.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor([tokenizer.encode('the violet')])
     want = reference.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
@@ -339,8 +340,8 @@ def test_quant_head_tiers_give_identical_gradients(head_packed, offload):
 def test_quant_head_exports_the_unpacked_tables_and_counts_their_bytes(head_packed, tmp_path):
     from safetensors.torch import load_file
 
-    from slowllama.formats.export import export
-    from slowllama.plan import table_bytes
+    from slowllama.weights.formats.export import export
+    from slowllama.weights.plan import table_bytes
     model_dir, q, hf_model = head_packed
     export(model_dir, tmp_path / 'hf', 'hf', dtype='fp32')
     tensors = {}

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from slowllama import cli, plots
+from slowllama import cli
+from slowllama.training import plots
 from slowllama.errors import SlowLlamaError
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -86,7 +87,7 @@ def test_missing_matplotlib_is_one_hint_line(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
-    from slowllama.tensorboard_log import TensorBoardLog
+    from slowllama.training.tensorboard_log import TensorBoardLog
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
     with pytest.raises(SlowLlamaError, match=r'--tensorboard needs the tensorboard package: pip install '
                                              r'slowllama\[tensorboard\]'):

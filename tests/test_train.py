@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import slowllama
-from slowllama.data import Batch, load_data
-from slowllama.formats.tokenizer import load_tokenizer
-from slowllama.train import TrainConfig, Trainer, list_checkpoints, lr_at
+from slowllama.data.dataset import Batch, load_data
+from slowllama.weights.formats.tokenizer import load_tokenizer
+from slowllama.training.trainer import TrainConfig, Trainer, list_checkpoints, lr_at
 from conftest import random_batch
 from reference import randomize_adapters
 

@@ -17,7 +17,7 @@ def states(writer, args):
         src, out = args
         return [lambda: slowllama.prepare(src, out, dtype='fp32'), lambda: slowllama.prepare(src, out, dtype='bf16')]
     if writer == 'export':
-        from slowllama.formats.export import export
+        from slowllama.weights.formats.export import export
         model, adapter, out, fmt = args
         other = None if fmt != 'peft' else adapter + '_other'
         return [lambda: export(model, out, fmt, adapter=adapter), lambda: export(model, out, fmt, adapter=other)]

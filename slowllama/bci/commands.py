@@ -16,8 +16,8 @@ import os
 import sys
 
 from ..errors import SlowLlamaError
-from ..files import atomic_open
-from ..formats.tokenizer import load_tokenizer
+from ..weights.files import atomic_open
+from ..weights.formats.tokenizer import load_tokenizer
 from .baseline import nearest_centroid
 from .data import SPLITS, read_data
 from .decode import (decode_trials, exact_match, load_decoder, rank_candidates, read_candidates,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import IGNORE, Batch, EpochShuffle
+from ..data.dataset import IGNORE, Batch, EpochShuffle
 from ..errors import SlowLlamaError
 
 SIGNALS_FILE = 'signals.npy'

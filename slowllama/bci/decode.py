@@ -6,12 +6,12 @@ import os
 
 import torch
 
-from ..data import IGNORE
+from ..data.dataset import IGNORE
 from ..errors import SlowLlamaError
 
 from ..api import load
-from ..devices import default_dtype, resolve_device
-from ..lora import adapter_folder
+from ..engine.devices import default_dtype, resolve_device
+from ..model.lora import adapter_folder
 from ..progress import progress
 from .data import words_of
 from .encoder import (ENCODER_NAME, attach_encoder, decode_signal, has_encoder, load_encoder, prefix_embeddings,

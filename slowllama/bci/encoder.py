@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from ..config import read_json
 from ..errors import SlowLlamaError
-from ..files import SafetensorsFile, write_json, write_safetensors
+from ..model.config import read_json
+from ..weights.files import SafetensorsFile, write_json, write_safetensors
 
 ENCODER_WEIGHTS = 'encoder.safetensors'
 ENCODER_CONFIG = 'encoder_config.json'

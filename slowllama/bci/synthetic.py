@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from ..errors import SlowLlamaError
-from ..files import atomic_open
+from ..weights.files import atomic_open
 from .data import SIGNALS_FILE, TEXTS_FILE
 
 WORDS = ('the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'ships', 'at', 'sea', 'look', 'for',

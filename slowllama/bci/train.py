@@ -16,10 +16,10 @@ import sys
 
 from ..errors import SlowLlamaError
 from ..recipes.run_setup import load_model, run_config_of, setup_run, train_and_report
-from ..train import Trainer
+from ..training.trainer import Trainer
+from .augment import Augment
 from .data import TrialBatches, TrialTexts, channel_stats, fixed_trial_batches, read_data
 from .decode import decode_trials, exact_match, word_error_rate
-from .augment import Augment
 from .encoder import (ENCODER_NAME, EncoderConfig, SignalEncoder, attach_encoder, embedding_rms, eval_loss, has_encoder,
                       load_encoder, prompt_ids, train_step)
 from .pretrain import pretrain_encoder

@@ -9,13 +9,13 @@ import time
 
 import torch
 
-from ..config import SHAPES, shape_config
-from ..devices import best_device, synchronize
+from ..engine.devices import best_device, synchronize
 from ..errors import SlowLlamaError
-from ..memory import peak_rss, process_rss, reset_peak_rss
-from ..plan import GIB, block_bytes, model_params, predict, print_plan
-from ..quant import parse_quant
-from ..store import DTYPES, dtype_name, model_config, parse_dtype
+from ..model.config import SHAPES, shape_config
+from ..model.quant import parse_quant
+from ..weights.memory import peak_rss, process_rss, reset_peak_rss
+from ..weights.plan import GIB, block_bytes, model_params, predict, print_plan
+from ..weights.store import DTYPES, dtype_name, model_config, parse_dtype
 
 
 

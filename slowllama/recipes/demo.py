@@ -10,8 +10,8 @@ import sys
 import time
 
 from ..api import prepare
-from ..completion import complete
 from ..errors import SlowLlamaError
+from ..training.completion import complete
 from .options import FLAGS, dest
 from .run_setup import build_sft, format_summary
 

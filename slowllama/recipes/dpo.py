@@ -1,5 +1,5 @@
 """The DPO recipe: `finetune --objective dpo --model M --data PAIRS.jsonl [--beta B] [flags]` tunes the
-LoRA on preference pairs (slowllama/preference.py) with the sigmoid DPO loss (slowllama/dpo.py), in the
+LoRA on preference pairs (slowllama/data/preference.py) with the sigmoid DPO loss (slowllama/training/dpo.py), in the
 finetune loop (AdamW, schedule, checkpoints and exact resume, metrics, torchrun).
 
 The reference log-probs of every pair are computed first, in one streamed pass with the LoRA switched
@@ -8,14 +8,14 @@ unless the pairs, the model or that adapter changed, in which case they are comp
 """
 import sys
 
-from ..checkpoint import list_checkpoints
-from ..completion import complete
-from ..dpo import (REFERENCE_FILE, attach_reference, compute_reference, eval_step, fingerprint, read_reference,
-                   train_step, write_reference)
+from ..data.preference import PairBatches, fixed_pair_batches, load_pairs
 from ..errors import SlowLlamaError
-from ..lora import adapter_folder
-from ..preference import PairBatches, fixed_pair_batches, load_pairs
-from ..train import Trainer
+from ..model.lora import adapter_folder
+from ..training.checkpoint import list_checkpoints
+from ..training.completion import complete
+from ..training.dpo import (REFERENCE_FILE, attach_reference, compute_reference, eval_step, fingerprint,
+                            read_reference, train_step, write_reference)
+from ..training.trainer import Trainer
 from .run_setup import load_model, run_config_of, setup_run, train_and_report
 
 REFERENCE_BATCHES = 4  # training batches per batch of the reference pass

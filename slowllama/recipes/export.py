@@ -2,7 +2,7 @@
 or GGUF for llama.cpp / Ollama (the merged model, or the adapter alone)."""
 import os
 
-from ..formats.export import FORMATS, export
+from ..weights.formats.export import FORMATS, export
 
 
 def add_arguments(p):

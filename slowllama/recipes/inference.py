@@ -3,11 +3,11 @@ model loaded for inference with its adapter and tokenizer. Not a recipe itself."
 import torch
 
 from ..api import load
-from ..devices import default_dtype, resolve_device
+from ..engine.devices import default_dtype, resolve_device
 from ..errors import SlowLlamaError
-from ..formats.tokenizer import load_tokenizer
-from ..lora import adapter_folder
-from ..store import read_manifest
+from ..model.lora import adapter_folder
+from ..weights.formats.tokenizer import load_tokenizer
+from ..weights.store import read_manifest
 
 
 def add_sampling_arguments(p, max_new_tokens):

@@ -1,9 +1,9 @@
 """The plan recipe: the predicted peak device and host memory of a finetune, for a prepared model or a
 named shape, in each offload mode, before running it."""
-from ..config import shape_config
-from ..plan import print_plan
-from ..quant import parse_quant
-from ..store import model_config
+from ..model.config import shape_config
+from ..model.quant import parse_quant
+from ..weights.plan import print_plan
+from ..weights.store import model_config
 
 
 def add_arguments(p):

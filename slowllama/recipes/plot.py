@@ -1,10 +1,10 @@
 """The plot recipe: `plot RUN [RUN...] [--out FILE.png]` draws the loss (train and eval), the
 learning rate and DPO reward margins of one or more finetune runs into one PNG, each run in its own
-colour (slowllama/plots.py; needs matplotlib: pip install slowllama[plot])."""
+colour (slowllama/training/plots.py; needs matplotlib: pip install slowllama[plot])."""
 import os
 
 from ..errors import SlowLlamaError
-from ..plots import plot_runs
+from ..training.plots import plot_runs
 
 
 def add_arguments(p):

@@ -1,7 +1,7 @@
 """The prepare recipe: a Meta checkpoint, a Hugging Face folder or a GGUF file -> a prepared folder."""
 import os
 
-from ..formats import prepare
+from ..weights.formats import prepare
 
 
 def add_arguments(p):

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from ..api import load
-from ..completion import complete
-from ..data import load_data
-from ..devices import default_dtype, resolve_device
-from ..distributed import collective_timeout, init_from_env, shutdown
+from ..data.dataset import load_data
+from ..engine.devices import default_dtype, resolve_device
 from ..errors import SlowLlamaError
-from ..formats.tokenizer import load_tokenizer
-from ..lora import LoraConfig
-from ..store import read_manifest, verify_model
-from ..train import TrainConfig, Trainer
+from ..model.lora import LoraConfig
+from ..training.completion import complete
+from ..training.distributed import collective_timeout, init_from_env, shutdown
+from ..training.trainer import TrainConfig, Trainer
+from ..weights.formats.tokenizer import load_tokenizer
+from ..weights.store import read_manifest, verify_model
 from .options import parse_bytes
 
 
@@ -32,10 +32,10 @@ def new_run_dir(root='runs'):
 
 @dataclass
 class RunSetup:
-    group: object      # slowllama.distributed.Group
+    group: object      # slowllama.training.distributed.Group
     device: object     # torch.device
     tokenizer: object
-    train_cfg: object  # slowllama.train.TrainConfig
+    train_cfg: object  # slowllama.training.trainer.TrainConfig
     out: str           # the run folder (rank 0's choice on every process)
 
 

@@ -1,0 +1,224 @@
+"""LoRA: the adapter linear, attaching adapters to a block, merging, and PEFT's names and config.
+
+y = W x + (alpha / r) * B A dropout(x), with A kaiming-initialised and B zero (PEFT's defaults), so a
+fresh adapter leaves the model unchanged. The frozen W is supplied per call (streamed); A and B live
+on the device for the whole run.
+"""
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import SlowLlamaError
+from ..weights.files import SafetensorsFile, clean_leftovers, write_json, write_safetensors
+from .config import read_json
+from .names import PEFT_PREFIX, TARGET_MODULES, canonical_target, hf_module_name
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ('q', 'v')
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise SlowLlamaError(f'--lora-rank must be positive, got {self.rank}')
+        if not 0.0 <= self.dropout < 1.0:
+            raise SlowLlamaError(f'--lora-dropout must be in [0, 1), got {self.dropout}')
+        targets = self.targets.split(',') if isinstance(self.targets, str) else self.targets
+        canonical = []
+        for name in targets:
+            target = canonical_target(name)
+            if target is None:
+                raise SlowLlamaError(f'--targets: unknown module {name!r} (use q,k,v,o,gate,up,down)')
+            if target not in canonical:
+                canonical.append(target)
+        order = list(TARGET_MODULES)  # one canonical order, whatever order the user or PEFT gave
+        object.__setattr__(self, 'targets', tuple(sorted(canonical, key=order.index)))
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    def to_peft(self, base_model=''):
+        """adapter_config.json in PEFT's layout."""
+        return {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': self.rank, 'lora_alpha': self.alpha,
+                'lora_dropout': self.dropout, 'bias': 'none', 'fan_in_fan_out': False,
+                'target_modules': sorted(hf_module_name(t) for t in self.targets),
+                'base_model_name_or_path': base_model, 'inference_mode': False,
+                'init_lora_weights': True, 'use_rslora': False, 'use_dora': False, 'modules_to_save': None}
+
+    @classmethod
+    def from_peft(cls, cfg, where):
+        if not isinstance(cfg, dict):
+            raise SlowLlamaError(f'{where}: adapter_config.json is not a JSON object')
+        if cfg.get('peft_type', 'LORA') != 'LORA':
+            raise SlowLlamaError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        if cfg.get('use_dora') or cfg.get('use_rslora') or cfg.get('fan_in_fan_out'):
+            raise SlowLlamaError(f'{where}: DoRA, rsLoRA and fan_in_fan_out adapters are not supported')
+        targets = cfg.get('target_modules')
+        targets = [targets] if isinstance(targets, str) else targets
+        rank, alpha, dropout = cfg.get('r'), cfg.get('lora_alpha'), cfg.get('lora_dropout') or 0.0
+        if (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+                or not _is_int(rank) or not _is_number(alpha) or not _is_number(dropout)):
+            raise SlowLlamaError(f'{where}: adapter_config.json needs an integer r, numbers lora_alpha and '
+                                 'lora_dropout, and target_modules as a list of names')
+        try:
+            return cls(rank=rank, alpha=float(alpha), dropout=dropout, targets=tuple(targets))
+        except SlowLlamaError as e:
+            raise SlowLlamaError(f'{where}: {e}') from None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear (its `weight` supplied at call time, e.g. by functional_call) plus LoRA.
+
+    Names match PEFT's: `weight`, `lora_A.weight` [r, in], `lora_B.weight` [out, r].
+    """
+
+    def __init__(self, base: nn.Linear, cfg: LoraConfig, device, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # placeholder on the meta device; the real one arrives per call
+        self.weight.requires_grad_(False)
+        self.bias = base.bias  # qwen2's q/k/v: frozen like the weight, supplied the same way
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.Linear(self.in_features, cfg.rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(cfg.rank, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = cfg.scale
+        self.dropout = cfg.dropout
+        self.enabled = True  # False: the frozen linear alone (the base model, e.g. DPO's reference)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
+        lora_in = x.to(self.lora_A.weight.dtype)
+        if self.dropout and self.training:
+            lora_in = F.dropout(lora_in, self.dropout, True)
+        return out + (self.lora_B(self.lora_A(lora_in)) * self.scale).to(out.dtype)
+
+    def merged_weight(self, weight):
+        """W + scale * B A, in W's dtype (the product is formed in fp32)."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        return (weight.float() + self.scale * delta.to(weight.device)).to(weight.dtype)
+
+
+def attach(block: nn.Module, cfg: LoraConfig, device, dtype=torch.float32):
+    """Replace the targeted linears of a block by LoraLinear; returns {module path: LoraLinear}."""
+    adapters = {}
+    for target in cfg.targets:
+        path = TARGET_MODULES[target]
+        parent_name, child_name = path.rsplit('.', 1)
+        parent = block.get_submodule(parent_name)
+        adapter = LoraLinear(getattr(parent, child_name), cfg, device, dtype)
+        setattr(parent, child_name, adapter)
+        adapters[path] = adapter
+    return adapters
+
+
+@contextlib.contextmanager
+def disabled(layers_adapters):
+    """Within: every adapter bypassed (no LoRA term, no LoRA dropout drawn), as PEFT's disable_adapter()."""
+    adapters = [adapter for layer in layers_adapters for adapter in layer.values()]
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
+
+
+def peft_key(layer, module_path, matrix):
+    """(3, 'self_attn.q_proj', 'A') -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"""
+    return f'{PEFT_PREFIX}{layer}.{module_path}.lora_{matrix}.weight'
+
+
+def adapter_state(layers_adapters):
+    """[{path: LoraLinear}] per layer -> {PEFT key: tensor}."""
+    state = {}
+    for layer, adapters in enumerate(layers_adapters):
+        for path, adapter in adapters.items():
+            state[peft_key(layer, path, 'A')] = adapter.lora_A.weight
+            state[peft_key(layer, path, 'B')] = adapter.lora_B.weight
+    return state
+
+
+def load_adapter_state(layers_adapters, state, where):
+    """Copy PEFT-keyed tensors into our adapters, checking that keys and shapes match exactly."""
+    expected = adapter_state(layers_adapters)
+    # PEFT may save keys with the adapter name ('lora_A.default.weight'); accept both
+    state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise SlowLlamaError(f'{where}: adapter keys do not match the model '
+                             f'(missing {missing[:2]}, unexpected {extra[:2]})')
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise SlowLlamaError(f'{where}: {key} has shape {tuple(state[key].shape)}, '
+                                     f'the model needs {tuple(param.shape)}')
+            param.copy_(state[key].to(param.dtype))
+
+
+# --- the PEFT adapter folder -----------------------------------------------------------------
+
+ADAPTER_CONFIG = 'adapter_config.json'
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+
+
+def save_adapter_folder(folder, cfg: LoraConfig, state, base_model=''):
+    """Write adapter_model.safetensors and adapter_config.json (weights first: the config marks it complete)."""
+    write_safetensors(os.path.join(folder, ADAPTER_WEIGHTS),
+                      {k: v.detach().float().cpu() for k, v in state.items()}, metadata={'format': 'pt'})
+    write_json(os.path.join(folder, ADAPTER_CONFIG), cfg.to_peft(base_model))
+
+
+def adapter_folder(path):
+    """--lora accepts an adapter folder or a finetune run folder (its adapter/); None stays None."""
+    if path is None:
+        return None
+    path = str(path)
+    if not os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+        if os.path.exists(os.path.join(path, 'adapter', ADAPTER_CONFIG)):
+            return os.path.join(path, 'adapter')
+        raise SlowLlamaError(f'{path}: --lora is neither an adapter folder (adapter_config.json) '
+                             'nor a run folder with adapter/')
+    return path
+
+
+def read_adapter_folder(folder):
+    """-> (LoraConfig, {PEFT key: tensor}) from a PEFT-layout folder."""
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
+        if not os.path.isdir(folder):
+            raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
+    cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
+    weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
+    for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it
+        shape = weights.shape(name)
+        rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
+        if len(shape) != 2 or rank != cfg.rank:
+            raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
+        if not torch.isfinite(weights.tensor(name).float()).all():
+            raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
+    return cfg, {name: weights.tensor(name).clone() for name in weights.names()}

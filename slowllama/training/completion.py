@@ -1,0 +1,43 @@
+"""Completing a prompt as text: the tokens a model generates (streamed blocks, KV cache), decoded as
+they come, so a command can print each piece as soon as it is known. Used by test_gen, chat, the
+sample completions shown while finetuning, and the demo."""
+import torch
+
+from ..errors import SlowLlamaError
+
+
+def complete(model, tokenizer, prompt, max_new_tokens=48, temperature=0.0, top_p=1.0, on_text=None):
+    """The completion of `prompt` as text (the prompt itself not included). on_text(piece) is called
+    with each new piece of text as soon as it is known."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise SlowLlamaError('--prompt: the prompt encodes to no tokens')
+    stream = TextStream(tokenizer, on_text)
+    out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_p=top_p,
+                         on_token=stream.add)
+    return stream.finish(out[0, len(ids):].tolist())
+
+
+class TextStream:
+    """Decodes the tokens so far and emits only what was added since the last call; text that a
+    later token may still change (an incomplete UTF-8 sequence) is held back."""
+
+    def __init__(self, tokenizer, on_text):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids, self.shown = [], ''
+
+    def add(self, token):
+        self.ids.append(token)
+        self._show(self.tokenizer.decode(self.ids))
+
+    def finish(self, ids):
+        text = self.tokenizer.decode(ids)
+        self._show(text)
+        return text
+
+    def _show(self, text):
+        if self.on_text is None or text.endswith('\ufffd') or not text.startswith(self.shown):
+            return
+        if len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+            self.shown = text

@@ -1,0 +1,126 @@
+"""The PEFT adapter as peft applies it to the transformers class of the model's family.
+
+Most families name their projections as we do, so the adapter is written as it is. Phi-3's class
+fuses q/k/v into qkv_proj and gate/up into gate_up_proj, while we train one LoRA per projection.
+There the parts' LoRAs are stacked into one LoRA of the fused module, exactly: the A matrices
+[r, in] stacked on rows into [parts * r, in], the B matrices [out_p, r] placed on the diagonal of a
+[sum out_p, parts * r] block matrix, so B A is the parts' B_p A_p stacked on rows. Its rank is
+parts * r, and peft's rank_pattern / alpha_pattern give that module rank and alpha both times parts,
+keeping the scale alpha / r. (peft applies one dropout to the fused module's input where we draw
+one per projection: the same model, trained slightly differently.)
+
+Read back, a fused module's LoRA of the adapter's rank r (as peft trains it on Phi-3) becomes one
+LoRA per part, exactly: the parts share its A and take their rows of B. One we stacked (rank
+parts * r, B block diagonal) is cut back into the parts' own A and B.
+"""
+import os
+
+import torch
+
+from ...errors import SlowLlamaError
+from ...model.config import ModelConfig, read_json
+from ...model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, peft_key, read_adapter_folder
+from ...model.names import FUSED_TARGETS, TARGET_MODULES
+from ..files import SafetensorsFile, write_json, write_safetensors
+from ..store import block_shapes, read_manifest
+
+
+def peft_adapter(cfg, lora, state, base_model=''):
+    """(adapter_config.json dict, {PEFT key: tensor}) for the HF class of cfg.model_type."""
+    config, state = lora.to_peft(base_model), dict(state)
+    # a fused module takes all its parts once one is targeted; the others are zero (and read back as untargeted)
+    fused = {module: parts for module, parts in FUSED_TARGETS.get(cfg.model_type, {}).items()
+             if set(parts) & set(lora.targets)}
+    if not fused:
+        return config, state
+    shapes = block_shapes(cfg)
+    for module, parts in fused.items():
+        rows = [shapes[TARGET_MODULES[t] + '.weight'][0] for t in parts]
+        for i in range(cfg.n_layers):
+            a = torch.zeros(len(parts) * lora.rank, cfg.dim)  # [parts * r, in]
+            b = torch.zeros(sum(rows), len(parts) * lora.rank)  # block diagonal
+            for n, t in enumerate(parts):
+                if t in lora.targets:
+                    top, cols = sum(rows[:n]), slice(n * lora.rank, (n + 1) * lora.rank)
+                    a[cols] = state.pop(peft_key(i, TARGET_MODULES[t], 'A'))
+                    b[top:top + rows[n], cols] = state.pop(peft_key(i, TARGET_MODULES[t], 'B'))
+            where = TARGET_MODULES[parts[0]].rsplit('.', 1)[0] + '.' + module
+            state[peft_key(i, where, 'A')], state[peft_key(i, where, 'B')] = a, b
+    names = {TARGET_MODULES[t].split('.')[-1] for parts in fused.values() for t in parts}
+    # stacked: rank and alpha times the parts, so alpha / r stays
+    config['target_modules'] = sorted(set(config['target_modules']) - names | set(fused))
+    config['rank_pattern'] = {module: len(parts) * lora.rank for module, parts in fused.items()}
+    config['alpha_pattern'] = {module: len(parts) * lora.alpha for module, parts in fused.items()}
+    return config, state
+
+
+def save_peft_adapter(folder, cfg, lora, state, base_model=''):
+    """Write adapter_model.safetensors, then adapter_config.json (which marks the folder complete)."""
+    config, state = peft_adapter(cfg, lora, state, base_model)
+    write_safetensors(os.path.join(folder, ADAPTER_WEIGHTS),
+                      {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, metadata={'format': 'pt'})
+    write_json(os.path.join(folder, ADAPTER_CONFIG), config)
+
+
+def read_peft_adapter(folder, model_dir):
+    """-> (LoraConfig, {PEFT key in our modules: tensor}) from a PEFT folder for the prepared model
+    in model_dir, a family's fused modules (Phi-3's qkv_proj, gate_up_proj) split into our parts."""
+    cfg = ModelConfig.from_dict(read_manifest(model_dir)['config'])
+    fused = FUSED_TARGETS.get(cfg.model_type, {})
+    if not fused:
+        return read_adapter_folder(folder)
+    config = read_json(os.path.join(str(folder), ADAPTER_CONFIG), 'adapter_config.json')
+    targets = config.get('target_modules') or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not set(targets) & set(fused):
+        return read_adapter_folder(folder)
+    rank = config['r']
+    state = _read_tensors(folder)
+    shapes = block_shapes(cfg)
+    for module in (m for m in fused if m in targets):
+        for i in range(cfg.n_layers):
+            state.update(_split_fused_lora(state, i, module, fused[module], shapes, rank, folder))
+    # a part whose A is zero in every layer was not targeted when we stacked it
+    untargeted = {t for module in fused for t in fused[module]
+                  if not any(v.any() for k, v in state.items() if f'.{TARGET_MODULES[t]}.lora_A' in k)}
+    state = {k: v for k, v in state.items() if not any(f'.{TARGET_MODULES[t]}.' in k for t in untargeted)}
+    plain = [t for t in targets if t not in fused]
+    parts = [part for module in fused if module in targets for part in fused[module] if part not in untargeted]
+    lora = LoraConfig.from_peft({**config, 'target_modules': plain + parts}, str(folder))
+    return lora, state
+
+
+def _read_tensors(folder):
+    """The tensors of a PEFT folder, without reading its config as ours (it names fused modules)."""
+    weights = SafetensorsFile(os.path.join(str(folder), ADAPTER_WEIGHTS))
+    return {name.replace('.default.weight', '.weight'): weights.tensor(name).clone() for name in weights.names()}
+
+
+def _split_fused_lora(state, layer, module, parts, shapes, rank, folder):
+    """Layer `layer`'s LoRA of a fused module -> {PEFT key: tensor} of its parts (popped from state)."""
+    where = TARGET_MODULES[parts[0]].rsplit('.', 1)[0] + '.' + module
+    key_a, key_b = peft_key(layer, where, 'A'), peft_key(layer, where, 'B')
+    if key_a not in state or key_b not in state:
+        raise SlowLlamaError(f'{folder}: adapter lacks {key_a if key_a not in state else key_b}')
+    a, b = state.pop(key_a), state.pop(key_b)  # [R, in], [sum of the parts' rows, R]
+    rows = [shapes[TARGET_MODULES[t] + '.weight'][0] for t in parts]
+    if b.shape[0] != sum(rows) or a.shape[0] != b.shape[1]:
+        raise SlowLlamaError(f'{folder}: {key_b} has shape {tuple(b.shape)}, the model needs ({sum(rows)}, r)')
+    pieces = b.split(rows, dim=0)
+    if a.shape[0] == rank:  # one LoRA shared by the parts: each keeps A and its rows of B
+        split = {t: (a, piece) for t, piece in zip(parts, pieces)}
+    elif a.shape[0] == rank * len(parts) and _block_diagonal(pieces, rank):  # stacked by us
+        split = {t: (a[n * rank:(n + 1) * rank], piece[:, n * rank:(n + 1) * rank])
+                 for n, (t, piece) in enumerate(zip(parts, pieces))}
+    else:
+        raise SlowLlamaError(f'{folder}: {key_a} has rank {a.shape[0]}; only rank r (shared by the parts) or '
+                             f'{len(parts)} x r with a block-diagonal B can be split into per-projection LoRAs')
+    out = {}
+    for t, (part_a, part_b) in split.items():
+        out[peft_key(layer, TARGET_MODULES[t], 'A')] = part_a.clone()
+        out[peft_key(layer, TARGET_MODULES[t], 'B')] = part_b.clone()
+    return out
+
+
+def _block_diagonal(pieces, rank):
+    return all(not piece[:, :n * rank].any() and not piece[:, (n + 1) * rank:].any() for n, piece in enumerate(pieces))
