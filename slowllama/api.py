@@ -7,7 +7,8 @@ from .errors import SlowLlamaError
 from .model.lora import LoraConfig
 from .weights.formats import prepare
 from .weights.formats.peft import read_peft_adapter
-from .weights.store import BlockStore, parse_dtype
+from .weights.prepared import parse_dtype
+from .weights.store import BlockStore
 
 __all__ = ['load', 'prepare']
 

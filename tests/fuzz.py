@@ -297,7 +297,7 @@ def _load_prepared(case):
 
 
 def _verify(case):
-    from slowllama.weights.store import verify_model
+    from slowllama.weights.prepared import verify_model
     verify_model(case.input)
 
 

@@ -17,7 +17,7 @@ from slowllama.weights.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, ar
 from slowllama.weights.plan import pinned_bytes, predict
 from slowllama.weights import copier as copier_module
 from slowllama.weights.copier import DeviceCopier, Pending, Ready
-from slowllama.weights.store import EMBED_FILE, HEAD_FILE, block_file, block_shapes
+from slowllama.weights.prepared import EMBED_FILE, HEAD_FILE, block_file, block_shapes
 from conftest import random_batch
 from reference import randomize_adapters
 

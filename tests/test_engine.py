@@ -24,7 +24,7 @@ def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepare
     with the head's vocabulary in one slice or in many (the online log-sum-exp and gradient)."""
     model_dir, _, _ = tiny_prepared
     if head_slices == 'many':
-        monkeypatch.setattr(slowllama.engine.head, 'SLICE_ELEMENTS', 1)  # slices of MIN_SLICE_ROWS rows
+        monkeypatch.setattr(slowllama.weights.plan, 'SLICE_ELEMENTS', 1)  # slices of MIN_SLICE_ROWS rows
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
     streamed = slowllama.load(model_dir, lora=lora, dropout=0.1)
     randomize_adapters(streamed.adapters)
@@ -182,7 +182,7 @@ def test_a_failed_pass_hands_its_blocks_back(tiny_prepared, monkeypatch):
 
 def test_nucleus_sampling_keeps_to_the_top_p_set_without_a_boolean_index():
     from test_head import OperatorLog
-    from slowllama.engine.streamed import sample
+    from slowllama.engine.generation import sample
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # top_p 0.7: tokens 0 and 1 only
     torch.manual_seed(0)
     with OperatorLog() as log:

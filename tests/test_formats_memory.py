@@ -152,8 +152,9 @@ def test_prepare_peak_memory_stays_near_one_block(tmp_path, fmt):
 def big_prepared(tmp_path_factory):
     """The 48-block model prepared in fp32, and a rank-8 adapter on every linear of every block."""
     import slowllama
-    from slowllama.model.lora import LoraConfig, save_adapter_folder
-    from slowllama.weights.store import block_shapes
+    from slowllama.model.lora import LoraConfig
+    from slowllama.weights.formats.peft import save_adapter_folder
+    from slowllama.weights.prepared import block_shapes
     folder = tmp_path_factory.mktemp('big')
     src = write_hf(str(folder / 'hf'))
     slowllama.prepare(src, folder / 'prepared', dtype='fp32')

@@ -110,7 +110,7 @@ def test_a_killed_writer_leaves_the_old_or_the_new_state(corpus, tmp_path, write
 def test_a_killed_trainer_leaves_complete_checkpoints_and_resumes(corpus, tmp_path):
     import slowllama
     from slowllama.training.checkpoint import list_checkpoints, read_checkpoint
-    from slowllama.model.lora import read_adapter_folder
+    from slowllama.weights.formats.peft import read_adapter_folder
     rng = random.Random('kill checkpoint')
     run = str(tmp_path / 'run')
     for kill in range(KILLS):

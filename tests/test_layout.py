@@ -1,12 +1,24 @@
-"""The package's layout (DESIGN.md): imports point down only. No module imports one that imports it
-back, directly or through others (function-level imports included); no recipe imports another recipe;
-no component imports a recipe."""
+"""The package's layout (DESIGN.md, docs/architecture.md): one folder per floor, imports point down only.
+A module never imports from a higher floor; no module imports one that imports it back, directly or
+through others (function-level imports included); no recipe imports another recipe; no component
+imports a recipe; the package's top level holds only the entry points and what every floor shares."""
 import ast
 import os
 
 import slowllama
 
 PACKAGE = os.path.dirname(os.path.abspath(slowllama.__file__))
+# module or package -> floor (the longest prefix decides); a module imports from its own floor and below
+FLOORS = {
+    'slowllama.errors': 0, 'slowllama.progress': 0,               # what every floor shares
+    'slowllama.model': 1,                                         # the math: block, LoRA, quant codes
+    'slowllama.weights': 2,                                       # prepared folder, formats, store, planner
+    'slowllama.engine': 3,                                        # streamed forward/backward, head, stash
+    'slowllama.training': 4, 'slowllama.data': 4, 'slowllama.bci': 4, 'slowllama.api': 4,
+    'slowllama.recipes': 5, 'slowllama.bci.train': 5, 'slowllama.bci.commands': 5,
+    'slowllama': 6, 'slowllama.cli': 6, 'slowllama.__main__': 6,  # the public face and the dispatch
+}
+TOP_LEVEL = {'__init__', '__main__', 'api', 'cli', 'errors', 'progress'}  # the rest lives on a floor
 SHARED_BY_RECIPES = {'slowllama.recipes', 'slowllama.recipes.options', 'slowllama.recipes.run_setup',
                      'slowllama.recipes.inference'}
 OTHER_RECIPES = {'slowllama.bci.train', 'slowllama.bci.commands'}  # the BCI package's own recipes
@@ -53,6 +65,14 @@ def import_graph():
     return {module: imports_of(module, path, files) for module, path in files.items()}
 
 
+def floor(module):
+    parts = module.split('.')
+    for n in range(len(parts), 0, -1):
+        if '.'.join(parts[:n]) in FLOORS:
+            return FLOORS['.'.join(parts[:n])]
+    raise AssertionError(f'{module} has no floor in FLOORS')
+
+
 def is_recipe(module):
     return (module.startswith('slowllama.recipes.') and module not in SHARED_BY_RECIPES) or module in OTHER_RECIPES
 
@@ -61,6 +81,29 @@ def test_the_graph_is_read():
     graph = import_graph()
     assert 'slowllama.engine.streamed' in graph['slowllama.api'] and 'slowllama.recipes.run_setup' in graph['slowllama.bci.train']
     assert sum(map(is_recipe, graph)) >= 8
+
+
+def test_imports_never_point_to_a_higher_floor():
+    graph = import_graph()
+    up = [f'{module} (floor {floor(module)}) imports {target} (floor {floor(target)})'
+          for module, imported in sorted(graph.items()) for target in sorted(imported) if floor(target) > floor(module)]
+    assert not up, '\n'.join(up)
+
+
+def test_every_floor_is_a_folder():
+    on_top = {name[:-3] for name in os.listdir(PACKAGE) if name.endswith('.py')}
+    assert on_top <= TOP_LEVEL, f'modules beside the floors: {sorted(on_top - TOP_LEVEL)}'
+    for module in import_graph():
+        floor(module)  # each module has its floor
+    for package in ('model', 'weights', 'engine', 'training', 'data', 'recipes', 'bci'):
+        assert os.path.exists(os.path.join(PACKAGE, package, '__init__.py'))
+
+
+def test_a_wrong_arrow_is_caught():
+    """The check itself: an import from the math floor up to the engine is reported."""
+    graph = import_graph()
+    graph['slowllama.model.block'] = graph['slowllama.model.block'] | {'slowllama.engine.streamed'}
+    assert any(floor(target) > floor(module) for module, imported in graph.items() for target in imported)
 
 
 def test_no_import_circles():

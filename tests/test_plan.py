@@ -4,7 +4,7 @@ import slowllama
 import slowllama.weights.store as store_module
 from slowllama.model.config import ModelConfig
 from slowllama.weights.plan import GIB, block_params, model_params, place_blocks, predict
-from slowllama.weights.store import block_file
+from slowllama.weights.prepared import block_file
 from reference import assert_same_loss_and_gradients
 
 LLAMA_7B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000)

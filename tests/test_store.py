@@ -108,7 +108,7 @@ def test_verify_command_names_the_damaged_file(prepared, capsys):
 
 def test_prepare_checks_what_reached_the_disk(tmp_path, monkeypatch):
     """A write that silently lands different bytes is caught before the folder is swapped in."""
-    import slowllama.weights.store as store
+    import slowllama.weights.prepared as store
     make_hf_model(tmp_path / 'hf')
     real = store.write_safetensors
 

@@ -11,8 +11,8 @@ from ..errors import SlowLlamaError
 
 from ..api import load
 from ..engine.devices import default_dtype, resolve_device
-from ..model.lora import adapter_folder
 from ..progress import progress
+from ..weights.formats.peft import adapter_folder
 from .data import words_of
 from .encoder import (ENCODER_NAME, attach_encoder, decode_signal, has_encoder, load_encoder, prefix_embeddings,
                       prompt_ids)

@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SlowLlamaError
-from ..model.config import read_json
-from ..weights.files import SafetensorsFile, write_json, write_safetensors
+from ..weights.files import SafetensorsFile, read_json, write_json, write_safetensors
 
 ENCODER_WEIGHTS = 'encoder.safetensors'
 ENCODER_CONFIG = 'encoder_config.json'

@@ -16,20 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlowLlamaError
+from .examples import Example, IGNORE, alpaca_example, chat_example, text_record
 from .hf_datasets import is_hf_dataset, read_hf_records
 
-IGNORE = -100
 TEXT_SUFFIXES = ('.txt', '.md', '.text')
-ALPACA_PROMPT = ('Below is an instruction that describes a task{context}. '
-                 'Write a response that appropriately completes the request.\n\n'
-                 '### Instruction:\n{instruction}\n\n{input_block}### Response:\n')
-
-
-@dataclass
-class Example:
-    tokens: list   # [len]
-    targets: list  # [len], IGNORE where nothing is learned
-    positions: list | None = None  # [len], restarting at 0 at each packed document; None: 0, 1, 2, ...
 
 
 @dataclass
@@ -143,79 +133,6 @@ class FieldRecords(Sequence):
         if isinstance(value, list):
             return {'messages': value}
         raise SlowLlamaError(f'{self.path}: record {n}: field {self.field!r} is neither text nor a list of messages')
-
-
-# --- records -> examples -----------------------------------------------------------------------
-
-def example_from_segments(segments):
-    """[(ids, learn)] -> Example: the ids concatenated, each id a target iff its segment is learned."""
-    ids, learn = [], []
-    for segment_ids, segment_learn in segments:
-        ids += segment_ids
-        learn += [segment_learn] * len(segment_ids)
-    return Example(ids[:-1], [i if keep else IGNORE for i, keep in zip(ids[1:], learn[1:])])
-
-
-def text_example(tokenizer, text):
-    return example_from_segments([(tokenizer.encode(text, eos=True), True)])
-
-
-def alpaca_example(tokenizer, record, where):
-    for key in ('instruction', 'output'):
-        if not isinstance(record.get(key), str):
-            raise SlowLlamaError(f'{where}: alpaca record without a string "{key}"')
-    extra = record.get('input') or ''
-    prompt = ALPACA_PROMPT.format(
-        instruction=record['instruction'],
-        context=', paired with an input that provides further context' if extra else '',
-        input_block=f'### Input:\n{extra}\n\n' if extra else '')
-    return example_from_segments([(tokenizer.encode(prompt), False),
-                                  (tokenizer.encode(record['output'], bos=False, eos=True), True)])
-
-
-def chat_example(tokenizer, record, where):
-    """Only the assistant's messages are learned. With a chat template each assistant turn is the
-    difference between the rendering up to it (with the generation prompt) and the rendering through it."""
-    messages = record.get('messages')
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get('role'), str)
-                                                 and isinstance(m.get('content'), str) for m in messages):
-        raise SlowLlamaError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
-    if not tokenizer.chat_template:
-        return _plain_chat_example(tokenizer, messages)
-    segments, done = [], []
-    for i, message in enumerate(messages):
-        if message['role'] == 'assistant':  # the prompt up to this turn, then the turn itself
-            _extend(segments, done, _render(tokenizer, messages[:i], True), False)
-            _extend(segments, done, _render(tokenizer, messages[:i + 1], False), True)
-        else:
-            _extend(segments, done, _render(tokenizer, messages[:i + 1], False), False)
-    return example_from_segments(segments)
-
-
-def _render(tokenizer, messages, add_generation_prompt):
-    if not messages:
-        return []
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt), bos=False)
-
-
-def _extend(segments, done, ids, learn):
-    """Append the tokens of `ids` beyond those already placed (`done`). Chat templates render each
-    conversation as a prefix of its continuation, so these are exactly the new turn's tokens."""
-    new = ids[len(done):]
-    if new:
-        segments.append((new, learn))
-        done.extend(new)
-
-
-def _plain_chat_example(tokenizer, messages):
-    """A model without a chat template: 'role: content' lines, the assistant's content learned."""
-    segments = [(tokenizer.encode(''), False)]  # the BOS token, when the model's tokenizer adds one
-    for message in messages:
-        learn = message['role'] == 'assistant'
-        segments.append((tokenizer.encode(f"{message['role']}: ", bos=False), False))
-        segments.append((tokenizer.encode(message['content'], bos=False, eos=learn), learn))
-        segments.append((tokenizer.encode('\n', bos=False), False))
-    return example_from_segments(segments)
 
 
 def split_long(example, seq_len, truncate):
@@ -386,7 +303,7 @@ def _chunks(ids, seq_len):
 def _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches,
                     field=None, split=None):
     records = read_records(path, field, split)
-    to_example = {'jsonl': lambda r, w: _text_record(tokenizer, r, w), 'alpaca': lambda r, w: alpaca_example(
+    to_example = {'jsonl': lambda r, w: text_record(tokenizer, r, w), 'alpaca': lambda r, w: alpaca_example(
         tokenizer, r, w), 'chat': lambda r, w: chat_example(tokenizer, r, w)}[kind]
     n_val = math.ceil(len(records) * val_fraction) if val_fraction else 0
     if n_val and n_val >= len(records):
@@ -406,9 +323,3 @@ def _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fracti
                f'{len(train)} training rows{" (packed)" if pack else ""}')
     return Dataset(kind, ExampleBatches(train, batch_size, seed, pad_id),
                    fixed_batches(val, batch_size, pad_id, eval_batches), summary)
-
-
-def _text_record(tokenizer, record, where):
-    if not isinstance(record.get('text'), str):
-        raise SlowLlamaError(f'{where}: no string "text"')
-    return text_example(tokenizer, record['text'])

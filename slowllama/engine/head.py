@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..model.block import rms_norm
+from ..weights.plan import head_slice_rows
 
 IGNORE = -100
-SLICE_ELEMENTS = 1 << 21  # logits held at once: [tokens, slice rows] <= 2M floats (8 MB)
-MIN_SLICE_ROWS = 64
 
 
 class StreamedHead:
@@ -101,6 +100,6 @@ class StreamedHead:
             self.store.release_head_rows(start, end)
 
     def _slices(self, tokens):
-        size = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // max(1, tokens))
+        size = head_slice_rows(tokens)  # the planner's number
         vocab = self.cfg.vocab_size
         return [(start, min(vocab, start + size)) for start in range(0, vocab, size)]

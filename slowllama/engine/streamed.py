@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..model.block import Block, KVCache, document_mask, rope_changes_past, rope_table
-from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state, save_adapter_folder
-from ..weights.files import clean_leftovers, staging_dir, swap_dir
-from ..weights.store import announce
+from ..model.block import Block, document_mask, rope_changes_past, rope_table
+from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
+from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
+from ..weights.formats.peft import save_adapter_folder
 from .devices import HeapTrimmer, get_rng_state, set_rng_state
+from .generation import GenerationCache, is_eos, sample
 from .head import IGNORE, StreamedHead
 from .stash import InputStash
 
@@ -266,44 +267,6 @@ class StreamedModel:
         return block_input.grad
 
 
-class GenerationCache:
-    """The keys and values of every block for the tokens fed so far (`tokens`; a prefix counts in
-    `length` only), kept between generate() calls. keep(n) forgets all but the first n positions,
-    so a conversation whose new rendering departs from what was fed goes back to where they agree."""
-
-    def __init__(self, cfg, device, dtype):
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.layers, self.tokens = [], []
-
-    @property
-    def length(self):
-        return self.layers[0].length if self.layers else 0
-
-    def reserve(self, more):
-        """Room for `more` positions after those held (a bigger copy when needed; a sliding-window
-        cache keeps only its window and grows by itself)."""
-        need = self.length + more
-        if self.layers and (self.cfg.sliding_window or need <= self.layers[0].k.shape[2]):
-            return
-        grown = [KVCache.for_model(self.cfg, 1, max(need, 2 * self.length), self.device, self.dtype)
-                 for _ in range(self.cfg.n_layers)]
-        for new, old in zip(grown, self.layers):
-            new.append(old.k[:, :, :old.length], old.v[:, :, :old.length])
-        self.layers = grown
-
-    def keep(self, n):
-        """Forget all but the first n positions (of a cache started without a prefix); returns how
-        many it kept: none when a sliding window has already dropped keys it would need."""
-        if self.cfg.sliding_window and n < self.length:
-            n = 0
-        if n == 0:
-            self.layers = []
-        for layer in self.layers:
-            layer.length = min(layer.length, n)
-        del self.tokens[n:]
-        return n
-
-
 class UnreadProductWeight(torch.Tensor):
     """The frozen weight of a block's last linear while the block is recomputed for its backward.
 
@@ -335,21 +298,3 @@ class _InputGradientOnly(torch.autograd.Function):
     def backward(ctx, grad):  # grad [..., out] -> d/dx [..., in]
         weight, = ctx.saved_tensors
         return grad @ weight, None
-
-
-def sample(logits, temperature=0.0, top_p=1.0):
-    """logits [batch, vocab] -> next token [batch, 1]: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)  # not a boolean index: that waits for the device
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1)
-
-
-def is_eos(cfg, token):
-    eos = cfg.eos_id
-    return token in eos if isinstance(eos, (list, tuple)) else token == eos

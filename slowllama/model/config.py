@@ -1,7 +1,6 @@
 """ModelConfig: the shape of a Llama-family model, read from Meta params.json, HF config.json or GGUF metadata."""
 import contextlib
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -291,17 +290,6 @@ def config_errors(where):
     except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
         raise SlowLlamaError(f'{where}: a config value has the wrong type or range ({e})') from None
 
-
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SlowLlamaError(f'{path}: {what} not found') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlowLlamaError(f'{path}: not valid JSON ({e})') from None
-    except RecursionError:
-        raise SlowLlamaError(f'{path}: not valid JSON (nested too deeply)') from None
 
 
 # Named Llama shapes (Hugging Face config fields) for the benchmark and the memory planner.

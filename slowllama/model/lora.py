@@ -6,7 +6,6 @@ on the device for the whole run.
 """
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import SlowLlamaError
-from ..weights.files import SafetensorsFile, clean_leftovers, write_json, write_safetensors
-from .config import read_json
 from .names import PEFT_PREFIX, TARGET_MODULES, canonical_target, hf_module_name
 
 
@@ -177,48 +174,3 @@ def load_adapter_state(layers_adapters, state, where):
                 raise SlowLlamaError(f'{where}: {key} has shape {tuple(state[key].shape)}, '
                                      f'the model needs {tuple(param.shape)}')
             param.copy_(state[key].to(param.dtype))
-
-
-# --- the PEFT adapter folder -----------------------------------------------------------------
-
-ADAPTER_CONFIG = 'adapter_config.json'
-ADAPTER_WEIGHTS = 'adapter_model.safetensors'
-
-
-def save_adapter_folder(folder, cfg: LoraConfig, state, base_model=''):
-    """Write adapter_model.safetensors and adapter_config.json (weights first: the config marks it complete)."""
-    write_safetensors(os.path.join(folder, ADAPTER_WEIGHTS),
-                      {k: v.detach().float().cpu() for k, v in state.items()}, metadata={'format': 'pt'})
-    write_json(os.path.join(folder, ADAPTER_CONFIG), cfg.to_peft(base_model))
-
-
-def adapter_folder(path):
-    """--lora accepts an adapter folder or a finetune run folder (its adapter/); None stays None."""
-    if path is None:
-        return None
-    path = str(path)
-    if not os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
-        if os.path.exists(os.path.join(path, 'adapter', ADAPTER_CONFIG)):
-            return os.path.join(path, 'adapter')
-        raise SlowLlamaError(f'{path}: --lora is neither an adapter folder (adapter_config.json) '
-                             'nor a run folder with adapter/')
-    return path
-
-
-def read_adapter_folder(folder):
-    """-> (LoraConfig, {PEFT key: tensor}) from a PEFT-layout folder."""
-    folder = str(folder)
-    if not os.path.isdir(folder):
-        found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
-        if not os.path.isdir(folder):
-            raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
-    cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
-    weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
-    for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it
-        shape = weights.shape(name)
-        rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
-        if len(shape) != 2 or rank != cfg.rank:
-            raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
-        if not torch.isfinite(weights.tensor(name).float()).all():
-            raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
-    return cfg, {name: weights.tensor(name).clone() for name in weights.names()}

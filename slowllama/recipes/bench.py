@@ -15,7 +15,7 @@ from ..model.config import SHAPES, shape_config
 from ..model.quant import parse_quant
 from ..weights.memory import peak_rss, process_rss, reset_peak_rss
 from ..weights.plan import GIB, block_bytes, model_params, predict, print_plan
-from ..weights.store import DTYPES, dtype_name, model_config, parse_dtype
+from ..weights.prepared import DTYPES, dtype_name, model_config, parse_dtype
 
 
 

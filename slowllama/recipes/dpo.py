@@ -10,12 +10,12 @@ import sys
 
 from ..data.preference import PairBatches, fixed_pair_batches, load_pairs
 from ..errors import SlowLlamaError
-from ..model.lora import adapter_folder
 from ..training.checkpoint import list_checkpoints
 from ..training.completion import complete
 from ..training.dpo import (REFERENCE_FILE, attach_reference, compute_reference, eval_step, fingerprint,
                             read_reference, train_step, write_reference)
 from ..training.trainer import Trainer
+from ..weights.formats.peft import adapter_folder
 from .run_setup import load_model, run_config_of, setup_run, train_and_report
 
 REFERENCE_BATCHES = 4  # training batches per batch of the reference pass

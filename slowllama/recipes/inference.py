@@ -5,9 +5,9 @@ import torch
 from ..api import load
 from ..engine.devices import default_dtype, resolve_device
 from ..errors import SlowLlamaError
-from ..model.lora import adapter_folder
+from ..weights.formats.peft import adapter_folder
 from ..weights.formats.tokenizer import load_tokenizer
-from ..weights.store import read_manifest
+from ..weights.prepared import read_manifest
 
 
 def add_sampling_arguments(p, max_new_tokens):

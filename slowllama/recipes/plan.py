@@ -3,7 +3,7 @@ named shape, in each offload mode, before running it."""
 from ..model.config import shape_config
 from ..model.quant import parse_quant
 from ..weights.plan import print_plan
-from ..weights.store import model_config
+from ..weights.prepared import model_config
 
 
 def add_arguments(p):

@@ -17,7 +17,7 @@ from ..training.completion import complete
 from ..training.distributed import collective_timeout, init_from_env, shutdown
 from ..training.trainer import TrainConfig, Trainer
 from ..weights.formats.tokenizer import load_tokenizer
-from ..weights.store import read_manifest, verify_model
+from ..weights.prepared import read_manifest, verify_model
 from .options import parse_bytes
 
 

@@ -1,5 +1,5 @@
 """The verify recipe: every file of a prepared model against the sha256 in its manifest."""
-from ..weights.store import verify_model
+from ..weights.prepared import verify_model
 
 
 def add_arguments(p):

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import SlowLlamaError
-from ..model.config import read_json
-from ..weights.files import SafetensorsFile, clean_leftovers, staging_dir, swap_dir, write_json, write_safetensors
+from ..weights.files import (SafetensorsFile, clean_leftovers, read_json, staging_dir, swap_dir, write_json,
+                             write_safetensors)
 
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_NAME = re.compile(r'^step_(\d{6,})$')

@@ -17,10 +17,8 @@ Run folder:
     loss.png                    loss, learning rate (and DPO margins), redrawn at each evaluation
     events.out.tfevents.*       with tensorboard=True: the metrics for TensorBoard
 """
-import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -28,15 +26,15 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from ..engine.devices import get_rng_state, set_rng_state
 from ..errors import SlowLlamaError
-from ..weights.files import atomic_open, write_json
-from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint,
-                         remove_leftovers, replace_folder, write_checkpoint)
+from ..weights.files import write_json
+from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint, remove_leftovers,
+                         replace_folder, write_checkpoint)
 from .distributed import SINGLE
 from .plots import LossPlot
+from .run_log import RunLog
 from .runlock import RunLock, StopSignals
 
 SCHEDULES = ('cosine', 'constant')
@@ -138,9 +136,8 @@ class Trainer:
         self.best = {'score': None, 'step': None, 'evals_since': 0, 'eval_loss': None}
         self.step = 0
         self.data_position = 0  # micro-batches consumed
-        self.bar = None
         self.metric_names = ()
-        self._pending = []  # lines logged before run() has set up train.log
+        self.run_log = RunLog(self.run_dir, self.stream, enabled=group.is_main)
         self.reports = [LossPlot(self.run_dir, self.log)]  # beside metrics.jsonl, on rank 0
         if tensorboard:
             from .tensorboard_log import TensorBoardLog
@@ -155,7 +152,7 @@ class Trainer:
         with RunLock(self.run_dir, enabled=self.group.is_main), StopSignals() as stop:
             self._start(resume)
             rows, start = [], time.perf_counter()
-            self._open_bar()
+            self.run_log.open_bar(self.step, self.cfg.iters)
             self._report('start', self.step)
             try:
                 for step in range(self.step + 1, self.cfg.iters + 1):
@@ -165,7 +162,7 @@ class Trainer:
                         row.update(self._select(row))
                         if self.group.active and self.group.gather(bool(row.get('early_stop')))[0]:
                             row['early_stop'] = True  # rank 0 decides, every process stops
-                    self._record(row)
+                    self.run_log.record(row, self.cfg.iters, self.metric_names)
                     self._report('record', row)
                     if self._due(step, self.cfg.eval_every) and step < self.cfg.iters:
                         self._report('refresh')  # the end's redraw is close()'s
@@ -178,7 +175,7 @@ class Trainer:
                         raise SlowLlamaError(f'stopped by {stop.requested} at step {self.step}; checkpoint saved, '
                                              f'continue with --resume --out {self.run_dir}')
             finally:
-                self._close_bar()
+                self.run_log.close_bar()
                 self._report('close')
         return self._summary(rows, time.perf_counter() - start)
 
@@ -190,15 +187,11 @@ class Trainer:
         if not resume and list_checkpoints(self.run_dir):
             raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
                                  'or choose another --out')
-        if not (resume and self._resume()):
+        resumed = resume and self._resume()
+        if not resumed:
             torch.manual_seed(self.cfg.seed + self.group.rank)  # each process its own dropout masks
-            if self.group.is_main:
-                for name in ('metrics.jsonl', 'train.log'):
-                    _rewrite_lines(os.path.join(self.run_dir, name), [])
-        pending, self._pending = self._pending, None
+        self.run_log.begin(fresh=not resumed, resumed_at=self.step if resumed else None)
         if self.group.is_main:
-            for line in pending:
-                _append_line(os.path.join(self.run_dir, 'train.log'), line)
             write_json(os.path.join(self.run_dir, 'run_config.json'),
                        {**self.run_config, 'train': asdict(self.cfg), 'processes': self.group.world})
 
@@ -367,33 +360,10 @@ class Trainer:
         set_rng_state(device, rng)
         self.step, self.data_position = state['step'], state['data_position']
         self.best = state.get('best', self.best)
-        if self.group.is_main:
-            for log_name in ('metrics.jsonl', 'train.log'):
-                _truncate_log(os.path.join(self.run_dir, log_name), self.step)
         self.log(f'resumed from {folder} at step {self.step}')
         return True
 
     # --- reporting -----------------------------------------------------------------------------
-
-    def _record(self, row):
-        if not self.group.is_main:
-            return
-        metrics = {k: v for k, v in row.items() if k != 'sample'}
-        _append_line(os.path.join(self.run_dir, 'metrics.jsonl'), json.dumps(metrics))
-        extra = ''.join(f' {k} {v:.4g}' for k, v in row.items() if k in self.metric_names)
-        line = (f'step {row["step"]}/{self.cfg.iters} loss {row["loss"]:.4f}{extra} lr {row["lr"]:.2e} '
-                f'{row["tokens_per_s"]:.0f} tok/s')
-        _append_line(os.path.join(self.run_dir, 'train.log'), line)
-        if self.bar is not None:
-            extras = {k: f'{row[k]:.4g}' for k in self.metric_names}
-            self.bar.set_postfix({'loss': f'{row["loss"]:.4f}', **extras, 'tok_s': f'{row["tokens_per_s"]:.0f}'},
-                                 refresh=False)
-            self.bar.update(1)
-        elif time.monotonic() - self._last_print >= 10 or row['step'] in (self.step_first, self.cfg.iters):
-            self._last_print = time.monotonic()
-            done = row['step'] - self.step_first + 1
-            eta = (time.monotonic() - self._bar_start) / done * (self.cfg.iters - row['step'])
-            print(f'{line}, eta {eta:.0f}s', file=self.stream, flush=True)
 
     def _report(self, event, *args):
         """Tell the reports beside metrics.jsonl (loss.png, TensorBoard) what happened; rank 0 only."""
@@ -403,27 +373,7 @@ class Trainer:
 
     def log(self, message):
         """A line for train.log and the console (above the bar on a terminal); rank 0 only."""
-        if not self.group.is_main:
-            return
-        if self._pending is not None:
-            self._pending.append(message)
-        else:
-            _append_line(os.path.join(self.run_dir, 'train.log'), message)
-        if self.bar is not None:
-            self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
-
-    def _open_bar(self):
-        self.step_first, self._bar_start, self._last_print = self.step + 1, time.monotonic(), time.monotonic()
-        if self.stream.isatty() and self.group.is_main:
-            self.bar = tqdm(total=self.cfg.iters, initial=self.step, desc='train', unit='step',
-                            file=self.stream, dynamic_ncols=True)
-
-    def _close_bar(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.run_log.log(message)
 
     def _summary(self, rows, seconds):
         losses = [r['loss'] for r in rows]
@@ -460,43 +410,3 @@ def optimizer_groups(params, cfg: TrainConfig, overrides):
 def as_metrics(result):
     """A step_fn / eval_fn result (a float loss, or a dict with 'loss' and more) -> a dict of floats."""
     return {k: float(v) for k, v in result.items()} if isinstance(result, dict) else {'loss': float(result)}
-
-
-# --- logs ----------------------------------------------------------------------------------
-
-def _append_line(path, line):
-    """One complete line per write (O_APPEND), so a crash can cut off at most the last line."""
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(line + '\n')
-
-
-def _rewrite_lines(path, lines):
-    with atomic_open(path, 'w') as f:
-        f.writelines(line + '\n' for line in lines)
-
-
-def _truncate_log(path, step):
-    """Drop what was logged after `step` (and a torn last line) before a resumed run appends again."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding='utf-8', errors='replace') as f:  # a damaged log must not stop the resume
-        lines = f.read().split('\n')[:-1]  # a last line without its newline is torn: drop it
-    keep = []
-    for line in lines:
-        logged = _logged_step(line)
-        if logged is not None and logged > step:
-            break
-        keep.append(line)
-    _rewrite_lines(path, keep)
-
-
-def _logged_step(line):
-    if line.startswith('{'):
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            return None
-        step = row.get('step') if isinstance(row, dict) else None
-        return step if isinstance(step, int) else None
-    match = re.match(r'step (\d+)', line)
-    return int(match.group(1)) if match else None

@@ -150,6 +150,24 @@ def _exchange(a, b):
     return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SlowLlamaError(f'{path}: {what} not found') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlowLlamaError(f'{path}: not valid JSON ({e})') from None
+    except RecursionError:
+        raise SlowLlamaError(f'{path}: not valid JSON (nested too deeply)') from None
+
+
+def announce(found):
+    """Say what an interrupted earlier write left behind (clean_leftovers' sentence), if anything."""
+    if found:
+        print(found, file=sys.stderr, flush=True)
+
+
 def write_json(path, obj):
     with atomic_open(path, 'w') as f:
         json.dump(obj, f, indent=2)

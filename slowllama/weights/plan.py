@@ -3,13 +3,19 @@ and the peak device and host memory a run will reach. Pure arithmetic over Model
 import math
 from dataclasses import dataclass
 
-from ..engine.head import MIN_SLICE_ROWS, SLICE_ELEMENTS
 from ..model.config import ModelConfig
 from ..model.quant import packed_nbytes
 from .pinned import ROW_STAGING_BYTES
 
 GIB = 1024 ** 3
+SLICE_ELEMENTS = 1 << 21  # the head's logits held at once: [tokens, slice rows] <= 2M floats (8 MB)
+MIN_SLICE_ROWS = 64
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
+
+
+def head_slice_rows(tokens):
+    """Vocabulary rows the streamed head takes at a time for `tokens` positions."""
+    return max(MIN_SLICE_ROWS, SLICE_ELEMENTS // max(1, tokens))
 
 
 def block_params(cfg: ModelConfig):
@@ -78,7 +84,7 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     tokens = batch * seq
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
     saved_inputs = cfg.n_layers * tokens * cfg.dim * w
-    head_slice = max(MIN_SLICE_ROWS, SLICE_ELEMENTS // tokens)  # the head streams in vocabulary slices
+    head_slice = head_slice_rows(tokens)  # the head streams in vocabulary slices
     # a slice's logits (exponentiated in place) and rows; hidden, softmax @ rows, target rows, gradient
     loss = 2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 4 * tokens * cfg.dim * 4
     step = lora + max(block_working_set(cfg, batch, seq, w), loss) + 2 * tokens * cfg.dim * w + unpacked

@@ -3,7 +3,7 @@ import os
 
 from ...errors import SlowLlamaError
 from ...model.quant import parse_quant
-from ..store import PreparedWriter, parse_dtype
+from ..prepared import PreparedWriter, parse_dtype
 from . import gguf, hf, meta
 
 

@@ -16,11 +16,10 @@ from ...model.config import ModelConfig
 from ...model.lora import peft_key
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ...model.quant import Quant
-from ..files import SafetensorsFile, clean_leftovers, staging_dir
+from ..files import SafetensorsFile, announce, clean_leftovers, staging_dir
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
-from ..store import (EMBED_FILE, HEAD_FILE, announce, block_file, block_shapes, check_file, parse_dtype,
-                     read_manifest, table_shapes)
-from ..store import swap_in  # the same whole-folder swap the prepared writer uses
+from ..prepared import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype, read_manifest,
+                        swap_in, table_shapes)  # the same whole-folder swap the prepared writer uses
 from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
 from .meta import write_meta

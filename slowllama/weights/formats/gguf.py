@@ -22,7 +22,7 @@ from ...model.names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGU
                             GGUF_ROPE_FREQS, HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, PROJECTION_WEIGHTS,
                             WINDOWED_FAMILIES, block_tensor_names, gguf_block_name)
 from ...progress import progress
-from ..store import block_shapes
+from ..prepared import block_shapes
 from .gguf_tokenizer import metadata, tokenizer_files
 from .layout import block_to_hf, split_fused, unfused_names
 

@@ -25,7 +25,7 @@ from ...model.names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF
                             HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, ROPE_PERMUTED, TARGET_MODULES)
 from ...progress import progress
 from ..files import commit_staged, discard_staged, temporary_beside
-from ..store import block_shapes, check_free_space
+from ..prepared import block_shapes, check_free_space
 from .gguf import CONFIG_KEYS, llama3_divisors
 from .gguf_vocab import vocab_metadata
 from .layout import block_to_meta, hf_to_meta

@@ -5,11 +5,11 @@ import os
 import torch
 
 from ...errors import SlowLlamaError
-from ...model.config import ModelConfig, config_errors, read_json
+from ...model.config import ModelConfig, config_errors
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
 from ...progress import progress
-from ..files import SafetensorsFile, write_json
-from ..store import block_shapes
+from ..files import SafetensorsFile, read_json, write_json
+from ..prepared import block_shapes
 from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .safetensors_stream import SafetensorsStreamWriter
 

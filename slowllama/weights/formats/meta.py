@@ -13,12 +13,12 @@ import re
 import torch
 
 from ...errors import SlowLlamaError
-from ...model.config import ModelConfig, config_errors, read_json
+from ...model.config import ModelConfig, config_errors
 from ...model.names import (BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, META_BLOCK_PREFIX, META_IGNORED, META_PARAMS,
                             META_SHARD, NORM_TENSOR, OUTER_TENSORS)
 from ...progress import progress
-from ..files import write_json
-from ..store import block_shapes
+from ..files import read_json, write_json
+from ..prepared import block_shapes
 from . import tiktoken
 from .layout import block_to_hf, block_to_meta, join, split
 from .pth import PthWriter

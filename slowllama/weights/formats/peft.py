@@ -1,4 +1,5 @@
-"""The PEFT adapter as peft applies it to the transformers class of the model's family.
+"""The adapter folder in PEFT's layout (adapter_config.json, adapter_model.safetensors), and the
+adapter as peft applies it to the transformers class of the model's family.
 
 Most families name their projections as we do, so the adapter is written as it is. Phi-3's class
 fuses q/k/v into qkv_proj and gate/up into gate_up_proj, while we train one LoRA per projection.
@@ -18,12 +19,57 @@ import os
 import torch
 
 from ...errors import SlowLlamaError
-from ...model.config import ModelConfig, read_json
-from ...model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, peft_key, read_adapter_folder
+from ...model.config import ModelConfig
+from ...model.lora import LoraConfig, peft_key
 from ...model.names import FUSED_TARGETS, TARGET_MODULES
-from ..files import SafetensorsFile, write_json, write_safetensors
-from ..store import block_shapes, read_manifest
+from ..files import SafetensorsFile, clean_leftovers, read_json, write_json, write_safetensors
+from ..prepared import block_shapes, read_manifest
 
+
+ADAPTER_CONFIG = 'adapter_config.json'
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+
+
+def save_adapter_folder(folder, cfg: LoraConfig, state, base_model=''):
+    """Write adapter_model.safetensors and adapter_config.json (weights first: the config marks it complete)."""
+    write_safetensors(os.path.join(folder, ADAPTER_WEIGHTS),
+                      {k: v.detach().float().cpu() for k, v in state.items()}, metadata={'format': 'pt'})
+    write_json(os.path.join(folder, ADAPTER_CONFIG), cfg.to_peft(base_model))
+
+
+def adapter_folder(path):
+    """--lora accepts an adapter folder or a finetune run folder (its adapter/); None stays None."""
+    if path is None:
+        return None
+    path = str(path)
+    if not os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+        if os.path.exists(os.path.join(path, 'adapter', ADAPTER_CONFIG)):
+            return os.path.join(path, 'adapter')
+        raise SlowLlamaError(f'{path}: --lora is neither an adapter folder (adapter_config.json) '
+                             'nor a run folder with adapter/')
+    return path
+
+
+def read_adapter_folder(folder):
+    """-> (LoraConfig, {PEFT key: tensor}) from a PEFT-layout folder."""
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
+        if not os.path.isdir(folder):
+            raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
+    cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
+    weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
+    for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it
+        shape = weights.shape(name)
+        rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
+        if len(shape) != 2 or rank != cfg.rank:
+            raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
+        if not torch.isfinite(weights.tensor(name).float()).all():
+            raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
+    return cfg, {name: weights.tensor(name).clone() for name in weights.names()}
+
+
+# --- as peft applies it to the family's transformers class ----------------------------------
 
 def peft_adapter(cfg, lora, state, base_model=''):
     """(adapter_config.json dict, {PEFT key: tensor}) for the HF class of cfg.model_type."""

@@ -6,7 +6,7 @@ template) are read from there when present.
 import os
 
 from ...errors import SlowLlamaError
-from ...model.config import read_json
+from ..files import read_json
 
 CONFIG_FILE = 'tokenizer_config.json'
 
