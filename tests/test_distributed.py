@@ -48,9 +48,10 @@ def story(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_of_batch_2_equal_one_of_batch_4(tiny_text_model, story, tmp_path):
+    """Each step: two micro-batches travelling through the blocks together (engine/trip.py)."""
     model_dir, _, _ = tiny_text_model
-    finetune(model_dir, story, tmp_path / 'single', batch=4)
-    result = finetune(model_dir, story, tmp_path / 'pair', batch=2, processes=2)
+    finetune(model_dir, story, tmp_path / 'single', batch=4, extra=['--grad-accum', 2])
+    result = finetune(model_dir, story, tmp_path / 'pair', batch=2, processes=2, extra=['--grad-accum', 2])
     single, pair = adapter(tmp_path / 'single'), adapter(tmp_path / 'pair')
     assert set(single) == set(pair)
     difference = max_relative_difference(pair, single)
@@ -77,9 +78,11 @@ def adapter_at_start(model_dir, tmp_path):
 def test_distributed_resume_ends_on_the_same_adapter(tiny_text_model, story, tmp_path):
     model_dir, _, _ = tiny_text_model
     constant = ['--schedule', 'constant', '--dropout', '0.1']  # the schedule must not depend on --iters here
-    finetune(model_dir, story, tmp_path / 'whole', batch=2, processes=2, extra=constant)
+    # the whole run recomputes every block in its backward; the split one keeps their activations
+    finetune(model_dir, story, tmp_path / 'whole', batch=2, processes=2, extra=constant + ['--keep-activations', 'none'])
     finetune(model_dir, story, tmp_path / 'split', batch=2, processes=2, iters=2, extra=constant)
     finetune(model_dir, story, tmp_path / 'split', batch=2, processes=2, extra=constant + ['--resume'])
+    assert 'every block keeps its activations' in (tmp_path / 'split' / 'train.log').read_text()
     whole, split = adapter(tmp_path / 'whole'), adapter(tmp_path / 'split')
     assert all(torch.equal(whole[k], split[k]) for k in whole)
 

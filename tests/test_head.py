@@ -35,7 +35,7 @@ def test_the_pass_over_the_head_slices_never_syncs(tiny_text_model, monkeypatch)
     tokens, targets = random_batch(model.cfg.vocab_size, seq=16)
     hidden = torch.randn(tokens.numel(), model.cfg.dim)
     with OperatorLog() as log:
-        lse, target_logit, softmax_rows, target_rows = model.head._one_pass(hidden, targets.reshape(-1), True)
+        lse, target_logit, softmax_rows, target_rows = model.head._one_pass([hidden], [targets.reshape(-1)], True)[0]
     syncing = {name for name in log.names if name in SYNCING or name.startswith('boolean-mask')}
     assert len(log.names) > 20 and not syncing, sorted(syncing)
     # and it is still the cross-entropy: against the logits formed whole

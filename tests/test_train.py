@@ -8,6 +8,7 @@ import torch
 
 import slowllama
 from slowllama.data.dataset import Batch, load_data
+from slowllama.engine.trip import MicroBatch
 from slowllama.weights.formats.tokenizer import load_tokenizer
 from slowllama.training.trainer import TrainConfig, Trainer, list_checkpoints, lr_at
 from conftest import random_batch
@@ -95,7 +96,7 @@ def run_training(model_dir, run_dir, data, resume=False, stop_after=None, **over
         if stop_after is not None and len(calls) == stop_after:
             raise KeyboardInterrupt  # a crash after `stop_after` micro-batches
         calls.append(1)
-        return m.backward(batch.tokens, batch.targets)
+        return MicroBatch(batch.tokens, batch.targets)
 
     trainer = Trainer(model, TrainConfig(**settings), run_dir, data.train, data.val, step_fn=step,
                       sample_fn=lambda m: 'sample')
@@ -181,7 +182,7 @@ def test_a_tied_score_at_a_lower_eval_loss_moves_best_but_not_the_patience(tiny_
     model = load_model(model_dir, seed=1)
     cfg = TrainConfig(iters=8, lr=5e-3, warmup=1, eval_every=2, seed=11, patience=3)
     trainer = Trainer(model, cfg, tmp_path / 'run', data.train, data.val,
-                      step_fn=lambda m, b: m.backward(b.tokens, b.targets), score_fn=lambda m: {'score': 1.0})
+                      step_fn=lambda m, b: MicroBatch(b.tokens, b.targets), score_fn=lambda m: {'score': 1.0})
     trainer.run()
     evals = [r for r in metrics(tmp_path / 'run') if 'eval_loss' in r]
     assert [r['step'] for r in evals] == [2, 4, 6, 8]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
+from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..weights.files import SafetensorsFile, read_json, write_json, write_safetensors
 
@@ -227,12 +228,12 @@ def prefix_embeddings(model, encoder, signals, prompt, augment=None):
 
 
 def train_step(model, batch, prompt=(), augment=None):
-    """Training step for the Trainer: streamed forward + manual backward, the gradient at the prefix
-    positions carried on into the encoder. Returns the mean loss over the text tokens."""
+    """The Trainer's step: the trial's prefix embeddings (the encoder's graph kept) before its text,
+    as a MicroBatch: the streamed backward carries the gradient at the prefix on into the encoder."""
     encoder = model.attached[ENCODER_NAME]
     encoder.train()
     prefix = prefix_embeddings(model, encoder, batch.signals, list(prompt), augment)
-    return model.backward(batch.tokens, batch.targets, prefix=prefix)
+    return MicroBatch(batch.tokens, batch.targets, prefix=prefix)
 
 
 @torch.no_grad()

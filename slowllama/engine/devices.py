@@ -59,6 +59,19 @@ def get_rng_state(device):
     return state
 
 
+def seeded_rng_state(device, seed):
+    """The RNG states get_rng_state would give right after seeding with `seed` (nothing is reseeded)."""
+    state = {'cpu': torch.Generator().manual_seed(seed).get_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.Generator(device=device).manual_seed(seed).get_state()
+    elif device.type == 'mps':  # the one mps generator, seeded for a moment and put back
+        held = torch.mps.get_rng_state()
+        torch.mps.manual_seed(seed)
+        state['mps'] = torch.mps.get_rng_state()
+        torch.mps.set_rng_state(held)
+    return state
+
+
 def set_rng_state(device, state):
     torch.set_rng_state(state['cpu'])
     if 'cuda' in state:

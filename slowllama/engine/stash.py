@@ -1,11 +1,14 @@
 """Saved block inputs between the forward and the backward: on the device while a byte budget
-allows, then in host RAM (pinned on cuda), then in a temporary file on disk."""
+allows, then in host RAM (pinned on cuda), then in a temporary file on disk (in the system's
+temporary folder: TMPDIR chooses it). Keys are any hashable: (block, micro-batch) in a trip."""
 import os
 import shutil
 import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..errors import SlowLlamaError
 
 
 class InputStash:
@@ -24,8 +27,14 @@ class InputStash:
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.device.type == 'cuda')
             self.items[key] = (tier, host.copy_(x, non_blocking=True))
         else:
-            path = os.path.join(self._disk_folder(), f'{key}.safetensors')
-            save_file({'x': x.cpu().contiguous()}, path)
+            name = '_'.join(map(str, key)) if isinstance(key, tuple) else str(key)
+            path = os.path.join(self._disk_folder(), f'{name}.safetensors')
+            try:
+                save_file({'x': x.cpu().contiguous()}, path)
+            except OSError as e:
+                raise SlowLlamaError(f'{self._folder}: cannot spill the saved block inputs there ({e.strerror or e}); '
+                                     'free space there, point TMPDIR at a folder with room, or lower '
+                                     '--batch-size / --micro-batches-per-trip') from None
             self.items[key] = (tier, path)
         if tier != 'disk':
             self.used[tier] += x.nbytes
@@ -55,5 +64,18 @@ class InputStash:
 
     def _disk_folder(self):
         if self._folder is None:
-            self._folder = tempfile.mkdtemp(prefix='slowllama-inputs-')
+            try:
+                self._folder = tempfile.mkdtemp(prefix='slowllama-inputs-')
+            except OSError as e:
+                raise SlowLlamaError(f'{tempfile.gettempdir()}: cannot make a folder for the saved block inputs '
+                                     f'({e.strerror or e}); point TMPDIR at a writable folder') from None
         return self._folder
+
+
+def spill_room():
+    """Free bytes where saved inputs spill (the system's temporary folder); None when that folder
+    cannot be asked (the stash names it if it ever has to write there)."""
+    try:
+        return shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        return None

@@ -12,22 +12,25 @@ import shutil
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..errors import SlowLlamaError
 from ..model.block import Block, document_mask, rope_changes_past, rope_table
 from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
 from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
 from ..weights.formats.peft import save_adapter_folder
-from .devices import HeapTrimmer, get_rng_state, set_rng_state
+from ..weights.memory import free_device_memory, free_host_memory, host_share, unified_memory
+from ..weights.plan import cap_budget, plan_step, step_working_bytes
+from ..weights.prepared import dtype_name
+from .devices import HeapTrimmer, set_rng_state
 from .generation import GenerationCache, is_eos, sample
 from .head import IGNORE, StreamedHead
-from .stash import InputStash
+from .kept import KeptBlock
+from .recompute import TAIL_WEIGHT, UnreadProductWeight
+from .stash import InputStash, spill_room
+from .trip import MicroBatch, rng_streams, run_trip
 
 
-
-TRIM_EVERY_BLOCKS = 4  # on a CPU, hand freed heap memory back to the OS this often in the backward
-TAIL_WEIGHT = 'mlp.down_proj.weight'  # the block's last product: only adds and dropout come after it
 
 
 class Layout(NamedTuple):
@@ -56,15 +59,25 @@ def streamed_pass(training):
 
 class StreamedModel:
     def __init__(self, store, lora: LoraConfig, dropout=0.0, lora_dtype=torch.float32,
-                 stash_device_bytes=None, stash_ram_bytes=None):
+                 stash_device_bytes=None, stash_ram_bytes=None, micro_batches_per_trip=None, keep_activations='auto'):
+        """stash_device_bytes, stash_ram_bytes: caps on the saved inputs' device and RAM tiers (None:
+        the step plan's); micro_batches_per_trip: how many of a step's micro-batches travel through the
+        blocks together (None: the step plan's choice, as many as fit); keep_activations: 'auto' (the
+        last blocks whose activations fit keep them, the others are recomputed in the backward),
+        'all', 'none', or a number of blocks."""
         self.store, self.cfg, self.lora = store, store.cfg, lora
         self.device, self.dtype = store.device, store.dtype
         with torch.device('meta'):  # module skeletons only: the frozen weights come from the store per call
             self.blocks = [Block(self.cfg, dropout) for _ in range(self.cfg.n_layers)]
         self.head = StreamedHead(store)
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
-        self.stash_budget = (stash_device_bytes, stash_ram_bytes)
-        self._trim_host_heap = HeapTrimmer() if self.device.type == 'cpu' else (lambda: None)
+        self._block_params = [[p for adapter in layer.values() for p in (adapter.lora_A.weight, adapter.lora_B.weight)]
+                              for layer in self.adapters]
+        self.stash_caps = (stash_device_bytes, stash_ram_bytes)
+        self.trip_size, self.keep = micro_batches_per_trip, parse_keep(keep_activations)
+        self.dropout = dropout
+        self.step_plan, self._planned_for = None, None
+        self.trim_host_heap = HeapTrimmer() if self.device.type == 'cpu' else (lambda: None)
         self.attached = {}  # name -> trainable nn.Module beside the LoRA (the BCI encoder)
 
     # --- the public API ------------------------------------------------------------------
@@ -97,41 +110,61 @@ class StreamedModel:
         x = self._forward_blocks(x, layout)
         return self.head.logits(x[:, x.shape[1] - tokens.shape[1]:])
 
-    @streamed_pass(training=True)
     def backward(self, tokens, targets, prefix=None, positions=None, weigh=None):
         """Streamed forward + manual backward. targets[b, t] is the token expected after tokens[b, :t+1]
         (-100: ignored). Accumulates .grad on the trainable parameters (and into `prefix` when it
         requires grad); returns the mean loss over the counted targets as a float. positions: as
         for logits(). weigh: another loss on the per-token log-probs (StreamedHead.loss_and_grad)."""
-        tokens, targets = tokens.to(self.device), targets.to(self.device)
-        with torch.no_grad():
-            x, layout = self._embed(tokens, prefix.detach() if prefix is not None else None, positions)
-        targets = self._with_prefix_targets(targets, prefix)
-        stash, rng_states = InputStash(self.device, *self.stash_budget), []
+        return self.accumulate([MicroBatch(tokens, targets, positions, prefix, weigh)])[0]
 
-        def keep_input(i, block_input):
-            stash.put(i, block_input)
-            rng_states.append(get_rng_state(self.device))
+    @streamed_pass(training=True)
+    def accumulate(self, batches, shares=None):
+        """The micro-batches of one optimizer step (MicroBatch), in trips (engine/trip.py): adds to
+        .grad the gradient of sum_k shares[k] * loss_k, loss_k the mean loss of micro-batch k (shares
+        default to 1), each micro-batch's gradient formed alone and added in order, as a loop of
+        backward() calls would; returns the losses. Micro-batch k > 0 draws its dropout from a stream
+        of its own (trip.rng_streams); the global RNG ends as after micro-batch 0's forward."""
+        shares = [1.0] * len(batches) if shares is None else list(shares)
+        plan = self.plan_step(batches)
+        streams = rng_streams(self.device, len(batches))
+        losses = []
+        for start in range(0, len(batches), plan.trip):
+            trip = slice(start, start + plan.trip)
+            trip_streams, stash = streams[trip], self._new_stash(plan)
+            try:
+                losses += run_trip(self, batches[trip], shares[trip], trip_streams, stash, plan.kept_blocks)
+            finally:
+                stash.close()
+            streams[trip] = trip_streams
+        set_rng_state(self.device, streams[0])  # as if the backward drew nothing, like autograd
+        return losses
 
-        with torch.no_grad():
-            x = self._forward_blocks(x, layout, before_block=keep_input, keep_last=True)
-        rng_after_forward = get_rng_state(self.device)
-        self._trim_host_heap()
-        loss, grad = self.head.loss_and_grad(x, targets, weigh)
-        del x
-        for i in reversed(range(self.cfg.n_layers)):
-            weights = self.store.block(i)  # the last block is still on the device from the forward
-            self.store.prefetch(i - 1)
-            grad = self._block_backward(i, weights, stash.pop(i), grad, rng_states[i], layout)
-            del weights
-            self.store.release(i)
-            if i % TRIM_EVERY_BLOCKS == 0:
-                self._trim_host_heap()
-        stash.close()
-        set_rng_state(self.device, rng_after_forward)  # as if the backward drew nothing, like autograd
-        if prefix is not None and prefix.requires_grad:
-            prefix.backward(grad[:, :prefix.shape[1]].to(prefix.dtype))
-        return loss
+    def traffic(self):
+        """{'bytes_read', 'bytes_to_device'} so far: what the store read from the model's files (as a
+        disk would serve it, page cache or not) and copied to the device (0 on a cpu)."""
+        return dict(self.store.traffic)
+
+    def plan_step(self, batches):
+        """The StepPlan (weights/plan.py) for these micro-batches."""
+        batch, seq = batches[0].tokens.shape
+        seq += 0 if batches[0].prefix is None else batches[0].prefix.shape[1]
+        return self.plan_for(len(batches), batch, seq, packed=batches[0].positions is not None)
+
+    def plan_for(self, micro_batches, batch, seq, packed=False):
+        """The StepPlan for `micro_batches` of batch x seq, made once per shape from the memory free
+        now: how many travel together, which blocks keep their activations, where saved inputs wait.
+        Raises SlowLlamaError when what was asked cannot fit (--keep-activations all, say)."""
+        shape = (micro_batches, batch, seq, packed)
+        if shape != self._planned_for:
+            budget, ram = self._step_budgets()
+            dtype = dtype_name(self.dtype)
+            self.step_plan = plan_step(
+                self.cfg, batch, seq, dtype, micro_batches, budget, ram, disk_budget=spill_room(),
+                trip=self.trip_size, keep=self.keep, working=step_working_bytes(self.cfg, batch, seq, dtype, micro_batches),
+                targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
+                device_type=self.device.type, packed=packed)
+            self._planned_for = shape
+        return self.step_plan
 
     @torch.no_grad()
     @streamed_pass(training=False)
@@ -237,64 +270,117 @@ class StreamedModel:
         positions = positions.to(self.device)
         return x, Layout(*rope_table(self.cfg, positions, self.device), document_mask(positions))
 
-    def _run_block(self, i, weights, x, layout, cache=None):
+    def _forward_blocks(self, x, layout, caches=None):
+        """x through every block (no autograd), each fetched from the store while the next one travels."""
+        last = self.cfg.n_layers - 1
+        for i in range(last + 1):
+            weights = self.store.block(i)
+            self.store.prefetch(i + 1 if i < last else None)
+            x = self.run_block(i, weights, x, layout, caches[i] if caches else None)
+            del weights
+            self.store.release(i)
+        return x
+
+    # --- what a trip (engine/trip.py) does with one block and one micro-batch ------------------
+
+    def trip_input(self, batch):
+        """A MicroBatch's embeddings (after its prefix) [batch, seq, dim], Layout and targets (none for
+        the prefix positions), on the device."""
+        tokens, targets = batch.tokens.to(self.device), batch.targets.to(self.device)
+        prefix = batch.prefix.detach() if batch.prefix is not None else None
+        with torch.no_grad():
+            x, layout = self._embed(tokens, prefix, batch.positions)
+        return x, layout, self._with_prefix_targets(targets, batch.prefix)
+
+    def run_block(self, i, weights, x, layout, cache=None):
+        """Block i with the frozen `weights` the store handed out, and its LoRA."""
         arguments = (x, layout.cos, layout.sin, cache, layout.mask)
         return functional_call(self.blocks[i], weights, arguments, strict=False)
 
-    def _forward_blocks(self, x, layout, caches=None, before_block=None, keep_last=False):
-        """x through every block, each fetched from the store while the next one is prefetched.
-        keep_last: leave the last block on the device (the backward starts with it)."""
-        last = self.cfg.n_layers - 1
-        for i in range(self.cfg.n_layers):
-            if before_block:
-                before_block(i, x)
-            weights = self.store.block(i)
-            self.store.prefetch(i + 1 if i < last else (last - 1 if keep_last else None))
-            x = self._run_block(i, weights, x, layout, caches[i] if caches else None)
-            del weights
-            if not (keep_last and i == last):
-                self.store.release(i)
-        return x
-
-    def _block_backward(self, i, weights, block_input, grad_output, rng_state, layout):
-        """Recompute block i under autograd with the forward's RNG state; return d loss / d input."""
+    def block_backward(self, i, weights, block_input, grad_output, rng_state, layout, share=1.0):
+        """Recompute block i under autograd with the forward's RNG state, push grad_output through:
+        adds share * the LoRA gradients to their .grad and returns d loss / d input."""
         block_input = block_input.detach().requires_grad_(True)
         weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
-            output = self._run_block(i, weights, block_input, layout)  # only its gradient is used
-        torch.autograd.backward(output, grad_output)
-        return block_input.grad
+            output = self.run_block(i, weights, block_input, layout)  # only its gradient is used
+        params = self._block_params[i]
+        grads = torch.autograd.grad(output, [block_input, *params], grad_output, allow_unused=True)
+        add_gradients(params, grads[1:], share)
+        return grads[0]
+
+    def run_block_keeping(self, i, weights, names, x, layout):
+        """Block i under autograd, its graph kept for the backward (its weights by name: kept.py)
+        -> (output, detached, KeptBlock)."""
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad(), names.hooks():
+            output = self.run_block(i, weights, leaf, layout)
+        return output.detach(), KeptBlock(leaf, output, names)
+
+    def kept_backward(self, i, weights, kept, grad_output, share=1.0):
+        """Push grad_output through block i's kept graph, its weights resolved to this fetch: adds
+        share * the LoRA gradients to their .grad and returns d loss / d input."""
+        kept.names.fetched = weights
+        params = self._block_params[i]
+        grads = torch.autograd.grad(kept.output, [kept.input, *params], grad_output, allow_unused=True)
+        kept.names.fetched = None
+        add_gradients(params, grads[1:], share)
+        return grads[0]
+
+    def prefix_backward(self, prefix, grad, share=1.0):
+        """share * d loss / d prefix into what made the prefix: the attached modules' parameters add
+        it to their .grad (a prefix that is a leaf of its own gets the plain gradient)."""
+        params = [p for module in self.attached.values() for p in module.parameters() if p.requires_grad]
+        held = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        prefix.backward(grad.to(prefix.dtype))
+        grads = [p.grad for p in params]
+        for p, before in zip(params, held):
+            p.grad = before
+        add_gradients(params, grads, share)
+
+    def _new_stash(self, plan):
+        """Where a trip's saved inputs wait: the plan's room on the device, then RAM (on a cpu both are
+        the host's), then disk; a cap given at load wins."""
+        device_cap, ram_cap = self.stash_caps
+        device_room = plan.stash_device_bytes if device_cap is None else device_cap
+        ram_room = plan.stash_ram_bytes if ram_cap is None else ram_cap
+        if self.device.type == 'cpu':
+            ram_room = device_room if ram_cap is None else ram_cap
+        return InputStash(self.device, device_room, ram_room)
+
+    def _step_budgets(self):
+        """-> (bytes the step may take on the device, host bytes for what spills there): on a cpu the
+        host's free memory, and no second tier; a Mac likewise, one memory; cuda its free memory, and
+        RAM beside it. 90% of what is free, within --max-device-mem / --max-ram."""
+        store = self.store
+        if self.device.type == 'cpu' or unified_memory(self.device):
+            free = free_host_memory() if self.device.type == 'cpu' else free_device_memory(self.device)
+            return cap_budget(free, store.max_device_mem) - store.unallocated_device_bytes(), 0
+        budget = cap_budget(free_device_memory(self.device), store.max_device_mem) - store.unallocated_device_bytes()
+        return max(0, budget), cap_budget(free_host_memory() // host_share(), store.max_ram)
 
 
-class UnreadProductWeight(torch.Tensor):
-    """The frozen weight of a block's last linear while the block is recomputed for its backward.
-
-    That pass is run for its gradients only, and what follows the last product (LoRA's addition,
-    dropout, the residual add) needs no value of it to pass a gradient back. So F.linear with this
-    weight skips the product, a fifth of the block's forward FLOPs at Llama's shapes, and returns
-    zeros; its backward still hands the input its gradient. torch.utils.checkpoint's early stop
-    saves the same product."""
-
-    def __new__(cls, weight):
-        return torch.Tensor._make_subclass(cls, weight)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        bias = args[2] if len(args) > 2 else (kwargs or {}).get('bias')
-        if func is F.linear and isinstance(args[1], cls) and bias is None:
-            return _InputGradientOnly.apply(args[0], args[1].as_subclass(torch.Tensor))
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
+def parse_keep(keep):
+    """--keep-activations: 'auto', 'all', 'none' or a number of blocks (the last ones)."""
+    if keep in ('auto', 'all', 'none'):
+        return keep
+    try:
+        blocks = int(keep)
+    except (TypeError, ValueError):
+        blocks = -1
+    if blocks < 0:
+        raise SlowLlamaError(f'--keep-activations: {keep!r} is not auto, all, none or a number of blocks')
+    return blocks
 
 
-class _InputGradientOnly(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):  # x [..., in], weight [out, in] (frozen)
-        ctx.save_for_backward(weight)
-        return x.new_zeros(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [..., out] -> d/dx [..., in]
-        weight, = ctx.saved_tensors
-        return grad @ weight, None
+def add_gradients(params, grads, share):
+    """p.grad += share * g for each parameter that has a gradient: the step's weighted sum of its
+    micro-batches' gradients, formed in their order (the same arithmetic as summing them afterwards)."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g, alpha=share)

@@ -10,6 +10,7 @@ import time
 import torch
 
 from ..engine.devices import best_device, synchronize
+from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..model.config import SHAPES, shape_config
 from ..model.quant import parse_quant
@@ -28,6 +29,8 @@ def add_arguments(p):
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--seq-len', type=int, default=None)
     p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step (ours travel through '
+                   'the blocks together; the peers run them one after another)')
     p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
     p.add_argument('--lora-rank', type=int, default=4)
     p.add_argument('--targets', default='q,v')
@@ -50,19 +53,20 @@ def run(args):
         cfg, quant = model_config(args.model) if args.model else (shape_config(args.shape or '7b'),
                                                                    parse_quant(args.quant))
         return print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
-                          _list(args.targets), quant)
+                          _list(args.targets), quant, max(1, args.grad_accum))
     device = args.device or best_device()
     on_cpu = device == 'cpu'
     shape = args.shape or ('0.4b' if on_cpu else '7b')
     shape_config(shape)  # one line for an unknown shape
-    if args.rounds < 1 or args.steps < 1:
-        raise SlowLlamaError('--rounds and --steps must be at least 1')
+    if args.rounds < 1 or args.steps < 1 or args.grad_accum < 1:
+        raise SlowLlamaError('--rounds, --steps and --grad-accum must be at least 1')
     blocks_only = shape == '70b-block'  # per-block timing; no whole-model peer to compare with
     bench(device=device, shape=shape, batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128,
           steps=args.steps, rank=args.lora_rank, targets=_list(args.targets),
           modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
           peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
-          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant)
+          dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant,
+          grad_accum=args.grad_accum)
 
 
 def _list(text):
@@ -85,10 +89,12 @@ def run_worker(spec):
     synchronize(device)
     load_s = time.perf_counter() - started
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    times, marks = [], getattr(step, 'block_marks', None)
+    times, marks, traffic = [], getattr(step, 'block_marks', None), getattr(step, 'traffic', None)
     for n in range(spec['warmup'] + spec['steps']):
-        if marks is not None and n == spec['warmup']:
-            marks.clear()  # time the blocks of the timed steps only
+        if n == spec['warmup']:
+            crossed = traffic() if traffic else None
+            if marks is not None:
+                marks.clear()  # time the blocks of the timed steps only
         begin = time.perf_counter()
         step()
         optimizer.step()
@@ -98,8 +104,12 @@ def run_worker(spec):
     timed = sorted(times[spec['warmup']:])
     step_s = timed[len(timed) // 2]
     rss_peak = peak_rss()
-    result = {'step_s': step_s, 'tokens_per_s': spec['batch'] * spec['seq'] / step_s, 'load_s': load_s,
+    tokens = spec['batch'] * spec['seq'] * spec.get('grad_accum', 1)
+    result = {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'load_s': load_s,
               'host_gain_bytes': rss_peak - rss_start}
+    if traffic:  # what the store read from the files and sent to the device, a step and a token
+        result.update({f'{key}_per_step': (value - crossed[key]) / spec['steps'] for key, value in traffic().items()})
+        result['bytes_read_per_token'] = result['bytes_read_per_step'] / tokens
     if device.type == 'cuda':
         result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
     if marks:
@@ -150,8 +160,11 @@ def _slowllama_step(spec, device, dtype, tokens, targets):
     model = slowllama.load(spec['model_dir'], device=device, dtype=dtype, lora=lora, offload=spec['mode'],
                            batch_hint=(spec['batch'], spec['seq']))
 
+    micro = [MicroBatch(tokens, targets)] * spec.get('grad_accum', 1)
+
     def step():
-        return model.backward(tokens, targets)
+        return model.accumulate(micro, [1 / len(micro)] * len(micro))
+    step.traffic = model.traffic
     step.block_bytes = block_bytes(model.cfg, spec['dtype'], model.store.quant)  # as it travels (packed or not)
     step.block_marks = mark_block_starts(model.store, device)
     return step, list(model.trainable_parameters().values())
@@ -195,10 +208,12 @@ def _hf_step(spec, device, dtype, tokens, targets):
     model.train()
     tokens, targets = tokens.to(device), targets.to(device)
 
-    def step():
-        logits = model(input_ids=tokens).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        loss.backward()
+    def step():  # the micro-batches one after another, as a trainer's gradient accumulation
+        for _ in range(spec.get('grad_accum', 1)):
+            logits = model(input_ids=tokens).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                     ignore_index=-100)
+            (loss / spec.get('grad_accum', 1)).backward()
         return loss.item()
     return step, [p for p in model.parameters() if p.requires_grad]
 
@@ -237,7 +252,7 @@ def run_in_subprocess(spec):
 
 def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=4, targets=('q', 'v'),
           modes=('disk', 'ram', 'device'), peers=('hf', 'hf-ckpt'), dtype=None, work='models/bench',
-          json_out='bench.json', rounds=1, quant=None):
+          json_out='bench.json', rounds=1, quant=None, grad_accum=1):
     """Each configuration in its own process; with rounds > 1 the configurations take turns that many
     times and each keeps its median, so a machine that drifts slows them all alike. `quant` ('nf4' |
     'int8') adds the offload modes on a quantized twin, and for nf4 the QLoRA peer 'hf-qlora'."""
@@ -247,7 +262,7 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
     quantized = make_models(shape, work, dtype, quant.type)[1] if quant else None
     cfg, _ = model_config(prepared)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
-                targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir)
+                targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir, grad_accum=grad_accum)
     configs = [('slowllama', m, None) for m in modes] + [(p, '-', None) for p in peers]
     if quant:
         configs += [('slowllama', m, quant.type) for m in modes]
@@ -261,10 +276,10 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
             print(f'bench: {system} {mode} {q or ""}: {_one_line(runs[(system, mode, q)][-1])}', file=sys.stderr,
                   flush=True)  # so a run cut off at its time limit still leaves what it measured
     rows = [{'system': system, 'mode': mode, 'quant': q, **median_run(runs[(system, mode, q)]),
-             **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q))}
+             **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q), grad_accum)}
             for system, mode, q in configs]
     report = {'device': device, 'shape': shape, 'dtype': dtype, 'batch': batch, 'seq': seq, 'rank': rank,
-              'targets': list(targets), 'rounds': rounds,
+              'targets': list(targets), 'rounds': rounds, 'grad_accum': grad_accum,
               'model_bytes': model_params(cfg) * (4 if dtype == 'fp32' else 2), 'rows': rows}
     print_table(report)
     with open(json_out, 'w') as f:
@@ -289,25 +304,26 @@ def median_run(results):
     return row
 
 
-def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=None):
+def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=None, micro_batches=1):
     """The planner's prediction for a slowllama row, to print beside the measurement."""
     if system != 'slowllama':
         return {}
     blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode]
     plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, resident_blocks=blocks[0],
-                   ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant)
+                   ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant, micro_batches=micro_batches)
     return {'planned_device_bytes': plan.device_bytes, 'planned_host_bytes': plan.host_bytes}
 
 
 def print_table(report):
     rows = report['rows']
     peers = {r['system']: r for r in rows if r['system'] in ('hf', 'hf-ckpt', 'hf-qlora') and 'step_s' in r}
+    accum = f" x {report['grad_accum']} micro-batches a step" if report.get('grad_accum', 1) > 1 else ''
     print(f"\n{report['shape']} on {report['device']} ({report['dtype']}), batch {report['batch']} x seq "
-          f"{report['seq']}, LoRA r={report['rank']} on {','.join(report['targets'])}; "
+          f"{report['seq']}{accum}, LoRA r={report['rank']} on {','.join(report['targets'])}; "
           f"model {report['model_bytes'] / GIB:.2f} GiB; median of {report['rounds']} round(s)")
     head = (f"{'system':<10} {'mode':<7} {'quant':<5} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
             f"{'host+ GiB':>9} {'host+/model':>11} {'vs hf-ckpt':>10} {'vs hf':>6} {'vs qlora':>8} "
-            f"{'block ms / copy ms':>18}")
+            f"{'block ms / copy ms':>18} {'read GB/step':>12} {'read B/token':>12} {'to dev GB/step':>14}")
     print(head + '\n' + '-' * len(head))
     for r in rows:
         if 'error' in r:
@@ -318,10 +334,13 @@ def print_table(report):
         plan = f" ({r['planned_device_bytes'] / GIB:.2f})" if 'planned_device_bytes' in r else ''
         dev = f"{device_peak / GIB:.2f}{plan}" if device_peak is not None else '-'
         blocks = f"{r['block_s'] * 1e3:.3g} / {r['copy_s'] * 1e3:.3g}" if r.get('block_s') else '-'
+        crossed = (f"{r['bytes_read_per_step'] / 1e9:>12.3f} {r['bytes_read_per_token']:>12.0f} "
+                   f"{r['bytes_to_device_per_step'] / 1e9:>14.3f}" if 'bytes_read_per_step' in r else '')
         print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {r['step_s']:>7.3f} "
               f"{r['tokens_per_s']:>7.0f} {dev:>15} "
               f"{r['host_gain_bytes'] / GIB:>9.2f} {r['host_gain_bytes'] / report['model_bytes']:>10.0%} "
-              f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {ratio.get('hf-qlora', '-'):>8} {blocks:>18}")
+              f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {ratio.get('hf-qlora', '-'):>8} {blocks:>18} "
+              f"{crossed}")
 
 
 if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[1] == '--worker':

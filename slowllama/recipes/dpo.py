@@ -35,7 +35,7 @@ def build(opts, stream=None):
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     pairs = load_pairs(opts.data, tokenizer, opts.seq_len, seed=opts.seed, val_fraction=opts.val_fraction,
                        split=opts.split)
-    model = load_model(opts, run.device)
+    model = load_model(opts, run.device, rows=2 * opts.batch_size)  # a chosen and a rejected row per pair
     note = reference_logps(model, pairs, opts, run, pad_id, stream)
     # under torchrun the batches are global; each process trains on its own pairs of them
     train = PairBatches(pairs.train, opts.batch_size * run.group.world, opts.seed, pad_id)

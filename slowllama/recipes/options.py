@@ -32,7 +32,8 @@ FLAGS = {
     'save-every': (int, 0, 'checkpoint every N steps (0: at the end only)'),
     'resume': (bool, False, 'continue the run in --out from its newest complete checkpoint'),
     'offload': (str, 'auto', 'where frozen weights wait: auto | disk | ram | device'),
-    'max-device-mem': (str, None, 'cap on device memory for --offload auto, e.g. 20GB'),
+    'max-device-mem': (str, None, 'cap on device memory for the automatic choices (--offload auto, the step\'s '
+                                  'plan; on a cpu: what the step may hold), e.g. 20GB'),
     'max-ram': (str, None, 'cap on host memory for frozen weights with --offload auto, e.g. 48GB'),
     'skip-nonfinite': (bool, False, 'skip a step whose loss or gradient is not finite instead of stopping'),
     'verify': (bool, False, 'check every model file against its manifest checksum before starting'),
@@ -48,7 +49,12 @@ FLAGS = {
                          'kept as best/ (0: never stop)'),
     'prompt': (str, None, 'prompt to complete at each evaluation'),
     'max-new-tokens': (int, 32, 'length of that completion'),
-    'grad-accum': (int, 1, 'micro-batches per optimizer step'),
+    'grad-accum': (int, 1, 'micro-batches per optimizer step; they travel through each block together, so a '
+                           'block crosses to the device twice a step whatever their number'),
+    'micro-batches-per-trip': (int, None, 'how many of a step\'s micro-batches travel through the blocks '
+                                          'together (default: as many as the memory plan fits)'),
+    'keep-activations': (str, 'auto', 'auto | all | none | N: blocks that keep their activations for the backward '
+                                      'instead of recomputing them (auto: the last ones that fit in memory)'),
     'warmup': (int, 0, 'steps of linear learning-rate warm-up'),
     'schedule': (str, 'cosine', 'cosine | constant (after the warm-up)'),
     'min-lr-ratio': (float, 0.0, 'cosine floor, as a fraction of --lr'),

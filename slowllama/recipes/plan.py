@@ -15,10 +15,11 @@ def add_arguments(p):
     p.add_argument('--lora-rank', type=int, default=8)
     p.add_argument('--targets', default='q,v')
     p.add_argument('--quant', default=None, help='nf4 | int8 (with --shape; a --model says its own)')
+    p.add_argument('--grad-accum', type=int, default=1, help='micro-batches a step (they travel together)')
 
 
 def run(args):
     cfg, quant = model_config(args.model) if args.model else (shape_config(args.shape or '7b'),
                                                                parse_quant(args.quant))
     print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
-               tuple(args.targets.split(',')), quant)
+               tuple(args.targets.split(',')), quant, max(1, args.grad_accum))

@@ -47,8 +47,8 @@ def setup_run(opts, required, hint):
             raise SlowLlamaError(f'--{flag} is required ({hint})')
     if opts.resume and opts.out is None:
         raise SlowLlamaError('--resume needs --out RUN_DIR, the run to continue')
-    for flag in ('batch_size', 'eval_batches', 'max_new_tokens'):
-        if getattr(opts, flag) < 1:
+    for flag in ('batch_size', 'eval_batches', 'max_new_tokens', 'micro_batches_per_trip'):
+        if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
             raise SlowLlamaError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(opts, flag)}')
     train_cfg = train_config(opts)
     manifest = read_manifest(opts.model)  # a clear error for a folder that is not a prepared model
@@ -74,14 +74,19 @@ def train_config(opts):
                        patience=opts.patience)
 
 
-def load_model(opts, device):
-    """The prepared model with fresh LoRA (seeded by --seed) or --adapter, placed as the flags say."""
+def load_model(opts, device, rows=None):
+    """The prepared model with fresh LoRA (seeded by --seed) or --adapter, placed as the flags say,
+    and its step planned for --grad-accum micro-batches of `rows` (default --batch-size) x --seq-len:
+    what cannot fit (--keep-activations all, say) is refused before the run starts."""
     torch.manual_seed(opts.seed)  # the LoRA initialisation
     lora = LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
-    return load(opts.model, device, default_dtype(device, opts.dtype), lora=lora, adapter=opts.adapter,
-                offload=opts.offload, dropout=opts.dropout,
-                max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
-                max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len))
+    model = load(opts.model, device, default_dtype(device, opts.dtype), lora=lora, adapter=opts.adapter,
+                 offload=opts.offload, dropout=opts.dropout,
+                 max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                 max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len),
+                 micro_batches_per_trip=opts.micro_batches_per_trip, keep_activations=opts.keep_activations)
+    model.plan_for(opts.grad_accum, rows or opts.batch_size, opts.seq_len)
+    return model
 
 
 def run_config_of(opts):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import collate_pairs
+from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..progress import progress
 from ..weights.files import SafetensorsFile, sha256_file, write_safetensors
@@ -43,8 +44,8 @@ def sequence_logps(token_logps):
 
 
 def train_step(model, batch, beta):
-    """One PairBatch through the streamed forward and backward: accumulates the DPO gradient on the
-    trainable parameters; returns the loss and the metrics."""
+    """One PairBatch as the MicroBatch the streamed forward and backward take: its weigh turns the
+    head's per-token log-probs into the DPO loss and its gradient; its metrics are trl's."""
     tokens, targets = batch.flat()
     found = {}
 
@@ -56,8 +57,7 @@ def train_step(model, batch, beta):
         # the head's weights are d loss / d (each token's cross-entropy) = - d loss / d log-prob
         return loss.detach(), -policy.grad.reshape(-1, 1).expand_as(token_logps)
 
-    loss = model.backward(tokens, targets, weigh=weigh)
-    return {'loss': loss, **found['metrics']}
+    return MicroBatch(tokens, targets, weigh=weigh, metrics=lambda: found['metrics'])
 
 
 @torch.no_grad()

@@ -3,9 +3,9 @@ learning rate, gradient accumulation and clipping, evaluation, checkpoints that 
 metrics.jsonl, train.log and a progress bar.
 
 Knows nothing of file formats or tokenizers. It drives any model with trainable_parameters(),
-backward(tokens, targets, positions=None), loss(...) and save_adapter(folder) (slowllama's
-StreamedModel) over any data with batch(index) -> Batch (slowllama.data.dataset). Other objectives (a
-prefix encoder, ...) plug in through `step_fn` / `eval_fn`.
+accumulate(micro_batches, shares), loss(...) and save_adapter(folder) (slowllama's StreamedModel;
+with traffic(), the bytes each step read and sent to the device are logged too) over any data with batch(index) -> Batch (slowllama.data.dataset). Other objectives (a
+prefix encoder, DPO) plug in through `step_fn` / `eval_fn`.
 
 Run folder:
     adapter/                    the latest adapter (PEFT layout)
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..engine.devices import get_rng_state, set_rng_state
+from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..weights.files import write_json
 from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint, remove_leftovers,
@@ -88,7 +89,7 @@ def lr_at(cfg: TrainConfig, step):
 
 
 def default_step(model, batch):
-    return model.backward(batch.tokens, batch.targets, positions=batch.positions)
+    return MicroBatch(batch.tokens, batch.targets, positions=batch.positions)
 
 
 def default_eval(model, batch):
@@ -100,11 +101,12 @@ class Trainer:
 
     data.batch(index) -> a batch with .tokens [batch, seq], .targets and .n_targets (slowllama.data.Batch,
     or a subclass carrying more, e.g. signals); `val` is a list of such batches.
-    step_fn(model, batch) -> float loss: accumulates gradients on model.trainable_parameters().
-    eval_fn(model, batch) -> float loss without gradients. sample_fn(model) -> str, shown at each evaluation.
-    Either may return a dict {'loss': ..., other metrics} instead (e.g. DPO's rewards): each metric is
-    averaged like the loss, logged in metrics.jsonl and on the progress line ('eval_' before it when
-    evaluating); every call must return the same keys.
+    step_fn(model, batch) -> the MicroBatch (engine/trip.py) the batch sends through the model; the
+    step's micro-batches then go through model.accumulate together. Its `metrics` (e.g. DPO's
+    rewards), when set, report more than the loss: averaged like the loss, logged in metrics.jsonl
+    and on the progress line; every micro-batch must report the same keys.
+    eval_fn(model, batch) -> float loss without gradients, or a dict {'loss': ..., other metrics}
+    ('eval_' before each in the logs). sample_fn(model) -> str, shown at each evaluation.
     score_fn(model) -> {'score': float (higher is better), other metrics...}: at each evaluation; the
     adapter of the best score is kept as best/ and cfg.patience applies (without score_fn, with
     cfg.patience and validation data, the score is minus the validation loss).
@@ -137,6 +139,7 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # micro-batches consumed
         self.metric_names = ()
+        self._plan_said = None
         self.run_log = RunLog(self.run_dir, self.stream, enabled=group.is_main)
         self.reports = [LossPlot(self.run_dir, self.log)]  # beside metrics.jsonl, on rank 0
         if tensorboard:
@@ -202,9 +205,10 @@ class Trainer:
         lr = lr_at(self.cfg, step)
         for group in self.optimizer.param_groups:
             group['lr'] = lr * group['lr_scale']
-        started = time.perf_counter()
+        started, crossed = time.perf_counter(), self._traffic()
         batches = [self.data.batch(self.data_position + i) for i in range(self.cfg.grad_accum)]
         metrics = self._accumulate(batches)
+        self._say_plan()
         loss = metrics.pop('loss')
         self.metric_names = tuple(metrics)  # what step_fn reports beside the loss
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float('inf')
@@ -224,31 +228,47 @@ class Trainer:
         tokens = sum(batch.tokens.numel() for batch in batches)  # over every process
         row = {'step': step, 'loss': loss, **metrics, 'lr': lr, 'grad_norm': grad_norm, 'tokens': tokens,
                'tokens_per_s': tokens / max(seconds, 1e-9), 'step_s': seconds}
+        if crossed is not None:  # this process's bytes: what the model read from its files, sent to the device
+            row.update({key: value - crossed[key] for key, value in self._traffic().items()})
+            row['read_bytes_per_s'] = row['bytes_read'] / max(seconds, 1e-9)
         return {**row, 'skipped': True} if skipped else row
 
     def _accumulate(self, batches):
         """Gradients of the mean loss over every counted target of the step, whatever the split into
-        micro-batches: each micro-batch's mean-loss gradient is weighted by its share of the targets."""
+        micro-batches: each micro-batch's mean-loss gradient is weighted by its share of the targets.
+        The model takes all the micro-batches at once (StreamedModel.accumulate: they travel through
+        each block together)."""
         total = sum(batch.n_targets for batch in batches) or 1  # over the global batches
-        summed = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        metrics = {'loss': 0.0}
+        micro, shares = [], []
         for batch in batches:
             if self.group.active:
                 batch = batch.rows(self.group.rows(batch.tokens.shape[0]))
-            for p in self.params.values():
-                p.grad = None
-            weight = batch.n_targets / total
-            if weight:  # a share with no counted target adds nothing
-                for key, value in as_metrics(self.step_fn(self.model, batch)).items():
-                    metrics[key] = metrics.get(key, 0.0) + weight * value
-            for name, p in self.params.items():
-                if p.grad is not None:
-                    summed[name].add_(p.grad, alpha=weight)
-        self.group.sum_(list(summed.values()))  # each process holds its weighted share: sum them
-        for name, p in self.params.items():
-            p.grad = summed[name]
-        device = summed[next(iter(summed))].device
+            if batch.n_targets:  # a share with no counted target adds nothing
+                micro.append(self.step_fn(self.model, batch))
+                shares.append(batch.n_targets / total)
+        for p in self.params.values():
+            p.grad = None
+        losses = self.model.accumulate(micro, shares) if micro else []
+        metrics = {'loss': 0.0}
+        for batch, share, loss in zip(micro, shares, losses):
+            for key, value in as_metrics({'loss': loss, **(batch.metrics() if batch.metrics else {})}).items():
+                metrics[key] = metrics.get(key, 0.0) + share * value
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.group.sum_([p.grad for p in self.params.values()])  # each process holds its weighted share
+        device = next(iter(self.params.values())).device
         return {key: self.group.sum_float(value, device) for key, value in metrics.items()}
+
+    def _say_plan(self):
+        """Log the model's step plan (how the micro-batches travel, what is recomputed) when it is new."""
+        plan = getattr(self.model, 'step_plan', None)
+        if plan is not None and plan is not self._plan_said:
+            self._plan_said = plan
+            self.log(f'step plan: {plan.describe()}')
+
+    def _traffic(self):
+        return self.model.traffic() if hasattr(self.model, 'traffic') else None
 
     def evaluate(self, step=None):
         """Validation loss (mean over every counted target) and the sample completion, leaving the

@@ -1,6 +1,7 @@
 """How a streamed block reaches the compute device: two reused device buffers (double buffering), a
 reader thread for disk reads and dtype conversion, pinned staging, and the copy queue; and the
 same for the rows of a mapped head. Used by the store; knows nothing of files or placement."""
+import math
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,6 +53,11 @@ class DeviceCopier:
             return
         self._free_events[slot] = self.queue.after_compute()  # the compute that read the buffer
         self._in_use[slot] = False
+
+    def unallocated_bytes(self):
+        """Device bytes of the buffers not allocated yet (they are made at the first copies)."""
+        one = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.layout.values())
+        return one * sum(buffers is None for buffers in self._buffers)
 
     def _claim(self):
         if all(self._in_use):

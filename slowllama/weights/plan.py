@@ -1,8 +1,10 @@
 """Memory planning: how many bytes each part of a run needs, where the frozen blocks should live,
-and the peak device and host memory a run will reach. Pure arithmetic over ModelConfig; no files."""
+how an optimizer step's micro-batches travel and which blocks keep their activations, and the peak
+device and host memory a run will reach. Pure arithmetic over ModelConfig; no files."""
 import math
 from dataclasses import dataclass
 
+from ..errors import SlowLlamaError
 from ..model.config import ModelConfig
 from ..model.quant import packed_nbytes
 from .pinned import ROW_STAGING_BYTES
@@ -54,6 +56,142 @@ def block_working_set(cfg: ModelConfig, batch, seq, act_bytes):
     return (tokens * per_token + attention) * act_bytes
 
 
+def saved_input_bytes(cfg: ModelConfig, batch, seq, act_bytes):
+    """One block's input for one micro-batch, kept from the forward for the block's recompute."""
+    return batch * seq * cfg.dim * act_bytes
+
+
+LORA_INPUT = {'q': 'attn_in', 'k': 'attn_in', 'v': 'attn_in', 'o': 'attn_out', 'gate': 'ffn_in', 'up': 'ffn_in',
+              'down': 'ffn_act'}  # what each target's LoRA reads
+
+
+def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('q', 'v'), rank=8, dropout=0.0,
+                          lora_dropout=0.0, device_type='cpu', packed=False):
+    """Bytes a block keeps from its forward under autograd until its backward (its frozen weights
+    not counted: they are fetched again), for one micro-batch of batch x seq: what autograd saves,
+    term by term as torch 2.x saves it (tests/test_plan.py checks the sum against the saved tensors
+    of a real block), plus the block's input the engine holds."""
+    t, w, f = batch * seq, DTYPE_BYTES[dtype], 4
+    q, kv, heads = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
+    width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': cfg.hidden_dim}
+    total = 2 * t * (cfg.dim + 1) * f  # each RMSNorm: its input in fp32 and 1/rms
+    if cfg.qk_norm:
+        total += t * (q + kv + heads + cfg.n_kv_heads) * f
+    if w != f:  # in fp32 the block's input is the first norm's input; else both are held
+        total += t * cfg.dim * w + 4 * seq * cfg.head_dim * w * (batch if packed else 1)  # + rope's cos, sin cast
+    math_attention = dropout > 0 and device_type != 'cuda'  # attention dropout outside cuda: the math kernel
+    if math_attention:  # q, k, v per head and the probabilities, their dropout mask and the dropped ones, in fp32
+        total += 3 * t * q * f + 3 * t * heads * seq * f
+    else:  # the fused kernel: q, k, v after rope, the output, the log-sum-exp
+        total += t * (2 * q + 2 * kv) * w + t * heads * f
+    if packed:
+        total += batch * seq * seq * f  # the documents' mask, as an additive float mask
+    if dropout:
+        total += 2 * t * cfg.dim * w  # the residual branches' dropout masks
+    total += 3 * t * cfg.hidden_dim * w  # gate, silu(gate), up
+    shared = {'attn_out'} if not math_attention else set()  # the fused attention keeps its output anyway
+    for target in targets:  # LoRA: A's input (fp32) and A's output
+        source = LORA_INPUT[target]
+        total += t * rank * f
+        if lora_dropout:
+            total += 2 * t * width[source] * f  # the dropped input and its mask
+        elif w != f:
+            total += t * width[source] * f  # each target's own fp32 copy of its input
+        elif source not in shared:  # in fp32 the targets that read one input share it
+            shared.add(source)
+            total += t * width[source] * f
+    return total
+
+
+@dataclass
+class StepPlan:
+    """How one optimizer step runs: `trip` micro-batches travel together (each block is fetched once
+    for their forward and once for their backward), the last `kept_blocks` blocks keep their
+    activations (the others are recomputed from their saved input), and the saved inputs may take
+    `stash_device_bytes` on the device and `stash_ram_bytes` in host RAM before they spill to disk."""
+    micro_batches: int
+    trip: int
+    kept_blocks: int
+    n_layers: int
+    kept_bytes: int         # the kept activations of one trip
+    saved_input_bytes: int  # the saved inputs of one trip
+    budget: int             # what the step could take on the device (on a cpu: the host)
+    stash_device_bytes: int
+    stash_ram_bytes: int
+    note: str = ''          # why the plan recomputes what it does, when that was not asked for
+
+    @property
+    def trips(self):
+        return math.ceil(self.micro_batches / self.trip)
+
+    def describe(self):
+        kept = ('every block keeps its activations' if self.kept_blocks == self.n_layers else
+                'every block is recomputed in the backward' if not self.kept_blocks else
+                f'the last {self.kept_blocks} of {self.n_layers} blocks keep their activations, the rest are recomputed')
+        travel = (f'{self.micro_batches} micro-batches per step, {self.trip} per trip ({self.trips} trip'
+                  f'{"s" if self.trips > 1 else ""}: each block crosses {2 * self.trips} times a step)')
+        return (f'{travel}; {kept} ({self.kept_bytes / GIB:.2f} GiB kept, {self.saved_input_bytes / GIB:.2f} GiB '
+                f'of saved inputs, of {self.budget / GIB:.2f} GiB){"; " + self.note if self.note else ""}')
+
+
+def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_budget=0, disk_budget=None, trip=None,
+              keep='auto', working=0, **activation):
+    """The StepPlan for `micro_batches` of batch x seq within `budget` bytes on the device (on a cpu:
+    the host) for what the step holds beyond the weights (`working` of it taken by the working set of
+    one block's backward and the head), with saved inputs spilling to `ram_budget` bytes of host RAM,
+    then to `disk_budget` bytes of disk (None: unlimited).
+
+    trip: micro-batches per trip; None: all of them as long as their hidden states and gradients fit
+    on the device (saved inputs spill: a few percent of a block's bytes a micro-batch, far less than
+    the blocks' second trip they save). keep: 'auto' (the most blocks that fit, the last ones:
+    their backward comes first, so their memory is held the shortest), 'all', 'none', or a number
+    of blocks. activation: kept_activation_bytes' settings (targets, rank, dropout, ...)."""
+    n, w = cfg.n_layers, DTYPE_BYTES[dtype]
+    one_input = saved_input_bytes(cfg, batch, seq, w)
+    per_block = kept_activation_bytes(cfg, batch, seq, dtype, **activation)
+
+    def device_need(k, kept):  # kept activations, each micro-batch's hidden state and gradient, working set
+        return k * kept * per_block + 2 * k * one_input + working
+
+    if trip is None:
+        trip = micro_batches
+        while trip > 1 and device_need(trip, 0) > budget:
+            trip -= 1
+    trip = max(1, min(trip, micro_batches))
+    stash = trip * n * one_input
+    if disk_budget is not None and stash > budget - device_need(trip, 0) + ram_budget + disk_budget:
+        raise SlowLlamaError(f'--grad-accum {micro_batches}: the saved inputs of {trip} micro-batch(es) of {batch} x '
+                             f'{seq} need {stash / GIB:.2f} GiB; the device has {budget / GIB:.2f} GiB for the step, '
+                             f'RAM {ram_budget / GIB:.2f} GiB and the spill folder\'s disk {disk_budget / GIB:.2f} GiB '
+                             '(lower --batch-size or --seq-len, or free memory or disk)')
+    kept, note = _kept_blocks(keep, n, budget, lambda blocks: device_need(trip, blocks))
+    room = max(0, budget - device_need(trip, kept))
+    return StepPlan(micro_batches, trip, kept, n, trip * kept * per_block, trip * (n - kept) * one_input, budget,
+                    stash_device_bytes=room, stash_ram_bytes=ram_budget, note=note)
+
+
+def _kept_blocks(keep, n, budget, need):
+    """-> (blocks that keep their activations, a note when auto keeps fewer than all)."""
+    if keep == 'none':
+        return 0, ''
+    if keep == 'all' or isinstance(keep, int):
+        blocks = n if keep == 'all' else max(0, min(int(keep), n))
+        if need(blocks) > budget:
+            raise SlowLlamaError(f'--keep-activations {keep}: the activations of {blocks} blocks need '
+                                 f'{need(blocks) / GIB:.2f} GiB, the step has {budget / GIB:.2f} GiB '
+                                 '(use auto, a smaller number, a smaller batch, or --micro-batches-per-trip 1)')
+        return blocks, ''
+    blocks = n
+    while blocks > 0 and need(blocks) > budget:
+        blocks -= 1
+    if blocks == n:
+        return n, ''
+    if blocks == 0:
+        return 0, (f'activations recomputed: one block\'s need {(need(1) - need(0)) / GIB:.3f} GiB, the step has '
+                   f'{max(0, budget - need(0)) / GIB:.3f} GiB to spare')
+    return blocks, f'the activations of {blocks} blocks fit in {budget / GIB:.2f} GiB'
+
+
 @dataclass
 class MemoryPlan:
     device_bytes: int
@@ -73,21 +211,41 @@ def table_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
     return one * (1 if cfg.tie_embeddings else 2)
 
 
+def step_working_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', micro_batches=1):
+    """What the step takes beyond its saved state at its busiest: one block recomputed and pushed
+    back through, or the head's pass over a vocabulary slice for `micro_batches` at once, whichever
+    is larger."""
+    w, tokens = DTYPE_BYTES[dtype], batch * seq
+    head_slice = head_slice_rows(tokens)  # the head streams in vocabulary slices
+    # a slice's logits (exponentiated in place) and rows; each micro-batch's hidden, softmax @ rows,
+    # target rows and gradient
+    loss = (2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w
+            + micro_batches * 4 * tokens * cfg.dim * 4)
+    return max(block_working_set(cfg, batch, seq, w), loss)
+
+
+def cap_budget(free, cap=None):
+    """What a plan may take of `free` bytes: 90% of it, and no more than a user's cap."""
+    return int(0.9 * free) if cap is None else min(int(0.9 * free), int(cap))
+
+
 def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v'), resident_blocks=0,
-            ram_blocks=0, stash_on_device=True, device_is_host=False, quant=None):
-    """Peak device and host bytes of one training step with this placement. With `quant`, blocks
-    are held and streamed packed and two of them at a time are unpacked on the device."""
+            ram_blocks=0, stash_on_device=True, device_is_host=False, quant=None, micro_batches=1, kept_blocks=0,
+            **activation):
+    """Peak device and host bytes of one training step with this placement, `micro_batches` of batch x
+    seq travelling together and the last `kept_blocks` blocks keeping their activations (the rest
+    keep their saved inputs). With `quant`, blocks are held and streamed packed and two of them at a
+    time are unpacked on the device. activation: kept_activation_bytes' other settings."""
     w = DTYPE_BYTES[dtype]
     block = block_bytes(cfg, dtype, quant)
     unpacked = 2 * block_params(cfg) * w if quant is not None else 0  # the two reused dequantized buffers
     tables = table_bytes(cfg, dtype, quant)
-    tokens = batch * seq
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
-    saved_inputs = cfg.n_layers * tokens * cfg.dim * w
-    head_slice = head_slice_rows(tokens)  # the head streams in vocabulary slices
-    # a slice's logits (exponentiated in place) and rows; hidden, softmax @ rows, target rows, gradient
-    loss = 2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w + 4 * tokens * cfg.dim * 4
-    step = lora + max(block_working_set(cfg, batch, seq, w), loss) + 2 * tokens * cfg.dim * w + unpacked
+    one_input = saved_input_bytes(cfg, batch, seq, w)
+    saved_inputs = micro_batches * (cfg.n_layers - kept_blocks) * one_input
+    kept = micro_batches * kept_blocks * kept_activation_bytes(cfg, batch, seq, dtype, targets, rank, **activation)
+    step = (lora + step_working_bytes(cfg, batch, seq, dtype, micro_batches) + 2 * micro_batches * one_input
+            + unpacked + kept)
     if device_is_host:
         total = host_only_peak(cfg, block, tables, resident_blocks + ram_blocks, step + saved_inputs)
         return MemoryPlan(total, total, resident_blocks, ram_blocks)
@@ -140,12 +298,17 @@ def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget,
     return plan(resident, ram)
 
 
-def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None):
-    """Print the predicted peaks of a finetune in each offload mode (quant: the blocks' Quant, or None)."""
+def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, micro_batches=1):
+    """Print the predicted peaks of a finetune in each offload mode (quant: the blocks' Quant, or
+    None), `micro_batches` a step travelling through the blocks together."""
     print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}'
           f'{", " + quant.type + " blocks" if quant else ""}, LoRA r={rank} on {",".join(targets)}')
+    if micro_batches > 1:
+        saved = micro_batches * cfg.n_layers * saved_input_bytes(cfg, batch, seq, DTYPE_BYTES[dtype])
+        print(f'  {micro_batches} micro-batches a step travel through each block together: each block crosses '
+              f'twice a step, their saved inputs take {saved / GIB:.2f} GiB (device, then RAM, then disk)')
     for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
                                  ('disk (streamed)', 0, 0)]:
         plan = predict(cfg, batch, seq, dtype, rank, targets, resident_blocks=resident, ram_blocks=ram,
-                       quant=quant)
+                       quant=quant, micro_batches=micro_batches)
         print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')

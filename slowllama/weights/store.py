@@ -4,6 +4,7 @@ The store hands the engine a block's tensors of a prepared folder (prepared.py) 
 in the compute dtype, from one of three tiers: 'disk' (memory-mapped file, read at each use), 'ram'
 (held in host memory, pinned on cuda) or 'device' (all resident); placement() chooses them.
 """
+import math
 import mmap
 import os
 
@@ -13,12 +14,13 @@ import torch.nn.functional as F
 from ..errors import SlowLlamaError
 from ..model.config import ModelConfig
 from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
-from ..model.quant import Quant
+from ..model.quant import Quant, packed_nbytes
 from .copier import DeviceCopier, Ready, RowStager
 from .files import SafetensorsFile
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .packed import Unpacker, check_file_layout, file_layout, unpack_rows
 from .pinned import HostArena
+from .plan import cap_budget, model_params, place_blocks
 from .prepared import (DTYPES, EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, dtype_name, read_manifest,
                        table_shapes)
 
@@ -37,6 +39,7 @@ class BlockStore:
     def __init__(self, model_dir, device, dtype, offload='auto', verify=True, max_device_mem=None,
                  max_ram=None, batch_hint=(4, 512)):
         self.model_dir = str(model_dir)
+        self.max_device_mem, self.max_ram = max_device_mem, max_ram
         self.manifest = read_manifest(model_dir)
         self.cfg = ModelConfig.from_dict(self.manifest['config'])
         self.device, self.dtype, self.verify = torch.device(device), dtype, verify
@@ -57,6 +60,18 @@ class BlockStore:
         self._unpacker = Unpacker(shapes, self.quant, self.device, dtype) if self.quant else None
         self._head_stager = None
         self._held, self._pending = {}, {}
+        # what crossed so far: bytes the store read from the model's files (what a disk would serve
+        # if nothing were cached) and bytes it copied to the device (0 on a cpu: nothing crosses)
+        self.traffic = {'bytes_read': 0, 'bytes_to_device': 0}
+        self._block_bytes = {'stored': _layout_bytes(self._stored_layout), 'device': _layout_bytes(self._layout)}
+
+    def unallocated_device_bytes(self):
+        """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
+        unless every block is resident or a cpu reads the mapped files as they are): a plan made
+        before them leaves them room."""
+        streamed = any(self.tiers[block_file(i)] != 'device' for i in range(self.cfg.n_layers))
+        zero_copy = self.device.type == 'cpu' and self._layout == self._stored_layout
+        return 0 if not streamed or zero_copy else self._copier.unallocated_bytes()
 
     @property
     def offload(self):
@@ -122,8 +137,10 @@ class BlockStore:
         if self._packed_tables:
             return self._table_rows(filename, name, (start, end))
         if filename in self._resident:
+            self._count(0, self._crossing(filename, (end - start) * self.cfg.dim))
             return self._resident[filename][name][start:end].to(self.device, non_blocking=True)
         rows = self._file(filename).tensor(name)[start:end]  # [slice, dim], mapped
+        self._count(rows.nbytes, self._crossing(None, (end - start) * self.cfg.dim))
         if self.device.type == 'cpu':
             return rows.to(self.dtype)  # used in place when the dtypes match
         if self._head_stager is None:
@@ -147,9 +164,13 @@ class BlockStore:
             return rows.view(*tokens.shape, self.cfg.dim)
         if EMBED_FILE in self._resident:
             table = self._resident[EMBED_FILE][EMBED_TENSOR]
+            self._count(0, self._crossing(EMBED_FILE, tokens.numel() * self.cfg.dim))
             return F.embedding(tokens.to(table.device), table).to(self.device, self.dtype)
         mapped = self._file(EMBED_FILE)
-        rows = F.embedding(tokens.cpu(), mapped.tensor(EMBED_TENSOR)).to(self.device, self.dtype, copy=True)
+        table = mapped.tensor(EMBED_TENSOR)
+        self._count(tokens.numel() * self.cfg.dim * table.element_size(),
+                    self._crossing(None, tokens.numel() * self.cfg.dim))
+        rows = F.embedding(tokens.cpu(), table).to(self.device, self.dtype, copy=True)
         mapped.advise(mmap.MADV_DONTNEED)  # each row read faulted in its neighbours too
         return rows
 
@@ -160,6 +181,10 @@ class BlockStore:
         mapped file's pages are let go at once (each row read faulted in its neighbours too)."""
         resident = self._resident.get(filename)
         tensors = resident if resident is not None else self._file(filename).tensors()
+        count = rows[1] - rows[0] if isinstance(rows, tuple) else rows.numel()
+        packed = packed_nbytes((count, self.cfg.dim), self.quant)  # the rows as they travel
+        self._count(0 if resident is not None else packed,
+                    0 if self.device.type == 'cpu' or self.tiers[filename] == 'device' else packed)
         out = unpack_rows(tensors, name, self._tables[filename][name], self.quant, rows, self.device, self.dtype)
         if resident is None:
             self._files[filename].advise(mmap.MADV_DONTNEED)
@@ -170,11 +195,24 @@ class BlockStore:
         tier = self.tiers[filename]
         if tier == 'device':
             return Ready(None, self._resident[filename])
+        self._count(self._block_bytes['stored'] if tier == 'disk' else 0,
+                    0 if self.device.type == 'cpu' else self._block_bytes['device'])
         if tier == 'ram':
             return self._copier.start(self._resident[filename])
         mapped = self._file(filename)
         mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
         return self._copier.start(mapped.tensors(), from_disk=True)
+
+    def _count(self, read, to_device):
+        self.traffic['bytes_read'] += read
+        self.traffic['bytes_to_device'] += to_device
+
+    def _crossing(self, resident_file, values):
+        """Bytes `values` in the compute dtype take to the device: none on a cpu or when they are
+        resident there already."""
+        if self.device.type == 'cpu' or (resident_file is not None and self.tiers[resident_file] == 'device'):
+            return 0
+        return values * self.dtype.itemsize
 
     def _whole(self, filename, name):
         if filename in self._resident:
@@ -245,12 +283,11 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
         if tier == 'ram' and _over(cfg, dtype, free_host_memory() // host_share(), max_ram):
             tier = 'disk'
         return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
-    from .plan import place_blocks
-    ram_budget = _cap(free_host_memory() // host_share(), max_ram)  # torchrun: each its share
+    ram_budget = cap_budget(free_host_memory() // host_share(), max_ram)  # torchrun: each its share
     if unified_memory(device):  # one memory: no RAM tier beside the device, host buffers count there
         ram_budget = 0
     plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype), quant=quant,
-                        device_budget=_cap(free_device_memory(device), max_device_mem),
+                        device_budget=cap_budget(free_device_memory(device), max_device_mem),
                         ram_budget=ram_budget, unified=unified_memory(device))
     tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks
              else 'disk' for i, f in enumerate(blocks)}
@@ -260,10 +297,10 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
     return tiers
 
 
-def _cap(free, cap):
-    return int(0.9 * free) if cap is None else min(int(0.9 * free), int(cap))
+def _layout_bytes(layout):
+    """Bytes of a block's {name: (shape, dtype)}."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
 
 
 def _over(cfg, dtype, free, cap):
-    from .plan import model_params
-    return model_params(cfg) * dtype.itemsize > _cap(free, cap)
+    return model_params(cfg) * dtype.itemsize > cap_budget(free, cap)

@@ -1,0 +1,52 @@
+"""Blocks that keep their activations: the forward runs under autograd and the graph it builds is
+kept until the backward, which is then one pass, with no recompute.
+
+The graph would also keep the block's frozen weights (a linear saves its weight for its input's
+gradient), which for a streamed block are a buffer the next block overwrites. So each saved tensor
+that is a weight (or a view of one: F.linear saves the transpose) is kept as its name and view
+instead, and resolved in the backward to the same weight as the store hands it out again then (that
+fetch happens anyway): a block keeps its activations only, never a second copy of its weights.
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class _WeightView(NamedTuple):
+    """A saved tensor that is a view of the block's weight `name`."""
+    name: str
+    size: torch.Size
+    stride: tuple
+    offset: int  # storage offset from the weight's own
+
+
+class WeightNames:
+    """The saved-tensor hooks of one block's forward: weights out by name, back from `fetched`."""
+
+    def __init__(self, weights):
+        self.forward = weights  # {name: tensor} as the store handed them out for the forward
+        self._names = {tensor.data_ptr(): name for name, tensor in weights.items()}
+        self.fetched = None  # the same names, as fetched for the backward
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor):
+        name = self._names.get(tensor.data_ptr())
+        if name is None or tensor.untyped_storage().data_ptr() != self.forward[name].untyped_storage().data_ptr():
+            return tensor  # an activation, a LoRA parameter, a rope table: kept as it is
+        weight = self.forward[name]
+        return _WeightView(name, tensor.size(), tensor.stride(), tensor.storage_offset() - weight.storage_offset())
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _WeightView):
+            return packed
+        weight = self.fetched[packed.name]
+        return weight.as_strided(packed.size, packed.stride, weight.storage_offset() + packed.offset)
+
+
+class KeptBlock(NamedTuple):
+    """One micro-batch's pass through a block whose activations are kept."""
+    input: torch.Tensor   # the block's input, a leaf that requires grad
+    output: torch.Tensor  # its output, the graph's end
+    names: WeightNames
