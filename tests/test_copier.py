@@ -70,8 +70,7 @@ class Fault:
 
 
 POINTS = {  # where a fetch can fail -> (what is raised, the functions that raise it)
-    'reader thread': (OSError('read error (injected)'), [(DeviceCopier, '_convert'),
-                                                         (DeviceCopier, '_stage_and_copy')]),
+    'reader thread': (OSError('read error (injected)'), [(DeviceCopier, '_convert'), (DeviceCopier, '_stage')]),
     'wait (Ctrl-C)': (KeyboardInterrupt(), [(Pending, 'wait'), (Ready, 'wait')]),
     'allocation': (torch.OutOfMemoryError('out of memory (injected)'), [(DeviceCopier, '_slot_buffers'),
                                                                        (DeviceCopier, '_staging_slot')]),

@@ -184,3 +184,28 @@ def test_fused_nf4_kernel_gives_the_plain_kernels_bits(monkeypatch, dtype):
             plain = quant.nf4_dequantize(qweight, absmax, shape, out=torch.empty(shape, dtype=dtype, device=CUDA))
         assert torch.equal(fused, plain), (shape, dtype)
         assert (fused.float() - weight).abs().max() < 0.2 * weight.abs().max()  # and it is the weight
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_on_a_second_gpu_the_fused_unpack_runs_there_after_the_copy(prepared, reproducible_attention):
+    """--device cuda:1 outside torchrun (the current device stays 0): the Triton unpack launches on
+    device 1's stream, after the block's copy, so a step there is a step on device 0."""
+    from slowllama.model import kernels, quant
+    shape = (4096, 11008)
+    qweight, absmax = (t.to('cuda:1') for t in quant.nf4_quantize(torch.randn(shape)))
+    assert torch.cuda.current_device() == 0 and kernels.triton_available()
+    fused = quant.nf4_dequantize(qweight, absmax, shape, out=torch.empty(shape, dtype=torch.bfloat16, device='cuda:1'))
+    plain = quant.nf4_dequantize(qweight, absmax, shape, dtype=torch.bfloat16, plain=True)
+    assert torch.equal(fused, plain)
+    model_dir, _ = prepared
+    lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
+    results = []
+    for device in ('cuda:0', 'cuda:1'):
+        model = slowllama.load(model_dir, device=device, lora=lora, offload='disk', dropout=0.1, dtype=torch.bfloat16)
+        randomize_adapters(model.adapters)
+        tokens, targets = random_batch(model.cfg.vocab_size)
+        torch.manual_seed(7)
+        loss = model.backward(tokens, targets)
+        results.append((loss, {k: p.grad.cpu() for k, p in model.trainable_parameters().items()}))
+    (loss0, grads0), (loss1, grads1) = results
+    assert loss0 == loss1 and all(torch.equal(grads0[k], grads1[k]) for k in grads0)

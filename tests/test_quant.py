@@ -191,3 +191,30 @@ def test_a_library_kernel_that_gives_other_bits_is_not_used():
         ctypes.memset(out, 0, 2 * rows * cols)  # zeros where values belong
     assert not kernels._same_bits_as_plain({torch.float32: zeros, torch.bfloat16: zeros}, CODE)
     assert kernels._same_bits_as_plain(kernels._cpu_library(CODE), CODE)  # and the real one does
+
+
+def test_the_triton_unpack_launches_on_the_outputs_device(monkeypatch):
+    """Triton launches on the current cuda device and its current stream: with --device cuda:1 and
+    nothing else setting the device (no torchrun), the launch must go in under `out`'s device (on
+    this cpu: a fake Triton, and the device context that torch.cuda.device gives recorded)."""
+    import contextlib
+    import types
+
+    from slowllama.model import kernels
+    current, launches = [], []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, list(current)))
+    monkeypatch.setattr(kernels, 'triton', types.SimpleNamespace(cdiv=lambda a, b: -(-a // b)))
+    monkeypatch.setattr(kernels, '_nf4_kernel', Kernel(), raising=False)
+    monkeypatch.setattr(torch.cuda, 'device', on_device)
+    out = torch.empty(3000, dtype=torch.bfloat16, device='meta')  # stands in for a tensor on cuda:1
+    kernels.triton_nf4_into(torch.empty(1500, dtype=torch.uint8), torch.empty(47), CODE, 3000, out)
+    assert launches == [((2,), [out.device])]

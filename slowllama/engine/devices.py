@@ -27,7 +27,8 @@ def resolve_device(name):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SlowLlamaError('--device cuda: no CUDA device is available here')
     if device.type == 'mps' and not torch.backends.mps.is_available():
-        raise SlowLlamaError('--device mps: no Apple GPU (mps) is available here')
+        raise SlowLlamaError('--device mps: no Apple GPU (mps) is available here (it needs Apple silicon with macOS '
+                             '14 or later, or macOS 13 with torch 2.7 or 2.8)')
     if device.type not in ('cpu', 'cuda', 'mps'):
         raise SlowLlamaError(f'--device: {name!r} is not supported (use cpu, cuda or mps)')
     return device

@@ -44,9 +44,18 @@ class GenerationCache:
 
 
 def sample(logits, temperature=0.0, top_p=1.0):
-    """logits [batch, vocab] -> next token [batch, 1]: argmax at temperature 0, else nucleus sampling."""
+    """logits [batch, vocab] -> next token [batch, 1] on the logits' device: argmax at temperature 0,
+    else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
+    if logits.device.type == 'mps':
+        # multinomial on mps can draw a token of probability 0 (PyTorch issue 192577), and the
+        # nucleus makes exactly those zeros; one row of the vocabulary is quick to bring over
+        return _nucleus_sample(logits.cpu(), temperature, top_p).to(logits.device)
+    return _nucleus_sample(logits, temperature, top_p)
+
+
+def _nucleus_sample(logits, temperature, top_p):
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

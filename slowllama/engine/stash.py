@@ -25,7 +25,7 @@ class InputStash:
             self.items[key] = (tier, x)
         elif tier == 'ram':
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.device.type == 'cuda')
-            self.items[key] = (tier, host.copy_(x, non_blocking=True))
+            self.items[key] = (tier, host.copy_(x, non_blocking=copies_may_return_early(self.device)))
         else:
             name = '_'.join(map(str, key)) if isinstance(key, tuple) else str(key)
             path = os.path.join(self._disk_folder(), f'{name}.safetensors')
@@ -46,7 +46,7 @@ class InputStash:
             os.unlink(path)
         else:
             self.used[tier] -= value.nbytes
-        return value.to(self.device, non_blocking=True)
+        return value.to(self.device, non_blocking=copies_may_return_early(self.device))
 
     def close(self):
         self.items.clear()
@@ -79,3 +79,12 @@ def spill_room():
         return shutil.disk_usage(tempfile.gettempdir()).free
     except OSError:
         return None
+
+
+def copies_may_return_early(device):
+    """Whether the stash's copies between host memory and `device` may be non-blocking: only on
+    cuda, where a pinned host tensor freed while its copy is queued is kept by torch's caching host
+    allocator until the copy is done, and a copy from pageable memory has read it before copy_
+    returns. On mps a non-blocking copy from pageable memory may read it after the tensor that
+    held it was popped and freed (PyTorch issue 189690: silent corruption), so there it blocks."""
+    return device.type == 'cuda'

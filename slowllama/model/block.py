@@ -176,6 +176,11 @@ class Attention(nn.Module):
             visible = visible_keys(past, seq, key_start, k.shape[2], self.window, x.device)  # [seq, keys]
             mask = visible if mask is None else mask & visible
         dropout = self.dropout if self.training else 0.0
+        if x.device.type == 'mps':
+            # mps' fast attention kernel gave silently wrong outputs for non-contiguous q, k, v in
+            # several releases (PyTorch issues 163597, 181133), and it is taken under no_grad only:
+            # the forward (and generation) and the recompute under autograd could disagree
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -62,8 +62,12 @@ def triton_nf4_into(qweight, absmax, code, n, out):
     """Unpack n values: qweight uint8 [ceil(n / 2)], absmax float32 [ceil(n / 64)], code float32 [16],
     all on one cuda device, into the contiguous `out` (any float dtype)."""
     grid = (triton.cdiv(qweight.numel(), BYTES_PER_PROGRAM),)
-    _nf4_kernel[grid](qweight, absmax, code, out, n, BYTES=BYTES_PER_PROGRAM, PER_ABSMAX=BYTES_PER_ABSMAX,
-                      DOWNCAST=out.dtype != torch.float32)
+    # Triton launches on the current device's current stream. Outside torchrun nothing sets the
+    # current device, so with --device cuda:1 the launch would go to device 0, unordered after the
+    # copy that the compute stream of device 1 waits for: make out's device the current one
+    with torch.cuda.device(out.device):
+        _nf4_kernel[grid](qweight, absmax, code, out, n, BYTES=BYTES_PER_PROGRAM, PER_ABSMAX=BYTES_PER_ABSMAX,
+                          DOWNCAST=out.dtype != torch.float32)
 
 
 # --- cpu: bitsandbytes' shared library ----------------------------------------------------------

@@ -310,7 +310,8 @@ def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=N
         return {}
     blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode]
     plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, resident_blocks=blocks[0],
-                   ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant, micro_batches=micro_batches)
+                   ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant, micro_batches=micro_batches,
+                   plain_unpack=device == 'mps')
     return {'planned_device_bytes': plan.device_bytes, 'planned_host_bytes': plan.host_bytes}
 
 

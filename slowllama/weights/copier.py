@@ -21,7 +21,10 @@ class DeviceCopier:
     reads, page faults and conversion would otherwise hold up the thread that launches the compute,
     and a dtype-changing copy would make a device temporary), then copied. On a cpu there is nothing
     to copy when the file's dtype is the compute dtype (the mapped file is used as it is); otherwise
-    the conversion into the buffer runs in the background thread.
+    the conversion into the buffer runs in the background thread. On mps the reader thread only
+    fills the staging buffer: the copy out of it is queued by the compute thread when it takes the
+    block (a queue driven from one thread only, see streams.py; mps has one queue, so the copy
+    could not overlap anything the compute thread queues anyway).
 
     A fetch holds one of the two slots from start() to release(slot); a fetch that fails after
     claiming one must still be released (BlockStore does)."""
@@ -42,7 +45,7 @@ class DeviceCopier:
             if self.on_cpu:
                 return Pending(slot, self._in_background(self._convert, slot, host_tensors), self.queue)
             if from_disk or any(t.dtype != self.layout[n][1] for n, t in host_tensors.items()):
-                return Pending(slot, self._in_background(self._stage_and_copy, slot, host_tensors), self.queue)
+                return self._staged(slot, host_tensors)
             return Ready(slot, *self._copy(slot, host_tensors), queue=self.queue)
         except BaseException:  # out of memory allocating the buffers, Ctrl-C
             self.release(slot)
@@ -77,12 +80,23 @@ class DeviceCopier:
             buffers[name].copy_(tensor)
         return buffers, None
 
-    def _stage_and_copy(self, slot, host_tensors):  # cuda and mps, in the reader thread
-        staging = self._staging_slot(slot)
+    def _staged(self, slot, host_tensors):
+        """A fetch through the slot's staging buffer, filled in the reader thread."""
+        if not self.queue.one_thread:  # cuda: the reader thread queues the copy on the side stream too
+            return Pending(slot, self._in_background(self._stage_and_copy, slot, host_tensors), self.queue)
         self.queue.host_waits(self._copied_events[slot])  # the last copy out of this staging buffer is done
+        filled = self._in_background(self._stage, slot, host_tensors)
+        return Pending(slot, filled, self.queue, then=lambda staging: self._copy(slot, staging))
+
+    def _stage_and_copy(self, slot, host_tensors):  # cuda, in the reader thread
+        self.queue.host_waits(self._copied_events[slot])  # the last copy out of this staging buffer is done
+        return self._copy(slot, self._stage(slot, host_tensors))
+
+    def _stage(self, slot, host_tensors):  # in the reader thread: nothing here touches the device's queue
+        staging = self._staging_slot(slot)
         for name, tensor in host_tensors.items():
             staging[name].copy_(tensor)  # the disk read and the dtype conversion, on the host
-        return self._copy(slot, staging)
+        return staging
 
     def _copy(self, slot, host_tensors):  # on the copy queue, after the buffer's last reader
         buffers = self._slot_buffers(slot)
@@ -121,13 +135,17 @@ class Ready:
 
 
 class Pending:
-    """A fetch running in the reader thread."""
+    """A fetch running in the reader thread; `then` (mps) queues its copy from the thread that
+    takes the block."""
 
-    def __init__(self, slot, future, queue):
-        self.slot, self.future, self.queue = slot, future, queue
+    def __init__(self, slot, future, queue, then=None):
+        self.slot, self.future, self.queue, self.then = slot, future, queue, then
 
     def wait(self):
-        return Ready(self.slot, *self.future.result(), queue=self.queue).wait()
+        result = self.future.result()
+        if self.then is not None:
+            result = self.then(result)
+        return Ready(self.slot, *result, queue=self.queue).wait()
 
     def settle(self):
         """Wait until the reader thread is done with the buffers, whether it succeeded or not."""

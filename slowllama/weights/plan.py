@@ -229,16 +229,29 @@ def cap_budget(free, cap=None):
     return int(0.9 * free) if cap is None else min(int(0.9 * free), int(cap))
 
 
+def plain_nf4_unpack_bytes(cfg: ModelConfig, dtype='bf16'):
+    """Device bytes the plain nf4 unpack (quant.nf4_dequantize where no faster kernel serves, as on
+    mps) holds beside its output while it unpacks a block's largest projection. An fp32 output is
+    gathered into in place: only the bytes widened to int32 indices (2 bytes a value). Otherwise the
+    gathered float32 pairs (4 bytes a value) and their product with the absmax in float32, before it
+    is rounded into the output (4 more; tests/test_mps.py measures both on a cpu)."""
+    largest = cfg.dim * max(cfg.hidden_dim, cfg.n_heads * cfg.head_dim)
+    return largest * (2 if dtype == 'fp32' else 8)
+
+
 def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v'), resident_blocks=0,
             ram_blocks=0, stash_on_device=True, device_is_host=False, quant=None, micro_batches=1, kept_blocks=0,
-            **activation):
+            plain_unpack=False, **activation):
     """Peak device and host bytes of one training step with this placement, `micro_batches` of batch x
     seq travelling together and the last `kept_blocks` blocks keeping their activations (the rest
     keep their saved inputs). With `quant`, blocks are held and streamed packed and two of them at a
-    time are unpacked on the device. activation: kept_activation_bytes' other settings."""
+    time are unpacked on the device (plain_unpack: by the plain torch kernels, as on mps, with their
+    temporaries). activation: kept_activation_bytes' other settings."""
     w = DTYPE_BYTES[dtype]
     block = block_bytes(cfg, dtype, quant)
     unpacked = 2 * block_params(cfg) * w if quant is not None else 0  # the two reused dequantized buffers
+    if plain_unpack and quant is not None and quant.type == 'nf4':
+        unpacked += plain_nf4_unpack_bytes(cfg, dtype)
     tables = table_bytes(cfg, dtype, quant)
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
     one_input = saved_input_bytes(cfg, batch, seq, w)

@@ -288,7 +288,7 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
         ram_budget = 0
     plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype), quant=quant,
                         device_budget=cap_budget(free_device_memory(device), max_device_mem),
-                        ram_budget=ram_budget, unified=unified_memory(device))
+                        ram_budget=ram_budget, unified=unified_memory(device), plain_unpack=device.type == 'mps')
     tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks
              else 'disk' for i, f in enumerate(blocks)}
     everything_fits = plan.resident_blocks == cfg.n_layers

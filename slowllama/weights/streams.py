@@ -6,6 +6,11 @@ command queue (torch gives no second stream there): copies and compute are order
 and the gain is that a non-blocking copy from a host buffer filled in the reader thread no longer
 commits and waits for the whole queue. On a cpu a copy is a memcpy that is done when it returns:
 there is nothing to wait for, and every event is None.
+
+On mps every call on the queue (a copy, an event recorded, waited for or synchronized) must come
+from the thread that launches the compute (`one_thread`): MPS encodes commands into one shared
+command buffer, and its encoding is not thread-safe (two threads abort with "A command encoder is
+already encoding", PyTorch issue 197805). cuda streams may be driven from any thread.
 """
 import torch
 
@@ -16,6 +21,7 @@ class CopyQueue:
             device = torch.device(device.type, torch.accelerator.current_device_index())
         self.device = device
         self.synchronous = device.type == 'cpu'
+        self.one_thread = device.type == 'mps'  # only the compute thread may touch the queue
         if self.synchronous:
             self.stream = None
         elif device.type == 'cuda':
