@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import slowllama
-from conftest import random_batch
 from reference import randomize_adapters
 from standin import OnMps, standin_mps
 from slowllama.engine.stash import InputStash
@@ -53,11 +52,12 @@ def assert_kept_the_mps_rules(standin):
             assert not any(isinstance(t, OnMps) for t in tensors)
 
 
-@pytest.mark.parametrize('offload', ['disk', 'ram'])
-def test_a_step_on_mps_equals_the_cpus_and_keeps_the_rules(tiny_text_model, monkeypatch, offload):
-    """Saved inputs beyond the first on the host and on disk (the stash's mps branches too)."""
+@pytest.mark.parametrize('offload, keep', [('disk', 'none'), ('ram', 'none'), ('disk', 'all')])
+def test_a_step_on_mps_equals_the_cpus_and_keeps_the_rules(tiny_text_model, monkeypatch, offload, keep):
+    """Recomputed blocks: saved inputs beyond the first on the host and on disk (the stash's mps
+    branches too); or every block keeping its activations (weights by name, back from the fetch)."""
     model_dir, _, _ = tiny_text_model
-    stash = {'stash_device_bytes': ONE_INPUT, 'stash_ram_bytes': ONE_INPUT}
+    stash = {'stash_device_bytes': ONE_INPUT, 'stash_ram_bytes': ONE_INPUT, 'keep_activations': keep}
     cpu_loss, cpu_grads = step(load(model_dir, 'cpu', offload))
     with standin_mps(monkeypatch) as standin:
         model = load(model_dir, 'mps', offload, **stash)
