@@ -12,6 +12,13 @@
 #       70b_block    four blocks of Llama-70B's shape from ram and disk: block time against copy time
 #       7b_32x512    7B, 32 x 512: ram and device beside transformers+peft with checkpointing
 #       7b_4x1024    7B, 4 x 1024: ram beside transformers+peft with checkpointing
+#     this round's (issues 21, 22, 24):
+#       7b_accum     7B, 16 x 128 x --grad-accum 4 from pinned RAM (one trip a step) beside
+#                    transformers+peft with checkpointing accumulating the same 64 x 128 a step
+#       70b_accum    70B-shaped blocks in nf4 from RAM, --grad-accum 8: block time against compute time
+#       7b_kept      7B resident (--offload device), activations kept, beside transformers+peft without
+#                    checkpointing (target >= 1.0x tokens/s)
+#       7b_long      7B at 1 x 16384 and 1 x 32768 from RAM beside transformers+peft with checkpointing
 #   so a session whose commands may last 10 minutes each runs `tests 7b_16x128`, then the rest.
 #
 # Each stage has its own time limit, so one that hangs cannot eat the others' time.
@@ -21,7 +28,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-gpu_check}"
 mkdir -p "$out"
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(tests 7b_16x128 70b_block 7b_32x512 7b_4x1024)
+[[ ${#stages[@]} -eq 0 ]] && stages=(tests 7b_16x128 70b_block 7b_32x512 7b_4x1024 7b_accum 70b_accum 7b_kept 7b_long)
 
 run() {  # run NAME LIMIT_S COMMAND...: output to the terminal and to $out/NAME.txt
     local name=$1 limit=$2
@@ -64,7 +71,17 @@ for stage in "${stages[@]}"; do
         70b_block) bench 70b_block 240 --shape 70b-block --batch-size 16 --seq-len 128 --modes ram,disk ;;
         7b_32x512) bench 7b_32x512 300 --shape 7b --batch-size 32 --seq-len 512 --modes ram,device --peers hf-ckpt ;;
         7b_4x1024) bench 7b_4x1024 240 --shape 7b --batch-size 4 --seq-len 1024 --modes ram --peers hf-ckpt ;;
-        *) echo "gpu_check: unknown stage $stage (tests 7b_16x128 70b_block 7b_32x512 7b_4x1024)"; exit 2 ;;
+        # targets (issue 21): >= 1.0x hf-ckpt at 64 x 128 a step in <= a third of its memory; the nf4
+        # 70B-shaped block within 1.2x of its compute time; (issue 22) resident >= 1.0x hf
+        7b_accum) bench 7b_accum 420 --shape 7b --batch-size 16 --seq-len 128 --grad-accum 4 --modes ram \
+                  --peers hf-ckpt ;;
+        70b_accum) bench 70b_accum 300 --shape 70b-block --batch-size 16 --seq-len 128 --grad-accum 8 --modes ram \
+                   --quant nf4 ;;
+        7b_kept) bench 7b_kept 300 --shape 7b --batch-size 16 --seq-len 128 --modes device --peers hf ;;
+        7b_long) bench 7b_16k 300 --shape 7b --batch-size 1 --seq-len 16384 --modes ram --peers hf-ckpt
+                 bench 7b_32k 300 --shape 7b --batch-size 1 --seq-len 32768 --modes ram --peers hf-ckpt ;;
+        *) echo "gpu_check: unknown stage $stage (tests 7b_16x128 70b_block 7b_32x512 7b_4x1024 7b_accum 70b_accum"\
+                " 7b_kept 7b_long)"; exit 2 ;;
     esac
 done
 echo "gpu_check: results in $out"

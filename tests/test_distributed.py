@@ -79,7 +79,8 @@ def test_distributed_resume_ends_on_the_same_adapter(tiny_text_model, story, tmp
     model_dir, _, _ = tiny_text_model
     constant = ['--schedule', 'constant', '--dropout', '0.1']  # the schedule must not depend on --iters here
     # the whole run recomputes every block in its backward; the split one keeps their activations
-    finetune(model_dir, story, tmp_path / 'whole', batch=2, processes=2, extra=constant + ['--keep-activations', 'none'])
+    finetune(model_dir, story, tmp_path / 'whole', batch=2, processes=2,
+             extra=constant + ['--keep-activations', 'none'])
     finetune(model_dir, story, tmp_path / 'split', batch=2, processes=2, iters=2, extra=constant)
     finetune(model_dir, story, tmp_path / 'split', batch=2, processes=2, extra=constant + ['--resume'])
     assert 'every block keeps its activations' in (tmp_path / 'split' / 'train.log').read_text()

@@ -156,11 +156,12 @@ class StreamedModel:
         Raises SlowLlamaError when what was asked cannot fit (--keep-activations all, say)."""
         shape = (micro_batches, batch, seq, packed)
         if shape != self._planned_for:
-            budget, ram = self._step_budgets()
+            budget, ram, page_cache = self._step_budgets()
             dtype = dtype_name(self.dtype)
+            working = step_working_bytes(self.cfg, batch, seq, dtype, micro_batches)
             self.step_plan = plan_step(
                 self.cfg, batch, seq, dtype, micro_batches, budget, ram, disk_budget=spill_room(),
-                trip=self.trip_size, keep=self.keep, working=step_working_bytes(self.cfg, batch, seq, dtype, micro_batches),
+                keep_reserve=page_cache, trip=self.trip_size, keep=self.keep, working=working,
                 targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
                 device_type=self.device.type, packed=packed)
             self._planned_for = shape
@@ -352,15 +353,21 @@ class StreamedModel:
         return InputStash(self.device, device_room, ram_room)
 
     def _step_budgets(self):
-        """-> (bytes the step may take on the device, host bytes for what spills there): on a cpu the
-        host's free memory, and no second tier; a Mac likewise, one memory; cuda its free memory, and
-        RAM beside it. 90% of what is free, within --max-device-mem / --max-ram."""
+        """-> (bytes the step may take on the device, host bytes for what spills there, the part of the
+        first that kept activations must leave alone). cuda: its free memory, and RAM beside it. A cpu
+        or a Mac: the one memory, less the blocks the store holds mapped at once; and where blocks
+        are read from files, the page cache would like to keep them, so kept activations leave it
+        their bytes (a model larger than memory is bound by its reads, not by the recompute). 90% of
+        what is free, within --max-device-mem / --max-ram."""
         store = self.store
         if self.device.type == 'cpu' or unified_memory(self.device):
             free = free_host_memory() if self.device.type == 'cpu' else free_device_memory(self.device)
-            return cap_budget(free, store.max_device_mem) - store.unallocated_device_bytes(), 0
+            mapped = store.disk_tier_bytes()
+            held = 2 * mapped['block'] if mapped['blocks'] else 0  # the last two blocks stay for the backward
+            budget = cap_budget(free, store.max_device_mem) - store.unallocated_device_bytes() - held
+            return max(0, budget), 0, mapped['total']
         budget = cap_budget(free_device_memory(self.device), store.max_device_mem) - store.unallocated_device_bytes()
-        return max(0, budget), cap_budget(free_host_memory() // host_share(), store.max_ram)
+        return max(0, budget), cap_budget(free_host_memory() // host_share(), store.max_ram), 0
 
 
 def parse_keep(keep):

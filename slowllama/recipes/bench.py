@@ -31,6 +31,8 @@ def add_arguments(p):
     p.add_argument('--steps', type=int, default=3)
     p.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step (ours travel through '
                    'the blocks together; the peers run them one after another)')
+    p.add_argument('--keep-activations', default='auto', help='ours: auto | all | none | N blocks that keep their '
+                   'activations instead of recomputing them')
     p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
     p.add_argument('--lora-rank', type=int, default=4)
     p.add_argument('--targets', default='q,v')
@@ -66,7 +68,7 @@ def run(args):
           modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
           peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
           dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant,
-          grad_accum=args.grad_accum)
+          grad_accum=args.grad_accum, keep=args.keep_activations)
 
 
 def _list(text):
@@ -107,6 +109,8 @@ def run_worker(spec):
     tokens = spec['batch'] * spec['seq'] * spec.get('grad_accum', 1)
     result = {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'load_s': load_s,
               'host_gain_bytes': rss_peak - rss_start}
+    if getattr(step, 'plan', None):  # how the step ran: micro-batches a trip, blocks that kept their activations
+        result.update(trip=step.plan().trip, kept_blocks=step.plan().kept_blocks)
     if traffic:  # what the store read from the files and sent to the device, a step and a token
         result.update({f'{key}_per_step': (value - crossed[key]) / spec['steps'] for key, value in traffic().items()})
         result['bytes_read_per_token'] = result['bytes_read_per_step'] / tokens
@@ -158,13 +162,14 @@ def _slowllama_step(spec, device, dtype, tokens, targets):
     import slowllama
     lora = slowllama.LoraConfig(rank=spec['rank'], alpha=2.0 * spec['rank'], targets=tuple(spec['targets']))
     model = slowllama.load(spec['model_dir'], device=device, dtype=dtype, lora=lora, offload=spec['mode'],
-                           batch_hint=(spec['batch'], spec['seq']))
+                           batch_hint=(spec['batch'], spec['seq']), keep_activations=spec.get('keep', 'auto'))
 
     micro = [MicroBatch(tokens, targets)] * spec.get('grad_accum', 1)
 
     def step():
         return model.accumulate(micro, [1 / len(micro)] * len(micro))
     step.traffic = model.traffic
+    step.plan = lambda: model.step_plan
     step.block_bytes = block_bytes(model.cfg, spec['dtype'], model.store.quant)  # as it travels (packed or not)
     step.block_marks = mark_block_starts(model.store, device)
     return step, list(model.trainable_parameters().values())
@@ -252,7 +257,7 @@ def run_in_subprocess(spec):
 
 def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=4, targets=('q', 'v'),
           modes=('disk', 'ram', 'device'), peers=('hf', 'hf-ckpt'), dtype=None, work='models/bench',
-          json_out='bench.json', rounds=1, quant=None, grad_accum=1):
+          json_out='bench.json', rounds=1, quant=None, grad_accum=1, keep='auto'):
     """Each configuration in its own process; with rounds > 1 the configurations take turns that many
     times and each keeps its median, so a machine that drifts slows them all alike. `quant` ('nf4' |
     'int8') adds the offload modes on a quantized twin, and for nf4 the QLoRA peer 'hf-qlora'."""
@@ -262,7 +267,8 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
     quantized = make_models(shape, work, dtype, quant.type)[1] if quant else None
     cfg, _ = model_config(prepared)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
-                targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir, grad_accum=grad_accum)
+                targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir, grad_accum=grad_accum,
+                keep=keep)
     configs = [('slowllama', m, None) for m in modes] + [(p, '-', None) for p in peers]
     if quant:
         configs += [('slowllama', m, quant.type) for m in modes]
@@ -275,9 +281,11 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
             runs[(system, mode, q)].append(run_in_subprocess(spec))
             print(f'bench: {system} {mode} {q or ""}: {_one_line(runs[(system, mode, q)][-1])}', file=sys.stderr,
                   flush=True)  # so a run cut off at its time limit still leaves what it measured
-    rows = [{'system': system, 'mode': mode, 'quant': q, **median_run(runs[(system, mode, q)]),
-             **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q), grad_accum)}
-            for system, mode, q in configs]
+    rows = []
+    for system, mode, q in configs:
+        row = {'system': system, 'mode': mode, 'quant': q, **median_run(runs[(system, mode, q)])}
+        rows.append({**row, **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q),
+                                      grad_accum, row.get('kept_blocks', 0))})
     report = {'device': device, 'shape': shape, 'dtype': dtype, 'batch': batch, 'seq': seq, 'rank': rank,
               'targets': list(targets), 'rounds': rounds, 'grad_accum': grad_accum,
               'model_bytes': model_params(cfg) * (4 if dtype == 'fp32' else 2), 'rows': rows}
@@ -304,14 +312,15 @@ def median_run(results):
     return row
 
 
-def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=None, micro_batches=1):
-    """The planner's prediction for a slowllama row, to print beside the measurement."""
+def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=None, micro_batches=1, kept_blocks=0):
+    """The planner's prediction for a slowllama row (with the blocks that kept their activations in
+    its run), to print beside the measurement."""
     if system != 'slowllama':
         return {}
     blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode]
     plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, resident_blocks=blocks[0],
                    ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant, micro_batches=micro_batches,
-                   plain_unpack=device == 'mps')
+                   kept_blocks=kept_blocks, plain_unpack=device == 'mps')
     return {'planned_device_bytes': plan.device_bytes, 'planned_host_bytes': plan.host_bytes}
 
 
@@ -322,13 +331,13 @@ def print_table(report):
     print(f"\n{report['shape']} on {report['device']} ({report['dtype']}), batch {report['batch']} x seq "
           f"{report['seq']}{accum}, LoRA r={report['rank']} on {','.join(report['targets'])}; "
           f"model {report['model_bytes'] / GIB:.2f} GiB; median of {report['rounds']} round(s)")
-    head = (f"{'system':<10} {'mode':<7} {'quant':<5} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
+    head = (f"{'system':<10} {'mode':<7} {'quant':<5} {'kept':>5} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
             f"{'host+ GiB':>9} {'host+/model':>11} {'vs hf-ckpt':>10} {'vs hf':>6} {'vs qlora':>8} "
             f"{'block ms / copy ms':>18} {'read GB/step':>12} {'read B/token':>12} {'to dev GB/step':>14}")
     print(head + '\n' + '-' * len(head))
     for r in rows:
         if 'error' in r:
-            print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} error: {r['error']}")
+            print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {'':>5} error: {r['error']}")
             continue
         ratio = {name: f"{r['step_s'] / peer['step_s']:.2f}x" for name, peer in peers.items()}
         device_peak = r.get('device_peak_bytes', r['host_gain_bytes'] if report['device'] == 'cpu' else None)
@@ -337,7 +346,8 @@ def print_table(report):
         blocks = f"{r['block_s'] * 1e3:.3g} / {r['copy_s'] * 1e3:.3g}" if r.get('block_s') else '-'
         crossed = (f"{r['bytes_read_per_step'] / 1e9:>12.3f} {r['bytes_read_per_token']:>12.0f} "
                    f"{r['bytes_to_device_per_step'] / 1e9:>14.3f}" if 'bytes_read_per_step' in r else '')
-        print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {r['step_s']:>7.3f} "
+        kept = str(r['kept_blocks']) if 'kept_blocks' in r else '-'  # blocks that kept their activations
+        print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {kept:>5} {r['step_s']:>7.3f} "
               f"{r['tokens_per_s']:>7.0f} {dev:>15} "
               f"{r['host_gain_bytes'] / GIB:>9.2f} {r['host_gain_bytes'] / report['model_bytes']:>10.0%} "
               f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {ratio.get('hf-qlora', '-'):>8} {blocks:>18} "

@@ -4,6 +4,7 @@ from ..model.config import shape_config
 from ..model.quant import parse_quant
 from ..weights.plan import print_plan
 from ..weights.prepared import model_config
+from .options import parse_bytes
 
 
 def add_arguments(p):
@@ -16,10 +17,13 @@ def add_arguments(p):
     p.add_argument('--targets', default='q,v')
     p.add_argument('--quant', default=None, help='nf4 | int8 (with --shape; a --model says its own)')
     p.add_argument('--grad-accum', type=int, default=1, help='micro-batches a step (they travel together)')
+    p.add_argument('--max-device-mem', default=None, help='bytes the step may take on the device (e.g. 8GB): '
+                   'prints the step plan they allow (which blocks keep their activations)')
 
 
 def run(args):
     cfg, quant = model_config(args.model) if args.model else (shape_config(args.shape or '7b'),
                                                                parse_quant(args.quant))
     print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
-               tuple(args.targets.split(',')), quant, max(1, args.grad_accum))
+               tuple(args.targets.split(',')), quant, max(1, args.grad_accum),
+               parse_bytes(args.max_device_mem, '--max-device-mem'))

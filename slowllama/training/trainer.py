@@ -4,8 +4,9 @@ metrics.jsonl, train.log and a progress bar.
 
 Knows nothing of file formats or tokenizers. It drives any model with trainable_parameters(),
 accumulate(micro_batches, shares), loss(...) and save_adapter(folder) (slowllama's StreamedModel;
-with traffic(), the bytes each step read and sent to the device are logged too) over any data with batch(index) -> Batch (slowllama.data.dataset). Other objectives (a
-prefix encoder, DPO) plug in through `step_fn` / `eval_fn`.
+with traffic(), the bytes each step read and sent to the device are logged too) over any data with
+batch(index) -> Batch (slowllama.data.dataset). Other objectives (a prefix encoder, DPO) plug in
+through `step_fn` / `eval_fn`.
 
 Run folder:
     adapter/                    the latest adapter (PEFT layout)

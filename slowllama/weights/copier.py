@@ -37,8 +37,14 @@ class DeviceCopier:
         self._free_events, self._copied_events, self._in_use = [None, None], [None, None], [False, False]
         self._reader = None
 
-    def start(self, host_tensors, from_disk=False):
+    def start(self, host_tensors, from_disk=False, prefault=None):
+        """Start bringing a block's host tensors to the device. prefault: for a block read from a
+        mapped file, what reads it into memory (on a cpu the mapped pages are used as they are: the
+        reader thread faults them in while the current block computes, so the disk and the compute
+        work at once)."""
         if self.on_cpu and all(t.dtype == self.layout[n][1] for n, t in host_tensors.items()):
+            if from_disk and prefault is not None:
+                return Pending(None, self._in_background(self._faulted_in, prefault, host_tensors), self.queue)
             return Ready(None, host_tensors)  # zero-copy: the compute reads the mapped pages
         slot = self._claim()
         try:
@@ -68,6 +74,11 @@ class DeviceCopier:
         slot = self._in_use.index(False)
         self._in_use[slot] = True
         return slot
+
+    @staticmethod
+    def _faulted_in(prefault, host_tensors):  # cpu, in the reader thread
+        prefault()
+        return host_tensors, None
 
     def _in_background(self, work, slot, host_tensors):
         if self._reader is None:

@@ -5,6 +5,8 @@ Nothing we write is pickled; every final name appears only once its bytes are co
 """
 import contextlib
 import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import mmap
@@ -207,6 +209,32 @@ def sha256_file(path, chunk=1 << 24):
     return digest.hexdigest()
 
 
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module names it only from 3.13
+
+
+def populate_read(mapped):
+    """Fault every page of a writable (or copy-on-write) mmap in, reading from disk what the page
+    cache lacks: True when the kernel did it (libc's madvise, called through ctypes, which lets other
+    threads run meanwhile), False where it cannot (not Linux, an older kernel)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+    return libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapped)), MADV_POPULATE_READ) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 class SafetensorsFile:
     """A safetensors file mapped read-only (copy-on-write, so torch gets a writable buffer but the
     file is never changed). tensor() returns zero-copy views. The header is validated first: a
@@ -255,6 +283,17 @@ class SafetensorsFile:
         if self._map is not None and last > first and hasattr(self._map, 'madvise'):
             with contextlib.suppress(OSError, ValueError):
                 self._map.madvise(advice, first, last - first)
+
+    def prefault(self):
+        """Read the whole file into memory now, in the calling thread (a reader thread: the disk read
+        then happens beside the compute, not inside its page faults): Linux's MADV_POPULATE_READ maps
+        every page; elsewhere the file is read through the page cache."""
+        if self._map is None or populate_read(self._map):
+            return
+        scratch = bytearray(1 << 22)
+        with open(self.path, 'rb', buffering=0) as f:
+            while f.readinto(scratch):
+                pass
 
     def advise(self, advice):
         """madvise the whole mapping: MADV_WILLNEED starts read-ahead, MADV_DONTNEED drops the pages

@@ -127,7 +127,8 @@ class StepPlan:
     def describe(self):
         kept = ('every block keeps its activations' if self.kept_blocks == self.n_layers else
                 'every block is recomputed in the backward' if not self.kept_blocks else
-                f'the last {self.kept_blocks} of {self.n_layers} blocks keep their activations, the rest are recomputed')
+                f'the last {self.kept_blocks} of {self.n_layers} blocks keep their activations, the rest are '
+                'recomputed')
         travel = (f'{self.micro_batches} micro-batches per step, {self.trip} per trip ({self.trips} trip'
                   f'{"s" if self.trips > 1 else ""}: each block crosses {2 * self.trips} times a step)')
         return (f'{travel}; {kept} ({self.kept_bytes / GIB:.2f} GiB kept, {self.saved_input_bytes / GIB:.2f} GiB '
@@ -135,11 +136,12 @@ class StepPlan:
 
 
 def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_budget=0, disk_budget=None, trip=None,
-              keep='auto', working=0, **activation):
+              keep='auto', working=0, keep_reserve=0, **activation):
     """The StepPlan for `micro_batches` of batch x seq within `budget` bytes on the device (on a cpu:
     the host) for what the step holds beyond the weights (`working` of it taken by the working set of
     one block's backward and the head), with saved inputs spilling to `ram_budget` bytes of host RAM,
-    then to `disk_budget` bytes of disk (None: unlimited).
+    then to `disk_budget` bytes of disk (None: unlimited). Kept activations leave `keep_reserve` of
+    the budget alone (on a cpu: the page cache's room for the blocks read from files).
 
     trip: micro-batches per trip; None: all of them as long as their hidden states and gradients fit
     on the device (saved inputs spill: a few percent of a block's bytes a micro-batch, far less than
@@ -164,7 +166,9 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
                              f'{seq} need {stash / GIB:.2f} GiB; the device has {budget / GIB:.2f} GiB for the step, '
                              f'RAM {ram_budget / GIB:.2f} GiB and the spill folder\'s disk {disk_budget / GIB:.2f} GiB '
                              '(lower --batch-size or --seq-len, or free memory or disk)')
-    kept, note = _kept_blocks(keep, n, budget, lambda blocks: device_need(trip, blocks))
+    kept, note = _kept_blocks(keep, n, budget - keep_reserve, lambda blocks: device_need(trip, blocks))
+    if note and keep_reserve:
+        note += f' (after {keep_reserve / GIB:.2f} GiB left to the page cache for the blocks read from files)'
     room = max(0, budget - device_need(trip, kept))
     return StepPlan(micro_batches, trip, kept, n, trip * kept * per_block, trip * (n - kept) * one_input, budget,
                     stash_device_bytes=room, stash_ram_bytes=ram_budget, note=note)
@@ -311,17 +315,27 @@ def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget,
     return plan(resident, ram)
 
 
-def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, micro_batches=1):
+def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, micro_batches=1, budget=None):
     """Print the predicted peaks of a finetune in each offload mode (quant: the blocks' Quant, or
-    None), `micro_batches` a step travelling through the blocks together."""
+    None), `micro_batches` a step travelling through the blocks together, activations recomputed
+    and kept; with `budget` (bytes for the step on the device), the step plan it allows."""
     print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}'
           f'{", " + quant.type + " blocks" if quant else ""}, LoRA r={rank} on {",".join(targets)}')
+    w = DTYPE_BYTES[dtype]
     if micro_batches > 1:
-        saved = micro_batches * cfg.n_layers * saved_input_bytes(cfg, batch, seq, DTYPE_BYTES[dtype])
+        saved = micro_batches * cfg.n_layers * saved_input_bytes(cfg, batch, seq, w)
         print(f'  {micro_batches} micro-batches a step travel through each block together: each block crosses '
               f'twice a step, their saved inputs take {saved / GIB:.2f} GiB (device, then RAM, then disk)')
+    per_block = kept_activation_bytes(cfg, batch, seq, dtype, targets, rank)
+    print(f'  activations kept instead of recomputed: {per_block / 2 ** 20:.1f} MiB a block and micro-batch, '
+          f'{micro_batches * cfg.n_layers * per_block / GIB:.2f} GiB for every block')
     for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
                                  ('disk (streamed)', 0, 0)]:
-        plan = predict(cfg, batch, seq, dtype, rank, targets, resident_blocks=resident, ram_blocks=ram,
-                       quant=quant, micro_batches=micro_batches)
-        print(f'  {label:<22} device {plan.device_bytes / GIB:7.2f} GiB   host {plan.host_bytes / GIB:7.2f} GiB')
+        peaks = [predict(cfg, batch, seq, dtype, rank, targets, resident_blocks=resident, ram_blocks=ram, quant=quant,
+                         micro_batches=micro_batches, kept_blocks=kept) for kept in (0, cfg.n_layers)]
+        print(f'  {label:<22}' + ' |'.join(f' {how}: device {p.device_bytes / GIB:6.2f} GiB   host '
+                                           f'{p.host_bytes / GIB:6.2f} GiB' for how, p in zip(('recomputed', 'kept'), peaks)))
+    if budget is not None:
+        working = step_working_bytes(cfg, batch, seq, dtype, micro_batches)
+        plan = plan_step(cfg, batch, seq, dtype, micro_batches, budget, working=working, targets=targets, rank=rank)
+        print(f'  within {budget / GIB:.2f} GiB for the step: {plan.describe()}')

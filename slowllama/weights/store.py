@@ -73,6 +73,14 @@ class BlockStore:
         zero_copy = self.device.type == 'cpu' and self._layout == self._stored_layout
         return 0 if not streamed or zero_copy else self._copier.unallocated_bytes()
 
+    def disk_tier_bytes(self):
+        """{'blocks': how many blocks are read from their files at each use, 'block': one block's bytes
+        as stored, 'total': the bytes of every file on the disk tier}."""
+        on_disk = [f for f, tier in self.tiers.items() if tier == 'disk']
+        blocks = sum(f.startswith('block_') for f in on_disk)
+        total = sum(self.manifest['files'][f]['size'] for f in on_disk)
+        return {'blocks': blocks, 'block': self._block_bytes['stored'], 'total': total}
+
     @property
     def offload(self):
         tiers = set(self.tiers[block_file(i)] for i in range(self.cfg.n_layers))
@@ -201,7 +209,7 @@ class BlockStore:
             return self._copier.start(self._resident[filename])
         mapped = self._file(filename)
         mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
-        return self._copier.start(mapped.tensors(), from_disk=True)
+        return self._copier.start(mapped.tensors(), from_disk=True, prefault=mapped.prefault)
 
     def _count(self, read, to_device):
         self.traffic['bytes_read'] += read
