@@ -147,3 +147,20 @@ def test_each_family_chats_two_turns_and_test_gen_chats_as_transformers(chat_fam
     assert cli.main(['test_gen', str(prepared), '--chat', '--prompt', turns[0], '--max-new-tokens', str(MAX_NEW)]) == 0
     only_user = hf_reply(hf_model, hf_tokenizer, [{'role': 'user', 'content': turns[0]}], hf_tokenizer.pad_token_id)
     assert capsys.readouterr().out == only_user + '\n'
+
+
+def test_a_model_without_a_template_chats_with_one_given(tmp_path, monkeypatch, capsys):
+    from conftest import make_hf_model, save_tiny_tokenizer
+    make_hf_model(tmp_path / 'hf', seed=3, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    save_tiny_tokenizer(tmp_path / 'hf', chat_template=None)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'model', dtype='fp32')
+    capsys.readouterr()  # prepare's own lines
+    code, _, err = chat(monkeypatch, capsys, ['ships at sea'], str(tmp_path / 'model'))
+    assert code == 2 and err.count('\n') == 1
+    assert err.startswith(f'error: {tmp_path / "model"} has no chat template; give one with --chat-template FILE')
+    template = tmp_path / 'mine.jinja'
+    template.write_text("{% for m in messages %}{{ '<|' + m.role + '|>' + m.content + '<|end|>' }}{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    code, out, err = chat(monkeypatch, capsys, ['ships at sea', 'one two'], str(tmp_path / 'model'),
+                          '--chat-template', str(template))
+    assert code == 0 and out.count('\n') == 2, err

@@ -199,7 +199,8 @@ def test_plain_lines_learn_each_answer_and_eos(untemplated_model, tmp_path):
     pair = load_pairs(pairs, tokenizer, 64, chat_format='plain').train[0]
     assert pair.chosen[pair.chosen_start:] == tokenizer.encode('three', bos=False, eos=True)  # the answer and EOS
     pieces = ['user: ', 'one two', '\n', 'assistant: ']
-    assert pair.chosen[:pair.chosen_start] == tokenizer.encode('') + [i for p in pieces for i in tokenizer.encode(p, bos=False)]
+    prompt = tokenizer.encode('') + [i for piece in pieces for i in tokenizer.encode(piece, bos=False)]
+    assert pair.chosen[:pair.chosen_start] == prompt
 
 
 def test_the_models_template_is_named_in_the_first_lines(chat_family, tmp_path, capsys):

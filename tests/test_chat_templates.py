@@ -165,7 +165,8 @@ def test_block_tags_on_their_own_lines_render_as_in_transformers(chat_family, tm
     ours.use_chat_template(str(tmp_path / 'zephyr.jinja'))
     for messages in CONVERSATIONS:
         assert ours.encode_chat(messages, True) == hf_ids(reference, messages, True, chat_template=template)
-    assert ours.apply_chat_template(CONVERSATIONS[1]).startswith('<|user|>\nthe quick brown fox<|endoftext|>\n<|assistant|>')
+    rendered = ours.apply_chat_template(CONVERSATIONS[1])
+    assert rendered.startswith('<|user|>\nthe quick brown fox<|endoftext|>\n<|assistant|>')
 
 
 # --- templates that fail ------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def test_a_chat_template_flag_picks_a_named_template_or_a_file(chat_family, tmp_
         tokenizer.use_chat_template(str(tmp_path / 'nothing.jinja'))
     (tmp_path / 't.jinja').write_text('{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}')
     tokenizer.use_chat_template(str(tmp_path / 't.jinja'))
-    assert tokenizer.apply_chat_template(CONVERSATIONS[1]) == '[user]the quick brown fox[assistant]jumps over the lazy dog'
+    rendered = tokenizer.apply_chat_template(CONVERSATIONS[1])
+    assert rendered == '[user]the quick brown fox[assistant]jumps over the lazy dog'
     tokenizer.chat_templates['short'] = '{{ messages | length }}'
     tokenizer.use_chat_template('short')
     assert tokenizer.apply_chat_template(CONVERSATIONS[1]) == '2'
