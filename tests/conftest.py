@@ -110,3 +110,20 @@ def fuzz_corpus(tmp_path_factory):
     """Valid files of every kind slowllama reads (tests/fuzz.py), for the fuzz and kill tests."""
     import fuzz
     return fuzz.build_corpus(tmp_path_factory.mktemp('fuzz_corpus'))
+
+
+@pytest.fixture(scope='session')
+def chat_family(tmp_path_factory):
+    """name -> (hf folder, prepared folder, transformers model): a tiny model of each chat family
+    (tests/chat_families.py), saved by transformers and prepared in fp32; built on first use."""
+    from chat_families import save_family
+    built = {}
+
+    def get(name):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(f'chat_{name}')
+            _, model = save_family(name, folder / 'hf', seed=len(built))
+            slowllama.prepare(folder / 'hf', folder / 'prepared', dtype='fp32')
+            built[name] = (folder / 'hf', folder / 'prepared', model)
+        return built[name]
+    return get

@@ -2,22 +2,24 @@
 on the same rendered conversation, the KV cache kept across turns, /reset, /exit and errors."""
 import io
 
+import pytest
 import torch
 
 import slowllama
 from slowllama import cli
 from slowllama.training.conversation import Conversation
 from slowllama.weights.formats.tokenizer import load_tokenizer
+from chat_families import FAMILIES
 from reference import peft_model
 
 MAX_NEW = 8
 
 
-def hf_reply(hf_model, hf_tokenizer, messages):
+def hf_reply(hf_model, hf_tokenizer, messages, pad_token_id=3):
     """transformers alone: the template rendered by its tokenizer, greedy generate, decoded."""
     ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                            return_dict=False)
-    out = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=3)
+    out = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=pad_token_id)
     return hf_tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
@@ -124,3 +126,41 @@ def test_sampling_is_seeded_and_a_too_long_turn_is_refused(tiny_text_model, monk
     assert cli.main(['chat', str(model_dir), '--max-new-tokens', '300']) == 0  # the model has 256 positions
     assert "error: the conversation would pass the model's 256 positions; /reset to start over" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_each_family_chats_two_turns_and_test_gen_chats_as_transformers(chat_family, name, monkeypatch, capsys):
+    """A tiny model of each family, saved by transformers with its template in chat_template.jinja and
+    prepared from that folder: two turns of chat, and test_gen --chat, equal transformers' greedy
+    generation on the template transformers renders from the same folder."""
+    from transformers import AutoTokenizer
+    hf_folder, prepared, hf_model = chat_family(name)
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    turns = ['who keeps the lamp?', 'and the ships?']
+    code, out, err = chat(monkeypatch, capsys, turns, str(prepared), '--system', 'you keep the lighthouse')
+    assert code == 0 and 'error' not in err, err
+    messages = [{'role': 'system', 'content': 'you keep the lighthouse'}, {'role': 'user', 'content': turns[0]}]
+    first = hf_reply(hf_model, hf_tokenizer, messages, hf_tokenizer.pad_token_id)
+    messages += [{'role': 'assistant', 'content': first}, {'role': 'user', 'content': turns[1]}]
+    second = hf_reply(hf_model, hf_tokenizer, messages, hf_tokenizer.pad_token_id)
+    assert out == f'{first}\n{second}\n'
+    assert cli.main(['test_gen', str(prepared), '--chat', '--prompt', turns[0], '--max-new-tokens', str(MAX_NEW)]) == 0
+    only_user = hf_reply(hf_model, hf_tokenizer, [{'role': 'user', 'content': turns[0]}], hf_tokenizer.pad_token_id)
+    assert capsys.readouterr().out == only_user + '\n'
+
+
+def test_a_model_without_a_template_chats_with_one_given(tmp_path, monkeypatch, capsys):
+    from conftest import make_hf_model, save_tiny_tokenizer
+    make_hf_model(tmp_path / 'hf', seed=3, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    save_tiny_tokenizer(tmp_path / 'hf', chat_template=None)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'model', dtype='fp32')
+    capsys.readouterr()  # prepare's own lines
+    code, _, err = chat(monkeypatch, capsys, ['ships at sea'], str(tmp_path / 'model'))
+    assert code == 2 and err.count('\n') == 1
+    assert err.startswith(f'error: {tmp_path / "model"} has no chat template; give one with --chat-template FILE')
+    template = tmp_path / 'mine.jinja'
+    template.write_text("{% for m in messages %}{{ '<|' + m.role + '|>' + m.content + '<|end|>' }}{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    code, out, err = chat(monkeypatch, capsys, ['ships at sea', 'one two'], str(tmp_path / 'model'),
+                          '--chat-template', str(template))
+    assert code == 0 and out.count('\n') == 2, err

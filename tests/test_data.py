@@ -124,7 +124,9 @@ def test_chat_learns_only_the_assistant(tokenizer, tmp_path):
 def test_chat_without_template_masks_the_user(plain_tokenizer, tmp_path):
     messages = [{'role': 'user', 'content': 'one two'}, {'role': 'assistant', 'content': 'three'}]
     path = write_jsonl(tmp_path / 'chat.jsonl', [{'messages': messages}])
-    example = load_data(path, plain_tokenizer, seq_len=128, batch_size=1).train.examples[0]
+    with pytest.raises(SlowLlamaError, match='has no chat template; add --chat-template FILE .* --chat-format plain'):
+        load_data(path, plain_tokenizer, seq_len=128, batch_size=1)  # never plain lines unasked
+    example = load_data(path, plain_tokenizer, seq_len=128, batch_size=1, chat_format='plain').train.examples[0]
     taught = [t for t in example.targets if t != IGNORE]
     assert taught == plain_tokenizer.encode('three', bos=False, eos=True)
 

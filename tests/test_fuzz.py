@@ -224,10 +224,12 @@ def test_damaged_prepared_folder_is_one_line(corpus, tmp_path, name, filename, e
 def test_a_chat_template_that_fails_names_the_file(corpus, tmp_path):
     from slowllama.weights.formats.tokenizer import load_tokenizer
     model = _copy(corpus, 'prepared', tmp_path)
-    _edit_json(model / 'tokenizer_config.json', lambda c: c.__setitem__('chat_template', '{{ x + }}'))
+    (model / 'chat_template.jinja').write_text('{{ x + }}')
     tokenizer = load_tokenizer(model)
-    _refused(lambda: tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'}]),
-             model / 'tokenizer_config.json')
+    _refused(lambda: tokenizer.check_chat_template(), model / 'chat_template.jinja')
+    (model / 'chat_template.jinja').write_text('{{ raise_exception("no " ~ messages[0].role) }}')
+    with pytest.raises(slowllama.SlowLlamaError, match='chat_template.jinja\\) fails: no user$'):
+        load_tokenizer(model).apply_chat_template([{'role': 'user', 'content': 'hi'}])
 
 
 @pytest.mark.parametrize('line', [

@@ -108,7 +108,7 @@ def test_gguf_byte_level_bpe_tokenizer_round_trips(bpe_tokenizer, tmp_path):
     hf_model = make_hf_model(tmp_path / 'hf', seed=7, vocab_size=len(tokens))
     write_gguf(tmp_path / 'm.gguf', hf_model, {}, tokenizer=fields)
     files = tokenizer_files(open_reader(str(tmp_path / 'm.gguf')), 'm.gguf')
-    assert set(files) == {'tokenizer.json', 'tokenizer_config.json'}
+    assert set(files) == {'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'}
     slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
     tok = load_tokenizer(tmp_path / 'out')
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 0, False)

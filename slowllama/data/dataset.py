@@ -4,7 +4,7 @@ batches of (tokens, targets) with prompts and padding masked out of the loss.
 Every example is already shifted: targets[t] is the token expected after tokens[:t+1], IGNORE (-100)
 where nothing is learned. Batches are a pure function of (seed, batch index), so a run resumed at
 batch index k sees exactly the batches an uninterrupted run would. Knows nothing of the model: a
-tokenizer (encode / decode / bos_id / eos_id / pad_id / chat_template) is all it needs.
+tokenizer (encode / decode / bos_id / eos_id / pad_id, and its chat template) is all it needs.
 """
 import dataclasses
 import json
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlowLlamaError
-from .examples import Example, IGNORE, alpaca_example, chat_example, text_record
+from .chat import chat_example, chat_rendering, describe_rendering
+from .examples import Example, IGNORE, alpaca_example, text_record
 from .hf_datasets import is_hf_dataset, read_hf_records
 
 TEXT_SUFFIXES = ('.txt', '.md', '.text')
@@ -251,6 +252,7 @@ class Dataset:
     train: object   # .batch(index) -> Batch
     val: list       # [Batch], empty without a validation split
     summary: str
+    rendering: str | None = None  # chat data: which rendering it used (chat.describe_rendering)
 
 
 def check_data_flags(path, seq_len, val_fraction):
@@ -266,16 +268,17 @@ def check_data_flags(path, seq_len, val_fraction):
 
 
 def load_data(path, tokenizer, seq_len, batch_size, seed=0, val_fraction=0.0, pack=False, kind=None,
-              eval_batches=None, field=None, split=None):
+              eval_batches=None, field=None, split=None, chat_format=None):
     """Read a data file into training batches and a validation split (see the module docstring).
-    field, split: which column and split of the records (read_records)."""
+    field, split: which column and split of the records (read_records); chat_format: the rendering
+    of chat records (chat.py: the chat template, or 'plain' lines)."""
     path = check_data_flags(path, seq_len, val_fraction)
     kind = kind or detect_format(path, field, split)
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     if kind == 'text':
         return _text_dataset(path, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches)
     return _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id,
-                           eval_batches, field, split)
+                           eval_batches, field, split, chat_format)
 
 
 def _text_dataset(path, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches):
@@ -301,10 +304,11 @@ def _chunks(ids, seq_len):
 
 
 def _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fraction, pack, pad_id, eval_batches,
-                    field=None, split=None):
+                    field=None, split=None, chat_format=None):
     records = read_records(path, field, split)
+    rendering = chat_rendering(tokenizer, chat_format, path) if kind == 'chat' else None
     to_example = {'jsonl': lambda r, w: text_record(tokenizer, r, w), 'alpaca': lambda r, w: alpaca_example(
-        tokenizer, r, w), 'chat': lambda r, w: chat_example(tokenizer, r, w)}[kind]
+        tokenizer, r, w), 'chat': lambda r, w: chat_example(tokenizer, r, w, rendering)}[kind]
     n_val = math.ceil(len(records) * val_fraction) if val_fraction else 0
     if n_val and n_val >= len(records):
         raise SlowLlamaError(f'{path}: {len(records)} records are too few for --val-fraction {val_fraction}')
@@ -322,4 +326,5 @@ def _record_dataset(path, kind, tokenizer, seq_len, batch_size, seed, val_fracti
     summary = (f'{path}: {kind}, {len(records) - n_val} training and {n_val} validation records, '
                f'{len(train)} training rows{" (packed)" if pack else ""}')
     return Dataset(kind, ExampleBatches(train, batch_size, seed, pad_id),
-                   fixed_batches(val, batch_size, pad_id, eval_batches), summary)
+                   fixed_batches(val, batch_size, pad_id, eval_batches), summary,
+                   describe_rendering(tokenizer, rendering) if rendering else None)

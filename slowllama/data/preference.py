@@ -3,7 +3,8 @@ DPOTrainer tokenizes them, the prompt masked out of the targets.
 
 Records are `{"prompt", "chosen", "rejected"}`, either three strings (an EOS is added to each answer)
 or trl's conversational form: `prompt` a list of {"role", "content"} messages, `chosen` and `rejected`
-lists of the answering message(s), rendered with the model's chat template. Each answer starts where
+lists of the answering message(s), rendered as chat records are (chat.py: the model's chat template,
+or --chat-format plain lines; never plain lines silently). Each answer starts where
 the tokenized prompt and the tokenized prompt + answer part (they can differ at the boundary).
 A prompt + answer longer than --seq-len tokens keeps its last --seq-len tokens (trl's
 truncation_mode='keep_end': the prompt is cut from the left first); such pairs are counted.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlowLlamaError
+from .chat import PLAIN, chat_rendering, check_messages, common_prefix, describe_rendering, plain_segments
 from .dataset import IGNORE, Batch, EpochShuffle, _generator, check_data_flags, read_records
 
 KEYS = ('prompt', 'chosen', 'rejected')
@@ -50,30 +52,25 @@ class PairBatch(Batch):
 
 # --- records -> pairs --------------------------------------------------------------------------
 
-def common_prefix(a, b):
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def is_conversational(record):
     return isinstance(record['prompt'], list)
 
 
-def tokenize_record(tokenizer, record, where):
-    """-> (prompt ids, prompt + chosen ids, prompt + rejected ids)."""
+def tokenize_record(tokenizer, record, where, rendering=None):
+    """-> (prompt ids, prompt + chosen ids, prompt + rejected ids). rendering: chat.TEMPLATE or
+    chat.PLAIN for conversational records (chat.chat_rendering)."""
     for key in KEYS:
         if key not in record:
             raise SlowLlamaError(f'{where}: no "{key}" (a preference pair needs "prompt", "chosen" and "rejected")')
     if is_conversational(record):
-        messages = [record[key] for key in KEYS]
-        if not all(isinstance(m, list) and all(isinstance(x, dict) and 'role' in x and 'content' in x for x in m)
-                   for m in messages):
+        if not all(isinstance(record[key], list) for key in KEYS):
             raise SlowLlamaError(f'{where}: "prompt", "chosen" and "rejected" must all be strings or all be '
                                  'lists of {"role", "content"} messages')
-        prompt, chosen, rejected = messages
-        render = lambda m, g: tokenizer.encode(tokenizer.apply_chat_template(m, g), bos=False)  # noqa: E731
+        prompt, chosen, rejected = (check_messages(record[key], where, key) for key in KEYS)
+        if rendering == PLAIN:
+            render = lambda m, g: [i for ids, _ in plain_segments(tokenizer, m, where, g) for i in ids]  # noqa: E731
+        else:
+            render = lambda m, g: tokenizer.encode_chat(m, g, where=where)  # noqa: E731
         return render(prompt, True), render(prompt + chosen, False), render(prompt + rejected, False)
     if not all(isinstance(record[key], str) for key in KEYS):
         raise SlowLlamaError(f'{where}: "prompt", "chosen" and "rejected" must all be strings or all be '
@@ -136,12 +133,13 @@ class PairSet:
     val: list     # [Pair]
     summary: str
     fingerprint: str  # every token of every pair, and which are held out
+    rendering: str | None = None  # conversational pairs: which rendering they used (chat.describe_rendering)
 
 
-def load_pairs(path, tokenizer, seq_len, seed=0, val_fraction=0.0, split=None):
+def load_pairs(path, tokenizer, seq_len, seed=0, val_fraction=0.0, split=None, chat_format=None):
     """Read preference pairs (JSONL / JSON, or a Hugging Face dataset on disk: --split picks one of
     its splits); hold out ceil(val_fraction * n) of them (the same records the SFT reader would hold
-    out)."""
+    out). chat_format: the rendering of conversational pairs (chat.py)."""
     path = check_data_flags(path, seq_len, val_fraction)
     records = read_records(path, split=split)
     n_val = math.ceil(len(records) * val_fraction) if val_fraction else 0
@@ -150,8 +148,11 @@ def load_pairs(path, tokenizer, seq_len, seed=0, val_fraction=0.0, split=None):
     val_index = set(torch.randperm(len(records), generator=_generator(seed, 1 << 30)).tolist()[:n_val])
     train, val = [], []
     digest = hashlib.sha256()
+    rendering = None  # decided at the first conversational pair
     for n, record in enumerate(records):
-        pair = make_pair(*tokenize_record(tokenizer, record, f'{path}: record {n + 1}'), seq_len)
+        if rendering is None and isinstance(record.get('prompt'), list):
+            rendering = chat_rendering(tokenizer, chat_format, path)
+        pair = make_pair(*tokenize_record(tokenizer, record, f'{path}: record {n + 1}', rendering), seq_len)
         if pair.chosen_start >= len(pair.chosen) or pair.rejected_start >= len(pair.rejected):
             raise SlowLlamaError(f'{path}: record {n + 1} has an empty answer')
         digest.update(repr((n in val_index, pair.chosen, pair.rejected, pair.chosen_start,
@@ -160,4 +161,5 @@ def load_pairs(path, tokenizer, seq_len, seed=0, val_fraction=0.0, split=None):
     cut = sum(p.truncated for p in train + val)
     summary = (f'{path}: preference pairs, {len(train)} training and {len(val)} validation; '
                f'{cut} cut to --seq-len {seq_len} (prompt first, from the left)')
-    return PairSet(train, val, summary, digest.hexdigest())
+    return PairSet(train, val, summary, digest.hexdigest(),
+                   describe_rendering(tokenizer, rendering) if rendering else None)

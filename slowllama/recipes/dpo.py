@@ -34,7 +34,7 @@ def build(opts, stream=None):
     tokenizer = run.tokenizer
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     pairs = load_pairs(opts.data, tokenizer, opts.seq_len, seed=opts.seed, val_fraction=opts.val_fraction,
-                       split=opts.split)
+                       split=opts.split, chat_format=opts.chat_format)
     model = load_model(opts, run.device, rows=2 * opts.batch_size)  # a chosen and a rejected row per pair
     note = reference_logps(model, pairs, opts, run, pad_id, stream)
     # under torchrun the batches are global; each process trains on its own pairs of them
@@ -48,6 +48,8 @@ def build(opts, stream=None):
                       sample_fn=sample_fn, run_config=run_config_of(opts), stream=stream, group=run.group,
                       skip_nonfinite=opts.skip_nonfinite, tensorboard=opts.tensorboard)
     trainer.log(pairs.summary)
+    if pairs.rendering:
+        trainer.log(pairs.rendering)
     trainer.log(note)
     return model, tokenizer, trainer
 

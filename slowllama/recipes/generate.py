@@ -18,10 +18,11 @@ def add_arguments(p):
 
 def run(args):
     model, tokenizer, device = load_for_inference(args)
-    prompt = args.prompt
-    if args.chat:
-        prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], add_generation_prompt=True)
+    prompt_ids = None
+    if args.chat:  # the template writes any BOS itself, as transformers' apply_chat_template
+        tokenizer.check_chat_template()
+        prompt_ids = tokenizer.encode_chat([{'role': 'user', 'content': args.prompt}], add_generation_prompt=True)
     print(f'[{device}] {args.prompt}', file=sys.stderr, flush=True)
-    complete(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p,
-             on_text=lambda piece: print(piece, end='', flush=True))
+    complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+             on_text=lambda piece: print(piece, end='', flush=True), prompt_ids=prompt_ids)
     print()

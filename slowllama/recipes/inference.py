@@ -18,6 +18,9 @@ def add_sampling_arguments(p, max_new_tokens):
     p.add_argument('--seed', type=int, default=None, help='random seed for sampling')
     p.add_argument('--offload', default='disk', help='disk | ram | device (default disk)')
     p.add_argument('--dtype', default=None, help='bf16 | fp16 | fp32 (default: fp32 on cpu, bf16 elsewhere)')
+    p.add_argument('--chat-template', default=None,
+                   help="a Jinja chat template file, or the name of one of the model's templates (e.g. tool_use), "
+                        "used instead of its default")
 
 
 def load_for_inference(args):
@@ -29,6 +32,8 @@ def load_for_inference(args):
     device = resolve_device(args.device)
     read_manifest(args.model)  # a clear error for a folder that is not a prepared model
     tokenizer = load_tokenizer(args.model)
+    if args.chat_template is not None:
+        tokenizer.use_chat_template(args.chat_template)
     model = load(args.model, device, default_dtype(device, args.dtype), adapter=adapter_folder(args.lora),
                  offload=args.offload)
     if args.seed is not None:

@@ -40,6 +40,10 @@ FLAGS = {
     'dtype': (str, None, 'bf16 | fp16 | fp32 (default: fp32 on cpu, bf16 elsewhere)'),
     'adapter': (str, None, 'start from this adapter folder'),
     'data-format': (str, None, 'text | jsonl | alpaca | chat (default: from the file)'),
+    'chat-template': (str, None, "chat records (and conversational DPO pairs) rendered with this Jinja file, or "
+                                 "with the model's template of this name (e.g. tool_use), instead of its default"),
+    'chat-format': (str, 'template', 'template | plain: chat records as the chat template renders them, or as '
+                                     '"role: content" lines (a model without a template needs one of the two)'),
     'pack': (bool, False, 'pack short samples (or text chunks) into full --seq-len rows; each sample attends '
                           'to itself only'),
     'val-fraction': (float, 0.0, 'share of the data held out for validation'),

@@ -63,7 +63,12 @@ def setup_run(opts, required, hint):
         raise SlowLlamaError(f'--seq-len {opts.seq_len} is above the model\'s maximum of '
                              f'{manifest["config"]["max_seq_len"]} positions')
     out = group.gather(opts.out or new_run_dir())[0]  # every process writes (or reads) rank 0's folder
-    return RunSetup(group, device, load_tokenizer(opts.model), train_cfg, out)
+    tokenizer = load_tokenizer(opts.model)
+    if opts.chat_template is not None:
+        if opts.chat_format == 'plain':
+            raise SlowLlamaError('--chat-template and --chat-format plain contradict each other; give one')
+        tokenizer.use_chat_template(opts.chat_template)
+    return RunSetup(group, device, tokenizer, train_cfg, out)
 
 
 def train_config(opts):
@@ -99,7 +104,8 @@ def build_sft(opts, stream=None):
     # under torchrun the data yields global batches; each process trains on its own rows of them
     data = load_data(opts.data, run.tokenizer, opts.seq_len, opts.batch_size * run.group.world, seed=opts.seed,
                      val_fraction=opts.val_fraction, pack=opts.pack, kind=opts.data_format,
-                     eval_batches=opts.eval_batches, field=opts.field, split=opts.split)
+                     eval_batches=opts.eval_batches, field=opts.field, split=opts.split,
+                     chat_format=opts.chat_format)
     model = load_model(opts, run.device)
     sample_fn = None
     if opts.prompt:
@@ -108,6 +114,8 @@ def build_sft(opts, stream=None):
                       run_config=run_config_of(opts), stream=stream, group=run.group,
                       skip_nonfinite=opts.skip_nonfinite, tensorboard=opts.tensorboard)
     trainer.log(data.summary)
+    if data.rendering:
+        trainer.log(data.rendering)
     return model, run.tokenizer, trainer
 
 

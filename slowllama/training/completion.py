@@ -6,10 +6,12 @@ import torch
 from ..errors import SlowLlamaError
 
 
-def complete(model, tokenizer, prompt, max_new_tokens=48, temperature=0.0, top_p=1.0, on_text=None):
+def complete(model, tokenizer, prompt, max_new_tokens=48, temperature=0.0, top_p=1.0, on_text=None,
+             prompt_ids=None):
     """The completion of `prompt` as text (the prompt itself not included). on_text(piece) is called
-    with each new piece of text as soon as it is known."""
-    ids = tokenizer.encode(prompt)
+    with each new piece of text as soon as it is known. prompt_ids: the prompt already tokenized (a
+    rendered chat, which carries its own BOS)."""
+    ids = tokenizer.encode(prompt) if prompt_ids is None else prompt_ids
     if not ids:
         raise SlowLlamaError('--prompt: the prompt encodes to no tokens')
     stream = TextStream(tokenizer, on_text)
@@ -32,11 +34,11 @@ class TextStream:
 
     def finish(self, ids):
         text = self.tokenizer.decode(ids)
-        self._show(text)
+        self._show(text, final=True)  # no token will complete a broken UTF-8 sequence now: show it as decoded
         return text
 
-    def _show(self, text):
-        if self.on_text is None or text.endswith('\ufffd') or not text.startswith(self.shown):
+    def _show(self, text, final=False):
+        if self.on_text is None or (text.endswith('\ufffd') and not final) or not text.startswith(self.shown):
             return
         if len(text) > len(self.shown):
             self.on_text(text[len(self.shown):])

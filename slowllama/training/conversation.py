@@ -11,8 +11,9 @@ from .completion import TextStream
 class Conversation:
     def __init__(self, model, tokenizer, system=None, max_positions=None):
         if not tokenizer.chat_template:
-            raise SlowLlamaError('this model has no chat template (tokenizer_config.json "chat_template"); '
-                                 'use test_gen for plain completions')
+            raise SlowLlamaError(f'{tokenizer.folder or "the model"} has no chat template; give one with '
+                                 '--chat-template FILE, or use test_gen for plain completions')
+        tokenizer.check_chat_template()
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.max_positions = max_positions or model.cfg.max_seq_len
         self.reset()
@@ -25,18 +26,20 @@ class Conversation:
     def prompt_ids(self):
         """The conversation rendered up to the assistant's next turn, as the model reads it (no BOS
         beyond what the template writes, as training on chat data and transformers do)."""
-        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, bos=False)
+        return self.tokenizer.encode_chat(self.messages, add_generation_prompt=True)
 
     def reply(self, user_text, max_new_tokens, temperature=0.0, top_p=1.0, on_text=None):
         """Add the user's message, generate the assistant's answer (on_text(piece) as it comes),
         add it to the conversation and return it."""
         self.messages.append({'role': 'user', 'content': user_text})
-        ids = self.prompt_ids()
-        if len(ids) + max_new_tokens > self.max_positions:
+        try:
+            ids = self.prompt_ids()  # a template may refuse the conversation (raise_exception)
+            if len(ids) + max_new_tokens > self.max_positions:
+                raise SlowLlamaError(f'the conversation would pass the model\'s {self.max_positions} positions; '
+                                     '/reset to start over')
+        except SlowLlamaError:
             self.messages.pop()
-            raise SlowLlamaError(f'the conversation would pass the model\'s {self.max_positions} positions; '
-                                 '/reset to start over')
+            raise
         held = self._keep_common_prefix(ids)
         stream = TextStream(self.tokenizer, on_text)
         out = self.model.generate(torch.tensor([ids[held:]]), max_new_tokens, temperature=temperature,

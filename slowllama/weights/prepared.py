@@ -109,7 +109,10 @@ class PreparedWriter:
         self.write(filename, packed, keep_dtype=set(packed) - set(tensors))
 
     def add_tokenizer_file(self, name, data: bytes):
+        """A tokenizer file, or a chat template (additional_chat_templates/NAME.jinja: the one
+        sub-folder a prepared folder has, where transformers looks for named templates)."""
         path = os.path.join(self.staging, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'wb') as f:
             f.write(data)
         self.tokenizer_files.append(name)
@@ -258,8 +261,14 @@ def _fields_ok(manifest):
             and isinstance(manifest.get('source', {}), dict)
             and all(isinstance(e, dict) and _is_size(e.get('size')) and isinstance(e.get('sha256'), str)
                     for e in files.values())
-            and all(os.path.basename(name) == name for name in files)  # nothing outside the folder
+            and all(_inside(name) for name in files)
             and isinstance(tokenizer, list) and all(isinstance(n, str) and n in files for n in tokenizer))
+
+
+def _inside(name):
+    """A file of the folder itself or of one sub-folder (named chat templates): nothing outside it."""
+    parts = name.split('/')
+    return len(parts) <= 2 and all(p and p not in ('.', '..') and '\\' not in p for p in parts)
 
 
 def _is_size(value):

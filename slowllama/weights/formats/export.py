@@ -180,5 +180,6 @@ def _staging_folder(out):
 
 
 def _copy_tokenizer(model_dir, manifest, staging):
-    for name in manifest.get('tokenizer', []):
+    for name in manifest.get('tokenizer', []):  # chat templates included, where transformers looks for them
+        os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
         shutil.copyfile(os.path.join(str(model_dir), name), os.path.join(staging, name))

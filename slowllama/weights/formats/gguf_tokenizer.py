@@ -3,12 +3,14 @@
 `gpt2` (byte-level BPE) becomes a tokenizer.json built with the `tokenizers` library; `llama`
 (SentencePiece) becomes a tokenizer.model: a sentencepiece ModelProto written field by field (the
 handful of protobuf fields it needs, so no protobuf package is required). Both get a
-tokenizer_config.json with the special tokens, add_bos_token and the chat template.
+tokenizer_config.json with the special tokens and add_bos_token, and the chat templates as
+transformers saves them (chat_template.jinja, additional_chat_templates/NAME.jinja).
 """
 import json
 import struct
 
 from ...errors import SlowLlamaError
+from .chat_template import gguf_templates, template_files
 
 # token_type values (llama.cpp's, which are sentencepiece's piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -61,10 +63,13 @@ def tokenizer_files(reader, path):
         raise SlowLlamaError(f'{path}: tokenizer type {model!r} is not supported (gpt2 and llama are)')
     config = {key: vocab['tokens'][i] for key, i in special.items() if i is not None and i < len(vocab['tokens'])}
     config.update(add_bos_token=bool(add_bos),
-                  add_eos_token=bool(metadata(reader, 'tokenizer.ggml.add_eos_token', False)),
-                  chat_template=metadata(reader, 'tokenizer.chat_template'))
+                  add_eos_token=bool(metadata(reader, 'tokenizer.ggml.add_eos_token', False)))
     files['tokenizer_config.json'] = (json.dumps(config, indent=2, ensure_ascii=False) + '\n').encode()
-    return files
+    try:
+        templates = gguf_templates(lambda key: metadata(reader, key))
+    except SlowLlamaError as e:
+        raise SlowLlamaError(f'{path}: {e}') from None
+    return {**files, **template_files(templates)}
 
 
 def check_vocab(vocab, special, path):

@@ -4,12 +4,14 @@ Byte-level BPE (tokenizer.json with a ByteLevel pre-tokenizer) becomes `gpt2`: t
 merges, plus the name of the split rule llama.cpp applies before BPE (`tokenizer.ggml.pre`).
 SentencePiece (tokenizer.model), and SentencePiece-style BPE in a tokenizer.json (Metaspace), become
 `llama`: tokens, scores and types, which llama.cpp merges by score. Special token ids, add_bos and
-the chat template come from our Tokenizer, which read them from tokenizer_config.json.
+the chat templates come from our Tokenizer, which read them from tokenizer_config.json and the
+folder's chat template files.
 """
 import json
 import os
 
 from ...errors import SlowLlamaError
+from .chat_template import gguf_template_metadata
 from .gguf_tokenizer import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, SPECIAL_TOKENS, UNKNOWN, UNUSED,
                              USER_DEFINED)
 from .tokenizer import load_tokenizer
@@ -50,8 +52,7 @@ def vocab_metadata(model_dir, vocab_size):
             vocab[SPECIAL_TOKENS[name]] = int(token_id)
     vocab['tokenizer.ggml.add_bos_token'] = bool(tokenizer.add_bos)
     vocab['tokenizer.ggml.add_eos_token'] = bool(tokenizer.config.get('add_eos_token', False))
-    if tokenizer.chat_template:
-        vocab['tokenizer.chat_template'] = tokenizer.chat_template
+    vocab.update(gguf_template_metadata(tokenizer.chat_templates))
     return vocab
 
 

@@ -10,6 +10,7 @@ from ...model.names import EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER,
 from ...progress import progress
 from ..files import SafetensorsFile, read_json, write_json
 from ..prepared import block_shapes
+from .chat_template import copy_tokenizer_files
 from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .safetensors_stream import SafetensorsStreamWriter
 
@@ -77,11 +78,7 @@ def prepare_hf(src, writer):
     if not cfg.tie_embeddings:
         head = get(HF_OUTER[HEAD_TENSOR])
     writer.write_head(get(HF_OUTER[NORM_TENSOR]), head)
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.exists(path):
-            with open(path, 'rb') as f:
-                writer.add_tokenizer_file(name, f.read())
+    copy_tokenizer_files(src, TOKENIZER_FILES, writer)
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ...progress import progress
 from ..files import read_json, write_json
 from ..prepared import block_shapes
 from . import tiktoken
+from .chat_template import copy_tokenizer_files
 from .layout import block_to_hf, block_to_meta, join, split
 from .pth import PthWriter
 
@@ -116,18 +117,14 @@ def _check_known(shards, paths, cfg):
 
 def _copy_tokenizer(src, writer):
     """Copy the tokenizer files; Llama-3's tiktoken tokenizer.model also becomes a tokenizer.json."""
-    found = {}
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.exists(path):
-            with open(path, 'rb') as f:
-                found[name] = f.read()
-    model = found.get('tokenizer.model')
-    if model is not None and 'tokenizer.json' not in found and tiktoken.is_tiktoken(model):
-        converted = tiktoken.tokenizer_files(model, os.path.join(src, 'tokenizer.model'), writer.cfg.vocab_size)
-        found = {**converted, **found}
-    for name, data in found.items():
-        writer.add_tokenizer_file(name, data)
+    model_path = os.path.join(src, 'tokenizer.model')
+    converted = None
+    if os.path.exists(model_path) and not os.path.exists(os.path.join(src, 'tokenizer.json')):
+        with open(model_path, 'rb') as f:
+            model = f.read()
+        if tiktoken.is_tiktoken(model):
+            converted = tiktoken.tokenizer_files(model, model_path, writer.cfg.vocab_size)
+    copy_tokenizer_files(src, TOKENIZER_FILES, writer, converted)
 
 
 # --- writing ---------------------------------------------------------------------------------

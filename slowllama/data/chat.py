@@ -1,0 +1,153 @@
+"""Chat records -> tokens and which of them are learned: the assistant's turns only.
+
+A conversation is rendered whole with the model's chat template (or --chat-template's), as
+transformers' apply_chat_template renders it, and tokenized as trl's SFTTrainer tokenizes it. Which
+tokens are learned:
+- a template that marks answers with {% generation %}: the tokens those blocks wrote, exactly as
+  transformers' return_assistant_tokens_mask (what trl's assistant_only_loss learns);
+- any other template: each assistant turn from where the conversation cut before it, with the
+  generation prompt, ends, to where the conversation cut after it stops agreeing with the whole
+  (so a final EOS the template writes only at the very end is learned only there). A template that
+  renders the earlier conversation differently once an answer follows cannot be cut this way: such
+  a record stops with one line naming the fix (a template with {% generation %} marks);
+- --chat-format plain (no template): `role: content` lines, each assistant content and EOS learned.
+A model without a template never falls back to plain lines silently: the run stops and names both fixes.
+"""
+from ..errors import SlowLlamaError
+from ..weights.formats.chat_render import has_generation_marks
+from .examples import IGNORE, Example, example_from_segments
+
+TEMPLATE, PLAIN = 'template', 'plain'
+CHAT_FORMATS = (TEMPLATE, PLAIN)
+
+
+def chat_rendering(tokenizer, chat_format, where):
+    """The rendering chat records get, TEMPLATE or PLAIN (--chat-format); stops when the model has
+    no template and plain lines were not asked for."""
+    chat_format = chat_format or TEMPLATE
+    if chat_format not in CHAT_FORMATS:
+        raise SlowLlamaError(f'--chat-format must be one of {", ".join(CHAT_FORMATS)}, got {chat_format!r}')
+    if chat_format == PLAIN:
+        return PLAIN
+    if not tokenizer.chat_template:
+        model = tokenizer.folder or 'the model'
+        raise SlowLlamaError(f'{where}: chat records, but {model} has no chat template; add --chat-template FILE '
+                             '(a Jinja chat template), or --chat-format plain to train on "role: content" lines')
+    tokenizer.check_chat_template()
+    return TEMPLATE
+
+
+def describe_rendering(tokenizer, rendering):
+    """The line a run starts with: which rendering the chat data used, and what is learned."""
+    if rendering == PLAIN:
+        return ('chat rendering: plain "role: content" lines (--chat-format plain), not a chat template; '
+                'learned: each assistant message and EOS')
+    learned = ('what its {% generation %} blocks mark (as trl\'s assistant_only_loss)'
+               if has_generation_marks(tokenizer.chat_template)
+               else 'each assistant turn, from the generation prompt to its end as the template writes it')
+    return f'chat rendering: the chat template {tokenizer.chat_template_source}; learned: {learned}'
+
+
+def check_messages(messages, where, key='messages'):
+    """A list of {"role": str, "content": str | list | null, ...} objects (tool calls may have no content)."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get('role'), str)
+            and isinstance(m.get('content'), (str, list, type(None))) for m in messages):
+        raise SlowLlamaError(f'{where}: "{key}" must be a non-empty list of {{"role", "content"}} objects')
+    return messages
+
+
+def template_kwargs(record, where):
+    """What trl passes to the template besides the messages: the record's "tools" and
+    "chat_template_kwargs"."""
+    kwargs = record.get('chat_template_kwargs') or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise SlowLlamaError(f'{where}: "chat_template_kwargs" must be an object')
+    tools = record.get('tools')
+    if tools is not None and not isinstance(tools, list):
+        raise SlowLlamaError(f'{where}: "tools" must be a list of function schemas')
+    return {**kwargs, 'tools': tools}
+
+
+def chat_example(tokenizer, record, where, rendering=TEMPLATE):
+    """One chat record -> Example (tokens, targets), the assistant's turns learned."""
+    messages = check_messages(record.get('messages'), where)
+    if rendering == PLAIN:
+        return example_from_segments(plain_segments(tokenizer, messages, where))
+    kwargs = template_kwargs(record, where)
+    ids, learn = template_tokens(tokenizer, messages, where, **kwargs)
+    return example_from_mask(ids, learn)
+
+
+def example_from_mask(ids, learn):
+    """ids [n] and learn [n] -> Example: tokens ids[:-1], targets ids[1:] where learned."""
+    return Example(ids[:-1], [i if keep else IGNORE for i, keep in zip(ids[1:], learn[1:])])
+
+
+def template_tokens(tokenizer, messages, where, **kwargs):
+    """-> (ids of the whole conversation, learn: one bool per id)."""
+    text, spans = tokenizer.render_chat(messages, where=where, **kwargs)
+    if has_generation_marks(tokenizer.chat_template_for(kwargs.get('tools'))):
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        return ids, marked(offsets, spans)
+    ids = tokenizer.encode_rendered(text)
+    return ids, turns(tokenizer, messages, text, ids, where, kwargs)
+
+
+def marked(offsets, spans):
+    """Tokens overlapping a generation span: transformers' assistant mask, one pass over both."""
+    learn, span = [False] * len(offsets), 0
+    for n, (start, end) in enumerate(offsets):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        learn[n] = end > spans[span][0]
+    return learn
+
+
+def turns(tokenizer, messages, text, ids, where, kwargs):
+    """Each assistant turn located by rendering the conversation cut before and after it."""
+    learn = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message['role'] != 'assistant':
+            continue
+        turn = f'{where}: message {i + 1} (assistant)'
+        prompt = tokenizer.apply_chat_template(messages[:i], True, where=where, **kwargs)
+        if not text.startswith(prompt):
+            raise SlowLlamaError(f'{turn}: the chat template renders the conversation before this answer '
+                                 'differently once the answer follows, so the answer cannot be told apart; give a '
+                                 'template that marks answers with {% generation %} (--chat-template FILE)')
+        start = common_prefix(tokenizer.encode_rendered(prompt), ids)
+        through = tokenizer.encode_chat(messages[:i + 1], where=where, **kwargs)
+        end = common_prefix(through, ids)
+        if end <= start and end < len(through):
+            raise SlowLlamaError(f'{turn}: the chat template renders this answer differently once later messages '
+                                 'follow, so it cannot be told apart; give a template that marks answers with '
+                                 '{% generation %} (--chat-template FILE)')
+        learn[start:end] = [True] * max(0, end - start)
+    return learn
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def plain_segments(tokenizer, messages, where, add_generation_prompt=False):
+    """--chat-format plain: 'role: content' lines -> [(ids, learned)], each assistant content and
+    EOS learned; the generation prompt is 'assistant: '."""
+    segments = [(tokenizer.encode(''), False)]  # the BOS token, when the model's tokenizer adds one
+    for n, message in enumerate(messages):
+        if not isinstance(message.get('content'), str):
+            raise SlowLlamaError(f'{where}: --chat-format plain needs a string "content" in every message')
+        learn = message['role'] == 'assistant'
+        if n:
+            segments.append((tokenizer.encode('\n', bos=False), False))
+        segments.append((tokenizer.encode(f"{message['role']}: ", bos=False), False))
+        segments.append((tokenizer.encode(message['content'], bos=False, eos=learn), learn))
+    if add_generation_prompt:  # the same pieces as an assistant message's, so it is their prefix
+        segments += [(tokenizer.encode('\n', bos=False), False), (tokenizer.encode('assistant: ', bos=False), False)]
+    return segments
