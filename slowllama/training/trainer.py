@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -38,56 +38,7 @@ from .distributed import SINGLE
 from .plots import LossPlot
 from .run_log import RunLog
 from .runlock import RunLock, StopSignals
-
-SCHEDULES = ('cosine', 'constant')
-
-
-@dataclass
-class TrainConfig:
-    iters: int = 100
-    grad_accum: int = 1          # micro-batches per optimizer step
-    lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup: int = 0              # steps of linear warm-up from 0 to lr
-    schedule: str = 'cosine'     # 'cosine' (towards min_lr_ratio * lr) | 'constant'
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0       # max global gradient norm; 0: no clipping
-    seed: int = 0
-    save_every: int = 0          # 0: a checkpoint at the end only
-    eval_every: int = 0          # 0: evaluate at the end only (when there is validation data)
-    keep_checkpoints: int = 0    # 0: keep them all
-    patience: int = 0            # stop after this many evaluations without a better score; 0: never
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        positive = {'--iters': self.iters, '--grad-accum': self.grad_accum}
-        for flag, value in positive.items():
-            if value < 1:
-                raise SlowLlamaError(f'{flag} must be at least 1, got {value}')
-        non_negative = {'--lr': self.lr, '--weight-decay': self.weight_decay, '--warmup': self.warmup,
-                        '--grad-clip': self.grad_clip, '--save-every': self.save_every,
-                        '--eval-every': self.eval_every, '--keep-checkpoints': self.keep_checkpoints,
-                        '--min-lr-ratio': self.min_lr_ratio, '--patience': self.patience}
-        for flag, value in non_negative.items():
-            if value < 0:
-                raise SlowLlamaError(f'{flag} must not be negative, got {value}')
-        if self.schedule not in SCHEDULES:
-            raise SlowLlamaError(f'--schedule: unknown schedule {self.schedule!r} (use cosine or constant)')
-
-
-def lr_at(cfg: TrainConfig, step):
-    """The learning rate of optimizer step `step` (1-based): linear warm-up to lr over `warmup`
-    steps, then constant or a half cosine towards min_lr_ratio * lr (as transformers' cosine schedule)."""
-    if cfg.warmup and step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    if cfg.schedule == 'constant':
-        return cfg.lr
-    progress = (step - 1 - cfg.warmup) / max(1, cfg.iters - cfg.warmup)  # 0 right after the warm-up
-    low = cfg.lr * cfg.min_lr_ratio
-    return low + 0.5 * (cfg.lr - low) * (1.0 + math.cos(math.pi * progress))
-
+from .settings import TrainConfig, lr_at, optimizer_groups
 
 def default_step(model, batch):
     return MicroBatch(batch.tokens, batch.targets, positions=batch.positions)
@@ -405,27 +356,6 @@ class Trainer:
                 'tokens_per_s': tokens / max(sum(r['step_s'] for r in rows), 1e-9) if rows else None,
                 'seconds': seconds, 'best_score': self.best['score'], 'best_step': self.best['step'],
                 'stopped_early': bool(rows and rows[-1].get('early_stop'))}
-
-
-def optimizer_groups(params, cfg: TrainConfig, overrides):
-    """AdamW parameter groups: the parameters under each prefix of `overrides` with its own peak lr
-    (as lr_scale, a share of cfg.lr, so one schedule drives every group) and weight decay; the rest
-    with cfg's. Each group lists its parameter names as 'names'."""
-    groups = []
-    rest = dict(params)
-    for prefix, settings in overrides.items():
-        names = [n for n in rest if n.startswith(prefix)]
-        for n in names:
-            del rest[n]
-        lr = settings.get('lr', cfg.lr)
-        if names:
-            groups.append({'names': names, 'params': [params[n] for n in names],
-                           'lr_scale': lr / cfg.lr if cfg.lr else 1.0,
-                           'weight_decay': settings.get('weight_decay', cfg.weight_decay)})
-    if rest:
-        groups.insert(0, {'names': list(rest), 'params': list(rest.values()), 'lr_scale': 1.0,
-                          'weight_decay': cfg.weight_decay})
-    return groups
 
 
 def as_metrics(result):
