@@ -165,6 +165,8 @@ class StreamedModel:
                 targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
                 device_type=self.device.type, packed=packed)
             self._planned_for = shape
+            if isinstance(self.trim_host_heap, HeapTrimmer):  # what the next step reuses stays in the heap
+                self.trim_host_heap.slack = max(HeapTrimmer.SLACK, self.step_plan.kept_bytes + working)
         return self.step_plan
 
     @torch.no_grad()
