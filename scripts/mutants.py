@@ -64,8 +64,9 @@ MUTANTS = [
       'torch.cat([second, -first], dim=-1)', f'{T_MODEL}::test_logits_equal_transformers'),
     M('rms-norm-eps-outside', 'slowllama/model/block.py', 'torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)',
       '(torch.rsqrt(x32.pow(2).mean(-1, keepdim=True)) + eps)', f'{T_MODEL}::test_logits_equal_transformers'),
-    M('llama3-rope-band', 'slowllama/model/block.py', 'scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)',
-      'scaled = torch.where(wavelen > old_len / high, inv_freq / factor, inv_freq)', f'{T_MODEL}::test_logits_equal_transformers'),
+    M('llama3-rope-smoothing-swapped', 'slowllama/model/block.py',
+      'smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq',
+      'smoothed = smooth * inv_freq / factor + (1 - smooth) * inv_freq', f'{T_MODEL}::test_logits_equal_transformers'),
     M('document-mask-not-causal', 'slowllama/model/block.py', 'return (same & causal)[:, None]', 'return same[:, None]',
       f'{T_ENGINE}::test_packed_documents_equal_each_document_alone_in_transformers_peft'),
     M('sliding-window-off-by-one', 'slowllama/model/block.py', 'visible & (keys > queries - window)',
@@ -105,8 +106,12 @@ MUTANTS = [
     # --- quantization (model/quant.py) --------------------------------------------------------------
     M('nf4-nibble-order', 'slowllama/model/quant.py', 'return (codes[0::2] << 4) | codes[1::2], absmax',
       'return (codes[1::2] << 4) | codes[0::2], absmax', f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes'),
+    M('nf4-full-block-divided', 'slowllama/model/quant.py', '(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None])',
+      '(blocks / absmax.clamp(min=1e-38)[:, None])',
+      f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes {T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'),
     M('nf4-tail-divided-differently', 'slowllama/model/quant.py', '(flat[full:] / tail_max).clamp(-1, 1)',
-      '(flat[full:] * (1.0 / tail_max)).clamp(-1, 1)', f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes'),
+      '(flat[full:] * (1.0 / tail_max)).clamp(-1, 1)',
+      f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes {T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'),
     M('nf4-plain-pairs-swapped', 'slowllama/model/quant.py', 'torch.stack([code[byte >> 4], code[byte & 15]], dim=1)',
       'torch.stack([code[byte & 15], code[byte >> 4]], dim=1)', f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes'),
     M('double-quant-no-offset', 'slowllama/model/quant.py', '    return out + offset\n', '    return out\n',
@@ -139,9 +144,9 @@ MUTANTS = [
       'tests/test_train.py::test_the_step_is_adamw_on_the_clipped_gradient'),
     M('no-weight-decay', 'slowllama/training/trainer.py', "'weight_decay': cfg.weight_decay})",
       "'weight_decay': 0.0})", 'tests/test_train.py::test_the_step_is_adamw_on_the_clipped_gradient'),
-    M('resume-trains-nothing', 'slowllama/training/trainer.py',
-      'for step in range(self.step + 1, self.cfg.iters + 1):',
-      'for step in range(self.step + 1, (self.step if resume else self.cfg.iters) + 1):',
+    M('resume-keeps-the-saved-iters', 'slowllama/training/trainer.py',
+      "self.step, self.data_position = state['step'], state['data_position']",
+      "self.step, self.data_position, self.cfg.iters = state['step'], state['data_position'], state['iters']",
       'tests/test_dpo.py::test_dpo_run_resumes_exactly_and_keeps_its_reference'),
     # --- the data masks (data/) ---------------------------------------------------------------------
     M('mask-off-by-one', 'slowllama/data/examples.py', 'zip(ids[1:], learn[1:])', 'zip(ids[1:], learn[:-1])',
@@ -185,9 +190,9 @@ def check(mutants, root=ROOT):
     return problems
 
 
-def copy_repository(target):
+def copy_repository(root, target):
     for name in COPIED:
-        source = os.path.join(ROOT, name)
+        source = os.path.join(root, name)
         if os.path.isdir(source):
             shutil.copytree(source, os.path.join(target, name),
                             ignore=shutil.ignore_patterns('__pycache__', '*.egg-info', '.pytest_cache'))
@@ -222,16 +227,21 @@ def main():
     p.add_argument('--no-baseline', action='store_true', help='skip the run of the tests on the unchanged copy')
     p.add_argument('--timeout', type=float, default=1200, help='seconds per mutant')
     p.add_argument('--keep', action='store_true', help='keep the copy and the logs (printed at the end)')
+    p.add_argument('--root', default=ROOT, help='the repository to copy (default: this one), e.g. a worktree of '
+                   'an older commit, to see whether its tests catch these mutants')
+    p.add_argument('--tests', default=None, help='run these tests for every mutant instead of the named ones')
     args = p.parse_args()
     unknown = set(args.names) - {m.name for m in MUTANTS}
     if unknown:
         p.error(f'unknown mutants: {", ".join(sorted(unknown))} (see --list)')
     mutants = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if args.tests:
+        mutants = [m._replace(tests=args.tests) for m in mutants]
     if args.list:
         for m in mutants:
             print(f'{m.name}\n  {m.file}: {m.fragment!r}\n  -> {m.replacement!r}\n  tests: {m.tests}')
         return 0
-    problems = check(mutants)
+    problems = check(mutants, args.root)
     if problems or args.check:
         print('\n'.join(problems) or f'{len(mutants)} mutants, each fragment found once')
         return 1 if problems else 0
@@ -239,7 +249,7 @@ def main():
     work = tempfile.mkdtemp(prefix='slowllama-mutants-')
     copy = os.path.join(work, 'repo')
     os.makedirs(copy)
-    copy_repository(copy)
+    copy_repository(args.root, copy)
     results = []
     try:
         if not args.no_baseline:
