@@ -163,6 +163,14 @@ MUTANTS = [
       'loss = -F.logsigmoid(beta * (logratios[:, 0] - logratios[:, 1])).mean()',
       'loss = -F.logsigmoid(beta * (logratios[:, 1] - logratios[:, 0])).mean()',
       'tests/test_dpo.py::test_tokens_loss_and_metrics_equal_trl_dpo_trainer'),
+    # --- the benchmark (recipes/bench.py) ----------------------------------------------------------
+    M('bench-in-the-driver', 'slowllama/recipes/bench.py', 'runs[(system, mode, q)].append(run_in_subprocess(spec))',
+      'runs[(system, mode, q)].append(run_worker(spec))',
+      'tests/test_bench.py::test_each_configuration_runs_in_its_own_process_beside_its_prediction'),
+    M('bench-peer-other-target', 'slowllama/recipes/bench.py', "'v': 'v_proj'", "'v': 'o_proj'",
+      'tests/test_bench.py::test_the_peer_trains_what_we_train'),
+    M('bench-plan-of-another-mode', 'slowllama/recipes/bench.py', "'ram': (0, cfg.n_layers)", "'ram': (0, 0)",
+      'tests/test_bench.py::test_each_configuration_runs_in_its_own_process_beside_its_prediction'),
     # --- atomic writes (weights/files.py) -----------------------------------------------------------
     M('staging-in-the-system-temp', 'slowllama/weights/files.py',
       "tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(str(final))}.staging-')",

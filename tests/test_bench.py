@@ -78,8 +78,10 @@ def tiny_bench_models(tmp_path_factory):
 
 
 def test_the_peer_trains_what_we_train(tiny_bench_models):
-    """The first step of the peer's configuration (transformers + peft on the HF twin) and of ours on
-    the same tokens: the same loss (a fresh LoRA changes nothing) and the same trainable parameters."""
+    """The peer's configuration (transformers + peft on the HF twin) and ours on the same tokens: the
+    same trainable parameters, the same loss with a fresh LoRA (which changes nothing), and the same
+    loss again once every LoRA matrix is set to one constant (the LoRA sits on the same projections
+    with the same alpha / r)."""
     _, (hf_dir, prepared) = tiny_bench_models
     spec = dict(batch=2, seq=16, rank=4, targets=['q', 'v', 'down'], model_dir=prepared, hf_dir=hf_dir, mode='ram',
                 dtype='fp32')
@@ -90,8 +92,13 @@ def test_the_peer_trains_what_we_train(tiny_bench_models):
     for system in ('slowllama', 'hf'):
         step, params = (bench._slowllama_step if system == 'slowllama' else bench._hf_step)(
             dict(spec, system=system), torch.device('cpu'), torch.float32, tokens, targets)
-        losses[system], shapes[system] = step(), sorted(tuple(p.shape) for p in params)
+        fresh = step()
+        with torch.no_grad():
+            for p in params:
+                p.fill_(0.05)
+        losses[system], shapes[system] = (fresh, step()), sorted(tuple(p.shape) for p in params)
     assert losses['slowllama'] == pytest.approx(losses['hf'], abs=1e-5)
+    assert abs(losses['hf'][1] - losses['hf'][0]) > 1e-3  # the constant LoRA changes the loss
     assert shapes['slowllama'] == shapes['hf'] and len(shapes['hf']) == 2 * 3 * 4  # A and B, 3 targets, 4 layers
 
 
