@@ -44,6 +44,7 @@ T_MODEL = 'tests/test_model.py'
 T_ENGINE = 'tests/test_engine.py'
 T_QUANT = 'tests/test_quant.py'
 T_GGUF = 'tests/test_gguf_export.py'
+T_QUANT_ORDER = f'{T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'
 
 MUTANTS = [
     # --- model dropout (model/block.py) ---------------------------------------------------------
@@ -54,7 +55,8 @@ MUTANTS = [
     M('no-attention-dropout', 'slowllama/model/block.py', 'dropout = self.dropout if self.training else 0.0',
       'dropout = 0.0', f'{T_MODEL}::test_attention_dropout_alone_equals_transformers_and_keeps_the_expectation'),
     M('attention-dropout-in-eval', 'slowllama/model/block.py', 'dropout = self.dropout if self.training else 0.0',
-      'dropout = self.dropout', f'{T_MODEL}::test_block_dropout_is_transformers_attention_dropout_plus_residual_dropout'),
+      'dropout = self.dropout',
+      f'{T_MODEL}::test_block_dropout_is_transformers_attention_dropout_plus_residual_dropout'),
     M('residual-dropout-after-add', 'slowllama/model/block.py',
       'return h + self._drop(self.mlp(self.post_attention_layernorm(h)))',
       'return self._drop(h + self.mlp(self.post_attention_layernorm(h)))',
@@ -92,14 +94,16 @@ MUTANTS = [
     # --- the streamed head (engine/head.py) ---------------------------------------------------------
     M('head-sum-not-rescaled', 'slowllama/engine/head.py', 'exp_rows.mul_(rescale[:, None]).add_(',
       'exp_rows.add_(', f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
-    M('head-lse-not-rescaled', 'slowllama/engine/head.py', 'running_sum = running_sum * rescale + exp_logits.sum(dim=-1)',
+    M('head-lse-not-rescaled', 'slowllama/engine/head.py',
+      'running_sum = running_sum * rescale + exp_logits.sum(dim=-1)',
       'running_sum = running_sum + exp_logits.sum(dim=-1)',
       f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
     M('head-mean-over-all-positions', 'slowllama/engine/head.py', 'weight = valid.float() / valid.sum().clamp(min=1)',
       'weight = valid.float() / valid.numel()', f'{T_ENGINE}::test_logits_loss_and_grads_equal_transformers_peft'),
     M('head-logps-unmasked', 'slowllama/engine/head.py',
       "return torch.where(targets != IGNORE, target_logit - lse, 0.0).view(x.shape[:-1])",
-      "return (target_logit - lse).view(x.shape[:-1])", 'tests/test_dpo.py::test_tokens_loss_and_metrics_equal_trl_dpo_trainer'),
+      "return (target_logit - lse).view(x.shape[:-1])",
+      'tests/test_dpo.py::test_tokens_loss_and_metrics_equal_trl_dpo_trainer'),
     # --- the streamed engine (engine/streamed.py; the block-major schedule's mutants go here too) ----
     M('recompute-without-rng-replay', 'slowllama/engine/streamed.py', '        set_rng_state(self.device, rng_state)\n',
       '', f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
@@ -108,10 +112,10 @@ MUTANTS = [
       'return (codes[1::2] << 4) | codes[0::2], absmax', f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes'),
     M('nf4-full-block-divided', 'slowllama/model/quant.py', '(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None])',
       '(blocks / absmax.clamp(min=1e-38)[:, None])',
-      f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes {T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'),
+      f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes {T_QUANT_ORDER}'),
     M('nf4-tail-divided-differently', 'slowllama/model/quant.py', '(flat[full:] / tail_max).clamp(-1, 1)',
       '(flat[full:] * (1.0 / tail_max)).clamp(-1, 1)',
-      f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes {T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'),
+      f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes {T_QUANT_ORDER}'),
     M('nf4-plain-pairs-swapped', 'slowllama/model/quant.py', 'torch.stack([code[byte >> 4], code[byte & 15]], dim=1)',
       'torch.stack([code[byte & 15], code[byte >> 4]], dim=1)', f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes'),
     M('double-quant-no-offset', 'slowllama/model/quant.py', '    return out + offset\n', '    return out\n',
@@ -154,7 +158,8 @@ MUTANTS = [
     M('padding-is-a-target', 'slowllama/data/dataset.py',
       'targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)',
       'targets = torch.full((len(examples), width), pad_id, dtype=torch.long)', 'tests/test_data.py'),
-    M('packed-positions-run-on', 'slowllama/data/dataset.py', 'positions = positions + list(range(len(example.tokens)))',
+    M('packed-positions-run-on', 'slowllama/data/dataset.py',
+      'positions = positions + list(range(len(example.tokens)))',
       'positions = positions + list(range(len(positions), len(positions) + len(example.tokens)))',
       'tests/test_data.py'),
     M('dpo-answer-starts-one-late', 'slowllama/data/preference.py', 'i if t + 1 >= start else IGNORE',

@@ -14,7 +14,7 @@ import fuzz
 import slowllama
 from slowllama.errors import SlowLlamaError
 
-CASES = int(os.environ.get('SLOWLLAMA_FUZZ_CASES', 240))  # about a minute on 2 idle cores
+CASES = int(os.environ.get('SLOWLLAMA_FUZZ_CASES', 360))  # about half a minute on 2 idle cores
 SEED = int(os.environ.get('SLOWLLAMA_FUZZ_SEED', 0))
 CLI_CASES = int(os.environ.get('SLOWLLAMA_FUZZ_CLI_CASES', 1))  # per command; each starts a Python
 

@@ -108,7 +108,7 @@ def test_a_killed_writer_leaves_the_old_or_the_new_state(corpus, tmp_path, write
             found_leftovers += 1
             assert 'an earlier write was interrupted' in said, said
     print(f'{writer}: {kills} kills, {found_leftovers} left a staging folder')
-    assert found_leftovers, f'{writer}: none of {kills} kills landed in the middle of a write (no staging folder beside it)'
+    assert found_leftovers, f'{writer}: none of {kills} kills landed in the middle of a write (left a staging folder)'
 
 
 @pytest.mark.slow

@@ -141,8 +141,8 @@ def test_int8_equals_transformers_peft_on_a_q8_0_gguf_of_the_same_weights(quant_
     ref_grads = peft_grads(reference)
     grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
     worst = max(max_rel_diff(grads[k], ref_grads[k]) for k in grads)
-    print(f'\nint8 vs transformers on Q8_0: max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
-          f'max relative grad diff {worst:.2e}')
+    print(f'\nint8 vs transformers on Q8_0: max logit diff {logit_diff:.2e}, '
+          f'loss diff {abs(loss - ref_loss.item()):.2e}, max relative grad diff {worst:.2e}')
     assert set(grads) == set(ref_grads)
     assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-5
     with torch.no_grad():
