@@ -493,8 +493,10 @@ class Worker:
             self.process.join()
 
 
-def fuzz(corpus, seconds, seed=0, workers=2, max_cases=None, readers=None, memory_cap=MEMORY_CAP, log=None):
-    """Run cases round the readers (by weight) until `seconds` pass; returns (counts, findings).
+def fuzz(corpus, seconds=None, seed=0, workers=2, max_cases=None, readers=None, memory_cap=MEMORY_CAP, log=None):
+    """Run cases round the readers (by weight) until `seconds` pass or `max_cases` have started (None:
+    no such limit); returns (counts, findings). The cases are the first draws of Random(seed), so a
+    fixed number of them is a fixed set of cases, whatever the machine's speed.
     counts: Counter of (reader, mutation kind, outcome); findings: [(reader, seed, outcome, kind, detail)]."""
     from multiprocessing.connection import wait
     readers = readers or list(READERS)
@@ -502,7 +504,7 @@ def fuzz(corpus, seconds, seed=0, workers=2, max_cases=None, readers=None, memor
     rng = random.Random(seed)
     counts, findings = Counter(), []
     pool = [Worker(corpus, memory_cap) for _ in range(workers)]
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + seconds if seconds is not None else float('inf')
     started = 0
     try:
         for worker in pool:

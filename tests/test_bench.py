@@ -1,5 +1,7 @@
-"""The benchmark's worker on this cpu: memory read through psutil (no /proc, as on macOS), the
-device synchronized before every clock read, and models in fp16 as well."""
+"""The benchmark on this cpu: each configuration measured in its own process with the planner's
+prediction beside it; the peer (transformers + peft) trains what we train, on the same model, batch
+and LoRA; memory read through psutil (no /proc, as on macOS), the device synchronized before every
+clock read, and models in fp16 as well."""
 import builtins
 
 import pytest
@@ -29,7 +31,6 @@ def test_the_worker_runs_without_proc_and_synchronizes_every_step(tmp_path, monk
                 vocab=config['config']['vocab_size'], model_dir=prepared, hf_dir=hf_dir, system='slowllama',
                 mode='disk')
     result = bench.run_worker(spec)
-    assert result['step_s'] > 0 and result['tokens_per_s'] == pytest.approx(16 / result['step_s'])
     assert result['host_gain_bytes'] >= 0 and isinstance(result['host_gain_bytes'], int)
     assert synchronized.count('cpu') >= 3  # after each of the three steps (and before the block times)
     assert result['block_s'] > 0 and result['copy_s'] > 0
@@ -68,3 +69,69 @@ def slowllama_config(prepared):
     import os
     with open(os.path.join(prepared, 'manifest.json')) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def tiny_bench_models(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp('bench'))
+    return work, bench.make_models('tiny', work, 'fp32')
+
+
+def test_the_peer_trains_what_we_train(tiny_bench_models):
+    """The peer's configuration (transformers + peft on the HF twin) and ours on the same tokens: the
+    same trainable parameters, the same loss with a fresh LoRA (which changes nothing), and the same
+    loss again once every LoRA matrix is set to one constant (the LoRA sits on the same projections
+    with the same alpha / r)."""
+    _, (hf_dir, prepared) = tiny_bench_models
+    spec = dict(batch=2, seq=16, rank=4, targets=['q', 'v', 'down'], model_dir=prepared, hf_dir=hf_dir, mode='ram',
+                dtype='fp32')
+    torch.manual_seed(0)
+    tokens = torch.randint(0, slowllama_config(prepared)['config']['vocab_size'], (2, 16))
+    targets = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], dim=1)
+    losses, shapes = {}, {}
+    for system in ('slowllama', 'hf'):
+        step, params = (bench._slowllama_step if system == 'slowllama' else bench._hf_step)(
+            dict(spec, system=system), torch.device('cpu'), torch.float32, tokens, targets)
+        fresh = step()
+        with torch.no_grad():
+            for p in params:
+                p.fill_(0.05)
+        losses[system], shapes[system] = (fresh, step()), sorted(tuple(p.shape) for p in params)
+    assert losses['slowllama'] == pytest.approx(losses['hf'], abs=1e-5)
+    assert abs(losses['hf'][1] - losses['hf'][0]) > 1e-3  # the constant LoRA changes the loss
+    assert shapes['slowllama'] == shapes['hf'] and len(shapes['hf']) == 2 * 3 * 4  # A and B, 3 targets, 4 layers
+
+
+@pytest.mark.slow
+def test_each_configuration_runs_in_its_own_process_beside_its_prediction(tiny_bench_models, monkeypatch, capsys):
+    """bench(): every configuration a worker process of its own (the driver measures nothing itself),
+    and each slowllama row carries the planner's prediction for its mode beside what was measured."""
+    import json
+    import subprocess
+    from slowllama.model.config import shape_config
+    from slowllama.weights.plan import predict
+    work, _ = tiny_bench_models
+    workers, real_run = [], subprocess.run
+
+    def run(command, *args, **kwargs):
+        if '--worker' in command:
+            workers.append(json.loads(command[command.index('--worker') + 1]))
+        return real_run(command, *args, **kwargs)
+    monkeypatch.setattr(bench.subprocess, 'run', run)
+    monkeypatch.setattr(bench, 'run_worker', lambda spec: pytest.fail('a configuration was measured in the driver'))
+    report = bench.bench(device='cpu', shape='tiny', batch=2, seq=16, steps=1, warmup=0, rank=4, modes=('ram',),
+                         peers=('hf',), dtype='fp32', work=work, json_out=f'{work}/bench.json')
+    assert [(w['system'], w['mode']) for w in workers] == [('slowllama', 'ram'), ('hf', '-')]
+    assert workers[0]['model_dir'] != workers[1]['hf_dir'] and workers[0]['batch'] == workers[1]['batch'] == 2
+    ours, peer = report['rows']
+    assert 'error' not in ours and 'error' not in peer, report['rows']
+    cfg = shape_config('tiny')
+    plan = predict(cfg, 2, 16, 'fp32', rank=4, targets=('q', 'v'), ram_blocks=cfg.n_layers, device_is_host=True)
+    assert (ours['planned_device_bytes'], ours['planned_host_bytes']) == (plan.device_bytes, plan.host_bytes)
+    assert 'planned_device_bytes' not in peer  # no prediction for the peer
+    for row in (ours, peer):
+        assert row['host_gain_bytes'] > 0 and row['step_times'] == [row['step_s']]
+    with open(f'{work}/bench.json') as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    table = capsys.readouterr().out
+    assert f"({plan.device_bytes / 2 ** 30:.2f})" in table  # the prediction printed beside the measurement

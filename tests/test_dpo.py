@@ -228,8 +228,12 @@ def test_dpo_run_resumes_exactly_and_keeps_its_reference(tiny_text_model, tmp_pa
     assert os.path.getmtime(split / REFERENCE_FILE) == reference_time  # read back, not computed again
     assert 'read from' in open(split / 'train.log').read()
     resumed = metrics_of(split)
+    assert [row['step'] for row in resumed] == [row['step'] for row in whole]  # every row, none twice
     for a, b in zip(whole, resumed):
         assert a['loss'] == b['loss'] and a['rewards/margins'] == b['rewards/margins']
+        assert a.get('eval_loss') == b.get('eval_loss')
+    for name in ('adapter_model.safetensors', 'adapter_config.json'):  # the same final adapter, byte for byte
+        assert (split / 'adapter' / name).read_bytes() == (tmp_path / 'whole' / 'adapter' / name).read_bytes()
 
     write_pairs(data, PAIRS * 2 + [PAIRS[0]])  # the data changed: the reference is computed again
     assert main(dpo_args(model_dir, data, split, '--iters', '5', '--resume')) == 0

@@ -1,6 +1,8 @@
 """Kill every writer: SIGKILL at random points while prepare, export (hf, meta, peft), save_adapter
 and the trainer's checkpoints write; afterwards the destination is the old complete state or the new
-one, the next run says what an interrupted write left, and no staging folder stays behind.
+one, the next run says what an interrupted write left, and no staging folder stays behind. Some
+kill must have landed in the middle of a write (left a staging folder beside the destination);
+more kills are made until one does, up to MAX_KILLS.
 
 The writers run in tests/writers.py, alternating between two states until killed, so a random delay
 lands at a random point of a write. SLOWLLAMA_KILLS sets the kills per writer (default 2)."""
@@ -21,6 +23,7 @@ import writers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLS = int(os.environ.get('SLOWLLAMA_KILLS', 2))
+MAX_KILLS = 4 * KILLS  # more while none has landed in the middle of a write (left a staging folder)
 
 
 @pytest.fixture(scope='module')
@@ -93,8 +96,9 @@ def test_a_killed_writer_leaves_the_old_or_the_new_state(corpus, tmp_path, write
         writer, [corpus['prepared'], corpus['adapter'], out, writer.split('-')[-1]])
     writes, prints = states_of(writer.split('-')[0], args)
     rng = random.Random(f'kill {writer}')
-    found_leftovers = 0
-    for _ in range(KILLS):
+    kills = found_leftovers = 0
+    while kills < KILLS or (not found_leftovers and kills < MAX_KILLS):  # until one lands mid-write
+        kills += 1
         kill_after(start(writer.split('-')[0], *args), rng.uniform(0.0, 0.6))
         assert fingerprint(out) in prints, f'{writer}: the destination is neither the old nor the new state'
         left = leftovers(out)
@@ -103,7 +107,8 @@ def test_a_killed_writer_leaves_the_old_or_the_new_state(corpus, tmp_path, write
         if left:
             found_leftovers += 1
             assert 'an earlier write was interrupted' in said, said
-    print(f'{writer}: {KILLS} kills, {found_leftovers} left a staging folder')
+    print(f'{writer}: {kills} kills, {found_leftovers} left a staging folder')
+    assert found_leftovers, f'{writer}: none of {kills} kills landed in the middle of a write (left a staging folder)'
 
 
 @pytest.mark.slow
@@ -113,13 +118,20 @@ def test_a_killed_trainer_leaves_complete_checkpoints_and_resumes(corpus, tmp_pa
     from slowllama.weights.formats.peft import read_adapter_folder
     rng = random.Random('kill checkpoint')
     run = str(tmp_path / 'run')
-    for kill in range(KILLS):
+    kills = found_leftovers = 0
+    while kills < KILLS or (not found_leftovers and kills < MAX_KILLS):
+        # a step takes far longer than a checkpoint, so a kill at a random time after a checkpoint
+        # seldom lands in the next one: every other kill waits for a checkpoint to be staged
+        aimed, kill = kills % 2 == 1, kills
+        kills += 1
         process = start('checkpoint', corpus['prepared'], corpus['text.txt'], run)
         first = len(list_checkpoints(run))
         deadline = time.monotonic() + 120
-        while len(list_checkpoints(run)) <= first and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.01)
-        kill_after(process, rng.uniform(0.0, 0.5))
+        while time.monotonic() < deadline and process.poll() is None:
+            if checkpoint_staged(run) if aimed else len(list_checkpoints(run)) > first:
+                break
+            time.sleep(0.0005 if aimed else 0.01)
+        kill_after(process, 0.0 if aimed else rng.uniform(0.0, 0.5))
         found = list_checkpoints(run)
         adapters = set()
         for _, name in found:  # every checkpoint listed is complete and readable
@@ -137,9 +149,17 @@ def test_a_killed_trainer_leaves_complete_checkpoints_and_resumes(corpus, tmp_pa
         log = open(os.path.join(run, 'train.log')).read()
         assert f'at step {last}' in log if found else 'no complete checkpoint' in log
         if left:
+            found_leftovers += 1
             assert 'interrupted' in log, log
         assert staging(run) == []
-        print(f'kill {kill}: {len(found)} complete checkpoints, leftovers {left}')
+        print(f'kill {kill}{" (aimed)" if aimed else ""}: {len(found)} complete checkpoints, leftovers {left}')
+    assert found_leftovers, f'none of {kills} kills landed in the middle of a checkpoint (no staging folder left)'
+
+
+def checkpoint_staged(run):
+    """A checkpoint is being written (its staging folder exists)."""
+    folder = os.path.join(run, 'checkpoints')
+    return os.path.isdir(folder) and any(n.startswith('.step_') for n in os.listdir(folder))
 
 
 def staging(run):

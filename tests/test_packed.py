@@ -11,7 +11,7 @@ import torch
 import slowllama
 from checkpoints import write_gguf
 from conftest import make_hf_model, random_batch, save_tiny_tokenizer
-from reference import (against_whole_model, assert_same_loss_and_gradients, max_rel_diff, peft_grads,
+from reference import (against_whole_model, assert_same_loss_and_gradients, max_rel_diff, peft_grads, peft_model,
                        step_beside_peft)
 from slowllama import cli
 from slowllama.model import quant
@@ -42,10 +42,12 @@ def prepared(request, quant_hf, tmp_path_factory):
     return out, q
 
 
-def bnb_base(hf_folder, device='cpu'):
-    """The HF folder loaded by transformers, its projections quantized by bitsandbytes (nf4, fp32 compute)."""
+def bnb_base(hf_folder, device='cpu', double_quant=False):
+    """The HF folder loaded by transformers, its projections quantized by bitsandbytes (nf4, fp32
+    compute; with double_quant, its absmax in 8 bits: bitsandbytes' compress_statistics)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_use_double_quant=double_quant)
     model = AutoModelForCausalLM.from_pretrained(hf_folder, quantization_config=config, dtype=torch.float32,
                                                  device_map=device)
     for module in model.modules():  # on a CPU with AVX512-BF16, bitsandbytes' eval path computes in bf16
@@ -54,20 +56,53 @@ def bnb_base(hf_folder, device='cpu'):
     return model
 
 
-def bnb_qlora(hf_folder, lora_dropout, seed=0, device='cpu'):
+def bnb_qlora(hf_folder, lora_dropout, seed=0, device='cpu', double_quant=False):
     """QLoRA as peft builds it: bnb_base + a non-zero LoRA on every projection."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
-    return get_peft_model(bnb_base(hf_folder, device), LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS,
-                                                          lora_dropout=lora_dropout, init_lora_weights=False))
+    return get_peft_model(bnb_base(hf_folder, device, double_quant),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS, lora_dropout=lora_dropout,
+                                     init_lora_weights=False))
 
 
-def test_nf4_equals_transformers_peft_bitsandbytes_with_dropout(quant_hf, tmp_path):
+def same_packing_as_bitsandbytes(model_dir, reference):
+    """Every projection of the prepared folder (nf4 with double quantization) against the state
+    bitsandbytes made of the same weight: the same bytes, the same absmax of the absmax and the same
+    offset. The 8-bit absmax codes: ours are the nearest of the dynamic map, bitsandbytes' CPU
+    kernel (an approximate search) takes a neighbour for a few (test_quant.py): those are put into
+    its state, so both compute with the same weights. -> (codes, codes that differed)."""
+    layers = reference.base_model.model.model.layers
+    codes = differ = 0
+    for i, layer in enumerate(layers):
+        block = SafetensorsFile(model_dir / f'block_{i:03d}.safetensors')
+        for path in [f'self_attn.{n}' for n in ('q_proj', 'k_proj', 'v_proj', 'o_proj')] + \
+                    [f'mlp.{n}' for n in ('gate_proj', 'up_proj', 'down_proj')]:
+            weight = layer.get_submodule(path).base_layer.weight
+            state = weight.quant_state
+            assert state.nested and state.blocksize == quant.NF4_BLOCK and state.state2.blocksize == quant.ABSMAX_BLOCK
+            assert torch.equal(block.tensor(f'{path}.qweight'), weight.data.reshape(-1)), path
+            assert torch.equal(block.tensor(f'{path}.absmax_scale'), state.state2.absmax), path
+            assert torch.equal(block.tensor(f'{path}.absmax_offset')[0], state.offset), path
+            ours = block.tensor(f'{path}.absmax')
+            steps = (ours.int() - state.absmax.int()).abs()
+            assert steps.max() <= 1, path
+            codes, differ = codes + ours.numel(), differ + int((steps > 0).sum())
+            state.absmax = ours.clone()
+    return codes, differ
+
+
+@pytest.mark.parametrize('double_quant', [False, True], ids=['nf4', 'nf4-double-quant'])
+def test_nf4_equals_transformers_peft_bitsandbytes_with_dropout(quant_hf, tmp_path, double_quant):
     """(b): logits, loss and every LoRA gradient of the streamed backward on an nf4 model against
-    QLoRA as transformers + peft + bitsandbytes run it, from the same HF folder, LoRA dropout 0.1."""
+    QLoRA as transformers + peft + bitsandbytes run it, from the same HF folder, LoRA dropout 0.1;
+    with double quantization against bnb_4bit_use_double_quant (see same_packing_as_bitsandbytes)."""
     hf_folder, _ = quant_hf
-    slowllama.prepare(hf_folder, tmp_path / 'nf4', dtype='fp32', quant='nf4')
-    reference = bnb_qlora(hf_folder, lora_dropout=0.1)
+    slowllama.prepare(hf_folder, tmp_path / 'nf4', dtype='fp32', quant=Quant('nf4', double_quant))
+    reference = bnb_qlora(hf_folder, lora_dropout=0.1, double_quant=double_quant)
+    if double_quant:
+        codes, differ = same_packing_as_bitsandbytes(tmp_path / 'nf4', reference)
+        print(f'\nnf4 double quant: {differ} of {codes} absmax codes one step from bitsandbytes\'')
+        assert differ <= 0.01 * codes
     reference.save_pretrained(tmp_path / 'adapter')
     ours = slowllama.load(tmp_path / 'nf4', adapter=tmp_path / 'adapter', lora=slowllama.LoraConfig(dropout=0.1))
     tokens, targets = random_batch(ours.cfg.vocab_size, seed=3)
@@ -80,8 +115,39 @@ def test_nf4_equals_transformers_peft_bitsandbytes_with_dropout(quant_hf, tmp_pa
     print(f'\nnf4 vs bitsandbytes: max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
           f'max relative grad diff {worst:.2e}')
     assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-5
+    if double_quant:
+        return
     plain = slowllama.load(hf_folder_prepared(hf_folder, tmp_path), adapter=tmp_path / 'adapter')
     assert (plain.logits(tokens) - ref_logits).abs().max() > 100 * max(logit_diff, 1e-6)  # the 4 bits are real
+
+
+def test_int8_equals_transformers_peft_on_a_q8_0_gguf_of_the_same_weights(quant_hf, tmp_path):
+    """(b) for --quant int8: transformers reads a GGUF whose projections gguf's own writer quantized
+    to Q8_0 (llama.cpp's reference) and dequantizes them; with a peft adapter on it: the logits, loss
+    and every LoRA gradient of our int8 model prepared from the HF folder."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    T = gguf.GGMLQuantizationType
+    hf_folder, hf_model = quant_hf
+    write_gguf(tmp_path / 'q8.gguf', hf_model, {'*': T.Q8_0, 'token_embd.weight': T.F32, 'output.weight': T.F32},
+               tokenizer={'add_vocab_size': hf_model.config.vocab_size})
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file='q8.gguf', dtype=torch.float32).eval()
+    reference = peft_model(base, rank=4, alpha=8.0, targets=HF_TARGETS, seed=2)
+    reference.save_pretrained(tmp_path / 'adapter')
+    slowllama.prepare(hf_folder, tmp_path / 'int8', dtype='fp32', quant='int8')
+    ours = slowllama.load(tmp_path / 'int8', adapter=tmp_path / 'adapter')
+    tokens, targets = random_batch(ours.cfg.vocab_size, seed=3)
+    ref_logits, logit_diff, loss, ref_loss = step_beside_peft(ours, reference, tokens, targets)
+    ref_grads = peft_grads(reference)
+    grads = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    worst = max(max_rel_diff(grads[k], ref_grads[k]) for k in grads)
+    print(f'\nint8 vs transformers on Q8_0: max logit diff {logit_diff:.2e}, '
+          f'loss diff {abs(loss - ref_loss.item()):.2e}, max relative grad diff {worst:.2e}')
+    assert set(grads) == set(ref_grads)
+    assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-5
+    with torch.no_grad():
+        unquantized = peft_model(hf_model, rank=4, alpha=8.0, targets=HF_TARGETS, seed=2)(input_ids=tokens).logits
+    assert (unquantized - ref_logits).abs().max() > 100 * max(logit_diff, 1e-6)  # the 8 bits are real
 
 
 def hf_folder_prepared(hf_folder, tmp_path):

@@ -39,6 +39,23 @@ def test_nf4_bit_identical_to_bitsandbytes(shape):
     assert ours.dtype == torch.float32 and tuple(ours.shape) == shape
 
 
+def test_nf4_scales_blocks_in_bitsandbytes_order_of_operations():
+    """A value v in a block whose absmax is t, chosen so that v * (1 / t) and v / t fall on either
+    side of a midpoint between two NF4 codes: bitsandbytes multiplies by the inverse in a full block
+    and divides in the last, partial one, and so must we to choose its codes (random weights
+    almost never meet such a value)."""
+    code = torch.tensor(quant.NF4_CODE)
+    midpoints = (code[:-1] + code[1:]) / 2
+    t, v = torch.tensor(0.10112559795379639), torch.tensor(-0.034350283443927765)  # float32 values
+    assert torch.bucketize(v * (1.0 / t), midpoints) == 4 and torch.bucketize(v / t, midpoints) == 3
+    rest = random_weight((62,), seed=1) * 0.2
+    weight = torch.cat([t[None], v[None], rest, t[None], v[None]])  # a full block, then a tail of two
+    packed, state = bnb().quantize_4bit(weight, blocksize=64, quant_type='nf4')
+    parts = quant.quantize(weight, Quant('nf4'))
+    assert torch.equal(parts['qweight'], packed.reshape(-1)) and torch.equal(parts['absmax'], state.absmax)
+    assert (int(parts['qweight'][0]) & 15, int(parts['qweight'][-1]) & 15) == (4, 3)
+
+
 def test_nf4_matches_bitsandbytes_torch_kernel_on_rows_of_96():
     """Rows of 96 (the tiny test models' MLP): bitsandbytes' own torch kernel, which its CPU C kernel
     contradicts for such shapes, dequantizes our bytes to our values."""
@@ -102,7 +119,8 @@ def test_q8_0_bit_identical_to_gguf(shape):
     import gguf
     weight = random_weight(shape, seed=11)
     weight[0, :32] = 0.0  # an all-zero block (scale 0)
-    weight[1, 3] = 127 * 0.0075  # exact halves around the rounding points
+    weight[1, :32] = torch.arange(-15.5, 16.0)  # exact halves: llama.cpp rounds them away from zero
+    weight[1, 0] = 127.0  # the block's scale 1.0, so each value times 1 / scale is itself
     raw = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
     packed = quant.q8_0_quantize(weight)
     assert np.array_equal(packed.numpy(), raw)  # GGUF's bytes, block for block

@@ -86,6 +86,40 @@ def test_grad_accum_2x2_equals_batch_4(tiny_text_model, tmp_path):
     assert max((params_a[k] - params_b[k]).abs().max().item() for k in params_a) < 1e-6
 
 
+@pytest.mark.parametrize('grad_clip', [1.0, 0.0])
+def test_the_step_is_adamw_on_the_clipped_gradient(tiny_text_model, tmp_path, grad_clip):
+    """One optimizer step on gradients of global norm 5: torch's AdamW (its lr, betas, eps and
+    decoupled weight decay) applied to the gradient scaled to norm grad_clip (0: not clipped); the
+    row logs the norm before clipping. eps is large, so that the step depends on the gradient's size."""
+    model_dir, _, _ = tiny_text_model
+    model = load_model(model_dir, dropout=0.0)
+    randomize_adapters(model.adapters)
+    params = model.trainable_parameters()
+    g = torch.Generator().manual_seed(5)
+    grads = {name: torch.randn(p.shape, generator=g) for name, p in params.items()}
+    norm = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads.values()]))
+    grads = {name: x * (5.0 / norm) for name, x in grads.items()}  # global norm 5
+
+    def step(m, batch):
+        for name, p in m.trainable_parameters().items():
+            p.grad = grads[name].clone()
+        return 1.0
+    settings = dict(lr=1e-2, betas=(0.8, 0.9), eps=0.5, weight_decay=0.3)
+    before = {name: p.detach().clone() for name, p in params.items()}
+    cfg = TrainConfig(iters=1, schedule='constant', grad_clip=grad_clip, **settings)
+    Trainer(model, cfg, tmp_path / 'run', FixedBatches(Batch(*random_batch(128)), 2), step_fn=step).run()
+
+    expected = {name: torch.nn.Parameter(x.clone()) for name, x in before.items()}
+    scale = min(1.0, grad_clip / 5.0) if grad_clip else 1.0
+    for name, p in expected.items():
+        p.grad = grads[name] * scale
+    torch.optim.AdamW(expected.values(), **settings).step()
+    worst = max((params[k].detach() - expected[k].detach()).abs().max().item() for k in params)
+    moved = min((params[k].detach() - before[k]).abs().max().item() for k in params)
+    assert worst < 1e-7 and moved > 1e-4, (worst, moved)
+    assert metrics(tmp_path / 'run')[0]['grad_norm'] == pytest.approx(5.0, rel=1e-5)
+
+
 def run_training(model_dir, run_dir, data, resume=False, stop_after=None, **overrides):
     settings = dict(iters=6, lr=5e-3, warmup=2, save_every=2, eval_every=3, seed=11)
     settings.update(overrides)
