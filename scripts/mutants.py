@@ -42,6 +42,8 @@ class Mutant(NamedTuple):
 M = Mutant
 T_MODEL = 'tests/test_model.py'
 T_ENGINE = 'tests/test_engine.py'
+T_TRIP = 'tests/test_trip.py'
+T_KEPT = 'tests/test_kept.py'
 T_QUANT = 'tests/test_quant.py'
 T_GGUF = 'tests/test_gguf_export.py'
 T_QUANT_ORDER = f'{T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'
@@ -95,8 +97,8 @@ MUTANTS = [
     M('head-sum-not-rescaled', 'slowllama/engine/head.py', 'exp_rows.mul_(rescale[:, None]).add_(',
       'exp_rows.add_(', f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
     M('head-lse-not-rescaled', 'slowllama/engine/head.py',
-      'running_sum = running_sum * rescale + exp_logits.sum(dim=-1)',
-      'running_sum = running_sum + exp_logits.sum(dim=-1)',
+      'running_sum = self.running_sum * rescale + exp_logits.sum(dim=-1)',
+      'running_sum = self.running_sum + exp_logits.sum(dim=-1)',
       f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
     M('head-mean-over-all-positions', 'slowllama/engine/head.py', 'weight = valid.float() / valid.sum().clamp(min=1)',
       'weight = valid.float() / valid.numel()', f'{T_ENGINE}::test_logits_loss_and_grads_equal_transformers_peft'),
@@ -104,9 +106,25 @@ MUTANTS = [
       "return torch.where(targets != IGNORE, target_logit - lse, 0.0).view(x.shape[:-1])",
       "return (target_logit - lse).view(x.shape[:-1])",
       'tests/test_dpo.py::test_tokens_loss_and_metrics_equal_trl_dpo_trainer'),
-    # --- the streamed engine (engine/streamed.py; the block-major schedule's mutants go here too) ----
+    # --- the streamed engine (engine/streamed.py) and the step's schedule (engine/trip.py, kept.py) ---
     M('recompute-without-rng-replay', 'slowllama/engine/streamed.py', '        set_rng_state(self.device, rng_state)\n',
       '', f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
+    M('micro-batch-share-ignored', 'slowllama/engine/streamed.py', 'p.grad.add_(g, alpha=share)', 'p.grad.add_(g)',
+      f'{T_TRIP}::test_trips_equal_the_sequential_accumulation_bit_for_bit'),
+    M('one-rng-stream-for-every-micro-batch', 'slowllama/engine/trip.py',
+      '[get_rng_state(device)] + [seeded_rng_state(device, seed) for seed in seeds]',
+      '[get_rng_state(device)] * count', f'{T_TRIP}::test_the_streams_differ_and_do_not_depend_on_the_trip'),
+    M('recompute-replays-micro-batch-0s-stream', 'slowllama/engine/trip.py', 'rng_before[i, k] = streams[k]',
+      'rng_before[i, k] = streams[0]', f'{T_KEPT}::test_kept_activations_give_the_recompute_bits'),
+    M('the-last-blocks-released-before-the-backward', 'slowllama/engine/trip.py', 'if i < last - 1:', 'if i < last:',
+      f'{T_TRIP}::test_each_block_crosses_twice_a_trip'),
+    M('the-first-blocks-kept', 'slowllama/engine/trip.py', 'if i > last - kept_blocks else None',
+      'if i < kept_blocks else None', f'{T_KEPT}::test_some_blocks_kept_the_others_recomputed'),
+    M('kept-graph-holds-the-weights', 'slowllama/engine/kept.py', '        if name is None or tensor',
+      '        if True or tensor', f'{T_KEPT}::test_the_graph_keeps_no_weight_they_come_back_from_the_fetch'),
+    M('kept-activations-planned-without-lora-inputs', 'slowllama/weights/plan.py',
+      '            total += t * width[source] * f  # each target', '            pass  # each target',
+      f'{T_KEPT}::test_the_planners_activation_bytes_are_what_torch_saves'),
     # --- quantization (model/quant.py) --------------------------------------------------------------
     M('nf4-nibble-order', 'slowllama/model/quant.py', 'return (codes[0::2] << 4) | codes[1::2], absmax',
       'return (codes[1::2] << 4) | codes[0::2], absmax', f'{T_QUANT}::test_nf4_bit_identical_to_bitsandbytes'),
@@ -139,14 +157,14 @@ MUTANTS = [
       'return _gguf().quants.quantize(tensor.half().float().numpy(), _qtype(kind))',
       f'{T_GGUF}::test_reduced_types_are_the_merged_weights_rounded'),
     # --- the optimizer's step and the schedule (training/trainer.py) --------------------------------
-    M('warmup-starts-at-zero', 'slowllama/training/trainer.py', 'return cfg.lr * step / cfg.warmup',
+    M('warmup-starts-at-zero', 'slowllama/training/settings.py', 'return cfg.lr * step / cfg.warmup',
       'return cfg.lr * (step - 1) / cfg.warmup', 'tests/test_train.py::test_schedule_warmup_then_cosine_or_constant'),
-    M('cosine-one-step-late', 'slowllama/training/trainer.py', 'progress = (step - 1 - cfg.warmup)',
+    M('cosine-one-step-late', 'slowllama/training/settings.py', 'progress = (step - 1 - cfg.warmup)',
       'progress = (step - cfg.warmup)', 'tests/test_train.py::test_schedule_warmup_then_cosine_or_constant'),
     M('no-gradient-clipping', 'slowllama/training/trainer.py',
       "max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float('inf')", "max_norm = float('inf')",
       'tests/test_train.py::test_the_step_is_adamw_on_the_clipped_gradient'),
-    M('no-weight-decay', 'slowllama/training/trainer.py', "'weight_decay': cfg.weight_decay})",
+    M('no-weight-decay', 'slowllama/training/settings.py', "'weight_decay': cfg.weight_decay})",
       "'weight_decay': 0.0})", 'tests/test_train.py::test_the_step_is_adamw_on_the_clipped_gradient'),
     M('resume-keeps-the-saved-iters', 'slowllama/training/trainer.py',
       "self.step, self.data_position = state['step'], state['data_position']",

@@ -57,8 +57,13 @@ def test_some_blocks_kept_the_others_recomputed(tiny_text_model):
     recompute = slowllama.load(model_dir, lora=LORA, dropout=0.1, keep_activations='none')
     randomize_adapters(keep.adapters, seed=2)
     copy_adapters(keep.adapters, recompute.adapters)
+    kept_at = []
+    real = keep.kept_backward
+    keep.kept_backward = lambda i, *args: kept_at.append(i) or real(i, *args)
     same_step(keep, recompute, micro_batches(keep.cfg.vocab_size, packed=True), SHARES)
     assert keep.step_plan.kept_blocks == 2
+    last = keep.cfg.n_layers - 1
+    assert sorted(set(kept_at)) == [last - 1, last]  # the last ones: their backward comes first
 
 
 @pytest.fixture(scope='module')

@@ -100,14 +100,15 @@ def test_the_step_is_adamw_on_the_clipped_gradient(tiny_text_model, tmp_path, gr
     norm = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads.values()]))
     grads = {name: x * (5.0 / norm) for name, x in grads.items()}  # global norm 5
 
-    def step(m, batch):
-        for name, p in m.trainable_parameters().items():
+    def accumulate(batches, shares):  # the step's gradient, whatever its micro-batches
+        for name, p in params.items():
             p.grad = grads[name].clone()
-        return 1.0
+        return [1.0] * len(batches)
+    model.accumulate = accumulate
     settings = dict(lr=1e-2, betas=(0.8, 0.9), eps=0.5, weight_decay=0.3)
     before = {name: p.detach().clone() for name, p in params.items()}
     cfg = TrainConfig(iters=1, schedule='constant', grad_clip=grad_clip, **settings)
-    Trainer(model, cfg, tmp_path / 'run', FixedBatches(Batch(*random_batch(128)), 2), step_fn=step).run()
+    Trainer(model, cfg, tmp_path / 'run', FixedBatches(Batch(*random_batch(128)), 2)).run()
 
     expected = {name: torch.nn.Parameter(x.clone()) for name, x in before.items()}
     scale = min(1.0, grad_clip / 5.0) if grad_clip else 1.0
