@@ -126,7 +126,9 @@ def test_each_configuration_runs_in_its_own_process_beside_its_prediction(tiny_b
     ours, peer = report['rows']
     assert 'error' not in ours and 'error' not in peer, report['rows']
     cfg = shape_config('tiny')
-    plan = predict(cfg, 2, 16, 'fp32', rank=4, targets=('q', 'v'), ram_blocks=cfg.n_layers, device_is_host=True)
+    assert ours['kept_blocks'] == cfg.n_layers  # a tiny model keeps every block's activations
+    plan = predict(cfg, 2, 16, 'fp32', rank=4, targets=('q', 'v'), ram_blocks=cfg.n_layers, device_is_host=True,
+                   kept_blocks=ours['kept_blocks'])
     assert (ours['planned_device_bytes'], ours['planned_host_bytes']) == (plan.device_bytes, plan.host_bytes)
     assert 'planned_device_bytes' not in peer  # no prediction for the peer
     for row in (ours, peer):

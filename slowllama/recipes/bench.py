@@ -166,8 +166,8 @@ def _slowllama_step(spec, device, dtype, tokens, targets):
 
     micro = [MicroBatch(tokens, targets)] * spec.get('grad_accum', 1)
 
-    def step():
-        return model.accumulate(micro, [1 / len(micro)] * len(micro))
+    def step():  # the step's mean loss, as the peer's
+        return sum(model.accumulate(micro, [1 / len(micro)] * len(micro))) / len(micro)
     step.traffic = model.traffic
     step.plan = lambda: model.step_plan
     step.block_bytes = block_bytes(model.cfg, spec['dtype'], model.store.quant)  # as it travels (packed or not)
@@ -213,13 +213,15 @@ def _hf_step(spec, device, dtype, tokens, targets):
     model.train()
     tokens, targets = tokens.to(device), targets.to(device)
 
-    def step():  # the micro-batches one after another, as a trainer's gradient accumulation
-        for _ in range(spec.get('grad_accum', 1)):
+    def step():  # the micro-batches one after another, as a trainer's gradient accumulation; the mean loss
+        n, total = spec.get('grad_accum', 1), 0.0
+        for _ in range(n):
             logits = model(input_ids=tokens).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                                      ignore_index=-100)
-            (loss / spec.get('grad_accum', 1)).backward()
-        return loss.item()
+            (loss / n).backward()
+            total += loss.item()
+        return total / n
     return step, [p for p in model.parameters() if p.requires_grad]
 
 
