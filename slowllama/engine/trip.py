@@ -101,7 +101,7 @@ def run_trip(model, batches, shares, streams, stash, kept_blocks=0):
                                                 layout, shares[k])
         del weights
         store.release(i)
-        if i % TRIM_EVERY_BLOCKS == 0:
+        if i % TRIM_EVERY_BLOCKS == 0 and i <= last - kept_blocks:  # kept blocks free what the slack keeps
             model.trim_host_heap()
 
     for batch, grad, share in zip(batches, grads, shares):  # what made the prefixes
