@@ -13,7 +13,7 @@ from slowllama.errors import SlowLlamaError
 from slowllama.model.block import Block, document_mask, rope_table
 from slowllama.model.config import SHAPES, ModelConfig
 from slowllama.model.lora import LoraConfig, attach
-from slowllama.weights.plan import GIB, kept_activation_bytes, plan_step
+from slowllama.weights.plan import GIB, host_heap_slack, kept_activation_bytes, plan_step
 from slowllama.weights.prepared import block_shapes
 from test_trip import SHARES, accumulated, assert_bit_identical, dpo_batches, micro_batches
 
@@ -207,6 +207,18 @@ def test_the_plan_keeps_the_last_blocks_that_fit():
     assert plan_step(cfg, 4, 128, 'fp32', 1, budget=10 * GIB, keep='none').kept_blocks == 0
     with pytest.raises(SlowLlamaError, match=r'--keep-activations all: .* need \d+\.\d+ GiB, the step has'):
         plan_step(cfg, 4, 128, 'fp32', 4, budget=1 * GIB, keep='all')
+
+
+def test_on_a_cpu_each_kept_block_counts_what_the_heap_keeps_beside_it(tiny_text_model):
+    """A cpu's plan counts, for each kept block and micro-batch, what autograd saves and the freed
+    forward temporaries glibc keeps between the saved tensors (measured: scripts/bench.py's planned
+    host memory against the measured, 0.4B fp32 and bf16)."""
+    model_dir, _, _ = tiny_text_model
+    model = slowllama.load(model_dir, lora=LORA, dropout=0.1, offload='disk', keep_activations='all')
+    plan = model.plan_for(2, 4, 16)
+    saved = kept_activation_bytes(model.cfg, 4, 16, 'fp32', LORA.targets, LORA.rank, dropout=0.1, lora_dropout=0.1)
+    heap = host_heap_slack(model.cfg, 4, 16, 'fp32')
+    assert heap > 0 and plan.kept_bytes == 2 * model.cfg.n_layers * (saved + heap)
 
 
 def test_keep_all_that_cannot_fit_is_refused_before_the_run(tiny_text_model, tmp_path, capsys):

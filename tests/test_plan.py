@@ -23,7 +23,8 @@ def test_streaming_needs_a_fraction_of_resident_memory():
 
 
 def test_on_a_cpu_blocks_are_counted_where_they_lie():
-    """One memory, no copies: from disk one mapped block at a time, held in RAM the whole model."""
+    """One memory, no copies: from disk two mapped blocks at a time (the one computing, the next
+    faulted in ahead), held in RAM the whole model."""
     weights = model_params(LLAMA_7B) * 2
     block = block_params(LLAMA_7B) * 2
     from_disk = predict(LLAMA_7B, 4, 128, 'bf16', device_is_host=True)
