@@ -1,11 +1,10 @@
 """Choosing the device and compute dtype once, at load, and saving/restoring its RNG state."""
 import ctypes
-import ctypes.util
-import sys
 
 import torch
 
 from ..errors import SlowLlamaError
+from ..weights.files import glibc
 
 
 def best_device():
@@ -101,14 +100,12 @@ class HeapTrimmer:
     SLACK = 16 << 20
 
     def __init__(self, slack=SLACK):
-        self.slack, self._libc = slack, None
-        if sys.platform.startswith('linux'):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-                libc.mallinfo2.restype = _MallInfo2
-                self._libc = libc
-            except (OSError, AttributeError):  # not glibc, or older than 2.33
-                pass
+        self.slack, self._libc = slack, glibc()
+        try:
+            if self._libc is not None:
+                self._libc.mallinfo2.restype = _MallInfo2
+        except AttributeError:  # not glibc, or older than 2.33
+            self._libc = None
 
     def __call__(self):
         if self._libc is not None and self._libc.mallinfo2().fordblks > self.slack:

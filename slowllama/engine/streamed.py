@@ -309,10 +309,7 @@ class StreamedModel:
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
             output = self.run_block(i, weights, block_input, layout)  # only its gradient is used
-        params = self._block_params[i]
-        grads = torch.autograd.grad(output, [block_input, *params], grad_output, allow_unused=True)
-        add_gradients(params, grads[1:], share)
-        return grads[0]
+        return self._push_gradient(i, block_input, output, grad_output, share)
 
     def run_block_keeping(self, i, weights, names, x, layout):
         """Block i under autograd, its graph kept for the backward (its weights by name: kept.py)
@@ -326,9 +323,16 @@ class StreamedModel:
         """Push grad_output through block i's kept graph, its weights resolved to this fetch: adds
         share * the LoRA gradients to their .grad and returns d loss / d input."""
         kept.names.fetched = weights
+        try:
+            return self._push_gradient(i, kept.input, kept.output, grad_output, share)
+        finally:
+            kept.names.fetched = None
+
+    def _push_gradient(self, i, block_input, output, grad_output, share):
+        """grad_output through block i's graph from block_input to output: share * the LoRA gradients
+        into their .grad; returns d loss / d block_input."""
         params = self._block_params[i]
-        grads = torch.autograd.grad(kept.output, [kept.input, *params], grad_output, allow_unused=True)
-        kept.names.fetched = None
+        grads = torch.autograd.grad(output, [block_input, *params], grad_output, allow_unused=True)
         add_gradients(params, grads[1:], share)
         return grads[0]
 

@@ -11,6 +11,11 @@ from .pinned import ROW_STAGING_BYTES, HostArena
 from .streams import CopyQueue
 
 
+def layout_bytes(layout):
+    """Bytes of a block's {name: (shape, dtype)}."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+
+
 class DeviceCopier:
     """Brings streamed blocks to the device in their compute dtype, through two preallocated device
     buffers (double buffering), so block i+1 travels while block i computes.
@@ -65,8 +70,7 @@ class DeviceCopier:
 
     def unallocated_bytes(self):
         """Device bytes of the buffers not allocated yet (they are made at the first copies)."""
-        one = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.layout.values())
-        return one * sum(buffers is None for buffers in self._buffers)
+        return layout_bytes(self.layout) * sum(buffers is None for buffers in self._buffers)
 
     def _claim(self):
         if all(self._in_use):

@@ -216,7 +216,7 @@ def populate_read(mapped):
     """Fault every page of a writable (or copy-on-write) mmap in, reading from disk what the page
     cache lacks: True when the kernel did it (libc's madvise, called through ctypes, which lets other
     threads run meanwhile), False where it cannot (not Linux, an older kernel)."""
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
@@ -224,7 +224,9 @@ def populate_read(mapped):
 
 
 @functools.lru_cache(maxsize=None)
-def _libc():
+def glibc():
+    """The C library through ctypes on Linux (madvise, and the heap's mallinfo2 / malloc_trim for
+    engine/devices.HeapTrimmer), else None."""
     if not sys.platform.startswith('linux'):
         return None
     try:

@@ -4,7 +4,6 @@ The store hands the engine a block's tensors of a prepared folder (prepared.py) 
 in the compute dtype, from one of three tiers: 'disk' (memory-mapped file, read at each use), 'ram'
 (held in host memory, pinned on cuda) or 'device' (all resident); placement() chooses them.
 """
-import math
 import mmap
 import os
 
@@ -15,7 +14,7 @@ from ..errors import SlowLlamaError
 from ..model.config import ModelConfig
 from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, packed_nbytes
-from .copier import DeviceCopier, Ready, RowStager
+from .copier import DeviceCopier, Ready, RowStager, layout_bytes
 from .files import SafetensorsFile
 from .memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .packed import Unpacker, check_file_layout, file_layout, unpack_rows
@@ -63,7 +62,7 @@ class BlockStore:
         # what crossed so far: bytes the store read from the model's files (what a disk would serve
         # if nothing were cached) and bytes it copied to the device (0 on a cpu: nothing crosses)
         self.traffic = {'bytes_read': 0, 'bytes_to_device': 0}
-        self._block_bytes = {'stored': _layout_bytes(self._stored_layout), 'device': _layout_bytes(self._layout)}
+        self._block_bytes = {'stored': layout_bytes(self._stored_layout), 'device': layout_bytes(self._layout)}
 
     def unallocated_device_bytes(self):
         """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
@@ -303,11 +302,6 @@ def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, ma
     tiers[HEAD_FILE] = 'device' if everything_fits else 'ram' if plan.ram_blocks else 'disk'
     tiers[EMBED_FILE] = 'device' if everything_fits else 'ram' if plan.ram_blocks else 'disk'
     return tiers
-
-
-def _layout_bytes(layout):
-    """Bytes of a block's {name: (shape, dtype)}."""
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
 
 
 def _over(cfg, dtype, free, cap):
