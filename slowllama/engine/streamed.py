@@ -20,7 +20,7 @@ from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapt
 from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
 from ..weights.formats.peft import save_adapter_folder
 from ..weights.memory import free_device_memory, free_host_memory, host_share, unified_memory
-from ..weights.plan import cap_budget, host_heap_slack, plan_step, step_working_bytes
+from ..weights.plan import cap_budget, plan_step, step_working_bytes
 from ..weights.prepared import dtype_name
 from .devices import HeapTrimmer, set_rng_state
 from .generation import GenerationCache, is_eos, sample
@@ -162,7 +162,7 @@ class StreamedModel:
             self.step_plan = plan_step(
                 self.cfg, batch, seq, dtype, micro_batches, budget, ram, disk_budget=spill_room(),
                 keep_reserve=page_cache, trip=self.trip_size, keep=self.keep, working=working,
-                heap_slack=host_heap_slack(self.cfg, batch, seq, dtype) if self.device.type == 'cpu' else 0,
+                host_heap=self.device.type == 'cpu',
                 targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
                 device_type=self.device.type, packed=packed)
             self._planned_for = shape

@@ -56,11 +56,12 @@ def block_working_set(cfg: ModelConfig, batch, seq, act_bytes):
     return (tokens * per_token + attention) * act_bytes
 
 
-def host_heap_slack(cfg: ModelConfig, batch, seq, dtype='bf16'):
-    """Bytes of a kept block's freed forward temporaries that a CPU's heap (glibc malloc) keeps in the
-    holes between the saved tensors instead of returning: measured at about 2.5 x hidden_dim values
-    a token (0.4B in fp32 and bf16, 14 and 28 blocks kept, on the device and the disk tier)."""
-    return int(2.5 * batch * seq * cfg.hidden_dim * DTYPE_BYTES[dtype])
+# A kept block's forward frees temporaries between the tensors autograd saves, and a CPU's heap
+# (glibc malloc) keeps those holes instead of returning them: measured at 0.3 to 0.65 of the saved
+# bytes (0.4B, fp32 and bf16, 4 x 128, 8 x 64, 2 x 256 and 1 x 512, LoRA on 2 to 7 projections,
+# dropout 0 to 0.1, device and disk tier; peaks then 0.88-1.08x the plan), so a kept block counts
+# this much more on a cpu.
+CPU_HEAP_SLACK = 0.5
 
 
 def saved_input_bytes(cfg: ModelConfig, batch, seq, act_bytes):
@@ -143,13 +144,13 @@ class StepPlan:
 
 
 def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_budget=0, disk_budget=None, trip=None,
-              keep='auto', working=0, keep_reserve=0, heap_slack=0, **activation):
+              keep='auto', working=0, keep_reserve=0, host_heap=False, **activation):
     """The StepPlan for `micro_batches` of batch x seq within `budget` bytes on the device (on a cpu:
     the host) for what the step holds beyond the weights (`working` of it taken by the working set of
     one block's backward and the head), with saved inputs spilling to `ram_budget` bytes of host RAM,
     then to `disk_budget` bytes of disk (None: unlimited). Kept activations leave `keep_reserve` of
-    the budget alone (on a cpu: the page cache's room for the blocks read from files); each kept
-    block and micro-batch takes `heap_slack` more (on a cpu: host_heap_slack).
+    the budget alone (on a cpu: the page cache's room for the blocks read from files); host_heap:
+    the step runs on a cpu's heap (CPU_HEAP_SLACK more for each kept block).
 
     trip: micro-batches per trip; None: all of them as long as their hidden states and gradients fit
     on the device (saved inputs spill: a few percent of a block's bytes a micro-batch, far less than
@@ -158,7 +159,7 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     of blocks. activation: kept_activation_bytes' settings (targets, rank, dropout, ...)."""
     n, w = cfg.n_layers, DTYPE_BYTES[dtype]
     one_input = saved_input_bytes(cfg, batch, seq, w)
-    per_block = kept_activation_bytes(cfg, batch, seq, dtype, **activation) + heap_slack
+    per_block = int(kept_activation_bytes(cfg, batch, seq, dtype, **activation) * (1 + CPU_HEAP_SLACK * host_heap))
 
     def device_need(k, kept):  # kept activations, each micro-batch's hidden state and gradient, working set
         return k * kept * per_block + 2 * k * one_input + working
@@ -268,8 +269,8 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
     one_input = saved_input_bytes(cfg, batch, seq, w)
     saved_inputs = micro_batches * (cfg.n_layers - kept_blocks) * one_input
-    kept = micro_batches * kept_blocks * (kept_activation_bytes(cfg, batch, seq, dtype, targets, rank, **activation)
-                                          + (host_heap_slack(cfg, batch, seq, dtype) if device_is_host else 0))
+    kept = micro_batches * kept_blocks * int(kept_activation_bytes(cfg, batch, seq, dtype, targets, rank, **activation)
+                                             * (1 + CPU_HEAP_SLACK * device_is_host))
     step = (lora + step_working_bytes(cfg, batch, seq, dtype, micro_batches) + 2 * micro_batches * one_input
             + unpacked + kept)
     if device_is_host:
