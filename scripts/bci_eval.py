@@ -18,11 +18,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from slowllama.bci.baseline import nearest_centroid  # noqa: E402
 from slowllama.bci.data import read_data  # noqa: E402
-from slowllama.bci.decode import (decode_trials, exact_match, load_decoder, rank_candidates,  # noqa: E402
-                                  word_error_rate)
+from slowllama.bci.decode import decode_trials, exact_match, load_decoder, rank_candidates, word_error_rate  # noqa: E402
 from slowllama.bci.synthetic import PRESETS, make_demo_set  # noqa: E402
 from slowllama.cli import main  # noqa: E402
-from slowllama.weights.formats.tokenizer import load_tokenizer  # noqa: E402
+from slowllama.tokenizer.tokenizer import load_tokenizer  # noqa: E402
 
 EXTERNAL = PRESETS['external']
 # name -> make_demo_set settings; seeds far from the demo's (0) and from the tests'

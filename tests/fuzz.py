@@ -37,9 +37,9 @@ def build_corpus(root):
 
     import slowllama
     sys.path.insert(0, HERE)
+    import gguf
     from checkpoints import hf_params, write_gguf, write_meta
     from conftest import CORPUS, make_hf_model, save_tiny_tokenizer
-    import gguf
     T = gguf.GGMLQuantizationType
     root = str(root)
     paths = {name: os.path.join(root, name) for name in
@@ -289,7 +289,7 @@ def _load_prepared(case):
     import torch
 
     import slowllama
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(case.input)
     tokenizer.decode(tokenizer.encode('the keeper of the lamp'))
     model = slowllama.load(case.input, offload=case.rng.choice(['disk', 'ram']))
@@ -321,7 +321,7 @@ def _resume(case):
 
 def _data(case):
     from slowllama.data.dataset import load_data
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(case.corpus['prepared'])
     data = load_data(case.input, tokenizer, seq_len=16, batch_size=2, val_fraction=case.rng.choice([0.0, 0.3]),
                      pack=case.rng.random() < 0.5)
@@ -329,7 +329,7 @@ def _data(case):
 
 
 def _tokenizer(case):
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(case.input)
     ids = tokenizer.encode('odalys keeps the lamp', eos=True)
     tokenizer.decode(ids)
@@ -340,7 +340,7 @@ def _tokenizer(case):
 def _gguf_config(case):
     from slowllama.weights.formats import gguf
     gguf.read_config(case.input)
-    from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
+    from slowllama.tokenizer.gguf_tokenizer import tokenizer_files
     tokenizer_files(gguf.open_reader(case.input), case.input)
 
 

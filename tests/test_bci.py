@@ -8,18 +8,25 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import random_batch
+from reference import copy_adapters, masked_mean_ce, randomize_adapters, whole_model
 
 import slowllama
-from slowllama.bci.encoder import (ENCODER_CONFIG, ENCODER_WEIGHTS, EncoderConfig, SignalEncoder, attach_encoder,
-                           load_encoder, prefix_embeddings)
 from slowllama.bci.data import channel_stats, default_splits, read_data
 from slowllama.bci.decode import decode_trials, edit_distance, load_decoder, word_error_rate
+from slowllama.bci.encoder import (
+    ENCODER_CONFIG,
+    ENCODER_WEIGHTS,
+    EncoderConfig,
+    SignalEncoder,
+    attach_encoder,
+    load_encoder,
+    prefix_embeddings,
+)
 from slowllama.bci.synthetic import make_demo_set
 from slowllama.cli import main
-from slowllama.weights.formats.tokenizer import load_tokenizer
 from slowllama.model.block import rope_table
-from reference import copy_adapters, masked_mean_ce, randomize_adapters, whole_model
-from conftest import random_batch
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 

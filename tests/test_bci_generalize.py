@@ -13,12 +13,18 @@ from slowllama.bci.augment import Augment, warp_time
 from slowllama.bci.baseline import nearest_centroid
 from slowllama.bci.data import read_data
 from slowllama.bci.decode import candidate_rows, exact_match, rank_candidates, read_candidates
-from slowllama.bci.encoder import (ENCODER_CONFIG, EncoderConfig, SignalEncoder, attach_encoder, load_encoder,
-                                   prefix_embeddings, read_encoder_config)
+from slowllama.bci.encoder import (
+    ENCODER_CONFIG,
+    EncoderConfig,
+    SignalEncoder,
+    attach_encoder,
+    load_encoder,
+    prefix_embeddings,
+    read_encoder_config,
+)
 from slowllama.bci.synthetic import PRESETS, make_demo_set
 from slowllama.cli import main
-from slowllama.weights.formats.tokenizer import load_tokenizer
-
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 # --- the synthetic sets ---------------------------------------------------------------------------
 

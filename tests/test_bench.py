@@ -37,7 +37,7 @@ def test_the_worker_runs_without_proc_and_synchronizes_every_step(tmp_path, monk
 
 
 def test_peak_memory_sees_an_allocation():
-    from slowllama.weights.memory import peak_rss, process_rss, reset_peak_rss
+    from slowllama.weights.host_memory import peak_rss, process_rss, reset_peak_rss
     reset_peak_rss()
     before = peak_rss()
     x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
@@ -52,7 +52,7 @@ def test_a_worker_does_not_inherit_its_parents_peak():
     import sys
     big = torch.ones(512 << 20, dtype=torch.uint8)  # this process's peak now holds 512 MiB
     del big
-    probe = ('from slowllama.weights.memory import peak_rss, process_rss, reset_peak_rss; reset_peak_rss(); '
+    probe = ('from slowllama.weights.host_memory import peak_rss, process_rss, reset_peak_rss; reset_peak_rss(); '
              'print(peak_rss() - process_rss())')
     out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, check=True)
     assert int(out.stdout) < 64 << 20
@@ -108,7 +108,8 @@ def test_each_configuration_runs_in_its_own_process_beside_its_prediction(tiny_b
     and each slowllama row carries the planner's prediction for its mode beside what was measured."""
     import json
     import subprocess
-    from slowllama.model.config import shape_config
+
+    from slowllama.recipes.shapes import shape_config
     from slowllama.weights.plan import predict
     work, _ = tiny_bench_models
     workers, real_run = [], subprocess.run

@@ -4,13 +4,13 @@ import io
 
 import pytest
 import torch
+from chat_families import FAMILIES
+from reference import peft_model
 
 import slowllama
 from slowllama import cli
-from slowllama.training.conversation import Conversation
-from slowllama.weights.formats.tokenizer import load_tokenizer
-from chat_families import FAMILIES
-from reference import peft_model
+from slowllama.generation.conversation import Conversation
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 MAX_NEW = 8
 

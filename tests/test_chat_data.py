@@ -4,14 +4,14 @@ never trains on plain lines silently; the run's first lines say which rendering 
 import json
 
 import pytest
-
 from chat_families import CONVERSATIONS, trl_template
 from conftest import make_hf_model, save_tiny_tokenizer
+
 import slowllama
 from slowllama import cli
 from slowllama.data.dataset import IGNORE, load_data
 from slowllama.data.preference import load_pairs
-from slowllama.weights.formats.tokenizer import load_tokenizer
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 TRAINED = [CONVERSATIONS[0], CONVERSATIONS[1]]  # conversations that end with an answer
 

@@ -5,14 +5,14 @@ import json
 import shutil
 
 import pytest
-
-import slowllama
 from chat_families import CONVERSATIONS, FAMILIES, family_tokenizer, trl_template
 from checkpoints import write_gguf
 from conftest import make_hf_model
+
+import slowllama
 from slowllama import cli
+from slowllama.tokenizer.tokenizer import load_tokenizer
 from slowllama.weights.formats.export import export
-from slowllama.weights.formats.tokenizer import load_tokenizer
 
 CONVERSATION_TEXTS = [m['content'] for messages in CONVERSATIONS for m in messages]
 TOOLS = [{'type': 'function', 'function': {
@@ -227,8 +227,9 @@ def test_a_sentencepiece_tokenizer_reads_the_special_tokens_a_template_spells(tm
     """tokenizer.model alone (as prepared from a Llama-2 / Mistral GGUF): '<s>' and '</s>' in the
     rendered text are their ids, as transformers' LlamaTokenizer encodes the same folder."""
     import sentencepiece
+    from test_tokenizer import CORPUS as TEXTS
+    from test_tokenizer import sentencepiece_gguf_fields
     from transformers import AutoTokenizer
-    from test_tokenizer import CORPUS as TEXTS, sentencepiece_gguf_fields
     folder = tmp_path / 'sp'
     folder.mkdir()
     (folder / 'corpus.txt').write_text('\n'.join(TEXTS + CONVERSATION_TEXTS))

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from reference import peft_model
 
 import slowllama
 from slowllama import cli
 from slowllama.recipes import demo
-from slowllama.weights.formats.tokenizer import load_tokenizer
-from reference import peft_model
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

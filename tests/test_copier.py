@@ -8,18 +8,18 @@ import math
 
 import pytest
 import torch
+from conftest import random_batch
+from reference import randomize_adapters
 
 import slowllama
 import slowllama.weights.store as store_module
 from slowllama.model.config import ModelConfig
+from slowllama.weights import copier as copier_module
+from slowllama.weights.copier import DeviceCopier, Pending, Ready
 from slowllama.weights.files import SafetensorsFile
 from slowllama.weights.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
 from slowllama.weights.plan import pinned_bytes, predict
-from slowllama.weights import copier as copier_module
-from slowllama.weights.copier import DeviceCopier, Pending, Ready
 from slowllama.weights.prepared import EMBED_FILE, HEAD_FILE, block_file, block_shapes
-from conftest import random_batch
-from reference import randomize_adapters
 
 TIERS = {  # blocks 0, 1, 2 of the tiny model, then the embeddings and head
     'disk': ['disk'] * 5, 'ram': ['ram'] * 5, 'device': ['device'] * 5,
@@ -209,7 +209,7 @@ def test_streaming_from_disk_plans_its_staging_buffers_and_ram_blocks_bring_the_
 
 
 def test_torchrun_ranks_share_the_host_memory(monkeypatch):
-    from slowllama.weights import memory
+    from slowllama.weights import host_memory as memory
     from slowllama.weights.store import placement
     monkeypatch.setattr(store_module, 'free_device_memory', lambda device: 8 * 2 ** 30)
     monkeypatch.setattr(store_module, 'free_host_memory', lambda: 24 * 2 ** 30)
@@ -241,9 +241,11 @@ def test_unified_memory_is_one_budget(monkeypatch):
 
 def test_on_a_mac_the_device_budget_is_what_the_os_has_free(monkeypatch):
     """Unified memory: the free bytes psutil reports, within what Metal allows the process."""
-    import psutil
     from collections import namedtuple
-    from slowllama.weights.memory import free_device_memory
+
+    import psutil
+
+    from slowllama.weights.host_memory import free_device_memory
     memory = namedtuple('memory', 'total available')
     monkeypatch.setattr(torch.mps, 'recommended_max_memory', lambda: 21 * 2 ** 30, raising=False)
     monkeypatch.setattr(torch.mps, 'driver_allocated_memory', lambda: 1 * 2 ** 30, raising=False)

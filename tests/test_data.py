@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_tokenizer
 
 from slowllama.data.dataset import IGNORE, TextWindows, collate, load_data, pack_rows
 from slowllama.data.examples import text_example
 from slowllama.errors import SlowLlamaError
-from slowllama.weights.formats.tokenizer import load_tokenizer
-from conftest import save_tiny_tokenizer
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope='module')

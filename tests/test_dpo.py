@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import slowllama
-from slowllama.weights.files import SafetensorsFile
-from slowllama.training.dpo import REFERENCE_FILE, attach_reference, compute_reference, eval_step, train_step
-from slowllama.weights.formats.tokenizer import load_tokenizer
 from slowllama.data.preference import collate_pairs, load_pairs, make_pair
+from slowllama.tokenizer.tokenizer import load_tokenizer
+from slowllama.training.dpo import REFERENCE_FILE, attach_reference, compute_reference, eval_step, train_step
+from slowllama.weights.files import SafetensorsFile
 
 TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 METRICS = ('rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins', 'logps/chosen',
@@ -312,7 +312,7 @@ def test_smollm2_learns_to_prefer_polite_answers(smollm2, tmp_path):
     >= 0.9 after 4 steps of 2 pairs, the margin growing; and the greedy completion of a question about
     a topic never seen turns polite."""
     from slowllama.cli import main
-    from slowllama.training.completion import complete
+    from slowllama.generation.completion import complete
     data = write_pairs(tmp_path / 'polite.jsonl', polite_pairs())
     out = tmp_path / 'run'
     assert main(['finetune', '--objective', 'dpo', '--beta', '0.1', '--model', str(smollm2), '--data', str(data),

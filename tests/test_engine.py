@@ -1,11 +1,18 @@
 """The streamed engine against autograd over the whole model, and against transformers + peft."""
 import pytest
 import torch
+from conftest import random_batch
+from reference import (
+    assert_same_loss_and_gradients,
+    copy_adapters,
+    masked_mean_ce,
+    peft_grads,
+    peft_model,
+    randomize_adapters,
+    whole_model,
+)
 
 import slowllama
-from reference import (assert_same_loss_and_gradients, copy_adapters, masked_mean_ce, peft_grads, peft_model,
-                       randomize_adapters, whole_model)
-from conftest import random_batch
 
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
@@ -183,7 +190,8 @@ def test_a_failed_pass_hands_its_blocks_back(tiny_prepared, monkeypatch):
 
 def test_nucleus_sampling_keeps_to_the_top_p_set_without_a_boolean_index():
     from test_head import OperatorLog
-    from slowllama.engine.generation import sample
+
+    from slowllama.generation.decode import sample
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # top_p 0.7: tokens 0 and 1 only
     torch.manual_seed(0)
     with OperatorLog() as log:

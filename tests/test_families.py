@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-
-import slowllama
 from conftest import make_hf_model, random_batch
 from reference import peft_grads, peft_model, randomize_adapters, step_beside_peft
+
+import slowllama
 from slowllama.weights.formats.export import export
 
 HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -67,6 +67,7 @@ def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_
     where we draw three, so it is checked without dropout, through the stacked adapter: its A
     gradients are ours stacked, its B gradients ours on the diagonal blocks."""
     from peft import PeftModel
+
     from slowllama.weights.formats.peft import peft_adapter
     name, model_dir, hf_model = family
     dropout = 0.0 if name.startswith('phi3') else 0.1
@@ -110,8 +111,8 @@ def test_generate_greedy_equals_transformers(family):
 def test_window_matters():
     """The windowed mask changes the logits of a sequence longer than the window (else the
     Mistral checks above would prove nothing about it)."""
-    from slowllama.model.config import ModelConfig
     from slowllama.model.block import Transformer
+    from slowllama.model.config import ModelConfig
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64, sliding_window=4)
     torch.manual_seed(0)
     windowed = Transformer(cfg).eval()
@@ -188,7 +189,7 @@ def test_what_we_do_not_build_is_refused_with_one_line(change, message):
     hf = {'model_type': 'phi3', 'hidden_size': 72, 'num_attention_heads': 6, 'num_hidden_layers': 3,
           'intermediate_size': 96, 'vocab_size': 128, **change}
     with pytest.raises(slowllama.SlowLlamaError, match=message):
-        ModelConfig.from_hf(hf)
+        config_from_hf(hf)
 
 
 def test_windowed_cache_keeps_the_window_only():
@@ -211,8 +212,8 @@ def test_gguf_of_the_family_reads_to_its_hf_twins_logits(arch, shape, tmp_path):
     architectures; biases, q/k norms, Phi-3's fused attn_qkv / ffn_up and its window kept as
     llama.cpp keeps them) gives the logits of its transformers twin carrying the same
     (dequantized) weights, over rows longer than the window."""
-    from checkpoints import twin_from_gguf, write_gguf
     import gguf
+    from checkpoints import twin_from_gguf, write_gguf
     T = gguf.GGMLQuantizationType
     hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type=arch, intermediate_size=128, **shape)
     expected = write_gguf(tmp_path / 'm.gguf', hf_model, {'*': T.F16, 'attn_q.weight': T.Q8_0}, arch=arch)
@@ -291,9 +292,9 @@ def test_phi3_prepare_finetune_generate_export_from_the_command_line(tmp_path):
 
 
 def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):
+    import gguf
     import numpy as np
     from checkpoints import write_gguf
-    import gguf
     hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type='phi3', hidden_size=64, num_attention_heads=4,
                              num_key_value_heads=2, pad_token_id=None)
     write_gguf(tmp_path / 'm.gguf', hf_model, {'*': gguf.GGMLQuantizationType.F32}, arch='phi3',
@@ -310,7 +311,8 @@ def test_gguf_qwen2_tokenizer_splits_as_transformers_qwen2_tokenizer(tmp_path):
     from checkpoints import write_gguf
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     texts = ['In 2024 we sold 1234567 lamps, didn\'t we?', 'café  CAFÉ\n\nthe 3rd of 12 ships', "it's 99.5%"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

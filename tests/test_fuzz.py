@@ -7,10 +7,10 @@ The in-process fuzzing runs a fixed number of cases (SLOWLLAMA_FUZZ_CASES) drawn
 import json
 import os
 
+import fuzz
 import numpy as np
 import pytest
 
-import fuzz
 import slowllama
 from slowllama.errors import SlowLlamaError
 
@@ -139,8 +139,8 @@ def test_a_manifest_without_its_tensors_is_refused_before_allocating(corpus, tmp
 ])
 def test_gguf_with_altered_tokenizer_metadata_is_refused(corpus, tmp_path, field, value):
     """The issue's case: altered tokenizer metadata ended in an exception from building the BPE."""
+    from slowllama.tokenizer.gguf_tokenizer import tokenizer_files
     from slowllama.weights.formats.gguf import open_reader
-    from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
     reader = open_reader(corpus['bpe.gguf'])
     keys = {key.rsplit('.', 1)[-1]: key for key in reader.fields}
     path = tmp_path / 'altered.gguf'
@@ -211,8 +211,8 @@ DEEP = '[' * 100_000 + ']' * 100_000
     ('prepared', 'tokenizer_config.json', lambda p: _edit_json(p, lambda c: c.__setitem__('bos_token', 1))),
 ])
 def test_damaged_prepared_folder_is_one_line(corpus, tmp_path, name, filename, edit):
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     from slowllama.weights.formats.export import export
-    from slowllama.weights.formats.tokenizer import load_tokenizer
     model = _copy(corpus, name, tmp_path)
     edit(model / filename)
     if filename == 'manifest.json':
@@ -223,7 +223,7 @@ def test_damaged_prepared_folder_is_one_line(corpus, tmp_path, name, filename, e
 
 
 def test_a_chat_template_that_fails_names_the_file(corpus, tmp_path):
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     model = _copy(corpus, 'prepared', tmp_path)
     (model / 'chat_template.jinja').write_text('{{ x + }}')
     tokenizer = load_tokenizer(model)
@@ -239,7 +239,7 @@ def test_a_chat_template_that_fails_names_the_file(corpus, tmp_path):
 ])
 def test_damaged_chat_data_is_one_line(corpus, tmp_path, line):
     from slowllama.data.dataset import load_data
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     path = tmp_path / 'chat.jsonl'
     path.write_text(open(corpus['chat.jsonl']).read() + line + '\n')
     _refused(lambda: load_data(path, load_tokenizer(corpus['prepared']), 16, 2), path)

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import slowllama
 from checkpoints import twin_from_gguf, write_gguf
 from conftest import make_hf_model, random_batch
+
+import slowllama
 from slowllama.weights.files import SafetensorsFile
 
 # K-quants work on rows of 256 values, so the tiny model is 256 wide
@@ -117,7 +117,8 @@ def smollm2_gguf():
 @pytest.mark.slow
 def test_smollm2_greedy_completion_equals_transformers_gguf_loader(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     folder, name = smollm2_gguf()
     slowllama.prepare(os.path.join(folder, name), tmp_path / 'smol', dtype='fp32')
     ours_tok = load_tokenizer(tmp_path / 'smol')
@@ -183,6 +184,7 @@ def test_llama31_rope_factors_become_llama3_rope_scaling(tmp_path):
 @pytest.mark.parametrize('counts', [(2 ** 62, 0), (0, 2 ** 62), (10 ** 6, 10 ** 6)])
 def test_impossible_header_counts_are_refused_before_reading(tmp_path, counts):
     import struct
+
     from slowllama.weights.formats.gguf import open_reader
     path = tmp_path / 'hostile.gguf'
     path.write_bytes(b'GGUF' + struct.pack('<IQQ', 3, *counts) + b'\0' * 256)

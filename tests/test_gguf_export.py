@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import slowllama
 from checkpoints import BLOCK, to_interleaved
 from conftest import CORPUS, make_hf_model, random_batch
 from reference import peft_model
+
+import slowllama
 from slowllama.weights.formats.export import export
 
 TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -175,7 +175,7 @@ def test_gguf_lora_is_what_llama_cpp_adds_to_the_base(with_adapter, tmp_path):
 
 
 def test_tokenizer_travels_in_the_metadata(tiny_text_model, tmp_path):
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     model_dir, _, _ = tiny_text_model
     export(model_dir, tmp_path / 'model.gguf', 'gguf', dtype='f16')
     fields = gguf_fields(tmp_path / 'model.gguf')
@@ -192,7 +192,8 @@ def test_tokenizer_travels_in_the_metadata(tiny_text_model, tmp_path):
 
 def test_sentencepiece_vocabulary_travels_with_its_scores(tmp_path):
     import sentencepiece
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     hf = tmp_path / 'hf'
     make_hf_model(hf, seed=8, vocab_size=320, bos_token_id=1, eos_token_id=2)
     (tmp_path / 'corpus.txt').write_text('\n'.join(CORPUS))
@@ -218,9 +219,11 @@ def test_sentencepiece_vocabulary_travels_with_its_scores(tmp_path):
 def test_byte_level_split_rules_get_llama_cpps_names():
     """llama.cpp splits text by a named rule before BPE; the name follows tokenizer.json's pre-tokenizer."""
     import json
+
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from slowllama.weights.formats.gguf_tokenizer import LLAMA3_SPLIT
-    from slowllama.weights.formats.gguf_vocab import _pre_name
+
+    from slowllama.tokenizer.gguf_tokenizer import LLAMA3_SPLIT
+    from slowllama.tokenizer.gguf_vocab import _pre_name
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     rules = {
         'gpt-2': pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -313,7 +316,7 @@ def smollm2_gguf():
 @pytest.fixture(scope='module')
 def smollm2(tmp_path_factory):
     """(prepared folder, adapter folder, merged f32 GGUF, prompts as token lists, our merged logits)."""
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     folder = tmp_path_factory.mktemp('smollm2')
     slowllama.prepare(smollm2_gguf(), folder / 'model', dtype='fp32')
     model = slowllama.load(folder / 'model', lora=slowllama.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
@@ -335,9 +338,9 @@ def smollm2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smollm2_gguf_in_transformers_equals_our_merged_model(smollm2, tmp_path):
+    from slowllama.tokenizer.gguf_tokenizer import tokenizer_files
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     from slowllama.weights.formats.gguf import open_reader
-    from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
-    from slowllama.weights.formats.tokenizer import load_tokenizer
     model_dir, _, merged, texts, prompts, logits = smollm2
     reference = load_gguf_in_transformers(merged)
     for tokens, ours in zip(prompts, logits):
@@ -378,7 +381,7 @@ needs_llama_cpp = pytest.mark.skipif(
 
 @needs_llama_cpp
 def test_llama_cpp_runs_a_sentencepiece_style_tiny_model(tiny_text_model, tmp_path):
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     model_dir, _, _ = tiny_text_model
     out = export(model_dir, tmp_path / 'tiny.gguf', 'gguf', dtype='f32')
     tokenizer, model = load_tokenizer(model_dir), slowllama.load(model_dir)

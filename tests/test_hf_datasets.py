@@ -6,11 +6,11 @@ import sys
 import datasets
 import pytest
 import torch
+from conftest import CORPUS, save_tiny_tokenizer
 
 from slowllama.data.dataset import load_data, read_records
 from slowllama.errors import SlowLlamaError
-from slowllama.weights.formats.tokenizer import load_tokenizer
-from conftest import CORPUS, save_tiny_tokenizer
+from slowllama.tokenizer.tokenizer import load_tokenizer
 
 TEXT = [{'text': line} for line in CORPUS]
 ALPACA = [{'instruction': f'repeat: {line}', 'input': '' if n % 2 else 'twice', 'output': line}

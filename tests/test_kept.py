@@ -4,18 +4,20 @@ DPO; the graph keeps no weight (they come back by name from the backward's fetch
 bytes against what torch saves; and the plan's choices and refusals."""
 import pytest
 import torch
+from reference import copy_adapters, randomize_adapters
+from test_trip import SHARES, accumulated, assert_bit_identical, dpo_batches, micro_batches
 from torch.func import functional_call
 
 import slowllama
-from reference import copy_adapters, randomize_adapters
 from slowllama.engine.kept import WeightNames, _WeightView
 from slowllama.errors import SlowLlamaError
 from slowllama.model.block import Block, document_mask, rope_table
-from slowllama.model.config import SHAPES, ModelConfig
+from slowllama.model.config import ModelConfig
 from slowllama.model.lora import LoraConfig, attach
+from slowllama.recipes.shapes import SHAPES
+from slowllama.weights.formats.model_config import config_from_hf
 from slowllama.weights.plan import CPU_HEAP_SLACK, GIB, kept_activation_bytes, plan_step
 from slowllama.weights.prepared import block_shapes
-from test_trip import SHARES, accumulated, assert_bit_identical, dpo_batches, micro_batches
 
 LORA = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))
 
@@ -82,6 +84,7 @@ def test_quantized_blocks_keep_their_activations_not_their_unpacked_weights(nf4_
 
 def test_the_bci_prefix_and_dpo_keep_their_activations(tiny_text_model):
     from test_bci import small_encoder
+
     from slowllama.bci.encoder import attach_encoder, prefix_embeddings
     from slowllama.engine.trip import MicroBatch
     model_dir, _, _ = tiny_text_model
@@ -107,7 +110,7 @@ def test_the_graph_keeps_no_weight_they_come_back_from_the_fetch():
     """A block's forward under the hooks: every projection and norm weight is saved by name, and the
     backward reads the weights it is handed then: the same values give the same gradient, others
     another one."""
-    cfg = ModelConfig.from_hf({'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 96,
+    cfg = config_from_hf({'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 96,
                                'num_hidden_layers': 1, 'num_attention_heads': 4, 'num_key_value_heads': 2,
                                'vocab_size': 32})
     with torch.device('meta'):
@@ -184,7 +187,7 @@ def test_the_planners_activation_bytes_are_what_torch_saves(case):
     model_type = settings.pop('model_type', 'llama')
     targets = settings.pop('targets', ('q', 'v'))
     shape = dict(SHAPES['0.4b'], num_hidden_layers=1, **({'head_dim': 64} if model_type == 'qwen3' else {}))
-    cfg = ModelConfig.from_hf({'model_type': model_type, **shape})
+    cfg = config_from_hf({'model_type': model_type, **shape})
     measured = measured_saved_bytes(cfg, 2, 64, dtype, targets, **settings)
     name = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}[dtype]
     planned = kept_activation_bytes(cfg, 2, 64, name, targets, rank=8, **settings)
@@ -195,7 +198,7 @@ def test_the_planners_activation_bytes_are_what_torch_saves(case):
 # --- the plan's choices and refusals -----------------------------------------------------------
 
 def test_the_plan_keeps_the_last_blocks_that_fit():
-    from slowllama.model.config import shape_config
+    from slowllama.recipes.shapes import shape_config
     cfg = shape_config('0.4b')
     one = kept_activation_bytes(cfg, 4, 128, 'fp32')
     inputs = 2 * 4 * 128 * cfg.dim * 4

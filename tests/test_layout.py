@@ -12,15 +12,17 @@ PACKAGE = os.path.dirname(os.path.abspath(slowllama.__file__))
 FLOORS = {
     'slowllama.errors': 0, 'slowllama.progress': 0,               # what every floor shares
     'slowllama.model': 1,                                         # the math: block, LoRA, quant codes
-    'slowllama.weights': 2,                                       # prepared folder, formats, store, planner
-    'slowllama.engine': 3,                                        # streamed forward/backward, head, stash
+    'slowllama.tokenizer': 2,                                     # tokenizers and chat templates, read and rendered
+    'slowllama.weights': 2,                                       # prepared folder, formats, store, host memory
+    'slowllama.engine': 3,                                        # the step: plan, trip, head, stash
+    'slowllama.generation': 3,                                    # KV-cache decoding, completion, conversation
     'slowllama.training': 4, 'slowllama.data': 4, 'slowllama.bci': 4, 'slowllama.api': 4,
     'slowllama.recipes': 5, 'slowllama.bci.train': 5, 'slowllama.bci.commands': 5,
     'slowllama': 6, 'slowllama.cli': 6, 'slowllama.__main__': 6,  # the public face and the dispatch
 }
 TOP_LEVEL = {'__init__', '__main__', 'api', 'cli', 'errors', 'progress'}  # the rest lives on a floor
 SHARED_BY_RECIPES = {'slowllama.recipes', 'slowllama.recipes.options', 'slowllama.recipes.run_setup',
-                     'slowllama.recipes.inference'}
+                     'slowllama.recipes.inference', 'slowllama.recipes.shapes'}
 OTHER_RECIPES = {'slowllama.bci.train', 'slowllama.bci.commands'}  # the BCI package's own recipes
 ENTRY_POINTS = {'slowllama.cli', 'slowllama.__main__'}  # dispatch to recipes by name
 
@@ -95,7 +97,7 @@ def test_every_floor_is_a_folder():
     assert on_top <= TOP_LEVEL, f'modules beside the floors: {sorted(on_top - TOP_LEVEL)}'
     for module in import_graph():
         floor(module)  # each module has its floor
-    for package in ('model', 'weights', 'engine', 'training', 'data', 'recipes', 'bci'):
+    for package in ('model', 'tokenizer', 'weights', 'engine', 'generation', 'training', 'data', 'recipes', 'bci'):
         assert os.path.exists(os.path.join(PACKAGE, package, '__init__.py'))
 
 

@@ -1,10 +1,10 @@
 """Our Llama math against transformers: rope variants, GQA, tied heads, reduced precision."""
 import pytest
 import torch
-
-import slowllama
 from conftest import make_hf_model, random_batch
 from reference import copy_adapters
+
+import slowllama
 
 LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                'original_max_position_embeddings': 16}
@@ -64,9 +64,10 @@ DROPOUT = 0.25
 def layer_pair():
     """(transformers' eager LlamaDecoderLayer with attention_dropout p, our Block with its weights,
     ModelConfig, input x [2, 12, 64], cos, sin)."""
+    from conftest import TINY
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-    from conftest import TINY
+
     from slowllama.model.block import Block, rope_table
     from slowllama.model.config import ModelConfig
     config = LlamaConfig(**TINY, attention_dropout=DROPOUT, attn_implementation='eager')
@@ -75,7 +76,7 @@ def layer_pair():
     with torch.no_grad():
         for name, param in theirs.named_parameters():
             param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.15 * torch.randn_like(param))
-    cfg = ModelConfig.from_hf(config.to_dict())
+    cfg = config_from_hf(config.to_dict())
     ours = Block(cfg, DROPOUT)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 12, cfg.dim)

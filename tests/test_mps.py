@@ -14,16 +14,16 @@ import sys
 
 import pytest
 import torch
-
-import slowllama
 from reference import randomize_adapters
 from standin import OnMps, standin_mps
+from test_copier import fail_once, step
+from test_packed import prepared, quant_hf  # noqa: F401 (fixtures)
+
+import slowllama
 from slowllama.engine.stash import InputStash
 from slowllama.model.config import ModelConfig
 from slowllama.model.quant import Quant
 from slowllama.weights.plan import plain_nf4_unpack_bytes, predict
-from test_copier import fail_once, step
-from test_packed import prepared, quant_hf  # noqa: F401 (fixtures)
 
 LORA = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
 ONE_INPUT = 2 * 12 * 64 * 4  # random_batch's [2, 12] tokens at dim 64 in fp32
@@ -152,7 +152,7 @@ def test_on_mps_the_plan_counts_the_plain_nf4_unpack(monkeypatch):
 MEASURE = '''
 import sys, torch
 from slowllama.model.quant import nf4_dequantize, nf4_quantize
-from slowllama.weights.memory import peak_rss, process_rss, reset_peak_rss
+from slowllama.weights.host_memory import peak_rss, process_rss, reset_peak_rss
 shape, dtype = (4096, 1024), getattr(torch, sys.argv[1])  # down_proj of the cfg below
 qweight, absmax = nf4_quantize(torch.randn(shape))
 out = torch.zeros(shape, dtype=dtype)

@@ -7,16 +7,22 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import slowllama
 from checkpoints import write_gguf
 from conftest import make_hf_model, random_batch, save_tiny_tokenizer
-from reference import (against_whole_model, assert_same_loss_and_gradients, max_rel_diff, peft_grads, peft_model,
-                       step_beside_peft)
+from reference import (
+    against_whole_model,
+    assert_same_loss_and_gradients,
+    max_rel_diff,
+    peft_grads,
+    peft_model,
+    step_beside_peft,
+)
+
+import slowllama
 from slowllama import cli
 from slowllama.model import quant
-from slowllama.weights.files import SafetensorsFile, sha256_file, write_json, write_safetensors
 from slowllama.model.quant import Quant
+from slowllama.weights.files import SafetensorsFile, sha256_file, write_json, write_safetensors
 
 HF_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 # rows a multiple of 64: bitsandbytes' CPU dequantize kernel cuts blocks per row (see test_quant.py)
@@ -318,7 +324,7 @@ def finetune_and_resume(model_dir, run_dir, tmp_path, extra):
 
 def assert_test_gen_is_greedy(reference, model_dir, run_dir, capsys):
     """test_gen with the run's adapter prints what `reference` (a transformers model) decodes greedily."""
-    from slowllama.weights.formats.tokenizer import load_tokenizer
+    from slowllama.tokenizer.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor([tokenizer.encode('the violet')])
     want = reference.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),

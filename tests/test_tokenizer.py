@@ -4,13 +4,13 @@ encoding exactly as the tokenizer they were made from."""
 import json
 
 import pytest
-
-import slowllama
 from checkpoints import write_gguf
 from conftest import make_hf_model
+
+import slowllama
+from slowllama.tokenizer.gguf_tokenizer import tokenizer_files
+from slowllama.tokenizer.tokenizer import load_tokenizer
 from slowllama.weights.formats.gguf import open_reader
-from slowllama.weights.formats.gguf_tokenizer import tokenizer_files
-from slowllama.weights.formats.tokenizer import load_tokenizer
 
 CORPUS = [f'The quick brown fox {i} jumps over the lazy dog; Ada wrote {i * 7} notes, naïvely.' for i in range(400)]
 TEXTS = ['The quick brown fox', 'Ada wrote 12345 notes, naïvely!', 'zebra 🦓 unseen ünïcödé', 'a  b\nc']
@@ -128,10 +128,12 @@ def test_unknown_gguf_tokenizer_type_is_refused(tmp_path):
 def test_llama3_tiktoken_tokenizer_model_becomes_tokenizer_json(bpe_tokenizer, tmp_path):
     """A Meta Llama-3 folder's tokenizer.model (tiktoken ranks) encodes as the BPE it was made from."""
     import base64
+
+    from checkpoints import hf_params, write_meta
     from tokenizers import Regex, Tokenizer, pre_tokenizers
-    from checkpoints import write_meta, hf_params
-    from slowllama.weights.formats.gguf_tokenizer import LLAMA3_SPLIT
-    from slowllama.weights.formats.tiktoken import _byte_spelling
+
+    from slowllama.tokenizer.gguf_tokenizer import LLAMA3_SPLIT
+    from slowllama.tokenizer.tiktoken import _byte_spelling
     _, reference = bpe_tokenizer
     reference = Tokenizer.from_str(reference.to_str())
     reference.pre_tokenizer = pre_tokenizers.Sequence([   # Llama-3's pre-tokenizer on the same merges

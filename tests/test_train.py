@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
+from conftest import random_batch
+from reference import randomize_adapters
 
 import slowllama
 from slowllama.data.dataset import Batch, load_data
 from slowllama.engine.trip import MicroBatch
-from slowllama.weights.formats.tokenizer import load_tokenizer
+from slowllama.tokenizer.tokenizer import load_tokenizer
 from slowllama.training.trainer import TrainConfig, Trainer, list_checkpoints, lr_at
-from conftest import random_batch
-from reference import randomize_adapters
 
 LORA = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=('q', 'v', 'down'))
 

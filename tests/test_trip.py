@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-
-import slowllama
 from conftest import make_hf_model, random_batch
 from reference import copy_adapters, randomize_adapters
+
+import slowllama
 from slowllama.engine.devices import set_rng_state
 from slowllama.engine.trip import MicroBatch, rng_streams
 from slowllama.errors import SlowLlamaError
@@ -158,10 +158,11 @@ def test_each_block_crosses_twice_a_trip(tiny_text_model, trip):
 
 
 def test_trainer_logs_the_bytes_of_each_step(tiny_text_model, tmp_path):
-    from slowllama.data.dataset import load_data
-    from slowllama.training.trainer import TrainConfig, Trainer
-    from slowllama.weights.formats.tokenizer import load_tokenizer
     import json
+
+    from slowllama.data.dataset import load_data
+    from slowllama.tokenizer.tokenizer import load_tokenizer
+    from slowllama.training.trainer import TrainConfig, Trainer
     model_dir, _, _ = tiny_text_model
     (tmp_path / 'text.txt').write_text(' '.join(['the quick brown fox jumps over the lazy dog'] * 40))
     data = load_data(tmp_path / 'text.txt', load_tokenizer(model_dir), 16, 2)
@@ -202,6 +203,7 @@ def test_dpo_pairs_equal_their_sequential_twin(tiny_text_model):
 
 def test_the_bci_prefix_and_encoder_equal_their_sequential_twin(tiny_text_model):
     from test_bci import small_encoder
+
     from slowllama.bci.encoder import attach_encoder, prefix_embeddings
     model_dir, _, _ = tiny_text_model
     ours, before = twins(model_dir)
@@ -280,7 +282,7 @@ def test_a_full_spill_disk_is_one_line_naming_the_folder(tiny_text_model, monkey
 
 
 def test_saved_inputs_beyond_memory_and_disk_are_refused_with_the_figures():
-    from slowllama.model.config import shape_config
+    from slowllama.recipes.shapes import shape_config
     from slowllama.weights.plan import GIB, plan_step
     cfg = shape_config('7b')
     with pytest.raises(SlowLlamaError, match=r'--grad-accum 8: the saved inputs .* need \d+\.\d+ GiB'):

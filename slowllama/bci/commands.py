@@ -16,12 +16,11 @@ import os
 import sys
 
 from ..errors import SlowLlamaError
+from ..tokenizer.tokenizer import load_tokenizer
 from ..weights.files import atomic_open
-from ..weights.formats.tokenizer import load_tokenizer
 from .baseline import nearest_centroid
 from .data import SPLITS, read_data
-from .decode import (decode_trials, exact_match, load_decoder, rank_candidates, read_candidates,
-                     word_error_rate)
+from .decode import decode_trials, exact_match, load_decoder, rank_candidates, read_candidates, word_error_rate
 from .synthetic import PRESETS, make_demo_set
 
 

@@ -14,7 +14,7 @@ tokens are learned:
 A model without a template never falls back to plain lines silently: the run stops and names both fixes.
 """
 from ..errors import SlowLlamaError
-from ..weights.formats.chat_render import has_generation_marks
+from ..tokenizer.chat_render import has_generation_marks
 from .examples import IGNORE, Example, example_from_segments
 
 TEMPLATE, PLAIN = 'template', 'plain'

@@ -1,10 +1,8 @@
 """Choosing the device and compute dtype once, at load, and saving/restoring its RNG state."""
-import ctypes
 
 import torch
 
 from ..errors import SlowLlamaError
-from ..weights.files import glibc
 
 
 def best_device():
@@ -85,33 +83,3 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == 'mps':
         torch.mps.synchronize()
-
-
-class HeapTrimmer:
-    """glibc keeps the memory of freed tensors in its heap: reusing it is fast (no page faults, no
-    zeroing), but the process's resident memory then only grows, by hundreds of MB on a CPU run.
-    Called every few blocks of the backward (where autograd's saved tensors and gradients come and
-    go), it gives the free part back when it exceeds `slack`: measured on a 0.4B model on CPU, that
-    keeps the speed of reuse within a few percent and the memory gained near what is live. The
-    step's plan raises the slack to what every step takes again (kept activations and the working
-    set): handing that back would only make the next step fault it in again, page by page (a step
-    keeping 0.8 GB of activations faulted 427,000 pages back in, against 9,000 untrimmed).
-    A no-op where glibc is not the allocator."""
-    SLACK = 16 << 20
-
-    def __init__(self, slack=SLACK):
-        self.slack, self._libc = slack, glibc()
-        try:
-            if self._libc is not None:
-                self._libc.mallinfo2.restype = _MallInfo2
-        except AttributeError:  # not glibc, or older than 2.33
-            self._libc = None
-
-    def __call__(self):
-        if self._libc is not None and self._libc.mallinfo2().fordblks > self.slack:
-            self._libc.malloc_trim(0)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]

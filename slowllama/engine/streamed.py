@@ -15,22 +15,20 @@ import torch
 from torch.func import functional_call
 
 from ..errors import SlowLlamaError
+from ..generation.decode import GenerationCache, is_eos, sample
 from ..model.block import Block, document_mask, rope_changes_past, rope_table
 from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
 from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
 from ..weights.formats.peft import save_adapter_folder
-from ..weights.memory import free_device_memory, free_host_memory, host_share, unified_memory
+from ..weights.host_memory import HeapTrimmer, free_device_memory, free_host_memory, host_share, unified_memory
 from ..weights.plan import cap_budget, plan_step, step_working_bytes
 from ..weights.prepared import dtype_name
-from .devices import HeapTrimmer, set_rng_state
-from .generation import GenerationCache, is_eos, sample
+from .devices import set_rng_state
 from .head import IGNORE, StreamedHead
 from .kept import KeptBlock
 from .recompute import TAIL_WEIGHT, UnreadProductWeight
 from .stash import InputStash, spill_room
 from .trip import MicroBatch, rng_streams, run_trip
-
-
 
 
 class Layout(NamedTuple):

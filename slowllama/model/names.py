@@ -1,88 +1,33 @@
-"""One table for every weight name: ours (= Hugging Face's), Meta's, GGUF's, and LoRA targets.
+"""Our names for a model's tensors (Hugging Face's, and the Hugging Face q/k layout: rotate-half rope)
+and for its LoRA targets. How Meta, Hugging Face checkpoints and GGUF name the same tensors is the
+formats' knowledge (weights/formats/names.py)."""
 
-Our prepared folders use Hugging Face names and the Hugging Face q/k layout (rotate-half rope), so a
-PEFT adapter maps onto our modules with no translation. Meta and GGUF store q/k in the interleaved
-rope layout; formats/ permutes those two when reading and writing.
-"""
-
-# Per-block tensors: ours -> (Meta name, GGUF name, Meta model-parallel split dim or None if replicated)
-BLOCK_TENSORS = {
-    'self_attn.q_proj.weight': ('attention.wq.weight', 'attn_q.weight', 0),
-    'self_attn.k_proj.weight': ('attention.wk.weight', 'attn_k.weight', 0),
-    'self_attn.v_proj.weight': ('attention.wv.weight', 'attn_v.weight', 0),
-    'self_attn.o_proj.weight': ('attention.wo.weight', 'attn_output.weight', 1),
-    'mlp.gate_proj.weight': ('feed_forward.w1.weight', 'ffn_gate.weight', 0),
-    'mlp.up_proj.weight': ('feed_forward.w3.weight', 'ffn_up.weight', 0),
-    'mlp.down_proj.weight': ('feed_forward.w2.weight', 'ffn_down.weight', 1),
-    'input_layernorm.weight': ('attention_norm.weight', 'attn_norm.weight', None),
-    'post_attention_layernorm.weight': ('ffn_norm.weight', 'ffn_norm.weight', None),
-}
+# A block's tensors every family has, in file order
+BLOCK_WEIGHTS = (
+    'self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight', 'self_attn.o_proj.weight',
+    'mlp.gate_proj.weight', 'mlp.up_proj.weight', 'mlp.down_proj.weight',
+    'input_layernorm.weight', 'post_attention_layernorm.weight',
+)
 
 # The seven projection weights of a block: what --quant packs (norms stay in the model's dtype)
-PROJECTION_WEIGHTS = tuple(name for name in BLOCK_TENSORS if name.endswith('_proj.weight'))
+PROJECTION_WEIGHTS = tuple(name for name in BLOCK_WEIGHTS if name.endswith('_proj.weight'))
 
-# Block tensors only some families have: ours -> (GGUF name, the ModelConfig flag that adds them)
+# Block tensors only some families have: ours -> the ModelConfig flag that adds them
 OPTIONAL_BLOCK_TENSORS = {
-    'self_attn.q_proj.bias': ('attn_q.bias', 'qkv_bias'),
-    'self_attn.k_proj.bias': ('attn_k.bias', 'qkv_bias'),
-    'self_attn.v_proj.bias': ('attn_v.bias', 'qkv_bias'),
-    'self_attn.q_norm.weight': ('attn_q_norm.weight', 'qk_norm'),
-    'self_attn.k_norm.weight': ('attn_k_norm.weight', 'qk_norm'),
+    'self_attn.q_proj.bias': 'qkv_bias', 'self_attn.k_proj.bias': 'qkv_bias', 'self_attn.v_proj.bias': 'qkv_bias',
+    'self_attn.q_norm.weight': 'qk_norm', 'self_attn.k_norm.weight': 'qk_norm',
 }
 
 
 def block_tensor_names(cfg):
     """Our names of one block's tensors for this model's family, in file order."""
-    return list(BLOCK_TENSORS) + [name for name, (_, flag) in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
+    return list(BLOCK_WEIGHTS) + [name for name, flag in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
 
 
-def gguf_block_name(ours):
-    """Our block tensor name -> llama.cpp's ('self_attn.q_proj.bias' -> 'attn_q.bias')."""
-    return BLOCK_TENSORS[ours][1] if ours in BLOCK_TENSORS else OPTIONAL_BLOCK_TENSORS[ours][0]
-
-
-# The families we build: HF model_type -> the transformers class that loads it
-HF_ARCHITECTURES = {
-    'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
-    'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM',
-}
-
-# What a family's blocks carry beyond Llama's: model_type -> ModelConfig fields (flags of OPTIONAL_BLOCK_TENSORS)
-FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True}}
-# Families whose config.json sliding_window is a window of every layer
-WINDOWED_FAMILIES = ('mistral', 'phi3')
-
-# Tensors a family's HF checkpoints keep fused: model_type -> {HF name: our names, stacked on rows in order}.
-# Split at prepare, fused again at export.
-FUSED_TENSORS = {
-    'phi3': {'self_attn.qkv_proj.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight',
-                                           'self_attn.v_proj.weight'),
-             'mlp.gate_up_proj.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
-}
-
-# GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
-# for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
-GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False),
-                      'phi3': ('phi3', False)}
-# llama.cpp's fused block tensors: architecture -> {GGUF name: our names, stacked on rows in order}
-GGUF_FUSED = {
-    'phi3': {'attn_qkv.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'),
-             'ffn_up.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
-}
-
-# Tensors outside the blocks: ours -> (Meta name, GGUF name, Meta split dim)
+# Tensors outside the blocks
 EMBED_TENSOR = 'embed_tokens.weight'
 NORM_TENSOR = 'norm.weight'
 HEAD_TENSOR = 'lm_head.weight'
-OUTER_TENSORS = {
-    EMBED_TENSOR: ('tok_embeddings.weight', 'token_embd.weight', 1),
-    NORM_TENSOR: ('norm.weight', 'output_norm.weight', None),
-    HEAD_TENSOR: ('output.weight', 'output.weight', 0),
-}
-
-# Hugging Face checkpoint prefixes for the same tensors
-HF_BLOCK_PREFIX = 'model.layers.{i}.'
-HF_OUTER = {EMBED_TENSOR: 'model.embed_tokens.weight', NORM_TENSOR: 'model.norm.weight', HEAD_TENSOR: 'lm_head.weight'}
 
 # LoRA targets: short name -> module path inside a block. Meta and HF spellings are accepted too.
 TARGET_MODULES = {
@@ -95,10 +40,8 @@ TARGET_ALIASES = {
     'gate_proj': 'gate', 'up_proj': 'up', 'down_proj': 'down',
 }
 
-# Families whose HF class fuses LoRA targets: model_type -> {PEFT module name: our targets, stacked in order}
-FUSED_TARGETS = {'phi3': {'qkv_proj': ('q', 'k', 'v'), 'gate_up_proj': ('gate', 'up')}}
-
-# PEFT adapter keys: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+# The names of trainable LoRA parameters (PEFT's adapter keys):
+# base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
 PEFT_PREFIX = 'base_model.model.model.layers.'
 
 
@@ -113,19 +56,3 @@ def canonical_target(name):
 def hf_module_name(target):
     """'q' -> 'q_proj': the name PEFT's target_modules uses."""
     return TARGET_MODULES[target].split('.')[-1]
-
-
-# q and k are stored rope-interleaved by Meta and GGUF: ours -> the ModelConfig field giving their head count
-ROPE_PERMUTED = {'self_attn.q_proj.weight': 'n_heads', 'self_attn.k_proj.weight': 'n_kv_heads'}
-
-# Meta checkpoint files
-META_PARAMS = 'params.json'
-META_SHARD = 'consolidated.{:02d}.pth'
-META_BLOCK_PREFIX = 'layers.{i}.'
-META_IGNORED = ('rope.freqs',)  # precomputed rope table in Llama-1/2 shards; recomputed from the config
-
-# GGUF block tensor prefix, and the per-frequency llama3 rope table it may carry
-GGUF_BLOCK_PREFIX = 'blk.{i}.'
-GGUF_ROPE_FREQS = 'rope_freqs.weight'
-# llama.cpp LoRA adapter tensors: '{GGUF tensor name}.lora_a' (A) and '.lora_b' (B)
-GGUF_LORA_SUFFIXES = {'A': '.lora_a', 'B': '.lora_b'}

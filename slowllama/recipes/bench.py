@@ -12,13 +12,11 @@ import torch
 from ..engine.devices import best_device, synchronize
 from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
-from ..model.config import SHAPES, shape_config
 from ..model.quant import parse_quant
-from ..weights.memory import peak_rss, process_rss, reset_peak_rss
+from ..weights.host_memory import peak_rss, process_rss, reset_peak_rss
 from ..weights.plan import GIB, block_bytes, model_params, predict, print_plan
 from ..weights.prepared import DTYPES, dtype_name, model_config, parse_dtype
-
-
+from .shapes import SHAPES, shape_config
 
 # --- the command -------------------------------------------------------------------------------
 
@@ -230,6 +228,7 @@ def _hf_step(spec, device, dtype, tokens, targets):
 def make_models(shape, work, dtype, quant=None):
     """A random HF model of the shape (saved once) and its prepared twin (quantized with `quant`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     import slowllama
     hf_dir = os.path.join(work, f'{shape}-hf-{dtype}')
     prepared = os.path.join(work, f'{shape}-{dtype}' + (f'-{quant}' if quant else ''))

@@ -1,12 +1,11 @@
 """The chat recipe: `chat MODEL_DIR [--lora RUN_OR_ADAPTER] [--system TEXT]`, an interactive
 conversation, one user turn per line of stdin, each answer printed as it is generated. The KV cache
-is kept across turns (slowllama/training/conversation.py), so a turn streams the blocks for its new tokens only.
+is kept across turns (slowllama/generation/conversation.py), so a turn streams the blocks for its new tokens only.
 /reset starts over, /exit or the end of input (Ctrl-D) ends it."""
 import sys
 
-
 from ..errors import SlowLlamaError
-from ..training.conversation import Conversation
+from ..generation.conversation import Conversation
 from .inference import add_sampling_arguments, load_for_inference
 
 HELP = '(one message a line; /reset starts over, /exit or Ctrl-D ends)'

@@ -11,7 +11,7 @@ import time
 
 from ..api import prepare
 from ..errors import SlowLlamaError
-from ..training.completion import complete
+from ..generation.completion import complete
 from .options import FLAGS, dest
 from .run_setup import build_sft, format_summary
 

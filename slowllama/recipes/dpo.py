@@ -10,10 +10,18 @@ import sys
 
 from ..data.preference import PairBatches, fixed_pair_batches, load_pairs
 from ..errors import SlowLlamaError
+from ..generation.completion import complete
 from ..training.checkpoint import list_checkpoints
-from ..training.completion import complete
-from ..training.dpo import (REFERENCE_FILE, attach_reference, compute_reference, eval_step, fingerprint,
-                            read_reference, train_step, write_reference)
+from ..training.dpo import (
+    REFERENCE_FILE,
+    attach_reference,
+    compute_reference,
+    eval_step,
+    fingerprint,
+    read_reference,
+    train_step,
+    write_reference,
+)
 from ..training.trainer import Trainer
 from ..weights.formats.peft import adapter_folder
 from .run_setup import load_model, run_config_of, setup_run, train_and_report

@@ -3,7 +3,7 @@ printed as it is generated. Blocks are streamed as in training; the engine keeps
 new token costs one pass over the blocks for one position."""
 import sys
 
-from ..training.completion import complete
+from ..generation.completion import complete
 from .inference import add_sampling_arguments, load_for_inference
 
 

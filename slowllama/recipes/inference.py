@@ -5,8 +5,8 @@ import torch
 from ..api import load
 from ..engine.devices import default_dtype, resolve_device
 from ..errors import SlowLlamaError
+from ..tokenizer.tokenizer import load_tokenizer
 from ..weights.formats.peft import adapter_folder
-from ..weights.formats.tokenizer import load_tokenizer
 from ..weights.prepared import read_manifest
 
 

@@ -12,11 +12,11 @@ from ..api import load
 from ..data.dataset import load_data
 from ..engine.devices import default_dtype, resolve_device
 from ..errors import SlowLlamaError
+from ..generation.completion import complete
 from ..model.lora import LoraConfig
-from ..training.completion import complete
+from ..tokenizer.tokenizer import load_tokenizer
 from ..training.distributed import collective_timeout, init_from_env, shutdown
 from ..training.trainer import TrainConfig, Trainer
-from ..weights.formats.tokenizer import load_tokenizer
 from ..weights.prepared import read_manifest, verify_model
 from .options import parse_bytes
 

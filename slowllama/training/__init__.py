@@ -1,2 +1,2 @@
 """The training loop and what surrounds it: the optimizer step, checkpoints and exact resume,
-torchrun, the run lock, DPO's objective, completions, and the reports (plots, TensorBoard)."""
+torchrun, the run lock, DPO's objective, and the reports (plots, TensorBoard)."""

@@ -6,9 +6,9 @@ import gc
 import json
 import os
 
-from ..engine.devices import HeapTrimmer
 from ..errors import SlowLlamaError
 from ..weights.files import atomic_open
+from ..weights.host_memory import HeapTrimmer
 
 HINT = 'pip install slowllama[plot]'
 METRICS = 'metrics.jsonl'

@@ -5,8 +5,6 @@ Nothing we write is pickled; every final name appears only once its bytes are co
 """
 import contextlib
 import ctypes
-import ctypes.util
-import functools
 import hashlib
 import json
 import mmap
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..errors import SlowLlamaError
+from .host_memory import populate_read
 
 SAFETENSORS_DTYPES = {
     'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
@@ -207,34 +206,6 @@ def sha256_file(path, chunk=1 << 24):
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module names it only from 3.13
-
-
-def populate_read(mapped):
-    """Fault every page of a writable (or copy-on-write) mmap in, reading from disk what the page
-    cache lacks: True when the kernel did it (libc's madvise, called through ctypes, which lets other
-    threads run meanwhile), False where it cannot (not Linux, an older kernel)."""
-    libc = glibc()
-    if libc is None:
-        return False
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
-    return libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapped)), MADV_POPULATE_READ) == 0
-
-
-@functools.lru_cache(maxsize=None)
-def glibc():
-    """The C library through ctypes on Linux (madvise, and the heap's mallinfo2 / malloc_trim for
-    engine/devices.HeapTrimmer), else None."""
-    if not sys.platform.startswith('linux'):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 class SafetensorsFile:

@@ -16,12 +16,21 @@ from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, packed_nbytes
 from .copier import DeviceCopier, Ready, RowStager, layout_bytes
 from .files import SafetensorsFile
-from .memory import free_device_memory, free_host_memory, host_share, unified_memory
+from .host_memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .packed import Unpacker, check_file_layout, file_layout, unpack_rows
 from .pinned import HostArena
 from .plan import cap_budget, model_params, place_blocks
-from .prepared import (DTYPES, EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, dtype_name, read_manifest,
-                       table_shapes)
+from .prepared import (
+    DTYPES,
+    EMBED_FILE,
+    HEAD_FILE,
+    block_file,
+    block_shapes,
+    check_file,
+    dtype_name,
+    read_manifest,
+    table_shapes,
+)
 
 OFFLOAD_MODES = ('disk', 'ram', 'device')  # and 'auto', the default
 

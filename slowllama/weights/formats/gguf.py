@@ -18,13 +18,21 @@ import torch
 
 from ...errors import SlowLlamaError
 from ...model.config import ModelConfig, config_errors
-from ...model.names import (EMBED_TENSOR, FAMILY_FIELDS, GGUF_ARCHITECTURES, GGUF_BLOCK_PREFIX, GGUF_FUSED,
-                            GGUF_ROPE_FREQS, HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, PROJECTION_WEIGHTS,
-                            WINDOWED_FAMILIES, block_tensor_names, gguf_block_name)
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, PROJECTION_WEIGHTS, block_tensor_names
 from ...progress import progress
+from ...tokenizer.gguf_tokenizer import metadata, tokenizer_files
 from ..prepared import block_shapes
-from .gguf_tokenizer import metadata, tokenizer_files
 from .layout import block_to_hf, split_fused, unfused_names
+from .names import (
+    FAMILY_FIELDS,
+    GGUF_ARCHITECTURES,
+    GGUF_BLOCK_PREFIX,
+    GGUF_FUSED,
+    GGUF_ROPE_FREQS,
+    OUTER_TENSORS,
+    WINDOWED_FAMILIES,
+    gguf_block_name,
+)
 
 ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 # ModelConfig field -> GGUF metadata key (after '{architecture}.')

@@ -21,14 +21,14 @@ import torch
 
 from ...errors import SlowLlamaError
 from ...model.lora import peft_key
-from ...model.names import (BLOCK_TENSORS, EMBED_TENSOR, GGUF_BLOCK_PREFIX, GGUF_LORA_SUFFIXES, GGUF_ROPE_FREQS,
-                            HEAD_TENSOR, NORM_TENSOR, OUTER_TENSORS, ROPE_PERMUTED, TARGET_MODULES)
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ...progress import progress
+from ...tokenizer.gguf_vocab import vocab_metadata
 from ..files import commit_staged, discard_staged, temporary_beside
 from ..prepared import block_shapes, check_free_space
 from .gguf import CONFIG_KEYS, llama3_divisors
-from .gguf_vocab import vocab_metadata
 from .layout import block_to_meta, hf_to_meta
+from .names import BLOCK_TENSORS, GGUF_BLOCK_PREFIX, GGUF_LORA_SUFFIXES, GGUF_ROPE_FREQS, OUTER_TENSORS, ROPE_PERMUTED
 
 ARCHITECTURE = 'llama'
 GGUF_DTYPES = ('f32', 'f16', 'bf16', 'q8_0')

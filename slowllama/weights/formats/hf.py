@@ -5,13 +5,15 @@ import os
 import torch
 
 from ...errors import SlowLlamaError
-from ...model.config import ModelConfig, config_errors
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, HF_BLOCK_PREFIX, HF_OUTER, NORM_TENSOR
+from ...model.config import config_errors
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ...progress import progress
+from ...tokenizer.chat_template import copy_tokenizer_files
 from ..files import SafetensorsFile, read_json, write_json
 from ..prepared import block_shapes
-from .chat_template import copy_tokenizer_files
 from .layout import fuse, fused_parts, hf_block_names, split_fused
+from .model_config import config_from_hf, config_to_hf
+from .names import HF_BLOCK_PREFIX, HF_OUTER
 from .safetensors_stream import SafetensorsStreamWriter
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'special_tokens_map.json',
@@ -25,7 +27,7 @@ def is_hf_folder(src):
 def read_config(src):
     path = os.path.join(src, 'config.json')
     with config_errors(path):
-        return ModelConfig.from_hf(read_json(path, 'config.json'))
+        return config_from_hf(read_json(path, 'config.json'))
 
 
 def shard_index(src):
@@ -115,7 +117,7 @@ def write_hf(merged, folder, dtype_name, max_shard_bytes):
         total = sum(_nbytes(shape, dtype) for part in parts for shape, dtype in part.values())
         write_json(os.path.join(folder, 'model.safetensors.index.json'),
                    {'metadata': {'total_size': total}, 'weight_map': weight_map})
-    write_json(os.path.join(folder, 'config.json'), {**cfg.to_hf(), 'torch_dtype': dtype_name, 'dtype': dtype_name})
+    write_json(os.path.join(folder, 'config.json'), {**config_to_hf(cfg), 'torch_dtype': dtype_name, 'dtype': dtype_name})
 
 
 def _prefixed(block, prefix, cfg):

@@ -8,7 +8,7 @@ q uses n_heads and k uses n_kv_heads.
 import torch
 
 from ...errors import SlowLlamaError
-from ...model.names import FUSED_TENSORS, ROPE_PERMUTED
+from .names import FUSED_TENSORS, ROPE_PERMUTED
 
 
 def meta_to_hf(weight, n_heads):

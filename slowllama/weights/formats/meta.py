@@ -13,15 +13,16 @@ import re
 import torch
 
 from ...errors import SlowLlamaError
-from ...model.config import ModelConfig, config_errors
-from ...model.names import (BLOCK_TENSORS, EMBED_TENSOR, HEAD_TENSOR, META_BLOCK_PREFIX, META_IGNORED, META_PARAMS,
-                            META_SHARD, NORM_TENSOR, OUTER_TENSORS)
+from ...model.config import config_errors
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ...progress import progress
+from ...tokenizer import tiktoken
+from ...tokenizer.chat_template import copy_tokenizer_files
 from ..files import read_json, write_json
 from ..prepared import block_shapes
-from . import tiktoken
-from .chat_template import copy_tokenizer_files
 from .layout import block_to_hf, block_to_meta, join, split
+from .model_config import config_from_meta, config_to_meta
+from .names import BLOCK_TENSORS, META_BLOCK_PREFIX, META_IGNORED, META_PARAMS, META_SHARD, OUTER_TENSORS
 from .pth import PthWriter
 
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json')
@@ -69,7 +70,7 @@ def read_config(src):
         if vocab is None or vocab <= 0:  # old params.json: the embedding says how many tokens
             first = shard_paths(src)[0]
             vocab = _tensor(load_shard(first), OUTER_TENSORS[EMBED_TENSOR][0], first).shape[0]
-        return ModelConfig.from_meta(params, vocab_size=vocab)
+        return config_from_meta(params, vocab_size=vocab)
 
 
 def _tensor(shard, name, path):
@@ -152,7 +153,7 @@ def write_meta(merged, folder, n_shards):
         for writer in writers:
             writer.abort()
         raise
-    write_json(os.path.join(folder, META_PARAMS), cfg.to_meta())
+    write_json(os.path.join(folder, META_PARAMS), config_to_meta(cfg))
 
 
 def meta_layout(cfg, n_shards):

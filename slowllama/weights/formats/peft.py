@@ -21,10 +21,10 @@ import torch
 from ...errors import SlowLlamaError
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
-from ...model.names import FUSED_TARGETS, TARGET_MODULES
+from ...model.names import TARGET_MODULES
 from ..files import SafetensorsFile, clean_leftovers, read_json, write_json, write_safetensors
 from ..prepared import block_shapes, read_manifest
-
+from .names import FUSED_TARGETS
 
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'

@@ -1,7 +1,12 @@
 """How much memory there is to plan with, from the OS through psutil on every platform: free and
 total host memory (within the limit of a memory cgroup on Linux: a container, a job scheduler),
 free device memory, and the share of the host's RAM that is this process's when torchrun starts
-several on one machine. On a Mac (mps) host and device are one memory: one budget, counted once."""
+several on one machine. On a Mac (mps) host and device are one memory: one budget, counted once.
+And the C library's hands on host memory: faulting a mapping in ahead (madvise) and giving the
+heap's free part back (HeapTrimmer)."""
+import ctypes
+import ctypes.util
+import functools
 import os
 import sys
 
@@ -115,3 +120,63 @@ def reset_peak_rss():
             f.write('5')
     except OSError:
         pass
+
+
+# --- the C library ---------------------------------------------------------------------------
+
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module names it only from 3.13
+
+
+def populate_read(mapped):
+    """Fault every page of a writable (or copy-on-write) mmap in, reading from disk what the page
+    cache lacks: True when the kernel did it (libc's madvise, called through ctypes, which lets other
+    threads run meanwhile), False where it cannot (not Linux, an older kernel)."""
+    libc = glibc()
+    if libc is None:
+        return False
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+    return libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapped)), MADV_POPULATE_READ) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def glibc():
+    """The C library through ctypes on Linux (madvise, and the heap's mallinfo2 / malloc_trim for
+    HeapTrimmer), else None."""
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+class HeapTrimmer:
+    """glibc keeps the memory of freed tensors in its heap: reusing it is fast (no page faults, no
+    zeroing), but the process's resident memory then only grows, by hundreds of MB on a CPU run.
+    Called every few blocks of the backward (where autograd's saved tensors and gradients come and
+    go), it gives the free part back when it exceeds `slack`: measured on a 0.4B model on CPU, that
+    keeps the speed of reuse within a few percent and the memory gained near what is live. The
+    step's plan raises the slack to what every step takes again (kept activations and the working
+    set): handing that back would only make the next step fault it in again, page by page (a step
+    keeping 0.8 GB of activations faulted 427,000 pages back in, against 9,000 untrimmed).
+    A no-op where glibc is not the allocator."""
+    SLACK = 16 << 20
+
+    def __init__(self, slack=SLACK):
+        self.slack, self._libc = slack, glibc()
+        try:
+            if self._libc is not None:
+                self._libc.mallinfo2.restype = _MallInfo2
+        except AttributeError:  # not glibc, or older than 2.33
+            self._libc = None
+
+    def __call__(self):
+        if self._libc is not None and self._libc.mallinfo2().fordblks > self.slack:
+            self._libc.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]

@@ -9,7 +9,7 @@ import base64
 import json
 import re
 
-from ...errors import SlowLlamaError
+from ..errors import SlowLlamaError
 from .gguf_tokenizer import LLAMA3_SPLIT
 
 LINE = re.compile(rb'^[A-Za-z0-9+/]+=* \d+$')

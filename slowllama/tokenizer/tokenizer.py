@@ -8,8 +8,8 @@ import functools
 import os
 import re
 
-from ...errors import SlowLlamaError
-from ..files import read_json
+from ..errors import SlowLlamaError
+from ..weights.files import read_json
 from .chat_render import compile_template, error_line, render
 from .chat_template import DEFAULT, read_templates, read_text, templates_from_value
 

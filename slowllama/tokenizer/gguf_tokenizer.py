@@ -9,7 +9,7 @@ transformers saves them (chat_template.jinja, additional_chat_templates/NAME.jin
 import json
 import struct
 
-from ...errors import SlowLlamaError
+from ..errors import SlowLlamaError
 from .chat_template import gguf_templates, template_files
 
 # token_type values (llama.cpp's, which are sentencepiece's piece types)

@@ -11,8 +11,8 @@ saves them, so every reader of the folder (ours, transformers, export) finds the
 import json
 import os
 
-from ...errors import SlowLlamaError
-from ..files import read_json
+from ..errors import SlowLlamaError
+from ..weights.files import read_json
 
 DEFAULT = 'default'
 TEMPLATE_FILE = 'chat_template.jinja'

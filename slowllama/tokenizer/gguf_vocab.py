@@ -10,10 +10,9 @@ folder's chat template files.
 import json
 import os
 
-from ...errors import SlowLlamaError
+from ..errors import SlowLlamaError
 from .chat_template import gguf_template_metadata
-from .gguf_tokenizer import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, SPECIAL_TOKENS, UNKNOWN, UNUSED,
-                             USER_DEFINED)
+from .gguf_tokenizer import BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, SPECIAL_TOKENS, UNKNOWN, UNUSED, USER_DEFINED
 from .tokenizer import load_tokenizer
 
 SPM_SPACE = '\u2581'

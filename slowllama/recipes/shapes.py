@@ -1,0 +1,22 @@
+"""Named model shapes (Hugging Face config fields) for the benchmark and the memory planner (--shape)."""
+from ..errors import SlowLlamaError
+from ..weights.formats.model_config import config_from_hf
+
+SHAPES = {
+    'tiny': dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=4096),
+    '0.4b': dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000),
+    '7b': dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    # a few blocks of Llama-2/3 70B's shape, for the time per block against the time to copy it
+    '70b-block': dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def shape_config(name):
+    """The ModelConfig of a named shape (--shape)."""
+    if name not in SHAPES:
+        raise SlowLlamaError(f'--shape: unknown shape {name!r} (use {", ".join(SHAPES)})')
+    return config_from_hf({'model_type': 'llama', **SHAPES[name]})

@@ -1,0 +1,158 @@
+"""How checkpoints describe a model, mapped onto ModelConfig both ways: Hugging Face config.json
+(transformers v4 and v5 spellings) and Meta params.json. GGUF metadata is read in gguf.py."""
+import math
+
+from ...errors import SlowLlamaError
+from ...model.config import ModelConfig
+from .names import FAMILY_FIELDS, HF_ARCHITECTURES, WINDOWED_FAMILIES
+
+
+def config_from_hf(hf):
+    """From a transformers config.json dict (v4 'rope_theta'/'rope_scaling' or v5 'rope_parameters')."""
+    model_type = hf.get('model_type', 'llama')
+    if not isinstance(model_type, str) or model_type not in HF_ARCHITECTURES:
+        raise SlowLlamaError(f'config.json: model_type {model_type!r:.80} is not supported '
+                             f'(supported: {", ".join(HF_ARCHITECTURES)})')
+    rope = hf.get('rope_parameters') or {}
+    n_heads = hf['num_attention_heads']
+    return ModelConfig(
+        dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=n_heads,
+        n_kv_heads=hf.get('num_key_value_heads') or n_heads, hidden_dim=hf['intermediate_size'],
+        vocab_size=hf['vocab_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
+        rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
+        rope_scaling=_hf_rope_scaling(hf.get('rope_scaling') or rope, hf, model_type),
+        max_seq_len=hf.get('max_position_embeddings', 4096),
+        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
+        bos_id=hf.get('bos_token_id'), eos_id=hf.get('eos_token_id'), **_hf_family(hf, model_type))
+
+def config_from_meta(params, vocab_size=None):
+    """From Meta's params.json; hidden_dim follows Meta's multiple_of / ffn_dim_multiplier rule."""
+    dim = params['dim']
+    vocab = params.get('vocab_size', -1)
+    if vocab is None or vocab <= 0:
+        vocab = vocab_size
+    if not vocab:
+        raise SlowLlamaError('params.json: vocab_size is -1 and no tokenizer gives it')
+    scaling = None
+    if params.get('use_scaled_rope'):
+        scaling = {'rope_type': 'llama3', 'factor': params.get('rope_scaling_factor', 8.0),
+                   'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                   'original_max_position_embeddings': 8192}
+    return ModelConfig(
+        dim=dim, n_layers=params['n_layers'], n_heads=params['n_heads'],
+        n_kv_heads=params.get('n_kv_heads') or params['n_heads'],
+        hidden_dim=meta_hidden_dim(dim, params.get('multiple_of', 256), params.get('ffn_dim_multiplier')),
+        vocab_size=vocab, norm_eps=params.get('norm_eps', 1e-5),
+        rope_theta=float(params.get('rope_theta', 10000.0)), rope_scaling=_llama3_scaling(scaling),
+        max_seq_len=params.get('max_seq_len', 4096))
+
+def config_to_hf(cfg):
+    """The config.json transformers needs to load this model with its own class for model_type."""
+    rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {'rope_type': 'llama3', **cfg.rope_scaling, 'rope_theta': cfg.rope_theta}
+    config = {
+        'architectures': [HF_ARCHITECTURES[cfg.model_type]], 'model_type': cfg.model_type,
+        'hidden_size': cfg.dim,
+        'num_hidden_layers': cfg.n_layers, 'num_attention_heads': cfg.n_heads,
+        'num_key_value_heads': cfg.n_kv_heads, 'intermediate_size': cfg.hidden_dim,
+        'vocab_size': cfg.vocab_size, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta,
+        'rope_scaling': rope if cfg.rope_scaling else None, 'rope_parameters': rope,
+        'max_position_embeddings': cfg.max_seq_len, 'tie_word_embeddings': cfg.tie_embeddings,
+        'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'attention_bias': False, 'mlp_bias': False,
+        'bos_token_id': cfg.bos_id, 'eos_token_id': cfg.eos_id, 'pad_token_id': None,
+        'torch_dtype': 'bfloat16'}
+    if cfg.model_type in ('mistral', 'phi3'):
+        config['sliding_window'] = cfg.sliding_window
+    if cfg.model_type in ('qwen2', 'qwen3'):
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    if cfg.model_type == 'phi3':
+        config['original_max_position_embeddings'] = (cfg.rope_scaling or {}).get(
+            'original_max_position_embeddings', cfg.max_seq_len)
+    return config
+
+def config_to_meta(cfg):
+    """Meta's params.json. hidden_dim is recovered exactly through ffn_dim_multiplier where needed."""
+    params = {'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads,
+              'n_kv_heads': cfg.n_kv_heads, 'vocab_size': cfg.vocab_size, 'norm_eps': cfg.norm_eps,
+              'rope_theta': cfg.rope_theta, 'multiple_of': 256}
+    params.update(_meta_ffn_params(cfg.dim, cfg.hidden_dim))
+    if cfg.rope_scaling:
+        if cfg.rope_scaling.get('rope_type', 'llama3') != 'llama3':
+            raise SlowLlamaError('--format meta: Meta checkpoints carry llama3 rope scaling only')
+        params['use_scaled_rope'] = True
+        params['rope_scaling_factor'] = cfg.rope_scaling['factor']
+    return params
+
+
+def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
+    """Meta's FeedForward size: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _meta_ffn_params(dim, hidden_dim):
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if meta_hidden_dim(dim, multiple_of) == hidden_dim:
+            return {'multiple_of': multiple_of}
+    # choose a multiplier that lands exactly on hidden_dim with multiple_of = 1
+    base = int(2 * (4 * dim) / 3)
+    return {'multiple_of': 1, 'ffn_dim_multiplier': (hidden_dim + 0.5) / base}
+
+
+def _hf_family(hf, model_type):
+    """The ModelConfig fields that tell the families apart, refusing what we do not build."""
+    where = f'config.json ({model_type})'
+    if hf.get('hidden_act', 'silu') != 'silu':
+        raise SlowLlamaError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    if hf.get('mlp_bias') or (hf.get('attention_bias') and model_type != 'qwen2'):
+        raise SlowLlamaError(f'{where}: attention_bias / mlp_bias are not supported')
+    rotary = (hf.get('rope_parameters') or {}).get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+    if rotary != 1.0:
+        raise SlowLlamaError(f'{where}: partial_rotary_factor {rotary} is not supported (rope on whole heads only)')
+    window = hf.get('sliding_window') if model_type in WINDOWED_FAMILIES else None
+    if hf.get('use_sliding_window') and hf.get('max_window_layers', hf['num_hidden_layers']) < hf['num_hidden_layers']:
+        raise SlowLlamaError(f'{where}: use_sliding_window on some layers only is not supported')  # qwen
+    if len(set(hf.get('layer_types') or [])) > 1:
+        raise SlowLlamaError(f'{where}: layer_types mixing attention kinds are not supported')
+    return {'model_type': model_type, 'sliding_window': window, **FAMILY_FIELDS.get(model_type, {})}
+
+
+def _hf_rope_scaling(scaling, hf, model_type):
+    """None, llama3, linear or longrope scaling; any other rope_type is refused (it would silently
+    change the model)."""
+    kind = scaling.get('rope_type', scaling.get('type', 'default'))
+    if kind == 'default':
+        return None
+    if kind == 'llama3':
+        return _llama3_scaling(scaling)
+    if kind == 'linear':
+        return {'rope_type': 'linear', 'factor': float(scaling['factor'])}
+    if kind in ('longrope', 'su'):
+        return _longrope_scaling(scaling, hf)
+    raise SlowLlamaError(f'config.json ({model_type}): rope_type {kind!r} is not supported '
+                         '(default, llama3, linear and longrope are)')
+
+
+def _longrope_scaling(scaling, hf):
+    """Phi-3's LongRoPE: per-frequency divisors for short and long sequences, and the cos/sin
+    magnitude transformers derives from the context extension when the config does not give it."""
+    original = int(scaling.get('original_max_position_embeddings') or hf['original_max_position_embeddings'])
+    factor = scaling.get('factor') or hf['max_position_embeddings'] / original
+    attention = scaling.get('attention_factor')
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {'rope_type': 'longrope', 'short_factor': [float(f) for f in scaling['short_factor']],
+            'long_factor': [float(f) for f in scaling['long_factor']],
+            'original_max_position_embeddings': original, 'attention_factor': float(attention)}
+
+
+def _llama3_scaling(scaling):
+    if not scaling:
+        return None
+    return {'factor': float(scaling['factor']), 'low_freq_factor': float(scaling.get('low_freq_factor', 1.0)),
+            'high_freq_factor': float(scaling.get('high_freq_factor', 4.0)),
+            'original_max_position_embeddings': int(scaling.get('original_max_position_embeddings', 8192))}
