@@ -28,6 +28,8 @@ COMMANDS = {
     'plan': Command('recipes.plan', 'predict peak device and host memory of a finetune before running it'),
     'export': Command('recipes.export', 'write a prepared model (+ LoRA) as merged Meta shards, a merged HF '
                       'folder or a PEFT adapter'),
+    'bci': Command('bci.train', "train a BCI signal encoder with the decoder's LoRA (finetune's flags and the "
+                   '--bci-* flags; the same run as finetune --bci-data)', run='run_command'),
     'bci_decode': Command('bci.commands', 'decode the sentences of BCI trials with a trained encoder and decoder; '
                           'WER and exact match', 'add_decode_arguments', 'run_decode'),
     'bci_demo': Command('bci.commands', 'write a synthetic BCI data set (words as spatio-temporal patterns in noise)',

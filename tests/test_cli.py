@@ -180,6 +180,51 @@ def test_no_flags_runs_the_demo(monkeypatch):
     assert os.path.exists(demo.DEMO_TEXT) and 'Odalys Brenn' in open(demo.DEMO_TEXT).read()
 
 
+def help_of(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, '--help'])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_finetune_help_lists_no_bci_flag_and_the_bci_help_lists_them_all(capsys):
+    from slowllama.bci.options import BCI_FLAGS
+    from slowllama.recipes.options import GROUPS
+    finetune = help_of('finetune', capsys)
+    assert '--bci-' not in finetune and 'slowllama bci --help' in finetune
+    for title, group in GROUPS.items():  # every other flag, under its group's heading
+        assert f'{title}:' in finetune and all(f'--{flag}' in finetune for flag in group), title
+    bci = help_of('bci', capsys)
+    assert all(f'--{flag} ' in bci for flag in BCI_FLAGS) and '--iters ITERS         optimizer steps (default 300)' in bci
+    # finetune still takes them (hidden): a --bci-data run resolves the same from either command
+    from slowllama.recipes.options import resolve
+    flags = ['--model', 'm', '--bci-data', 'd', '--bci-d-enc', '32', '--lr', '2e-3']
+    via_finetune = resolve(cli.build_parser().parse_args(['finetune', *flags]))
+    via_bci = resolve(cli.build_parser().parse_args(['bci', *flags]))
+    assert via_finetune == via_bci and via_bci.bci_d_enc == 32 and via_bci.iters == 300
+
+
+def test_the_bci_command_needs_its_data(capsys):
+    assert cli.main(['bci', '--model', 'm']) == 2
+    assert capsys.readouterr().err.strip() == ('error: --bci-data DIR is required (the BCI data folder: signals.npy '
+                                               '+ texts.jsonl)')
+
+
+def test_train_config_is_its_flag_group():
+    """Every TrainConfig field has its flag, of its type and default; the resolved flags build it."""
+    import dataclasses
+
+    from slowllama.recipes.options import TRAINING, dest, resolve, train_config
+    from slowllama.training.settings import TrainConfig
+    fields = dataclasses.fields(TrainConfig)
+    assert sorted(dest(f) for f in TRAINING) == sorted(f.name for f in fields)
+    assert all(TRAINING[f.name.replace('_', '-')][:2] == (f.type, f.default) for f in fields)
+    assert train_config(resolve(cli.build_parser().parse_args(['finetune', '--model', 'm']))) == TrainConfig()
+    given = ['--iters', '7', '--beta2', '0.95', '--adam-eps', '1e-6', '--schedule', 'constant', '--patience', '2']
+    cfg = train_config(resolve(cli.build_parser().parse_args(['finetune', *given])))
+    assert (cfg.iters, cfg.betas, cfg.adam_eps, cfg.schedule, cfg.patience) == (7, (0.9, 0.95), 1e-6, 'constant', 2)
+
+
 def test_cli_resume_after_a_crash_reproduces_the_run(tiny_text_model, story, tmp_path):
     """A run whose last checkpoint was lost (as if it crashed after step 2) resumes to the same
     losses and the same adapter bytes, with model and LoRA dropout on."""

@@ -107,7 +107,8 @@ def test_the_step_is_adamw_on_the_clipped_gradient(tiny_text_model, tmp_path, gr
     model.accumulate = accumulate
     settings = dict(lr=1e-2, betas=(0.8, 0.9), eps=0.5, weight_decay=0.3)
     before = {name: p.detach().clone() for name, p in params.items()}
-    cfg = TrainConfig(iters=1, schedule='constant', grad_clip=grad_clip, **settings)
+    cfg = TrainConfig(iters=1, schedule='constant', grad_clip=grad_clip, lr=1e-2, beta1=0.8, beta2=0.9, adam_eps=0.5,
+                      weight_decay=0.3)
     Trainer(model, cfg, tmp_path / 'run', FixedBatches(Batch(*random_batch(128)), 2)).run()
 
     expected = {name: torch.nn.Parameter(x.clone()) for name, x in before.items()}

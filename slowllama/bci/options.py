@@ -1,11 +1,12 @@
-"""The finetune flags of a BCI run (`--bci-data DIR` and the encoder's shape), and the defaults that
-suit an encoder trained from scratch; merged into the finetune command's flag table."""
+"""The flags of a BCI run (`--bci-data DIR` and the encoder's shape), and the defaults that suit an
+encoder trained from scratch. Listed by `slowllama bci --help` as a group of their own; finetune
+accepts them too (a --bci-data run is the same run) but leaves them out of its --help."""
 
 # finetune defaults that suit the encoder, trained from scratch (a flag or the YAML file still wins)
 BCI_DEFAULTS = {'iters': 300, 'lr': 1e-3, 'batch-size': 8, 'warmup': 20, 'seq-len': 64, 'eval-every': 100,
                 'targets': 'q,k,v,o'}
 
-# flag -> (type, default, help), merged into recipes/options.FLAGS
+# flag -> (type, default, help); recipes/options.py adds them to finetune's and the bci command's parsers
 BCI_FLAGS = {
     'bci-data': (str, None, 'BCI data folder (signals.npy + texts.jsonl): train the signal encoder head; '
                             'defaults then become ' + ' '.join(f'--{k} {v}' for k, v in BCI_DEFAULTS.items())),

@@ -1,5 +1,6 @@
-"""The BCI recipe: `finetune --model M --bci-data DIR [--bci-* flags]` trains the signal encoder and the
-decoder's LoRA together with the finetune loop (one AdamW, its schedule, checkpoints, metrics).
+"""The BCI recipe: `slowllama bci --model M --bci-data DIR [flags]` (or `finetune --bci-data DIR`, the
+same run) trains the signal encoder and the decoder's LoRA together with the finetune loop (one AdamW,
+its schedule, checkpoints, metrics). `slowllama bci --help` lists finetune's flags and the BCI's own.
 
 The encoder comes from, in order: the run's own adapter/ when resuming, --bci-encoder, the --adapter
 folder when it holds one, else a new one built from the --bci-* flags and the train split's statistics.
@@ -15,6 +16,8 @@ import os
 import sys
 
 from ..errors import SlowLlamaError
+from ..recipes.options import add_arguments as add_finetune_arguments
+from ..recipes.options import resolve
 from ..recipes.run_setup import load_model, run_config_of, setup_run, train_and_report
 from ..training.trainer import Trainer
 from .augment import Augment
@@ -74,6 +77,22 @@ def run(opts, stream=None):
     """Train as `opts` (resolved finetune flags with --bci-data) say; returns the Trainer's summary."""
     _, _, trainer = build(opts, stream or sys.stderr)
     return train_and_report(trainer, resume=opts.resume)
+
+
+def add_arguments(p):
+    """The `bci` command's flags: finetune's, and the BCI's own group listed in its --help."""
+    add_finetune_arguments(p, show_bci=True)
+
+
+def run_command(args):
+    """`slowllama bci ...`: the parsed flags resolved as finetune resolves them, then the BCI recipe."""
+    opts = resolve(args)
+    if opts.bci_data is None:
+        raise SlowLlamaError('--bci-data DIR is required (the BCI data folder: signals.npy + texts.jsonl)')
+    if opts.objective != 'sft':
+        raise SlowLlamaError(f'--objective {opts.objective} does not combine with --bci-data')
+    run(opts)
+    return 0
 
 
 def make_encoder(opts, data, model, tokenizer, run_dir):

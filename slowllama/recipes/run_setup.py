@@ -16,9 +16,9 @@ from ..generation.completion import complete
 from ..model.lora import LoraConfig
 from ..tokenizer.tokenizer import load_tokenizer
 from ..training.distributed import collective_timeout, init_from_env, shutdown
-from ..training.trainer import TrainConfig, Trainer
+from ..training.trainer import Trainer
 from ..weights.prepared import read_manifest, verify_model
-from .options import parse_bytes
+from .options import parse_bytes, train_config
 
 
 def new_run_dir(root='runs'):
@@ -69,14 +69,6 @@ def setup_run(opts, required, hint):
             raise SlowLlamaError('--chat-template and --chat-format plain contradict each other; give one')
         tokenizer.use_chat_template(opts.chat_template)
     return RunSetup(group, device, tokenizer, train_cfg, out)
-
-
-def train_config(opts):
-    return TrainConfig(iters=opts.iters, grad_accum=opts.grad_accum, lr=opts.lr, betas=(opts.beta1, opts.beta2),
-                       eps=opts.adam_eps, weight_decay=opts.weight_decay, warmup=opts.warmup, schedule=opts.schedule,
-                       min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip, seed=opts.seed,
-                       save_every=opts.save_every, eval_every=opts.eval_every, keep_checkpoints=opts.keep_checkpoints,
-                       patience=opts.patience)
 
 
 def load_model(opts, device, rows=None):

@@ -13,8 +13,9 @@ class TrainConfig:
     iters: int = 100
     grad_accum: int = 1          # micro-batches per optimizer step
     lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
+    beta1: float = 0.9           # AdamW's betas and epsilon
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup: int = 0              # steps of linear warm-up from 0 to lr
     schedule: str = 'cosine'     # 'cosine' (towards min_lr_ratio * lr) | 'constant'
@@ -27,7 +28,6 @@ class TrainConfig:
     patience: int = 0            # stop after this many evaluations without a better score; 0: never
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
         positive = {'--iters': self.iters, '--grad-accum': self.grad_accum}
         for flag, value in positive.items():
             if value < 1:
@@ -41,6 +41,10 @@ class TrainConfig:
                 raise SlowLlamaError(f'{flag} must not be negative, got {value}')
         if self.schedule not in SCHEDULES:
             raise SlowLlamaError(f'--schedule: unknown schedule {self.schedule!r} (use cosine or constant)')
+
+    @property
+    def betas(self):
+        return (self.beta1, self.beta2)
 
 
 def lr_at(cfg: TrainConfig, step):

@@ -84,7 +84,7 @@ class Trainer:
             raise SlowLlamaError('the model has no trainable parameters (check --targets)')
         groups = optimizer_groups(self.params, cfg, param_groups or {})
         self.params = {name: self.params[name] for g in groups for name in g.pop('names')}  # the optimizer's order
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         # the selection on held-out data (_select)
         self.best = {'score': None, 'step': None, 'evals_since': 0, 'eval_loss': None}
