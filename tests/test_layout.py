@@ -1,25 +1,32 @@
-"""The package's layout (DESIGN.md, docs/architecture.md): one folder per floor, imports point down only.
+"""The package's layout (DESIGN.md, docs/architecture.md, whose floors table this test reads): one folder per
+floor, imports point down only.
 A module never imports from a higher floor; no module imports one that imports it back, directly or
 through others (function-level imports included); no recipe imports another recipe; no component
 imports a recipe; the package's top level holds only the entry points and what every floor shares."""
 import ast
 import os
+import re
 
 import slowllama
 
 PACKAGE = os.path.dirname(os.path.abspath(slowllama.__file__))
-# module or package -> floor (the longest prefix decides); a module imports from its own floor and below
-FLOORS = {
-    'slowllama.errors': 0, 'slowllama.progress': 0,               # what every floor shares
-    'slowllama.model': 1,                                         # the math: block, LoRA, quant codes
-    'slowllama.tokenizer': 2,                                     # tokenizers and chat templates, read and rendered
-    'slowllama.weights': 2,                                       # prepared folder, formats, store, host memory
-    'slowllama.engine': 3,                                        # the step: plan, trip, head, stash
-    'slowllama.generation': 3,                                    # KV-cache decoding, completion, conversation
-    'slowllama.training': 4, 'slowllama.data': 4, 'slowllama.bci': 4, 'slowllama.api': 4,
-    'slowllama.recipes': 5, 'slowllama.bci.train': 5, 'slowllama.bci.commands': 5,
-    'slowllama': 6, 'slowllama.cli': 6, 'slowllama.__main__': 6,  # the public face and the dispatch
-}
+ARCHITECTURE = os.path.join(os.path.dirname(PACKAGE), 'docs', 'architecture.md')
+
+
+def read_floors(path=ARCHITECTURE):
+    """The floors table of docs/architecture.md (its one statement): module or package -> floor, the
+    longest prefix deciding; a module imports from its own floor and below."""
+    text = open(path, encoding='utf-8').read()
+    table = text[text.index('## The floors'):].split('\n\n')[1]
+    floors = {}
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip().strip('|').split('|')]
+        if cells[0].isdigit():
+            floors.update((name, int(cells[0])) for name in re.findall(r'`([\w.]+)`', cells[1]))
+    return floors
+
+
+FLOORS = read_floors()
 TOP_LEVEL = {'__init__', '__main__', 'api', 'cli', 'errors', 'progress'}  # the rest lives on a floor
 SHARED_BY_RECIPES = {'slowllama.recipes', 'slowllama.recipes.options', 'slowllama.recipes.run_setup',
                      'slowllama.recipes.inference', 'slowllama.recipes.shapes'}
@@ -77,6 +84,14 @@ def floor(module):
 
 def is_recipe(module):
     return (module.startswith('slowllama.recipes.') and module not in SHARED_BY_RECIPES) or module in OTHER_RECIPES
+
+
+def test_the_floors_are_read_from_the_architecture_page():
+    assert FLOORS['slowllama.model'] == 1 and FLOORS['slowllama.errors'] == 0 and FLOORS['slowllama.cli'] == 6
+    assert FLOORS['slowllama.tokenizer'] == FLOORS['slowllama.weights'] < FLOORS['slowllama.engine']
+    assert FLOORS['slowllama.generation'] == FLOORS['slowllama.engine'] < FLOORS['slowllama.training']
+    assert FLOORS['slowllama.bci'] < FLOORS['slowllama.bci.train'] == FLOORS['slowllama.recipes']
+    assert len(FLOORS) == 17
 
 
 def test_the_graph_is_read():
