@@ -204,6 +204,17 @@ def test_finetune_help_lists_no_bci_flag_and_the_bci_help_lists_them_all(capsys)
     assert via_finetune == via_bci and via_bci.bci_d_enc == 32 and via_bci.iters == 300
 
 
+def test_the_readme_names_every_finetune_flag():
+    """README's flags section mirrors the groups by hand; a flag added to a group must be named there."""
+    import re
+
+    from slowllama.recipes.options import GROUPS
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    unnamed = [flag for group in GROUPS.values() for flag in group
+               if not re.search(rf'--{re.escape(flag)}(?![\w-])', readme)]
+    assert not unnamed
+
+
 def test_the_bci_command_needs_its_data(capsys):
     assert cli.main(['bci', '--model', 'm']) == 2
     assert capsys.readouterr().err.strip() == ('error: --bci-data DIR is required (the BCI data folder: signals.npy '
