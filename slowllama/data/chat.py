@@ -113,20 +113,49 @@ def turns(tokenizer, messages, text, ids, where, kwargs):
         if message['role'] != 'assistant':
             continue
         turn = f'{where}: message {i + 1} (assistant)'
-        prompt = tokenizer.apply_chat_template(messages[:i], True, where=where, **kwargs)
-        if not text.startswith(prompt):
-            raise SlowLlamaError(f'{turn}: the chat template renders the conversation before this answer '
-                                 'differently once the answer follows, so the answer cannot be told apart; give a '
-                                 'template that marks answers with {% generation %} (--chat-template FILE)')
-        start = common_prefix(tokenizer.encode_rendered(prompt), ids)
-        through = tokenizer.encode_chat(messages[:i + 1], where=where, **kwargs)
-        end = common_prefix(through, ids)
-        if end <= start and end < len(through):
-            raise SlowLlamaError(f'{turn}: the chat template renders this answer differently once later messages '
-                                 'follow, so it cannot be told apart; give a template that marks answers with '
-                                 '{% generation %} (--chat-template FILE)')
+        render = lambda m, g: tokenizer.apply_chat_template(m, g, where=where, **kwargs)  # noqa: E731
+        start, prompt = answer_start(tokenizer, render, messages[:i], text, ids, turn)
+        end = answer_end(tokenizer, render, messages[:i + 1], prompt, ids, start, turn)
         learn[start:end] = [True] * max(0, end - start)
     return learn
+
+
+def answer_start(tokenizer, render, before, text, ids, turn):
+    """-> (the answer's first token in `ids`, the generation prompt's text). The generation prompt's
+    first line (through its line breaks; all of it when it has none) is the role's header, given to
+    the model; what the template writes after it (a prefill such as '<think>\n') is the answer's
+    start, learned; where the rendered answer does not begin with that header (DeepSeek-R1's
+    '<｜Assistant｜><think>\n' before '<｜Assistant｜>answer'), the answer starts where the prompt did:
+    where trl's training templates put their {% generation %} marks."""
+    with_prompt, without = render(before, True), render(before, False)
+    prompt = with_prompt[len(without):] if with_prompt.startswith(without) else ''
+    header = base = len(with_prompt) - len(prompt)
+    line = prompt.find('\n')
+    header += len(prompt) - (len(prompt[line:].lstrip('\n')) if line >= 0 else 0)
+    if not text.startswith(with_prompt[:header]):
+        header = base
+    if not text.startswith(with_prompt[:header]):
+        raise SlowLlamaError(f'{turn}: the chat template renders the conversation before this answer '
+                             'differently once the answer follows, so the answer cannot be told apart; give a '
+                             'template that marks answers with {% generation %} (--chat-template FILE)')
+    return common_prefix(tokenizer.encode_rendered(with_prompt[:header]), ids), prompt
+
+
+def answer_end(tokenizer, render, through, prompt, ids, start, turn):
+    """The token after the answer's end of turn: where the conversation cut after it stops agreeing
+    with the whole, or, where the last turn ends differently (gpt-oss: '<|return|>', '<|end|>' once
+    more follows), where the same cut followed by the generation prompt, less that prompt, stops."""
+    cut = tokenizer.encode_rendered(render(through, False))
+    end = common_prefix(cut, ids)
+    if end < len(cut) and prompt:
+        followed = render(through, True)
+        if followed.endswith(prompt):
+            end = max(end, common_prefix(tokenizer.encode_rendered(followed[:-len(prompt)]), ids))
+    if end <= start and end < len(cut):
+        raise SlowLlamaError(f'{turn}: the chat template renders this answer differently once later messages '
+                             'follow, so it cannot be told apart; give a template that marks answers with '
+                             '{% generation %} (--chat-template FILE)')
+    return end
 
 
 def common_prefix(a, b):
