@@ -69,7 +69,8 @@ FAMILIES = {
     'nemotron': Family('llama', 'nemotron_3_nano', QWEN + ['<think>', '</think>'],
                        {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'}),
     'gptoss': Family('llama', 'gptoss', GPTOSS,
-                     {'bos_token': '<|startoftext|>', 'eos_token': '<|return|>', 'pad_token': '<|endoftext|>'}),
+                     {'bos_token': '<|startoftext|>', 'eos_token': '<|return|>', 'pad_token': '<|endoftext|>'},
+                     {'max_position_embeddings': 1024}),  # its system message is long
     'smollm2': Family('llama', None, model={'tie_word_embeddings': True}),  # its real tokenizer and template
 }
 
