@@ -7,7 +7,7 @@ tokens are learned:
   transformers' return_assistant_tokens_mask (what trl's assistant_only_loss learns);
 - any other template: each assistant turn, its answer and its end of turn, located by rendering the
   conversation cut before it (with the generation prompt) and after it, as trl's training twins of
-  the shipped templates mark them (their {% generation %} blocks; tests/test_chat_data.py compares):
+  the shipped templates mark them (their {% generation %} blocks; tests/test_chat_twins.py compares):
   the answer starts after the generation prompt's first line, the role's header (a prefill after
   it, DeepSeek-R1's or Nemotron's '<think>\n', is learned; a header the answer does not begin with
   is too); it ends where the cut after it stops agreeing with the whole, or, as more follows, where
@@ -155,18 +155,16 @@ def answer_end(tokenizer, render, through, prompt, text, ids, start, turn):
     turn ends there. Else the answer is rendered otherwise once later messages follow (earlier
     reasoning dropped: Qwen3, Nemotron, gpt-oss): it ends where its content, and the end of turn the
     cut writes after it, are found in the whole; failing that, where the cut stops agreeing."""
-    cuts = [render(through, False)]
-    if prompt:
-        followed = render(through, True)
-        cuts += [followed[:-len(prompt)]] if followed.endswith(prompt) else []
-    end = start[0]
-    for cut in reversed(cuts):  # the cut as more follows first: the likelier to agree
-        ids_cut = tokenizer.encode_rendered(cut)
-        agree = common_prefix(ids_cut, ids)
-        if agree == len(ids_cut):
-            return agree
-        end = max(end, agree)
-    found = find_answer(cuts[-1], text, through[-1].get('content'), start[1])
+    cut = render(through, False)
+    end, whole = agreement(tokenizer, cut, ids)
+    if not whole and prompt:
+        followed = followed_cut(render, through, prompt)
+        if followed is not None:
+            cut, (agree, whole) = followed, agreement(tokenizer, followed, ids)
+            end = max(end, agree)
+    if whole:
+        return end
+    found = find_answer(cut, text, through[-1].get('content'), start[1])
     if found is not None:
         return common_prefix(tokenizer.encode_rendered(text[:found]), ids)
     if end <= start[0]:
@@ -174,6 +172,23 @@ def answer_end(tokenizer, render, through, prompt, text, ids, start, turn):
                              'follow, and its content is not found in it; give a template that marks answers '
                              'with {% generation %} (--chat-template FILE)')
     return end  # the cut parts from the whole only after the answer (an EOS written at the very end)
+
+
+def agreement(tokenizer, cut, ids):
+    """-> (how many of the cut's tokens agree with `ids`, whether all of them do)."""
+    ids_cut = tokenizer.encode_rendered(cut)
+    agree = common_prefix(ids_cut, ids)
+    return agree, agree == len(ids_cut)
+
+
+def followed_cut(render, through, prompt):
+    """The conversation through the answer as a later message would follow it: rendered with the
+    generation prompt, less that prompt; None where the template does not write it so."""
+    try:
+        followed = render(through, True)
+    except SlowLlamaError:  # a template may refuse a generation prompt after an answer
+        return None
+    return followed[:-len(prompt)] if followed.endswith(prompt) else None
 
 
 def find_answer(cut, text, content, start):
@@ -186,7 +201,7 @@ def find_answer(cut, text, content, start):
     if at < 0:
         return None
     found = text.find(content + cut[at + len(content):], start)
-    return None if found < 0 else found + len(content) + len(cut) - at - len(content)
+    return None if found < 0 else found + len(cut) - at
 
 
 def common_prefix(a, b):
