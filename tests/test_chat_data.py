@@ -4,7 +4,7 @@ never trains on plain lines silently; the run's first lines say which rendering 
 import json
 
 import pytest
-from chat_families import CONVERSATIONS, trl_template
+from chat_families import CONVERSATIONS, FAMILIES, trl_template
 from conftest import make_hf_model, save_tiny_tokenizer
 
 import slowllama
@@ -42,13 +42,26 @@ def trl_rows(hf_folder, conversations, template_file=None):
     return rows
 
 
+def mask_rows(hf_folder, conversations, template):
+    """(input_ids, trained positions) of each conversation as transformers' apply_chat_template with
+    return_assistant_tokens_mask marks it with `template` (position 0 is never a target)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    rows = []
+    for messages in conversations:
+        out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        rows.append((out['input_ids'], {t for t, m in enumerate(out['assistant_masks']) if m and t > 0}))
+    return rows
+
+
 def our_rows(prepared, conversations, tmp_path, template_file=None):
     """(ids, trained positions) of each conversation as our data loader makes them: position t + 1
     is trained when targets[t] is not IGNORE (the model predicts token t + 1 at t)."""
     tokenizer = load_tokenizer(prepared)
     if template_file:
         tokenizer.use_chat_template(str(template_file))
-    data = load_data(write_chat(tmp_path / 'chat.jsonl', conversations), tokenizer, seq_len=512, batch_size=1)
+    data = load_data(write_chat(tmp_path / 'chat.jsonl', conversations), tokenizer, seq_len=2048, batch_size=1)
     return [(e.tokens + [e.targets[-1]], {t + 1 for t, target in enumerate(e.targets) if target != IGNORE})
             for e in data.train.examples]
 
@@ -72,12 +85,82 @@ def test_learned_tokens_equal_trl_assistant_only_loss(chat_family, tmp_path, nam
     assert all(0 < len(trained) < len(ids) / 2 for ids, trained in ours)  # something learned, the prompt not
 
 
+# a system message, then three answers
+THREE = [{'role': 'system', 'content': 'you keep the lighthouse'}, *CONVERSATIONS[2],
+         {'role': 'assistant', 'content': 'every night'}, {'role': 'user', 'content': 'the violet lamp?'},
+         {'role': 'assistant', 'content': 'burning'}]
+
+
+# answers with their reasoning (the templates render it in the last turn only, or never)
+REASONED = [*CONVERSATIONS[0][:2], {**CONVERSATIONS[0][2], 'reasoning_content': 'the log names the keeper'},
+            CONVERSATIONS[0][3], {**CONVERSATIONS[0][4], 'reasoning_content': 'ships at sea look for the light'}]
+
+
+@pytest.mark.parametrize('name, template', [
+    ('r1-llama', None), ('r1-qwen', None),   # the generation prompt ends in '<think>\n', the answers do not
+    ('deepseekv3', None),
+    ('nemotron', None), ('nemotron', 'nemotron_3_super'), ('nemotron', 'nemotron_3_ultra'),
+    ('nemotron', 'nemotron_3_5_lightning'),  # '<|im_start|>assistant\n<think>\n' before '<think></think>answer'
+    ('gptoss', None),                        # the last turn ends '<|return|>', the others '<|end|>'
+])
+def test_the_plain_template_learns_what_transformers_marks_on_trls_training_twin(chat_family, tmp_path, name,
+                                                                                 template):
+    """Each template as shipped, multi-turn with a system message, with reasoning (which Nemotron and
+    gpt-oss render in the last turn only, the first answer rendered without it once more follows,
+    an answer found by its content): the learned tokens are those that
+    transformers' return_assistant_tokens_mask marks with trl's `_training` twin (its {% generation %}
+    marks): each answer and its end of turn, every turn. gpt-oss's twin also marks each turn's
+    '<|start|>assistant', the generation prompt the model is given (as Cohere's and SmolVLM's twins
+    do not mark theirs): that is the one difference."""
+    hf_folder, prepared, _ = chat_family(name)
+    template = template or FAMILIES[name].template
+    template_file = tmp_path / f'{template}.jinja'
+    template_file.write_text(trl_template(template))
+    conversations = [CONVERSATIONS[0], CONVERSATIONS[1], THREE, REASONED]
+    ours = our_rows(prepared, conversations, tmp_path, template_file)
+    reference = mask_rows(hf_folder, conversations, trl_template(f'{template}_training'))
+    tokenizer = load_tokenizer(prepared)
+    for messages, (ids, trained), (ref_ids, ref_trained) in zip(conversations, ours, reference):
+        answers = [m['content'] for m in messages if m['role'] == 'assistant']
+        learned = tokenizer.decode([ids[t] for t in sorted(trained)], skip_special=False)
+        assert ids == ref_ids
+        if name == 'gptoss':
+            extra = sorted(ref_trained - trained)
+            assert trained < ref_trained
+            headers = tokenizer.decode([ids[t] for t in extra], skip_special=False)
+            assert headers == '<|start|>assistant' * len(answers)
+            ends = ['<|end|>'] * (len(answers) - 1) + ['<|return|>']
+            thought = ('<|channel|>analysis<|message|>ships at sea look for the light<|end|><|start|>assistant'
+                       if messages is REASONED else '')
+            assert learned == ''.join(f'<|channel|>final<|message|>{a}{e}' for a, e in zip(answers, ends)) \
+                .replace('<|channel|>final<|message|>they', f'{thought}<|channel|>final<|message|>they')
+        else:
+            assert trained == ref_trained
+            prompts = [m['content'] for m in messages if m['role'] != 'assistant']
+            assert all(a in learned for a in answers) and not any(p in learned for p in prompts)
+
+
+def test_the_deepseek_r1_distills_learn_as_trls_sft_trainer(chat_family, tmp_path):
+    """trl's SFTTrainer (assistant_only_loss) on an R1 distill swaps in its training twin; ours, on the
+    template as shipped, learns the same tokens: '<｜Assistant｜>', the answer, '<｜end▁of▁sentence｜>'."""
+    for name in ('r1-llama', 'r1-qwen'):
+        hf_folder, prepared, _ = chat_family(name)
+        ours, reference = our_rows(prepared, TRAINED, tmp_path), trl_rows(hf_folder, TRAINED)
+        assert ours == reference, name
+        tokenizer = load_tokenizer(prepared)
+        ids, trained = ours[0]
+        assert tokenizer.decode([ids[t] for t in sorted(trained)], skip_special=False) == (
+            '<｜Assistant｜>odalys brenn keeps it<｜end▁of▁sentence｜><｜Assistant｜>they look for the light'
+            '<｜end▁of▁sentence｜>')
+
+
 def test_where_trl_cannot_compute_the_mask_or_differs(chat_family, tmp_path):
     """trl stops for templates it has no training version of (Llama 3.2, Mistral, SmolLM2); for
     Qwen2.5 its training template also learns the newline that ends the generation prompt
     '<|im_start|>assistant\\n' (we learn from after the prompt, as the model is prompted); Qwen3's own
-    template drops earlier answers' think blocks, so a multi-turn record cannot be cut into turns
-    and stops with one line (trl trains on its own template, which renders other tokens)."""
+    template drops earlier answers' think blocks, so trl's training template (which keeps them)
+    renders other tokens: there each answer is found by its content, and learned with its end of
+    turn as the whole conversation renders it."""
     for name in ('llama3.2', 'mistral', 'smollm2'):
         with pytest.raises(ValueError, match='not training-compatible'):
             trl_rows(chat_family(name)[0], TRAINED)
@@ -90,9 +173,27 @@ def test_where_trl_cannot_compute_the_mask_or_differs(chat_family, tmp_path):
         assert len(extra) == sum(m['role'] == 'assistant' for m in messages)
         assert all(tokenizer.decode(ids[:t + 1], skip_special=False).endswith('<|im_start|>assistant\n')
                    for t in extra)
-    with pytest.raises(slowllama.SlowLlamaError, match=r'record 1: message 3 \(assistant\): the chat template '
-                                                        r'renders this answer differently .* \{% generation %\}'):
-        our_rows(chat_family('qwen3')[1], [CONVERSATIONS[0]], tmp_path)
+    prepared = chat_family('qwen3')[1]
+    [(ids, trained)] = our_rows(prepared, [REASONED], tmp_path)
+    learned = load_tokenizer(prepared).decode([ids[t] for t in sorted(trained)], skip_special=False)
+    assert learned == ('odalys brenn keeps it<|im_end|>\n<think>\nships at sea look for the light\n</think>\n\n'
+                       'they look for the light<|im_end|>\n')  # the first answer's reasoning is not rendered
+
+
+def test_only_an_answer_that_cannot_be_found_stops_the_record(chat_family, tmp_path):
+    """A template that renders earlier answers otherwise (upper-cased here) and so hides their content:
+    one line naming the record, the message and the fix."""
+    _, prepared, _ = chat_family('phi3')
+    (tmp_path / 'upper.jinja').write_text(
+        "{% for m in messages %}{{ '<|' + m.role + '|>' }}"
+        "{{ m.content | upper if m.role == 'assistant' and not loop.last else m.content }}"
+        "{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    line = (r'chat.jsonl: record 1: message 3 \(assistant\): the chat template renders this answer differently '
+            r'.*content is not found.* \{% generation %\} \(--chat-template FILE\)$')
+    with pytest.raises(slowllama.SlowLlamaError, match=line):
+        our_rows(prepared, [CONVERSATIONS[0]], tmp_path, tmp_path / 'upper.jinja')
+    [(ids, trained)] = our_rows(prepared, [CONVERSATIONS[1]], tmp_path, tmp_path / 'upper.jinja')  # one answer: found
+    assert load_tokenizer(prepared).decode([ids[t] for t in sorted(trained)]) == 'jumps over the lazy dog'
 
 
 def test_a_token_across_a_generation_marks_edge_is_learned_as_transformers_mask_says(chat_family, tmp_path):

@@ -5,11 +5,18 @@ transformers' apply_chat_template renders it, and tokenized as trl's SFTTrainer 
 tokens are learned:
 - a template that marks answers with {% generation %}: the tokens those blocks wrote, exactly as
   transformers' return_assistant_tokens_mask (what trl's assistant_only_loss learns);
-- any other template: each assistant turn from where the conversation cut before it, with the
-  generation prompt, ends, to where the conversation cut after it stops agreeing with the whole
-  (so a final EOS the template writes only at the very end is learned only there). A template that
-  renders the earlier conversation differently once an answer follows cannot be cut this way: such
-  a record stops with one line naming the fix (a template with {% generation %} marks);
+- any other template: each assistant turn, its answer and its end of turn, located by rendering the
+  conversation cut before it (with the generation prompt) and after it, as trl's training twins of
+  the shipped templates mark them (their {% generation %} blocks; tests/test_chat_twins.py compares):
+  the answer starts after the generation prompt's first line, the role's header (a prefill after
+  it, DeepSeek-R1's or Nemotron's '<think>\n', is learned; a header the answer does not begin with
+  is too); it ends where the cut after it stops agreeing with the whole, or, as more follows, where
+  that cut less the generation prompt does (gpt-oss: '<|end|>', where the last turn has
+  '<|return|>'); an answer the whole renders otherwise (earlier reasoning dropped) is found by its
+  content and the end of turn the cut writes after it. A final EOS the template writes only at the
+  very end is learned only there. Only an answer found by none of these, or a conversation whose
+  earlier part renders differently once the answer follows, stops the record with one line naming
+  the fix (a template with {% generation %} marks);
 - --chat-format plain (no template): `role: content` lines, each assistant content and EOS learned.
 A model without a template never falls back to plain lines silently: the run stops and names both fixes.
 """
@@ -113,20 +120,88 @@ def turns(tokenizer, messages, text, ids, where, kwargs):
         if message['role'] != 'assistant':
             continue
         turn = f'{where}: message {i + 1} (assistant)'
-        prompt = tokenizer.apply_chat_template(messages[:i], True, where=where, **kwargs)
-        if not text.startswith(prompt):
-            raise SlowLlamaError(f'{turn}: the chat template renders the conversation before this answer '
-                                 'differently once the answer follows, so the answer cannot be told apart; give a '
-                                 'template that marks answers with {% generation %} (--chat-template FILE)')
-        start = common_prefix(tokenizer.encode_rendered(prompt), ids)
-        through = tokenizer.encode_chat(messages[:i + 1], where=where, **kwargs)
-        end = common_prefix(through, ids)
-        if end <= start and end < len(through):
-            raise SlowLlamaError(f'{turn}: the chat template renders this answer differently once later messages '
-                                 'follow, so it cannot be told apart; give a template that marks answers with '
-                                 '{% generation %} (--chat-template FILE)')
+        render = lambda m, g: tokenizer.apply_chat_template(m, g, where=where, **kwargs)  # noqa: E731
+        start, at, prompt = answer_start(tokenizer, render, messages[:i], text, ids, turn)
+        end = answer_end(tokenizer, render, messages[:i + 1], prompt, text, ids, (start, at), turn)
         learn[start:end] = [True] * max(0, end - start)
     return learn
+
+
+def answer_start(tokenizer, render, before, text, ids, turn):
+    """-> (the answer's first token in `ids`, its first character in `text`, the generation prompt).
+    The generation prompt's first line (through its line breaks; all of it when it has none) is the
+    role's header, given to the model; what the template writes after it (a prefill such as
+    '<think>\n') is the answer's start, learned; where the rendered answer does not begin with that
+    header (DeepSeek-R1's '<｜Assistant｜><think>\n' before '<｜Assistant｜>answer'), the answer starts
+    where the prompt did: where trl's training templates put their {% generation %} marks."""
+    with_prompt, without = render(before, True), render(before, False)
+    prompt = with_prompt[len(without):] if with_prompt.startswith(without) else ''
+    header = base = len(with_prompt) - len(prompt)
+    line = prompt.find('\n')
+    header += len(prompt) - (len(prompt[line:].lstrip('\n')) if line >= 0 else 0)
+    if not text.startswith(with_prompt[:header]):
+        header = base
+    if not text.startswith(with_prompt[:header]):
+        raise SlowLlamaError(f'{turn}: the chat template renders the conversation before this answer '
+                             'differently once the answer follows, so the answer cannot be told apart; give a '
+                             'template that marks answers with {% generation %} (--chat-template FILE)')
+    return common_prefix(tokenizer.encode_rendered(with_prompt[:header]), ids), header, prompt
+
+
+def answer_end(tokenizer, render, through, prompt, text, ids, start, turn):
+    """The token after the answer's end of turn. The conversation cut after the answer, as it ends
+    the conversation and, less the generation prompt, as more follows (gpt-oss ends the last turn
+    with '<|return|>', the others with '<|end|>'): where one agrees with the whole to its end, the
+    turn ends there. Else the answer is rendered otherwise once later messages follow (earlier
+    reasoning dropped: Qwen3, Nemotron, gpt-oss): it ends where its content, and the end of turn the
+    cut writes after it, are found in the whole; failing that, where the cut stops agreeing."""
+    cut = render(through, False)
+    end, whole = agreement(tokenizer, cut, ids)
+    if not whole and prompt:
+        followed = followed_cut(render, through, prompt)
+        if followed is not None:
+            cut, (agree, whole) = followed, agreement(tokenizer, followed, ids)
+            end = max(end, agree)
+    if whole:
+        return end
+    found = find_answer(cut, text, through[-1].get('content'), start[1])
+    if found is not None:
+        return common_prefix(tokenizer.encode_rendered(text[:found]), ids)
+    if end <= start[0]:
+        raise SlowLlamaError(f'{turn}: the chat template renders this answer differently once later messages '
+                             'follow, and its content is not found in it; give a template that marks answers '
+                             'with {% generation %} (--chat-template FILE)')
+    return end  # the cut parts from the whole only after the answer (an EOS written at the very end)
+
+
+def agreement(tokenizer, cut, ids):
+    """-> (how many of the cut's tokens agree with `ids`, whether all of them do)."""
+    ids_cut = tokenizer.encode_rendered(cut)
+    agree = common_prefix(ids_cut, ids)
+    return agree, agree == len(ids_cut)
+
+
+def followed_cut(render, through, prompt):
+    """The conversation through the answer as a later message would follow it: rendered with the
+    generation prompt, less that prompt; None where the template does not write it so."""
+    try:
+        followed = render(through, True)
+    except SlowLlamaError:  # a template may refuse a generation prompt after an answer
+        return None
+    return followed[:-len(prompt)] if followed.endswith(prompt) else None
+
+
+def find_answer(cut, text, content, start):
+    """The character after the answer's end of turn in `text`: its content (as the template trims
+    it), then what `cut` writes after the content, found from `start` on; None when not found."""
+    if not isinstance(content, str) or not content.strip():
+        return None
+    content = content.strip()
+    at = cut.rfind(content)
+    if at < 0:
+        return None
+    found = text.find(content + cut[at + len(content):], start)
+    return None if found < 0 else found + len(cut) - at
 
 
 def common_prefix(a, b):
