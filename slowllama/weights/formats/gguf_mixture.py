@@ -110,6 +110,9 @@ def tensor_types(shapes, scheme, n_layers, n_head, n_head_kv):
         cols = shape[-1]
         if name == HEAD or (tied and name == EMBED):
             kind = _head(default, cols)
+            if kind != default and kind != 'q6_k':  # the head's own fallback, before the general one
+                notes.append(f'{name}: rows of {cols} values do not split into q6_k blocks of {QK_K}; '
+                             f'written as {_fallback(kind, cols)}')
         elif name.endswith('attn_v.weight'):
             kind, i_attn_v = _attn_v(scheme, i_attn_v, n_attn_v, big), i_attn_v + 1
         elif name.endswith('ffn_down.weight'):

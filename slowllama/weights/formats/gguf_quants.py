@@ -79,7 +79,7 @@ def _qkx2(x, nmax, rmin, rdelta, nstep):
     hi = x.max(axis=0)
     flat = hi == lo
     xm, lev, buf, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         best_is = f32(nmax) / (hi - lo)
         scale, best_lo = f32(1) / best_is, lo.copy()
         _levels(np.subtract(x, lo, out=xm), best_is, nmax, lev)
@@ -134,7 +134,7 @@ def _encode_qk(x, nmax, rmin, rdelta, nstep):
     scales, mins = scales.reshape(nsb, 8), mins.reshape(nsb, 8)
     max_scale = np.maximum(scales.max(axis=1), f32(0))  # ggml starts its running maxima at 0
     max_min = np.maximum(mins.max(axis=1), f32(0))
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0))
         inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0))
     ls = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63)  # stored in a byte
@@ -144,7 +144,7 @@ def _encode_qk(x, nmax, rmin, rdelta, nstep):
     dm = dmin16.astype(np.float32)[:, None] * lm.astype(np.float32)
     # the levels again, against the scales as they were rounded to 6 bits and fp16
     dcol, dmcol = d.reshape(1, -1), dm.reshape(1, -1)  # one column per 32-value group
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         again = np.clip(np.rint((xc + dmcol) / dcol), 0, nmax)
     levels = np.where(dcol != 0, again, levels)
     levels = levels.T.reshape(nsb, QK_K).astype(np.uint8)
@@ -198,7 +198,7 @@ def _qx(x, nmax):
     zero = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         iscale = f32(-nmax) / peak
         levels = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
         sumlx, suml2 = _seqsum(wx * levels), _seqsum((w * levels) * levels)
@@ -224,7 +224,7 @@ def encode_q6_k(x):
     scales = scales.reshape(nsb, 16)
     peak, amax = _abs_argmax(scales.T)
     empty = amax < GROUP_MAX_EPS
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         iscale = f32(-128) / peak
         d16 = _fp16(np.where(empty, f32(0), f32(1) / iscale))
         sc = np.minimum(np.rint(iscale[:, None] * scales), 127)
@@ -252,7 +252,7 @@ def _q3(x, nmax):
     zero = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         levels = np.clip(np.rint((f32(-nmax) / peak) * x), -nmax, nmax - 1)
         sumlx, suml2 = _seqsum(wx * levels), _seqsum((w * levels) * levels)
         for _ in range(5):  # a column with nothing to change stays as it is, so all five run for all
@@ -280,7 +280,7 @@ def encode_q3_k(x):
     scales = scales.reshape(nsb, 16)
     peak, _ = _abs_argmax(scales.T)
     some = peak != 0
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(all='ignore'):
         iscale = f32(-32) / peak
         ls = np.clip(np.rint(iscale[:, None] * scales), -32, 31).astype(np.int64) + 32
         ls = np.where(some[:, None], ls, 0)
