@@ -12,6 +12,9 @@ A super-block is 256 values (QK_K) of one row; a tensor's rows must be a multipl
 (gguf_mixture.py picks a fallback type otherwise). Q4_0 / Q5_0 / Q5_1 / Q8_0 are the `gguf`
 package's own encoders. `quantize(rows, kind)` returns the bytes, one row of blocks per input row.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 QK_K = 256
@@ -24,8 +27,9 @@ GROUP_MAX_EPS = np.float32(1e-15)  # ggml's "this group is all zero" threshold
 f32 = np.float32
 
 
-def quantize(rows, kind):
-    """float32 [n, k] -> uint8 [n, bytes per row] in GGUF layout `kind` (q3_k ... q6_k, q4_0 ... q8_0)."""
+def quantize(rows, kind, threads=None):
+    """float32 [n, k] -> uint8 [n, bytes per row] in GGUF layout `kind` (q3_k ... q6_k, q4_0 ... q8_0),
+    the K-quants on `threads` threads (default: one a CPU)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if kind in GGUF_PACKAGE_QUANTS:
         import gguf
@@ -35,8 +39,17 @@ def quantize(rows, kind):
     encode = _ENCODERS[kind]
     flat = rows.reshape(-1, QK_K)
     out = np.empty((flat.shape[0], BLOCK_BYTES[kind]), dtype=np.uint8)
-    for start in range(0, flat.shape[0], CHUNK_SUPERBLOCKS):
+
+    def chunk(start):
         out[start:start + CHUNK_SUPERBLOCKS] = encode(flat[start:start + CHUNK_SUPERBLOCKS])
+    starts = range(0, flat.shape[0], CHUNK_SUPERBLOCKS)
+    threads = min(threads or os.cpu_count() or 1, len(starts))
+    if threads > 1:  # numpy lets go of the GIL inside each operation: chunks run side by side
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(chunk, starts))
+    else:
+        for start in starts:
+            chunk(start)
     return out.reshape(*rows.shape[:-1], -1)
 
 
@@ -110,9 +123,10 @@ def _qkx2(x, nmax, rmin, rdelta, nstep):
 
 
 def _levels(xm, iscale, nmax, out):
-    """round(iscale * (x - min)) capped at nmax; never below 0, as x - min >= 0 and iscale > 0."""
+    """round(iscale * (x - min)) within 0 .. nmax (below 0 where a fitted min is above some x)."""
     np.multiply(xm, iscale, out=out)
     np.rint(out, out=out)
+    np.maximum(out, f32(0), out=out)
     return np.minimum(out, f32(nmax), out=out)
 
 
