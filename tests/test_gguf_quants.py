@@ -174,7 +174,12 @@ WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_k
 def wide(tmp_path_factory):
     """(prepared folder, its f32 GGUF): a 256-wide tiny llama (K-quants take rows of 256) with a tokenizer."""
     folder = tmp_path_factory.mktemp('wide')
-    make_hf_model(folder / 'hf', seed=5, **WIDE)
+    model = make_hf_model(folder / 'hf', seed=5, **WIDE)
+    with torch.no_grad():  # weights of a trained model's size (std 0.15 over 256 inputs compounds chaotically)
+        for name, param in model.named_parameters():
+            if 'norm' not in name:
+                param.mul_(0.2)
+    model.save_pretrained(folder / 'hf')
     save_tiny_tokenizer(folder / 'hf')
     slowllama.prepare(folder / 'hf', folder / 'model', dtype='fp32')
     return folder / 'model', export(folder / 'model', folder / 'f32.gguf', 'gguf', dtype='f32')
@@ -264,12 +269,13 @@ def test_llama_cpp_runs_our_q4_k_m_as_close_as_its_own(wide, tmp_path):
     assert {n: k for n, (_, k) in mine.items()} == {n: k for n, (_, k) in other.items()}
     same = [np.array_equal(mine[n][0], other[n][0]) for n in mine]
     print(f'q4_k_m: {sum(same)} of {len(same)} tensors byte-identical to llama-quantize\'s')
+    assert all(same)
     tokenizer = load_tokenizer(model_dir)
     prompts = [tokenizer.encode(text) for text in CORPUS[:3]]
     exact, ours_q, theirs_q = (llama_cpp_logits(p, prompts) for p in (f32, ours, theirs))
     corr = [min(np.corrcoef(exact[i], q[i])[0, 1] for i in range(len(prompts))) for q in (ours_q, theirs_q)]
     print(f'llama.cpp next-token logits vs f32: our q4_k_m corr {corr[0]:.6f}, llama-quantize\'s {corr[1]:.6f}')
-    assert corr[0] >= corr[1] - 1e-4 and corr[0] > 0.99
+    assert corr[0] >= corr[1] - 1e-4 and corr[0] > 0.95  # a random tiny model: 4 bits cost it some
     # (d): llama.cpp's own file through prepare runs to llama.cpp's logits on it
     slowllama.prepare(theirs, tmp_path / 'prepared', dtype='fp32')
     model = slowllama.load(tmp_path / 'prepared')
