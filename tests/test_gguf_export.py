@@ -247,6 +247,8 @@ def test_bad_requests_are_refused_and_leave_the_output_alone(with_adapter, tmp_p
         assert name in str(refused.value)
     with pytest.raises(slowllama.SlowLlamaError, match='--lora'):
         export(model_dir, out, 'gguf-lora')
+    with pytest.raises(slowllama.SlowLlamaError, match='--dtype q4_k_m'):
+        export(model_dir, tmp_path / 'lora.gguf', 'gguf-lora', adapter=adapter, dtype='q4_k_m')
     with pytest.raises(slowllama.SlowLlamaError, match='is a folder'):
         export(model_dir, tmp_path, 'gguf')
 

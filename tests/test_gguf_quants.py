@@ -284,3 +284,19 @@ def test_llama_cpp_runs_our_q4_k_m_as_close_as_its_own(wide, tmp_path):
         c = np.corrcoef(got, want)[0, 1]
         print(f'prepared llama.cpp q4_k_m vs llama.cpp: corr {c:.6f}, max |diff| {np.abs(got - want).max():.3e}')
         assert c > 0.999 and int(got.argmax()) == int(want.argmax())
+
+
+def test_export_command_line_names_the_schemes_and_the_fallbacks(tiny_prepared, tmp_path):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'export.py')
+    run = lambda *args: subprocess.run([sys.executable, script, *map(str, args)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    assert all(s in run('--help').stdout for s in SCHEMES)
+    done = run('--model', tiny_prepared[0], '--format', 'gguf', '--dtype', 'q5_k_m', '--out', tmp_path / 'm.gguf')
+    assert done.returncode == 0, done.stderr
+    assert 'gguf: blk.0.attn_q.weight: rows of 64 values do not split into q5_k blocks of 256; written as q5_1' \
+        in done.stdout
+    assert read_gguf(tmp_path / 'm.gguf')[1]['general.file_type'] == 17  # MOSTLY_Q5_K_M
+    done = run('--model', tiny_prepared[0], '--format', 'gguf', '--dtype', 'iq2_xs', '--out', tmp_path / 'x.gguf')
+    assert done.returncode != 0 and 'q4_k_m' in done.stderr and 'Traceback' not in done.stderr

@@ -72,6 +72,9 @@ def write_gguf_model(merged, out, dtype, name=None):
 def write_gguf_adapter(lora, state, cfg, out, dtype=DEFAULT_ADAPTER_DTYPE):
     """The LoRA adapter alone as a llama.cpp LoRA GGUF (load it with `llama-cli --lora`)."""
     _check_supported(cfg)
+    if dtype in SCHEMES:
+        raise SlowLlamaError(f'--dtype {dtype}: a quantization scheme is for the merged model; a gguf-lora '
+                             'adapter is written as f32, f16, bf16 or q8_0')
     layout = {name: (tuple(t.shape), _matrix_type(t.shape, dtype)) for name, t in _adapter_tensors(lora, state, cfg)}
     metadata = {'general.type': 'adapter', 'adapter.type': 'lora', 'adapter.lora.alpha': float(lora.alpha)}
     _write(out, metadata, layout, _adapter_tensors(lora, state, cfg), desc='write gguf adapter')
