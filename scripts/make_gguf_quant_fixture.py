@@ -32,7 +32,8 @@ def main():
         for model, spec in MODELS.items():
             src = os.path.join(tmp, f'{model}-f32.gguf')
             write_f32_gguf(src, spec)
-            digests[model] = {name: digest(weights(spec, name, shape)) for name, shape in shapes(spec).items()}
+            if spec.get('sample', True):
+                digests[model] = {name: digest(weights(spec, name, shape)) for name, shape in shapes(spec).items()}
             types[model] = {}
             for scheme in SCHEMES:
                 dst = os.path.join(tmp, f'{model}-{scheme}.gguf')
@@ -41,7 +42,7 @@ def main():
                 types[model][scheme] = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
                 for t in reader.tensors:
                     key = f'{model}|{t.name}|{t.tensor_type.name.lower()}'
-                    if t.name in SAMPLED and key not in arrays:
+                    if spec.get('sample', True) and t.name in SAMPLED and key not in arrays:
                         arrays[key] = np.array(t.data[:SAMPLED_ROWS], dtype=np.uint8)
                 del reader
                 os.unlink(dst)

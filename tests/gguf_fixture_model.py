@@ -13,6 +13,8 @@ import numpy as np
 MODELS = {
     'untied': dict(n_layers=8, dim=256, hidden=512, heads=4, kv_heads=2, vocab=256, tied=False, seed=1),
     'tied': dict(n_layers=16, dim=256, hidden=320, heads=4, kv_heads=1, vocab=192, tied=True, seed=2),
+    # 80 layers with GQA: llama.cpp's "70B", whose attn_v never goes below Q5_K (types only, no bytes kept)
+    'deep': dict(n_layers=80, dim=256, hidden=256, heads=4, kv_heads=1, vocab=32, tied=False, seed=3, sample=False),
 }
 SCHEMES = ('q4_k_m', 'q5_k_m', 'q6_k', 'q4_k_s', 'q5_k_s', 'q3_k_m', 'q4_0', 'q5_0')
 # the tensors whose bytes the fixture keeps (their first SAMPLED_ROWS rows) under every scheme
