@@ -211,23 +211,37 @@ def _qx(x, nmax):
     zero = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
+    lev, buf = np.empty_like(x), np.empty_like(x)
     with np.errstate(all='ignore'):
-        iscale = f32(-nmax) / peak
-        levels = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
-        sumlx, suml2 = _seqsum(wx * levels), _seqsum((w * levels) * levels)
+        best_is = f32(-nmax) / peak
+        sumlx, suml2 = _signed_sums(x, w, wx, best_is, nmax, lev, buf)
         scale = np.where(suml2 != 0, sumlx / suml2, f32(0))
         best = scale * sumlx
         for step in (*range(-9, 0), *range(1, 10)):
             iscale = -(f32(nmax) + f32(0.1) * f32(step)) / peak
-            cand = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
-            sumlx, suml2 = _seqsum(wx * cand), _seqsum((w * cand) * cand)
+            sumlx, suml2 = _signed_sums(x, w, wx, iscale, nmax, lev, buf)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            levels = np.where(better, cand, levels)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
+            np.copyto(best_is, iscale, where=better)
+            np.copyto(scale, sumlx / suml2, where=better)
+            np.copyto(best, scale * sumlx, where=better)
+        levels = _signed_levels(x, best_is, nmax, lev)  # the kept candidate's levels, once more
     levels = levels + nmax
     levels[:, zero] = 0
     return np.where(zero, f32(0), scale), levels
+
+
+def _signed_levels(x, iscale, nmax, out):
+    np.multiply(x, iscale, out=out)
+    np.rint(out, out=out)
+    return np.clip(out, f32(-nmax), f32(nmax - 1), out=out)
+
+
+def _signed_sums(x, w, wx, iscale, nmax, lev, buf):
+    """sum of w x l and of w l^2 over each column, for the levels of `iscale` (lev, buf: work arrays)."""
+    _signed_levels(x, iscale, nmax, lev)
+    sumlx = _seqsum(np.multiply(wx, lev, out=buf))
+    np.multiply(w, lev, out=buf)
+    return sumlx, _seqsum(np.multiply(buf, lev, out=buf))
 
 
 def encode_q6_k(x):
