@@ -12,8 +12,9 @@ def add_arguments(p):
     p.add_argument('--out', required=True, help='the folder to write (replaced whole, only on success); '
                    'for gguf and gguf-lora the file (FILE.gguf)')
     p.add_argument('--shards', type=int, default=1, help='meta: model-parallel shards (1 for 7B, 2 for 13B, 8 for 70B)')
-    p.add_argument('--dtype', default=None, help='bf16 | fp16 | fp32, for gguf also q8_0 (default: the prepared '
-                   'model\'s; gguf-lora: f32)')
+    p.add_argument('--dtype', default=None, help='bf16 | fp16 | fp32; for gguf also q8_0 and llama.cpp\'s schemes '
+                   'q4_k_m | q5_k_m | q6_k | q4_k_s | q5_k_s | q3_k_m | q4_0 | q5_0, each tensor typed as '
+                   'llama-quantize types it (default: the prepared model\'s; gguf-lora: f32)')
     p.add_argument('--max-shard-size', type=float, default=2.0, help='hf: GiB per safetensors file (default 2)')
 
 

@@ -4,8 +4,11 @@ The model file: llama.cpp's tensor names (names.py), q/k back in the rope-interl
 expects (layout.py), the hyper-parameters under the keys our GGUF reader reads (gguf.CONFIG_KEYS),
 and the tokenizer (gguf_vocab.py). GGUF lists every tensor before any data, so the tensor table is
 built from the config alone; then the tensors are merged and written one at a time, so RAM holds one
-block. Matrices take the chosen type (f32 / f16 / bf16 / q8_0); norms stay f32, as llama.cpp keeps
-them, and a q8_0 matrix whose rows do not split into 32-value blocks falls back to f16.
+block. Matrices take the chosen type (f32 / f16 / bf16 / q8_0), or in a llama.cpp quantization scheme
+(q4_k_m, q5_k_m, q6_k, ...) the type llama.cpp's own quantizer would give each one (gguf_mixture.py),
+encoded as its reference quantizer encodes it (gguf_quants.py); norms stay f32, as llama.cpp keeps
+them, and a matrix whose rows do not split into its type's blocks falls back (q8_0 to f16; the
+schemes as llama.cpp falls back), the export naming each one that did.
 
 The adapter file (`general.type = adapter`): per target `blk.N.<tensor>.lora_a` = A [rank, in] and
 `.lora_b` = B [out, rank], B's rows permuted like the weight's for q/k (B A then has the weight's
@@ -27,19 +30,25 @@ from ...tokenizer.gguf_vocab import vocab_metadata
 from ..files import commit_staged, discard_staged, temporary_beside
 from ..prepared import block_shapes, check_free_space
 from .gguf import CONFIG_KEYS, llama3_divisors
+from .gguf_mixture import SCHEMES, tensor_types
+from .gguf_quants import quantize as quantize_rows
 from .layout import block_to_meta, hf_to_meta
 from .names import BLOCK_TENSORS, GGUF_BLOCK_PREFIX, GGUF_LORA_SUFFIXES, GGUF_ROPE_FREQS, OUTER_TENSORS, ROPE_PERMUTED
 
 ARCHITECTURE = 'llama'
-GGUF_DTYPES = ('f32', 'f16', 'bf16', 'q8_0')
-DTYPE_ALIASES = {'fp32': 'f32', 'float32': 'f32', 'fp16': 'f16', 'float16': 'f16', 'bfloat16': 'bf16'}
-FILE_TYPES = {'f32': 'ALL_F32', 'f16': 'MOSTLY_F16', 'bf16': 'MOSTLY_BF16', 'q8_0': 'MOSTLY_Q8_0'}  # general.file_type
+GGUF_DTYPES = ('f32', 'f16', 'bf16', 'q8_0', *SCHEMES)
+DTYPE_ALIASES = {'fp32': 'f32', 'float32': 'f32', 'fp16': 'f16', 'float16': 'f16', 'bfloat16': 'bf16',
+                 'q4_k': 'q4_k_m', 'q5_k': 'q5_k_m', 'q3_k': 'q3_k_m'}  # llama-quantize's own short names
+FILE_TYPES = {'f32': 'ALL_F32', 'f16': 'MOSTLY_F16', 'bf16': 'MOSTLY_BF16', 'q8_0': 'MOSTLY_Q8_0',
+              **{scheme: file_type for scheme, (_, file_type) in SCHEMES.items()}}  # general.file_type
 DEFAULT_ADAPTER_DTYPE = 'f32'  # adapters are small; llama.cpp's own converter writes them in f32 too
 
 
 def gguf_dtype(name, default):
-    """--dtype for the GGUF formats: f32 | f16 | bf16 | q8_0 (fp32 / fp16 spellings accepted)."""
-    name = DTYPE_ALIASES.get(name or default, name or default)
+    """--dtype for the GGUF formats: f32 | f16 | bf16 | q8_0 | a llama.cpp scheme (q4_k_m, ...);
+    fp32 / fp16 spellings and upper case accepted."""
+    name = (name or default).lower()
+    name = DTYPE_ALIASES.get(name, name)
     if name not in GGUF_DTYPES:
         raise SlowLlamaError(f'--dtype: {name!r} is not a GGUF type (use {", ".join(GGUF_DTYPES)})')
     return name
@@ -50,6 +59,8 @@ def write_gguf_model(merged, out, dtype, name=None):
     cfg = merged.cfg
     _check_supported(cfg)
     layout = model_layout(cfg, dtype)
+    for note in fallbacks(cfg, dtype):
+        print(f'gguf: {note}')
     metadata = {'general.type': 'model', 'general.name': name or os.path.basename(str(merged.model_dir)),
                 'general.file_type': _file_type(dtype), 'general.quantization_version': _quant_version()}
     metadata.update(hyper_parameters(cfg))
@@ -61,6 +72,9 @@ def write_gguf_model(merged, out, dtype, name=None):
 def write_gguf_adapter(lora, state, cfg, out, dtype=DEFAULT_ADAPTER_DTYPE):
     """The LoRA adapter alone as a llama.cpp LoRA GGUF (load it with `llama-cli --lora`)."""
     _check_supported(cfg)
+    if dtype in SCHEMES:
+        raise SlowLlamaError(f'--dtype {dtype}: a quantization scheme is for the merged model; a gguf-lora '
+                             'adapter is written as f32, f16, bf16 or q8_0')
     layout = {name: (tuple(t.shape), _matrix_type(t.shape, dtype)) for name, t in _adapter_tensors(lora, state, cfg)}
     metadata = {'general.type': 'adapter', 'adapter.type': 'lora', 'adapter.lora.alpha': float(lora.alpha)}
     _write(out, metadata, layout, _adapter_tensors(lora, state, cfg), desc='write gguf adapter')
@@ -80,6 +94,28 @@ def hyper_parameters(cfg):
 
 def model_layout(cfg, dtype):
     """{GGUF name: (shape in torch order, GGUF type)} in the order the tensors are written."""
+    layout = _plain_layout(cfg, dtype)
+    if dtype not in SCHEMES:
+        return layout
+    types, _ = _scheme_types(cfg, layout, dtype)
+    return {name: (shape, types[name]) for name, (shape, _) in layout.items()}
+
+
+def fallbacks(cfg, dtype):
+    """One line for each matrix whose rows cannot take the type it was meant to have."""
+    layout = _plain_layout(cfg, dtype)
+    if dtype not in SCHEMES:
+        return [f'{name}: rows of {shape[-1]} values do not split into q8_0 blocks of 32; written as f16'
+                for name, (shape, kind) in layout.items() if dtype == 'q8_0' and len(shape) == 2 and kind == 'f16']
+    return _scheme_types(cfg, layout, dtype)[1]
+
+
+def _scheme_types(cfg, layout, scheme):
+    shapes = {name: shape for name, (shape, _) in layout.items()}
+    return tensor_types(shapes, scheme, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+
+
+def _plain_layout(cfg, dtype):
     table = (cfg.vocab_size, cfg.dim)
     layout = {OUTER_TENSORS[EMBED_TENSOR][1]: (table, _matrix_type(table, dtype))}
     if cfg.rope_scaling:
@@ -145,6 +181,8 @@ def _check_supported(cfg):
 def _matrix_type(shape, dtype):
     if len(shape) == 1:
         return 'f32'
+    if dtype in SCHEMES:
+        return dtype  # placeholder: model_layout asks gguf_mixture
     if dtype == 'q8_0' and shape[-1] % _gguf().GGML_QUANT_SIZES[_qtype('q8_0')][0]:
         return 'f16'  # rows must split into whole Q8_0 blocks of 32 values
     return dtype
@@ -159,7 +197,7 @@ def _encode(tensor, kind):
         return tensor.to(torch.float16).numpy()
     if kind == 'bf16':  # round to nearest even, as llama.cpp's converter does
         return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return _gguf().quants.quantize(tensor.numpy(), _qtype(kind))
+    return quantize_rows(tensor.numpy(), kind)
 
 
 def _nbytes(shape, kind):
