@@ -196,8 +196,7 @@ MUTANTS = [
       'tests/test_bench.py::test_each_configuration_runs_in_its_own_process_beside_its_prediction'),
     # --- atomic writes (weights/files.py) -----------------------------------------------------------
     M('staging-in-the-system-temp', 'slowllama/weights/files.py',
-      "tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(str(final))}.staging-')",
-      "tempfile.mkdtemp(prefix=f'.{os.path.basename(str(final))}.staging-')",
+      'tempfile.mkdtemp(dir=parent, prefix=prefix)', 'tempfile.mkdtemp(prefix=prefix)',
       'tests/test_kill.py::test_a_killed_writer_leaves_the_old_or_the_new_state'),
 ]
 

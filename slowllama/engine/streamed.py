@@ -8,7 +8,6 @@ the output gradient through and hand the input gradient to the block before. Onl
 """
 
 import functools
-import shutil
 from typing import NamedTuple
 
 import torch
@@ -18,7 +17,7 @@ from ..errors import SlowLlamaError
 from ..generation.decode import GenerationCache, is_eos, sample
 from ..model.block import Block, document_mask, rope_changes_past, rope_table
 from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
-from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
+from ..weights.files import atomic_folder
 from ..weights.formats.peft import save_adapter_folder
 from ..weights.host_memory import HeapTrimmer, free_device_memory, free_host_memory, host_share, unified_memory
 from ..weights.plan import cap_budget, plan_step, step_working_bytes
@@ -230,16 +229,11 @@ class StreamedModel:
 
     def save_adapter(self, folder, base_model=None):
         """Write the adapter folder whole: beside it first, then swapped in (never half old, half new)."""
-        announce(clean_leftovers(folder))  # what an earlier, interrupted save left beside it
-        staging = staging_dir(folder)
-        try:
+        with atomic_folder(folder) as staging:
             save_adapter_folder(staging, self.lora, self.trainable_adapter_state(),
                                 base_model or self.store.model_dir)
             for module in self.attached.values():
                 module.save(staging)
-            swap_dir(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def trainable_adapter_state(self):
         return adapter_state(self.adapters)

@@ -56,8 +56,7 @@ class PreparedWriter:
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
-        announce(clean_leftovers(self.out))
-        self.staging = staging_dir(self.out)
+        self.staging = staging_dir(self.out)  # what a killed earlier prepare left is removed first
         self.files = {}
         self.tokenizer_files = []
 
@@ -128,7 +127,7 @@ class PreparedWriter:
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
             'dtype': dtype_name(self.dtype), 'source': self.source, 'tokenizer': self.tokenizer_files,
             'files': self.files} | ({'quant': self.quant.to_dict()} if self.quant else {}))
-        swap_in(self.staging, self.out)
+        swap_dir(self.staging, self.out)  # `out` is the old folder or the new one at every instant
 
     def abort(self):
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -192,10 +191,6 @@ def check_file(path, expected, checksum=True):
 def verify_model(model_dir):
     """Full check of a prepared folder against its manifest (the `verify` command, --verify)."""
     verify_files(str(model_dir), read_manifest(model_dir)['files'], progress_desc='verify')
-
-
-def swap_in(staging, out):
-    swap_dir(staging, out)  # `out` is the old folder or the new one at every instant
 
 
 # --- reading a prepared folder -------------------------------------------------------------

@@ -16,10 +16,10 @@ from ...model.config import ModelConfig
 from ...model.lora import peft_key
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ...model.quant import Quant
-from ..files import SafetensorsFile, announce, clean_leftovers, staging_dir
+from ..files import SafetensorsFile, atomic_folder
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
 from ..prepared import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype, read_manifest,
-                        swap_in, table_shapes)  # the same whole-folder swap the prepared writer uses
+                        table_shapes)
 from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
 from .meta import write_meta
@@ -98,9 +98,8 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
     if fmt == 'meta' and merged.cfg.model_type != 'llama':
         raise SlowLlamaError(f'--format meta: Meta checkpoints hold Llama models only, this is '
                              f'{merged.cfg.model_type}; use --format hf')
-    staging = _staging_folder(out)
-    try:
-        _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
+    _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
+    with atomic_folder(out) as staging:  # `out` is the old folder or the new one at every instant
         if fmt == 'peft':
             save_peft_adapter(staging, merged.cfg, lora[0], lora[1],
                               base_model=str(manifest.get('source', {}).get('path', '')))
@@ -110,9 +109,6 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
             write_hf(merged, staging, str(dtype).replace('torch.', ''), max_shard_bytes)
         if fmt != 'peft':
             _copy_tokenizer(model_dir, manifest, staging)
-        swap_in(staging, str(out))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return str(out)
 
 
@@ -172,11 +168,6 @@ def _check_space(out, needed):
     if free < needed * SPACE_MARGIN:
         raise SlowLlamaError(f'{out}: not enough disk space: the export needs about {needed / 2**30:.2f} GiB, '
                              f'{free / 2**30:.2f} GiB are free')
-
-
-def _staging_folder(out):
-    announce(clean_leftovers(out))
-    return staging_dir(out)
 
 
 def _copy_tokenizer(model_dir, manifest, staging):
