@@ -19,7 +19,8 @@ from slowllama.weights.copier import DeviceCopier, Pending, Ready
 from slowllama.weights.files import SafetensorsFile
 from slowllama.weights.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
 from slowllama.weights.plan import pinned_bytes, predict
-from slowllama.weights.prepared import EMBED_FILE, HEAD_FILE, block_file, block_shapes
+from slowllama.model.block import block_shapes
+from slowllama.weights.prepared import EMBED_FILE, HEAD_FILE, block_file
 
 TIERS = {  # blocks 0, 1, 2 of the tiny model, then the embeddings and head
     'disk': ['disk'] * 5, 'ram': ['ram'] * 5, 'device': ['device'] * 5,

@@ -17,7 +17,7 @@ from slowllama.model.lora import LoraConfig, attach
 from slowllama.recipes.shapes import SHAPES
 from slowllama.weights.formats.model_config import config_from_hf
 from slowllama.weights.plan import CPU_HEAP_SLACK, GIB, kept_activation_bytes, plan_step
-from slowllama.weights.prepared import block_shapes
+from slowllama.model.block import block_shapes
 
 LORA = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))
 

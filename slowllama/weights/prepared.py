@@ -11,7 +11,8 @@ import torch
 
 from ..errors import SlowLlamaError
 from ..model.config import ModelConfig, config_errors
-from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
+from ..model.block import block_shapes
+from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, parse_quant
 from .files import (announce, clean_leftovers, read_json, safetensors_header, sha256_file, staging_dir, swap_dir,
                     write_json, write_safetensors)
@@ -154,21 +155,6 @@ def table_shapes(cfg: ModelConfig):
     """{filename: {name: shape}} of the embeddings file and the norm-and-head file."""
     head = {NORM_TENSOR: (cfg.dim,)} | ({} if cfg.tie_embeddings else {HEAD_TENSOR: (cfg.vocab_size, cfg.dim)})
     return {EMBED_FILE: {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}, HEAD_FILE: head}
-
-
-def block_shapes(cfg: ModelConfig):
-    """{our name: shape} of one block's tensors, those of the model's family only."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {
-        'self_attn.q_proj.weight': (q, cfg.dim), 'self_attn.k_proj.weight': (kv, cfg.dim),
-        'self_attn.v_proj.weight': (kv, cfg.dim), 'self_attn.o_proj.weight': (cfg.dim, q),
-        'mlp.gate_proj.weight': (cfg.hidden_dim, cfg.dim), 'mlp.up_proj.weight': (cfg.hidden_dim, cfg.dim),
-        'mlp.down_proj.weight': (cfg.dim, cfg.hidden_dim),
-        'input_layernorm.weight': (cfg.dim,), 'post_attention_layernorm.weight': (cfg.dim,),
-        'self_attn.q_proj.bias': (q,), 'self_attn.k_proj.bias': (kv,), 'self_attn.v_proj.bias': (kv,),
-        'self_attn.q_norm.weight': (cfg.head_dim,), 'self_attn.k_norm.weight': (cfg.head_dim,),
-    }
-    return {name: shapes[name] for name in block_tensor_names(cfg)}
 
 
 def verify_files(folder, files, progress_desc=None):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SlowLlamaError
+from ..model.block import block_shapes
 from ..model.config import ModelConfig
 from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, packed_nbytes
@@ -25,7 +26,6 @@ from .prepared import (
     EMBED_FILE,
     HEAD_FILE,
     block_file,
-    block_shapes,
     check_file,
     dtype_name,
     read_manifest,

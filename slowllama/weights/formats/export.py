@@ -12,14 +12,14 @@ import shutil
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.config import ModelConfig
-from ...model.lora import peft_key
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
+from ...model.lora import lora_shapes, peft_key
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, PEFT_PREFIX, TARGET_MODULES
 from ...model.quant import Quant
 from ..files import SafetensorsFile, atomic_folder
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
-from ..prepared import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype, read_manifest,
-                        table_shapes)
+from ..prepared import EMBED_FILE, HEAD_FILE, block_file, check_file, parse_dtype, read_manifest, table_shapes
 from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
 from .meta import write_meta
@@ -130,13 +130,8 @@ def _read_adapter(adapter, model_dir, fmt):
     lora, state = read_peft_adapter(adapter, model_dir)
     state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}
     cfg = ModelConfig.from_dict(read_manifest(model_dir)['config'])
-    shapes = block_shapes(cfg)
-    expected = {}
-    for i in range(cfg.n_layers):
-        for target in lora.targets:
-            out_features, in_features = shapes[TARGET_MODULES[target] + '.weight']
-            expected[peft_key(i, TARGET_MODULES[target], 'A')] = (lora.rank, in_features)
-            expected[peft_key(i, TARGET_MODULES[target], 'B')] = (out_features, lora.rank)
+    per_block = lora_shapes(cfg, lora)
+    expected = {f'{PEFT_PREFIX}{i}.{name}': shape for i in range(cfg.n_layers) for name, shape in per_block.items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise SlowLlamaError(f'{adapter}: adapter keys do not match the model (missing {missing[:2]}, '
