@@ -141,9 +141,14 @@ class PreparedWriter:
 
 
 def expected_bytes(cfg: ModelConfig, dtype):
+    return model_params(cfg) * dtype.itemsize
+
+
+def model_params(cfg: ModelConfig):
+    """The weights of the prepared files: every block, the embeddings, the final norm, an untied head."""
     block = sum(math.prod(shape) for shape in block_shapes(cfg).values())
     tables = sum(math.prod(shape) for shapes in table_shapes(cfg).values() for shape in shapes.values())
-    return (cfg.n_layers * block + tables) * dtype.itemsize
+    return cfg.n_layers * block + tables
 
 
 def check_free_space(folder, needed, what):
