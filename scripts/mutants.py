@@ -198,6 +198,19 @@ MUTANTS = [
     M('staging-in-the-system-temp', 'slowllama/weights/files.py',
       'tempfile.mkdtemp(dir=parent, prefix=prefix)', 'tempfile.mkdtemp(prefix=prefix)',
       'tests/test_kill.py::test_a_killed_writer_leaves_the_old_or_the_new_state'),
+    M('leftovers-never-removed', 'slowllama/weights/files.py', '    announce(clean_leftovers(final))\n', '',
+      'tests/test_files.py::test_a_killed_write_leaves_the_old_target_and_the_next_write_removes_its_leftover'),
+    M('live-writers-staging-removed', 'slowllama/weights/files.py', '        return False  # alive, another user',
+      '        return True  # alive, another user',
+      'tests/test_files.py::test_a_live_writers_staging_is_left_alone'),
+    M('nested-adapter-staged-again', 'slowllama/weights/files.py', "match['pid'] == str(os.getpid())",
+      "match['pid'] == 'never'",
+      'tests/test_files.py::test_a_checkpoint_writes_its_adapter_in_place_and_a_failure_leaves_nothing'),
+    # --- a block's shapes, read off the block (model/block.py) --------------------------------------
+    M('block-shapes-without-biases', 'slowllama/model/block.py',
+      'names = sorted(state, key=lambda name: order.get(name, len(order)))',
+      "names = sorted((n for n in state if not n.endswith('.bias')), key=lambda name: order.get(name, len(order)))",
+      'tests/test_shapes.py::test_the_block_shapes_are_the_transformers_blocks'),
 ]
 
 

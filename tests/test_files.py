@@ -7,11 +7,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from slowllama.weights.files import STAGING, atomic_folder, atomic_open, clean_leftovers, sweep_leftovers
+from slowllama.weights.files import (
+    STAGING,
+    atomic_folder,
+    atomic_open,
+    clean_leftovers,
+    sweep_leftovers,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +73,7 @@ def write_again(kind, target, text):
             f.write(text)
     else:
         with atomic_folder(target) as staging:
-            (open(os.path.join(staging, 'weights'), 'w')).write(text)
+            Path(staging, 'weights').write_text(text)
 
 
 @pytest.mark.parametrize('kind', ['file', 'folder'])
@@ -107,7 +114,7 @@ def test_a_write_that_fails_leaves_the_old_target_and_nothing_beside_it(tmp_path
                 f.write('half')
                 raise RuntimeError('disk on fire')
         with atomic_folder(target) as staging:
-            (open(os.path.join(staging, 'weights'), 'w')).write('half')
+            Path(staging, 'weights').write_text('half')
             raise RuntimeError('disk on fire')
     assert read(target) == 'old' and leftovers(target) == []
 
@@ -136,7 +143,7 @@ class FolderModel:
     def save_adapter(self, folder):
         with atomic_folder(folder) as staging:
             self.wrote_into = staging
-            (open(os.path.join(staging, 'adapter_model.safetensors'), 'w')).write('adapter')
+            Path(staging, 'adapter_model.safetensors').write_text('adapter')
             if self.fail:
                 raise RuntimeError('killed in the adapter')
 
@@ -166,7 +173,7 @@ def test_a_failed_save_adapter_keeps_the_old_adapter(tiny_text_model, tmp_path, 
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
 
     def half_then_fail(staging, *args):
-        (open(os.path.join(staging, 'adapter_model.safetensors'), 'w')).write('half')
+        Path(staging, 'adapter_model.safetensors').write_text('half')
         raise RuntimeError('killed mid-save')
     monkeypatch.setattr(streamed, 'save_adapter_folder', half_then_fail)
     with pytest.raises(RuntimeError, match='killed mid-save'):

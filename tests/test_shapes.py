@@ -9,22 +9,22 @@ import pytest
 from conftest import make_hf_model
 
 import slowllama
+from slowllama.engine.plan import block_bytes, block_params, lora_params, model_params
 from slowllama.model.block import block_shapes
 from slowllama.model.lora import LoraConfig, lora_shapes
 from slowllama.model.quant import parse_quant
 from slowllama.weights.files import SafetensorsFile
-from slowllama.engine.plan import block_bytes, block_params, lora_params, model_params
 from slowllama.weights.prepared import EMBED_FILE, HEAD_FILE, block_file, read_manifest
 
 # rows of 64 and 128 values (int8 packs rows of 32, nf4 blocks of 64); each family's own tensors
 FAMILIES = {
-    'llama': dict(model_type='llama'),
-    'mistral': dict(model_type='mistral', sliding_window=5),
-    'qwen2': dict(model_type='qwen2', tie_word_embeddings=True),  # q/k/v biases
-    'qwen3': dict(model_type='qwen3', head_dim=32),  # q/k norms, head_dim apart from dim / heads
-    'phi3': dict(model_type='phi3', pad_token_id=None),  # fused qkv and gate_up, split at prepare
+    'llama': {'model_type': 'llama'},
+    'mistral': {'model_type': 'mistral', 'sliding_window': 5},
+    'qwen2': {'model_type': 'qwen2', 'tie_word_embeddings': True},  # q/k/v biases
+    'qwen3': {'model_type': 'qwen3', 'head_dim': 32},  # q/k norms, head_dim apart from dim / heads
+    'phi3': {'model_type': 'phi3', 'pad_token_id': None},  # fused qkv and gate_up, split at prepare
 }
-SHAPE = dict(intermediate_size=128, num_hidden_layers=2)
+SHAPE = {'intermediate_size': 128, 'num_hidden_layers': 2}
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
@@ -60,7 +60,7 @@ def test_the_block_shapes_are_the_transformers_blocks(family_hf, tmp_path):
     """Every tensor of a transformers layer is one of ours with its shape (Phi-3's fused ones as
     the sum of their parts), and ours has nothing more: the drift the plan once had (no qwen2
     biases, no qwen3 q/k norms) cannot come back."""
-    family, hf_folder = family_hf
+    _, hf_folder = family_hf
     slowllama.prepare(hf_folder, tmp_path / 'prepared', dtype='bf16')
     model = slowllama.load(tmp_path / 'prepared', lora=LoraConfig(rank=3, targets=TARGETS))
     cfg, shapes = model.cfg, block_shapes(model.cfg)
