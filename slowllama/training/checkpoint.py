@@ -7,6 +7,7 @@ import base64
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -68,7 +69,16 @@ def remove_leftovers(run_dir):
     """What a killed run left in the run folder and its checkpoints/ (staging folders and files,
     never a complete checkpoint or adapter/; an old folder put back where a fallback swap was cut
     short). Returns what was found (sentences)."""
-    return sweep_leftovers(run_dir) + sweep_leftovers(os.path.join(str(run_dir), CHECKPOINT_DIR))
+    checkpoints = os.path.join(str(run_dir), CHECKPOINT_DIR)
+    found = sweep_leftovers(run_dir) + sweep_leftovers(checkpoints)
+    # older versions staged as .step_NNNNNN.RANDOM, .adapter.RANDOM, .best.RANDOM; the run's lock
+    # (runlock.py) keeps any other process out of this folder, so none of these is being written
+    for folder, prefixes in ((str(run_dir), ('.adapter.', '.best.')), (checkpoints, ('.step_',))):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+            if name.startswith(prefixes) and os.path.isdir(os.path.join(folder, name)):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                found.append(f'{os.path.join(folder, name)}: removed, left unfinished by an interrupted write')
+    return found
 
 
 def encode_rng(states):
