@@ -122,7 +122,7 @@ MUTANTS = [
       'if i < kept_blocks else None', f'{T_KEPT}::test_some_blocks_kept_the_others_recomputed'),
     M('kept-graph-holds-the-weights', 'slowllama/engine/kept.py', '        if name is None or tensor',
       '        if True or tensor', f'{T_KEPT}::test_the_graph_keeps_no_weight_they_come_back_from_the_fetch'),
-    M('kept-activations-planned-without-lora-inputs', 'slowllama/weights/plan.py',
+    M('kept-activations-planned-without-lora-inputs', 'slowllama/engine/plan.py',
       '            total += t * width[source] * f  # each target', '            pass  # each target',
       f'{T_KEPT}::test_the_planners_activation_bytes_are_what_torch_saves'),
     # --- quantization (model/quant.py) --------------------------------------------------------------
@@ -196,9 +196,21 @@ MUTANTS = [
       'tests/test_bench.py::test_each_configuration_runs_in_its_own_process_beside_its_prediction'),
     # --- atomic writes (weights/files.py) -----------------------------------------------------------
     M('staging-in-the-system-temp', 'slowllama/weights/files.py',
-      "tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(str(final))}.staging-')",
-      "tempfile.mkdtemp(prefix=f'.{os.path.basename(str(final))}.staging-')",
+      'tempfile.mkdtemp(dir=parent, prefix=prefix)', 'tempfile.mkdtemp(prefix=prefix)',
       'tests/test_kill.py::test_a_killed_writer_leaves_the_old_or_the_new_state'),
+    M('leftovers-never-removed', 'slowllama/weights/files.py', '    announce(clean_leftovers(final))\n', '',
+      'tests/test_files.py::test_a_killed_write_leaves_the_old_target_and_the_next_write_removes_its_leftover'),
+    M('live-writers-staging-removed', 'slowllama/weights/files.py',
+      '        return True\n    return False\n', '        return True\n    return True\n',
+      'tests/test_files.py::test_a_live_writers_staging_is_left_alone'),
+    M('nested-adapter-staged-again', 'slowllama/weights/files.py', "match['pid'] == str(os.getpid())",
+      "match['pid'] == 'never'",
+      'tests/test_files.py::test_a_checkpoint_writes_its_adapter_in_place_and_a_failure_leaves_nothing'),
+    # --- a block's shapes, read off the block (model/block.py) --------------------------------------
+    M('block-shapes-without-biases', 'slowllama/model/block.py',
+      'names = sorted(state, key=lambda name: order.get(name, len(order)))',
+      "names = sorted((n for n in state if not n.endswith('.bias')), key=lambda name: order.get(name, len(order)))",
+      'tests/test_shapes.py::test_the_block_shapes_are_the_transformers_blocks'),
 ]
 
 

@@ -185,7 +185,7 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'use_sliding_window on some layers'),
 ])
 def test_what_we_do_not_build_is_refused_with_one_line(change, message):
-    from slowllama.model.config import ModelConfig
+    from slowllama.weights.formats.model_config import config_from_hf
     hf = {'model_type': 'phi3', 'hidden_size': 72, 'num_attention_heads': 6, 'num_hidden_layers': 3,
           'intermediate_size': 96, 'vocab_size': 128, **change}
     with pytest.raises(slowllama.SlowLlamaError, match=message):

@@ -154,7 +154,7 @@ def big_prepared(tmp_path_factory):
     import slowllama
     from slowllama.model.lora import LoraConfig
     from slowllama.weights.formats.peft import save_adapter_folder
-    from slowllama.weights.prepared import block_shapes
+    from slowllama.model.block import block_shapes
     folder = tmp_path_factory.mktemp('big')
     src = write_hf(str(folder / 'hf'))
     slowllama.prepare(src, folder / 'prepared', dtype='fp32')

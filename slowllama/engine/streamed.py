@@ -8,7 +8,6 @@ the output gradient through and hand the input gradient to the block before. Onl
 """
 
 import functools
-import shutil
 from typing import NamedTuple
 
 import torch
@@ -18,10 +17,10 @@ from ..errors import SlowLlamaError
 from ..generation.decode import GenerationCache, is_eos, sample
 from ..model.block import Block, document_mask, rope_changes_past, rope_table
 from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
-from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
+from ..weights.files import atomic_folder
 from ..weights.formats.peft import save_adapter_folder
 from ..weights.host_memory import HeapTrimmer, free_device_memory, free_host_memory, host_share, unified_memory
-from ..weights.plan import cap_budget, plan_step, step_working_bytes
+from .plan import cap_budget, plan_step, step_working_bytes
 from ..weights.prepared import dtype_name
 from .devices import set_rng_state
 from .head import IGNORE, StreamedHead
@@ -143,7 +142,7 @@ class StreamedModel:
         return dict(self.store.traffic)
 
     def plan_step(self, batches):
-        """The StepPlan (weights/plan.py) for these micro-batches."""
+        """The StepPlan (engine/plan.py) for these micro-batches."""
         batch, seq = batches[0].tokens.shape
         seq += 0 if batches[0].prefix is None else batches[0].prefix.shape[1]
         return self.plan_for(len(batches), batch, seq, packed=batches[0].positions is not None)
@@ -230,16 +229,11 @@ class StreamedModel:
 
     def save_adapter(self, folder, base_model=None):
         """Write the adapter folder whole: beside it first, then swapped in (never half old, half new)."""
-        announce(clean_leftovers(folder))  # what an earlier, interrupted save left beside it
-        staging = staging_dir(folder)
-        try:
+        with atomic_folder(folder) as staging:
             save_adapter_folder(staging, self.lora, self.trainable_adapter_state(),
                                 base_model or self.store.model_dir)
             for module in self.attached.values():
                 module.save(staging)
-            swap_dir(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def trainable_adapter_state(self):
         return adapter_state(self.adapters)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .names import BLOCK_TENSORS
 
 
 class RMSNorm(nn.Module):
@@ -250,3 +251,23 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.head(x)
+
+
+# --- a block's tensors, read off the block itself ---------------------------------------------
+
+def block_shapes(cfg: ModelConfig):
+    """{name: shape} of one block's tensors, those of the model's family only, in file order: the
+    block built on the meta device (no memory), so the shapes the prepared files, the plan and LoRA
+    sizing use are the ones the math loads. Every family's tensors in names.BLOCK_TENSORS' order
+    first (the order block files have always had), any other after them in the block's own."""
+    key = repr(cfg)  # every field of the config
+    if key not in _SHAPES:  # building a block takes milliseconds; the writers ask once a block
+        with torch.device('meta'):
+            state = Block(cfg).state_dict()
+        order = {name: n for n, name in enumerate(BLOCK_TENSORS)}
+        names = sorted(state, key=lambda name: order.get(name, len(order)))  # stable: the rest keep theirs
+        _SHAPES[key] = {name: tuple(state[name].shape) for name in names}
+    return dict(_SHAPES[key])
+
+
+_SHAPES = {}

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import SlowLlamaError
+from .block import Block
+from .config import ModelConfig
 from .names import PEFT_PREFIX, TARGET_MODULES, canonical_target, hf_module_name
 
 
@@ -174,3 +176,18 @@ def load_adapter_state(layers_adapters, state, where):
                 raise SlowLlamaError(f'{where}: {key} has shape {tuple(state[key].shape)}, '
                                      f'the model needs {tuple(param.shape)}')
             param.copy_(state[key].to(param.dtype))
+
+
+def lora_shapes(cfg: ModelConfig, lora: LoraConfig):
+    """{'self_attn.q_proj.lora_A.weight': shape, ...} of one block's adapters: attached to the block
+    built on the meta device (as block.block_shapes), so LoRA sizing reads the shapes training makes."""
+    key = (repr(cfg), lora.rank, lora.targets)
+    if key not in _SHAPES:  # milliseconds to build; the planner asks again and again
+        with torch.device('meta'):
+            adapters = attach(Block(cfg), lora, 'meta')
+        _SHAPES[key] = {f'{path}.lora_{matrix}.weight': tuple(getattr(adapter, f'lora_{matrix}').weight.shape)
+                        for path, adapter in adapters.items() for matrix in 'AB'}
+    return dict(_SHAPES[key])
+
+
+_SHAPES = {}

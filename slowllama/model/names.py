@@ -24,6 +24,10 @@ def block_tensor_names(cfg):
     return list(BLOCK_WEIGHTS) + [name for name, flag in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
 
 
+# The order of a block file's tensors (model.block.block_shapes): every family's, then the optional ones
+BLOCK_TENSORS = BLOCK_WEIGHTS + tuple(OPTIONAL_BLOCK_TENSORS)
+
+
 # Tensors outside the blocks
 EMBED_TENSOR = 'embed_tokens.weight'
 NORM_TENSOR = 'norm.weight'

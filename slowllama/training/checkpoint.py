@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import SlowLlamaError
-from ..weights.files import (SafetensorsFile, clean_leftovers, read_json, staging_dir, swap_dir, write_json,
+from ..weights.files import (SafetensorsFile, atomic_folder, read_json, sweep_leftovers, write_json,
                              write_safetensors)
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -22,18 +22,14 @@ ADAM_FIELDS = ('step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')  # what AdamW 
 
 
 def write_checkpoint(folder, model, params, optimizer, state):
-    staging = staging_dir(folder)
-    try:
-        model.save_adapter(staging)
+    with atomic_folder(folder) as staging:  # complete or absent
+        model.save_adapter(staging)  # written in place: this folder's swap is the atomic one
         write_safetensors(os.path.join(staging, 'trainable.safetensors'),
                           {n: p.detach().cpu() for n, p in params.items()})
         tensors, meta = optimizer_state(optimizer, list(params))
         write_safetensors(os.path.join(staging, 'optimizer.safetensors'), tensors)
         write_json(os.path.join(staging, 'optimizer.json'), meta)
         write_json(os.path.join(staging, 'state.json'), state)  # last: marks the checkpoint complete
-        replace_folder(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_checkpoint(folder, params, optimizer):
@@ -70,21 +66,19 @@ def check_state(state, path):
 
 
 def remove_leftovers(run_dir):
-    """Staging folders that a killed run left behind (never a complete checkpoint or adapter/), and
-    an old folder put back where a non-atomic swap was cut short. Returns what was found (sentences)."""
-    finals = [os.path.join(str(run_dir), 'adapter'), os.path.join(str(run_dir), 'best')]
+    """What a killed run left in the run folder and its checkpoints/ (staging folders and files,
+    never a complete checkpoint or adapter/; an old folder put back where a fallback swap was cut
+    short). Returns what was found (sentences)."""
     checkpoints = os.path.join(str(run_dir), CHECKPOINT_DIR)
-    if os.path.isdir(checkpoints):
-        finals += [os.path.join(checkpoints, name[1:].split('.')[0]) for name in os.listdir(checkpoints)
-                   if name.startswith('.step_')]
-    found = [clean_leftovers(final) for final in sorted(set(finals))]
-    # any other staging, nested ones included (a save_adapter staged inside a checkpoint's staging)
-    for folder, prefixes in ((str(run_dir), ('adapter.', 'best.')), (checkpoints, ('step_',))):
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            if name.startswith('.') and name.lstrip('.').startswith(prefixes):
+    found = sweep_leftovers(run_dir) + sweep_leftovers(checkpoints)
+    # older versions staged as .step_NNNNNN.RANDOM, .adapter.RANDOM, .best.RANDOM; the run's lock
+    # (runlock.py) keeps any other process out of this folder, so none of these is being written
+    for folder, prefixes in ((str(run_dir), ('.adapter.', '.best.')), (checkpoints, ('.step_',))):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+            if name.startswith(prefixes) and os.path.isdir(os.path.join(folder, name)):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-                found.append(f'{os.path.join(folder, name)}: removed, left unfinished by an interrupted run')
-    return [line for line in found if line]
+                found.append(f'{os.path.join(folder, name)}: removed, left unfinished by an interrupted write')
+    return found
 
 
 def encode_rng(states):
@@ -168,8 +162,3 @@ def list_checkpoints(run_dir):
         if match and os.path.exists(os.path.join(folder, name, 'state.json')):
             found.append((int(match.group(1)), name))
     return sorted(found)
-
-
-def replace_folder(staging, final):
-    """Put a complete staging folder at `final`, replacing an older one (see files.swap_dir)."""
-    swap_dir(staging, final)

@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
@@ -33,7 +32,7 @@ from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..weights.files import write_json
 from .checkpoint import (CHECKPOINT_DIR, decode_rng, encode_rng, list_checkpoints, read_checkpoint, remove_leftovers,
-                         replace_folder, write_checkpoint)
+                         write_checkpoint)
 from .distributed import SINGLE
 from .plots import LossPlot
 from .run_log import RunLog
@@ -298,12 +297,7 @@ class Trainer:
         self.log(f'step {self.step}: checkpoint {folder}')
 
     def _save_adapter_as(self, name):
-        staging = tempfile.mkdtemp(dir=self.run_dir, prefix=f'.{name}.')
-        try:
-            self.model.save_adapter(staging)
-            replace_folder(staging, os.path.join(self.run_dir, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_adapter(os.path.join(self.run_dir, name))  # whole or not at all (files.atomic_folder)
 
     def _state(self):
         device = getattr(self.model, 'device', torch.device('cpu'))

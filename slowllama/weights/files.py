@@ -9,6 +9,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,13 +28,24 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+# --- atomic writes: one rule for files and folders ------------------------------------------
+# A write of FINAL (a file or a folder) is staged beside it as `.FINAL.staging-PID-RANDOM`, completed
+# and fsynced there, then renamed (a file) or swapped (a folder) into place. A write killed midway
+# leaves only such names; the next write of FINAL (or a reader that finds FINAL missing) removes
+# them, unless the process PID is alive (a concurrent writer: never pulled from under it).
+
+STAGING = '.staging-'
+# .TARGET.staging-PID-RANDOM (files and folders), .TARGET.old (a fallback swap cut short), and two
+# older forms: .TARGET.staging-RANDOM (no pid) and .TARGET.RANDOM.tmp (files)
+_LEFTOVER = re.compile(r'^\.(?P<target>.+?)\.(?:staging-(?:(?P<pid>\d+)-)?[a-z0-9_]+|[a-z0-9_]{8}\.tmp|(?P<old>old))$')
+
+
 def temporary_beside(path):
-    """(fd, name) of a new hidden temporary file beside `path`, with the permissions any new file of
-    the user gets (mkstemp's are private: a model written for a service run as another user, such as
-    Ollama, could not be read)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    """(fd, name) of a new hidden temporary file beside `path` (what an interrupted earlier write of
+    `path` left is removed first), with the permissions any new file of the user gets (mkstemp's
+    are private: a model written for a service run as another user, such as Ollama, could not be read)."""
+    parent, prefix = _staging_prefix(path)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=prefix)
     mask = os.umask(0)
     os.umask(mask)
     os.fchmod(fd, 0o666 & ~mask)
@@ -43,7 +55,6 @@ def temporary_beside(path):
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """Write to a temporary file beside `path`; on success fsync and rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
@@ -57,7 +68,25 @@ def atomic_open(path, mode='wb'):
         if isinstance(e, OSError) and e.errno == 28:
             raise SlowLlamaError(f'{path}: no space left on the device') from None
         raise
-    _fsync_dir(folder)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_folder(final):
+    """Write the folder `final` whole: yields a staging folder beside it to fill, swapped in on
+    success (swap_dir), removed on an error. Given a staging folder of this process (the adapter a
+    checkpoint holds), it is written in place: the enclosing write's swap is the atomic one."""
+    final = str(final)
+    match = _LEFTOVER.match(os.path.basename(os.path.abspath(final)))
+    if match and match['pid'] == str(os.getpid()) and os.path.isdir(final):
+        yield final
+        return
+    staging = staging_dir(final)
+    try:
+        yield staging
+        swap_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync_dir(folder):
@@ -84,13 +113,19 @@ def discard_staged(file, tmp):
         os.unlink(tmp)
 
 
-# --- whole folders: written beside, swapped in -------------------------------------------------
-
 def staging_dir(final):
-    """A new empty folder beside `final` to write into, then swap_dir() into place."""
-    parent = os.path.dirname(os.path.abspath(str(final)))
+    """A new empty folder beside `final` to write into, then swap_dir() into place (what an
+    interrupted earlier write of `final` left is removed first)."""
+    parent, prefix = _staging_prefix(final)
+    return tempfile.mkdtemp(dir=parent, prefix=prefix)
+
+
+def _staging_prefix(final):
+    """(parent folder, name prefix) of a staged write of `final`; says and removes its leftovers."""
+    parent, name = os.path.split(os.path.abspath(str(final)))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(str(final))}.staging-')
+    announce(clean_leftovers(final))
+    return parent, f'.{name}{STAGING}{os.getpid()}-'
 
 
 def swap_dir(staging, final):
@@ -112,25 +147,57 @@ def swap_dir(staging, final):
 
 
 def clean_leftovers(final):
-    """Staging folders that an interrupted write of `final` left beside it are removed (and an old
-    folder renamed away by the non-atomic swap is put back). Returns a sentence saying what was
-    found, or None."""
-    final = str(final)
-    parent, name = os.path.split(os.path.abspath(final))
-    if not os.path.isdir(parent):
-        return None
-    found = []
-    old = _old_name(final)
-    if os.path.isdir(old) and not os.path.exists(final):
-        os.replace(old, final)
-        found.append('restored the previous folder')
-    for entry in os.listdir(parent):
-        if entry.startswith(f'.{name}.staging-') or entry == os.path.basename(old):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            found.append(f'removed {entry}')
+    """What interrupted writes of `final` left beside it is removed (and an old folder renamed away
+    by the fallback swap is put back). Returns a sentence saying what was found, or None."""
+    parent, name = os.path.split(os.path.abspath(str(final)))
+    found = [f'removed {entry}' if removed else 'restored the previous folder'
+             for removed, entry in _sweep(parent, name)]
     if not found:
         return None
     return f'{final}: an earlier write was interrupted; {", ".join(found)} (unfinished, never used)'
+
+
+def sweep_leftovers(folder):
+    """clean_leftovers() for every target in `folder` at once: [sentence] for each thing found."""
+    return [f'{os.path.join(str(folder), entry)}: ' + ('removed, left unfinished by an interrupted write' if removed
+                                                      else 'put back, an interrupted write had moved it away')
+            for removed, entry in _sweep(str(folder))]
+
+
+def _sweep(parent, target=None):
+    """[(True, leftover removed) | (False, folder put back)] in `parent`, for `target` alone or any."""
+    if not os.path.isdir(parent):
+        return []
+    found = []
+    for entry in sorted(os.listdir(parent)):
+        match = _LEFTOVER.match(entry)
+        if not match or target not in (None, match['target']) or not _abandoned(match['pid']):
+            continue
+        path, final = os.path.join(parent, entry), os.path.join(parent, match['target'])
+        if match['old'] and os.path.isdir(path) and not os.path.exists(final):
+            os.replace(path, final)  # the fallback swap was cut between its two renames
+            found.append((False, match['target']))
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        found.append((True, entry))
+    return found
+
+
+def _abandoned(pid):
+    """A leftover is abandoned unless another process that is still alive is writing it."""
+    if pid is None or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return False  # alive, another user's
+    except (ProcessLookupError, OverflowError):
+        return True
+    return False
 
 
 def _old_name(final):

@@ -4,6 +4,7 @@ shape, dtype, source and a size and sha256 per file. Here: the writer (staged be
 swapped in whole), the manifest and its checks against the files' headers, and verify. The runtime
 that serves the blocks to the device is store.py.
 """
+import math
 import os
 import shutil
 
@@ -11,7 +12,8 @@ import torch
 
 from ..errors import SlowLlamaError
 from ..model.config import ModelConfig, config_errors
-from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
+from ..model.block import block_shapes
+from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, parse_quant
 from .files import (announce, clean_leftovers, read_json, safetensors_header, sha256_file, staging_dir, swap_dir,
                     write_json, write_safetensors)
@@ -56,8 +58,7 @@ class PreparedWriter:
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
         check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
-        announce(clean_leftovers(self.out))
-        self.staging = staging_dir(self.out)
+        self.staging = staging_dir(self.out)  # what a killed earlier prepare left is removed first
         self.files = {}
         self.tokenizer_files = []
 
@@ -128,7 +129,7 @@ class PreparedWriter:
             'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'config': self.cfg.to_dict(),
             'dtype': dtype_name(self.dtype), 'source': self.source, 'tokenizer': self.tokenizer_files,
             'files': self.files} | ({'quant': self.quant.to_dict()} if self.quant else {}))
-        swap_in(self.staging, self.out)
+        swap_dir(self.staging, self.out)  # `out` is the old folder or the new one at every instant
 
     def abort(self):
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -140,8 +141,14 @@ class PreparedWriter:
 
 
 def expected_bytes(cfg: ModelConfig, dtype):
-    from .plan import model_params
     return model_params(cfg) * dtype.itemsize
+
+
+def model_params(cfg: ModelConfig):
+    """The weights of the prepared files: every block, the embeddings, the final norm, an untied head."""
+    block = sum(math.prod(shape) for shape in block_shapes(cfg).values())
+    tables = sum(math.prod(shape) for shapes in table_shapes(cfg).values() for shape in shapes.values())
+    return cfg.n_layers * block + tables
 
 
 def check_free_space(folder, needed, what):
@@ -155,21 +162,6 @@ def table_shapes(cfg: ModelConfig):
     """{filename: {name: shape}} of the embeddings file and the norm-and-head file."""
     head = {NORM_TENSOR: (cfg.dim,)} | ({} if cfg.tie_embeddings else {HEAD_TENSOR: (cfg.vocab_size, cfg.dim)})
     return {EMBED_FILE: {EMBED_TENSOR: (cfg.vocab_size, cfg.dim)}, HEAD_FILE: head}
-
-
-def block_shapes(cfg: ModelConfig):
-    """{our name: shape} of one block's tensors, those of the model's family only."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {
-        'self_attn.q_proj.weight': (q, cfg.dim), 'self_attn.k_proj.weight': (kv, cfg.dim),
-        'self_attn.v_proj.weight': (kv, cfg.dim), 'self_attn.o_proj.weight': (cfg.dim, q),
-        'mlp.gate_proj.weight': (cfg.hidden_dim, cfg.dim), 'mlp.up_proj.weight': (cfg.hidden_dim, cfg.dim),
-        'mlp.down_proj.weight': (cfg.dim, cfg.hidden_dim),
-        'input_layernorm.weight': (cfg.dim,), 'post_attention_layernorm.weight': (cfg.dim,),
-        'self_attn.q_proj.bias': (q,), 'self_attn.k_proj.bias': (kv,), 'self_attn.v_proj.bias': (kv,),
-        'self_attn.q_norm.weight': (cfg.head_dim,), 'self_attn.k_norm.weight': (cfg.head_dim,),
-    }
-    return {name: shapes[name] for name in block_tensor_names(cfg)}
 
 
 def verify_files(folder, files, progress_desc=None):
@@ -192,10 +184,6 @@ def check_file(path, expected, checksum=True):
 def verify_model(model_dir):
     """Full check of a prepared folder against its manifest (the `verify` command, --verify)."""
     verify_files(str(model_dir), read_manifest(model_dir)['files'], progress_desc='verify')
-
-
-def swap_in(staging, out):
-    swap_dir(staging, out)  # `out` is the old folder or the new one at every instant
 
 
 # --- reading a prepared folder -------------------------------------------------------------

@@ -12,14 +12,14 @@ import shutil
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.config import ModelConfig
-from ...model.lora import peft_key
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
+from ...model.lora import lora_shapes, peft_key
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, PEFT_PREFIX, TARGET_MODULES
 from ...model.quant import Quant
-from ..files import SafetensorsFile, announce, clean_leftovers, staging_dir
+from ..files import SafetensorsFile, atomic_folder
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
-from ..prepared import (EMBED_FILE, HEAD_FILE, block_file, block_shapes, check_file, parse_dtype, read_manifest,
-                        swap_in, table_shapes)  # the same whole-folder swap the prepared writer uses
+from ..prepared import EMBED_FILE, HEAD_FILE, block_file, check_file, parse_dtype, read_manifest, table_shapes
 from .gguf_export import DEFAULT_ADAPTER_DTYPE, gguf_dtype, write_gguf_adapter, write_gguf_model
 from .hf import write_hf
 from .meta import write_meta
@@ -98,9 +98,8 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
     if fmt == 'meta' and merged.cfg.model_type != 'llama':
         raise SlowLlamaError(f'--format meta: Meta checkpoints hold Llama models only, this is '
                              f'{merged.cfg.model_type}; use --format hf')
-    staging = _staging_folder(out)
-    try:
-        _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
+    _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
+    with atomic_folder(out) as staging:  # `out` is the old folder or the new one at every instant
         if fmt == 'peft':
             save_peft_adapter(staging, merged.cfg, lora[0], lora[1],
                               base_model=str(manifest.get('source', {}).get('path', '')))
@@ -110,9 +109,6 @@ def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_by
             write_hf(merged, staging, str(dtype).replace('torch.', ''), max_shard_bytes)
         if fmt != 'peft':
             _copy_tokenizer(model_dir, manifest, staging)
-        swap_in(staging, str(out))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return str(out)
 
 
@@ -134,13 +130,8 @@ def _read_adapter(adapter, model_dir, fmt):
     lora, state = read_peft_adapter(adapter, model_dir)
     state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}
     cfg = ModelConfig.from_dict(read_manifest(model_dir)['config'])
-    shapes = block_shapes(cfg)
-    expected = {}
-    for i in range(cfg.n_layers):
-        for target in lora.targets:
-            out_features, in_features = shapes[TARGET_MODULES[target] + '.weight']
-            expected[peft_key(i, TARGET_MODULES[target], 'A')] = (lora.rank, in_features)
-            expected[peft_key(i, TARGET_MODULES[target], 'B')] = (out_features, lora.rank)
+    per_block = lora_shapes(cfg, lora)
+    expected = {f'{PEFT_PREFIX}{i}.{name}': shape for i in range(cfg.n_layers) for name, shape in per_block.items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise SlowLlamaError(f'{adapter}: adapter keys do not match the model (missing {missing[:2]}, '
@@ -172,11 +163,6 @@ def _check_space(out, needed):
     if free < needed * SPACE_MARGIN:
         raise SlowLlamaError(f'{out}: not enough disk space: the export needs about {needed / 2**30:.2f} GiB, '
                              f'{free / 2**30:.2f} GiB are free')
-
-
-def _staging_folder(out):
-    announce(clean_leftovers(out))
-    return staging_dir(out)
 
 
 def _copy_tokenizer(model_dir, manifest, staging):

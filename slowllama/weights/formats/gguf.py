@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.config import ModelConfig, config_errors
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, PROJECTION_WEIGHTS, block_tensor_names
 from ...progress import progress
 from ...tokenizer.gguf_tokenizer import metadata, tokenizer_files
-from ..prepared import block_shapes
 from .layout import block_to_hf, split_fused, unfused_names
 from .names import (
     FAMILY_FIELDS,

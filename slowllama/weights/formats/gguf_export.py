@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.lora import peft_key
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
 from ...progress import progress
 from ...tokenizer.gguf_vocab import vocab_metadata
 from ..files import commit_staged, discard_staged, temporary_beside
-from ..prepared import block_shapes, check_free_space
+from ..prepared import check_free_space
 from .gguf import CONFIG_KEYS, llama3_divisors
 from .gguf_mixture import SCHEMES, tensor_types
 from .gguf_quants import quantize as quantize_rows

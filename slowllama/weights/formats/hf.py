@@ -5,12 +5,12 @@ import os
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.config import config_errors
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ...progress import progress
 from ...tokenizer.chat_template import copy_tokenizer_files
 from ..files import SafetensorsFile, read_json, write_json
-from ..prepared import block_shapes
 from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .model_config import config_from_hf, config_to_hf
 from .names import HF_BLOCK_PREFIX, HF_OUTER

@@ -13,13 +13,13 @@ import re
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.config import config_errors
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ...progress import progress
 from ...tokenizer import tiktoken
 from ...tokenizer.chat_template import copy_tokenizer_files
 from ..files import read_json, write_json
-from ..prepared import block_shapes
 from .layout import block_to_hf, block_to_meta, join, split
 from .model_config import config_from_meta, config_to_meta
 from .names import BLOCK_TENSORS, META_BLOCK_PREFIX, META_IGNORED, META_PARAMS, META_SHARD, OUTER_TENSORS

@@ -19,11 +19,12 @@ import os
 import torch
 
 from ...errors import SlowLlamaError
+from ...model.block import block_shapes
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
 from ...model.names import TARGET_MODULES
 from ..files import SafetensorsFile, clean_leftovers, read_json, write_json, write_safetensors
-from ..prepared import block_shapes, read_manifest
+from ..prepared import read_manifest
 from .names import FUSED_TARGETS
 
 ADAPTER_CONFIG = 'adapter_config.json'

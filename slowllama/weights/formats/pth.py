@@ -5,6 +5,7 @@ for each tensor's bytes) without writing any tensor bytes; we then write each te
 record as it becomes available and finally put each record's CRC-32 into its local and central
 zip headers, which leaves an ordinary zip that any torch.load reads.
 """
+import os
 import struct
 import zipfile
 import zlib
@@ -12,7 +13,7 @@ import zlib
 import torch
 
 from ...errors import SlowLlamaError
-from ..files import commit_staged, discard_staged
+from ..files import commit_staged, discard_staged, temporary_beside
 
 LOCAL_HEADER, CENTRAL_HEADER = b'PK\x03\x04', b'PK\x01\x02'
 
@@ -20,7 +21,9 @@ LOCAL_HEADER, CENTRAL_HEADER = b'PK\x03\x04', b'PK\x01\x02'
 class PthWriter:
     def __init__(self, path, layout):
         """layout: {name: (shape, dtype)}, in the order the tensors are pickled."""
-        self.path, self.tmp = path, path + '.tmp'
+        self.path = path
+        fd, self.tmp = temporary_beside(path)
+        os.close(fd)
         # never touched, so these cost address space, not memory
         empty = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
         _save_layout(empty, self.tmp)

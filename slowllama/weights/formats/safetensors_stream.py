@@ -2,11 +2,12 @@
 each tensor's bytes are appended as it arrives, so a multi-GB shard never sits in RAM. The file
 appears under its final name only once complete (temp name, fsync, rename)."""
 import json
+import os
 
 import torch
 
 from ...errors import SlowLlamaError
-from ..files import SAFETENSORS_DTYPES, commit_staged, discard_staged
+from ..files import SAFETENSORS_DTYPES, commit_staged, discard_staged, temporary_beside
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -14,7 +15,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 class SafetensorsStreamWriter:
     def __init__(self, path, layout, metadata=None):
         """layout: {name: (shape, dtype)}; tensors must then be written in this order."""
-        self.path, self.tmp = path, path + '.tmp'
+        self.path = path
         header, offset = {}, 0
         if metadata:
             header['__metadata__'] = metadata
@@ -27,7 +28,8 @@ class SafetensorsStreamWriter:
         data = json.dumps(header, separators=(',', ':')).encode()
         data += b' ' * (-len(data) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.order, self.sizes = list(layout), {name: header[name]['data_offsets'] for name in layout}
-        self.file = open(self.tmp, 'wb')
+        fd, self.tmp = temporary_beside(path)
+        self.file = os.fdopen(fd, 'wb')
         self.file.write(len(data).to_bytes(8, 'little') + data)
 
     def write(self, name, tensor):

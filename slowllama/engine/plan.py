@@ -5,9 +5,14 @@ import math
 from dataclasses import dataclass
 
 from ..errors import SlowLlamaError
+from ..model.block import block_shapes
 from ..model.config import ModelConfig
+from ..model.lora import LoraConfig, lora_shapes
 from ..model.quant import packed_nbytes
-from .pinned import ROW_STAGING_BYTES
+from ..weights.copier import layout_bytes
+from ..weights.packed import file_layout
+from ..weights.pinned import ROW_STAGING_BYTES
+from ..weights.prepared import DTYPES, model_params
 
 GIB = 1024 ** 3
 SLICE_ELEMENTS = 1 << 21  # the head's logits held at once: [tokens, slice rows] <= 2M floats (8 MB)
@@ -20,31 +25,23 @@ def head_slice_rows(tokens):
     return max(MIN_SLICE_ROWS, SLICE_ELEMENTS // max(1, tokens))
 
 
+# A block's weights are counted off its shapes (model/block.block_shapes: the block itself, built on
+# the meta device) in the layout its file has (projections packed with --quant), as the store holds
+# it; the whole model's (weights/prepared.model_params) off the same shapes and the tables'.
+
 def block_params(cfg: ModelConfig):
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    return sum(math.prod(shape) for shape in block_shapes(cfg).values())
 
 
 def block_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
-    """Bytes of one block as stored and streamed: its seven projections packed when `quant` is set
-    (a quant.Quant), the norms (and everything without quant) in `dtype`."""
-    if quant is None:
-        return block_params(cfg) * DTYPE_BYTES[dtype]
-    q, kv, dim, hidden = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.dim, cfg.hidden_dim
-    projections = [(q, dim), (kv, dim), (kv, dim), (dim, q), (hidden, dim), (hidden, dim), (dim, hidden)]
-    return 2 * dim * DTYPE_BYTES[dtype] + sum(packed_nbytes(shape, quant) for shape in projections)
+    """Bytes of one block as stored and streamed: its projections packed when `quant` is set (a
+    quant.Quant), every other tensor (everything without quant) in `dtype`."""
+    return layout_bytes(file_layout(block_shapes(cfg), quant, DTYPES[dtype]))
 
 
 def lora_params(cfg: ModelConfig, rank, targets):
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {'q': (cfg.dim, q), 'k': (cfg.dim, kv), 'v': (cfg.dim, kv), 'o': (q, cfg.dim),
-              'gate': (cfg.dim, cfg.hidden_dim), 'up': (cfg.dim, cfg.hidden_dim), 'down': (cfg.hidden_dim, cfg.dim)}
-    return cfg.n_layers * sum(rank * (n_in + n_out) for n_in, n_out in (shapes[t] for t in targets))
-
-
-def model_params(cfg: ModelConfig):
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
-    return cfg.n_layers * block_params(cfg) + cfg.vocab_size * cfg.dim + head + cfg.dim
+    shapes = lora_shapes(cfg, LoraConfig(rank, targets=targets))  # one block's A and B matrices
+    return cfg.n_layers * sum(math.prod(shape) for shape in shapes.values())
 
 
 def block_working_set(cfg: ModelConfig, batch, seq, act_bytes):
