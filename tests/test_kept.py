@@ -15,7 +15,7 @@ from slowllama.errors import SlowLlamaError
 from slowllama.model.block import Block, document_mask, rope_table
 from slowllama.model.config import ModelConfig
 from slowllama.model.lora import LoraConfig, attach
-from slowllama.recipes.shapes import SHAPES
+from slowllama.recipes.shapes import SHAPES, shape_config
 from slowllama.weights.formats.model_config import config_from_hf
 from slowllama.weights.prepared import block_shapes
 
@@ -203,7 +203,6 @@ def test_the_planners_activation_bytes_are_what_torch_saves(case):
 # --- the plan's choices and refusals -----------------------------------------------------------
 
 def test_the_plan_keeps_the_last_blocks_that_fit():
-    from slowllama.recipes.shapes import shape_config
     cfg = shape_config('0.4b')
     one = kept_activation_bytes(cfg, 4, 128, 'fp32')
     inputs = 2 * 4 * 128 * cfg.dim * 4
@@ -245,3 +244,24 @@ def test_a_bad_keep_value_is_one_line():
     with pytest.raises(SlowLlamaError, match='^keep_activations: '):
         from slowllama.engine.options import parse_keep
         parse_keep('most')
+
+
+def test_the_page_cache_is_kept_only_where_the_block_files_fit_beside_the_step():
+    """On a cpu the blocks read from files stay in the page cache only when they fit beside what the
+    step needs; where they cannot (a model larger than memory), every step reads them from disk
+    anyway, and the memory a reserve would leave idle keeps activations instead (issue 39)."""
+    from slowllama.engine.plan import block_bytes, saved_input_bytes, step_working_bytes
+    cfg, n, k, seq = shape_config('0.4b'), shape_config('0.4b').n_layers, 2, 32
+    files = n * block_bytes(cfg, 'bf16')
+    working = step_working_bytes(cfg, 1, seq, 'bf16', k)
+    step_need = 2 * k * saved_input_bytes(cfg, 1, seq, 2) + working
+    per_block = k * int(kept_activation_bytes(cfg, 1, seq, 'bf16') * (1 + CPU_HEAP_SLACK))
+    assert n * per_block < files // 2  # the figures of this case: activations are cheap beside the blocks
+    roomy = files + step_need + per_block * (n // 2)  # the files fit, and half the blocks' activations
+    cached = plan_step(cfg, 1, seq, 'bf16', k, roomy, working=working, block_files=files, host_heap=True)
+    assert cached.kept_blocks == n // 2 and 'left to the page cache' in cached.note
+    tight = files // 2 + step_need + per_block * n  # the files cannot stay cached: keep every block
+    streamed = plan_step(cfg, 1, seq, 'bf16', k, tight, working=working, block_files=files, host_heap=True)
+    assert streamed.kept_blocks == n and 'read from disk each step' in streamed.describe()
+    before = plan_step(cfg, 1, seq, 'bf16', k, tight, working=working, host_heap=True)
+    assert before.kept_blocks == n  # as if nothing were read from files

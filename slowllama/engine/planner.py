@@ -52,7 +52,7 @@ class StepPlanner:
         working = step_working_bytes(self.cfg, batch, seq, dtype, micro_batches)
         plan = plan_step(
             self.cfg, batch, seq, dtype, micro_batches, budget, ram, disk_budget=spill_room(),
-            keep_reserve=page_cache, trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
+            block_files=page_cache, trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
             working=working, host_heap=self.device.type == 'cpu',
             targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
             device_type=self.device.type, packed=packed)
@@ -69,12 +69,12 @@ class StepPlanner:
         return dataclasses.replace(plan, stash_device_bytes=device_room, stash_ram_bytes=ram_room)
 
     def _budgets(self):
-        """-> (bytes the step may take on the device, host bytes for what spills there, the part of the
-        first that kept activations must leave alone). cuda: its free memory, and RAM beside it. A cpu
-        or a Mac: the one memory, less the blocks the store holds mapped at once; and where blocks
-        are read from files, the page cache would like to keep them, so kept activations leave it
-        their bytes (a model larger than memory is bound by its reads, not by the recompute). 90% of
-        what is free, within max_device_mem / max_ram."""
+        """-> (bytes the step may take on the device, host bytes for what spills there, the bytes of the
+        block files the page cache would keep). cuda: its free memory, and RAM beside it. A cpu or a
+        Mac: the one memory, less the blocks the store holds mapped at once; and where blocks are
+        read from files, the page cache would like to keep them: kept activations leave it their
+        bytes where they fit beside the step (plan.page_cache_reserve). 90% of what is free, within
+        max_device_mem / max_ram."""
         store, options = self.store, self.options
         if self.device.type == 'cpu' or unified_memory(self.device):
             free = free_host_memory() if self.device.type == 'cpu' else free_device_memory(self.device)
