@@ -195,7 +195,8 @@ def page_cache_reserve(block_files, budget, step_need):
     if not block_files or block_files + step_need <= budget:
         return block_files, ''
     return 0, (f'the block files ({block_files / GIB:.2f} GiB) cannot stay in the page cache beside the step '
-               f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): read from disk each step, nothing reserved for them')
+               f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): read from disk each step, nothing reserved '
+               'for them')
 
 
 def _kept_blocks(keep, n, budget, need):

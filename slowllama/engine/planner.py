@@ -32,7 +32,8 @@ class StepPlanner:
     def for_step(self, micro_batches, batch, seq, packed=False):
         """The StepPlan a step of `micro_batches` of batch x seq runs on."""
         _, rows, positions, declared_packed = self.options.step_shape
-        if (batch, seq, packed) == (rows, positions, declared_packed) and micro_batches <= self._declared[0].micro_batches:
+        declared = (batch, seq, packed) == (rows, positions, declared_packed)
+        if declared and micro_batches <= self._declared[0].micro_batches:
             plan, slack = self._declared
         else:
             shape = (micro_batches, batch, seq, packed)
