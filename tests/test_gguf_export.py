@@ -244,13 +244,13 @@ def test_bad_requests_are_refused_and_leave_the_output_alone(with_adapter, tmp_p
     out = tmp_path / 'model.gguf'
     export(model_dir, out, 'gguf', dtype='f32')
     before = out.read_bytes()
-    with pytest.raises(slowllama.SlowLlamaError, match='--dtype') as refused:
+    with pytest.raises(slowllama.SlowLlamaError, match='^dtype: ') as refused:
         export(model_dir, out, 'gguf', dtype='q2_k')  # a llama.cpp type we do not write
     for name in ('q8_0', 'q4_k_m', 'q5_k_m', 'q6_k', 'q4_k_s', 'q5_k_s', 'q3_k_m', 'q4_0', 'q5_0'):
         assert name in str(refused.value)
-    with pytest.raises(slowllama.SlowLlamaError, match='--lora'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^lora: '):
         export(model_dir, out, 'gguf-lora')
-    with pytest.raises(slowllama.SlowLlamaError, match='--dtype q4_k_m'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^dtype q4_k_m'):
         export(model_dir, tmp_path / 'lora.gguf', 'gguf-lora', adapter=adapter, dtype='q4_k_m')
     with pytest.raises(slowllama.SlowLlamaError, match='is a folder'):
         export(model_dir, tmp_path, 'gguf')

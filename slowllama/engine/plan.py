@@ -141,13 +141,14 @@ class StepPlan:
 
 
 def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_budget=0, disk_budget=None, trip=None,
-              keep='auto', working=0, keep_reserve=0, host_heap=False, **activation):
+              keep='auto', working=0, block_files=0, host_heap=False, **activation):
     """The StepPlan for `micro_batches` of batch x seq within `budget` bytes on the device (on a cpu:
     the host) for what the step holds beyond the weights (`working` of it taken by the working set of
     one block's backward and the head), with saved inputs spilling to `ram_budget` bytes of host RAM,
-    then to `disk_budget` bytes of disk (None: unlimited). Kept activations leave `keep_reserve` of
-    the budget alone (on a cpu: the page cache's room for the blocks read from files); host_heap:
-    the step runs on a cpu's heap (CPU_HEAP_SLACK more for each kept block).
+    then to `disk_budget` bytes of disk (None: unlimited). block_files: on a cpu, the bytes of the
+    block files read at each use, which kept activations leave to the page cache only where they fit
+    beside the step (page_cache_reserve); host_heap: the step runs on a cpu's heap (CPU_HEAP_SLACK
+    more for each kept block).
 
     trip: micro-batches per trip; None: all of them as long as their hidden states and gradients fit
     on the device (saved inputs spill: a few percent of a block's bytes a micro-batch, far less than
@@ -168,16 +169,31 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     trip = max(1, min(trip, micro_batches))
     stash = trip * n * one_input
     if disk_budget is not None and stash > budget - device_need(trip, 0) + ram_budget + disk_budget:
-        raise SlowLlamaError(f'--grad-accum {micro_batches}: the saved inputs of {trip} micro-batch(es) of {batch} x '
+        raise SlowLlamaError(f'grad_accum {micro_batches}: the saved inputs of {trip} micro-batch(es) of {batch} x '
                              f'{seq} need {stash / GIB:.2f} GiB; the device has {budget / GIB:.2f} GiB for the step, '
                              f'RAM {ram_budget / GIB:.2f} GiB and the spill folder\'s disk {disk_budget / GIB:.2f} GiB '
-                             '(lower --batch-size or --seq-len, or free memory or disk)')
-    kept, note = _kept_blocks(keep, n, budget - keep_reserve, lambda blocks: device_need(trip, blocks))
-    if note and keep_reserve:
-        note += f' (after {keep_reserve / GIB:.2f} GiB left to the page cache for the blocks read from files)'
+                             '(lower `batch_size` or `seq_len`, or free memory or disk)')
+    reserve, cache_note = page_cache_reserve(block_files, budget, device_need(trip, 0))
+    kept, note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
+    if note and reserve:
+        note += f' (after {reserve / GIB:.2f} GiB left to the page cache for the blocks read from files)'
+    note = '; '.join(part for part in (note, cache_note) if part)
     room = max(0, budget - device_need(trip, kept))
     return StepPlan(micro_batches, trip, kept, n, trip * kept * per_block, trip * (n - kept) * one_input, budget,
                     stash_device_bytes=room, stash_ram_bytes=ram_budget, note=note)
+
+
+def page_cache_reserve(block_files, budget, step_need):
+    """-> (what kept activations leave to the page cache of `block_files` bytes of blocks read from
+    their files, a note when none). All of it where the files fit in `budget` beside what the step
+    needs without keeping (`step_need`): the next step then reads them from memory. None where they
+    do not: every step reads every block from disk whatever is reserved (the two blocks in flight
+    are counted apart), so that memory serves kept activations and saved inputs instead."""
+    if not block_files or block_files + step_need <= budget:
+        return block_files, ''
+    return 0, (f'the block files ({block_files / GIB:.2f} GiB) cannot stay in the page cache beside the step '
+               f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): read from disk each step, nothing reserved '
+               'for them')
 
 
 def _kept_blocks(keep, n, budget, need):
@@ -187,9 +203,9 @@ def _kept_blocks(keep, n, budget, need):
     if keep == 'all' or isinstance(keep, int):
         blocks = n if keep == 'all' else max(0, min(int(keep), n))
         if need(blocks) > budget:
-            raise SlowLlamaError(f'--keep-activations {keep}: the activations of {blocks} blocks need '
+            raise SlowLlamaError(f'keep_activations {keep}: the activations of {blocks} blocks need '
                                  f'{need(blocks) / GIB:.2f} GiB, the step has {budget / GIB:.2f} GiB '
-                                 '(use auto, a smaller number, a smaller batch, or --micro-batches-per-trip 1)')
+                                 '(use auto, a smaller number, a smaller batch, or `micro_batches_per_trip` 1)')
         return blocks, ''
     blocks = n
     while blocks > 0 and need(blocks) > budget:

@@ -51,7 +51,7 @@ def gguf_dtype(name, default):
     name = (name or default).lower()
     name = DTYPE_ALIASES.get(name, name)
     if name not in GGUF_DTYPES:
-        raise SlowLlamaError(f'--dtype: {name!r} is not a GGUF type (use {", ".join(GGUF_DTYPES)})')
+        raise SlowLlamaError(f'dtype: {name!r} is not a GGUF type (use {", ".join(GGUF_DTYPES)})')
     return name
 
 
@@ -74,7 +74,7 @@ def write_gguf_adapter(lora, state, cfg, out, dtype=DEFAULT_ADAPTER_DTYPE):
     """The LoRA adapter alone as a llama.cpp LoRA GGUF (load it with `llama-cli --lora`)."""
     _check_supported(cfg)
     if dtype in SCHEMES:
-        raise SlowLlamaError(f'--dtype {dtype}: a quantization scheme is for the merged model; a gguf-lora '
+        raise SlowLlamaError(f'dtype {dtype}: a quantization scheme is for the merged model; a gguf-lora '
                              'adapter is written as f32, f16, bf16 or q8_0')
     layout = {name: (tuple(t.shape), _matrix_type(t.shape, dtype)) for name, t in _adapter_tensors(lora, state, cfg)}
     metadata = {'general.type': 'adapter', 'adapter.type': 'lora', 'adapter.lora.alpha': float(lora.alpha)}
@@ -230,7 +230,7 @@ def _write(out, metadata, layout, tensors, desc):
     """Header, metadata and tensor table from `layout`, then each tensor as `tensors` yields it."""
     gguf, out = _gguf(), str(out)
     if os.path.isdir(out):
-        raise SlowLlamaError(f'--out {out}: is a folder; the GGUF formats write one file (FILE.gguf)')
+        raise SlowLlamaError(f'out {out}: is a folder; the GGUF formats write one file (FILE.gguf)')
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     check_free_space(folder, sum(_nbytes(shape, kind) for shape, kind in layout.values()), out)

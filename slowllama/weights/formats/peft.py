@@ -15,6 +15,7 @@ LoRA per part, exactly: the parts share its A and take their rows of B. One we s
 parts * r, B block diagonal) is cut back into the parts' own A and B.
 """
 import os
+import shutil
 
 import torch
 
@@ -23,7 +24,7 @@ from ...model.block import block_shapes
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
 from ...model.names import TARGET_MODULES
-from ..files import SafetensorsFile, clean_leftovers, read_json, write_json, write_safetensors
+from ..files import SafetensorsFile, atomic_folder, read_json, write_json, write_safetensors
 from ..prepared import read_manifest
 from .names import FUSED_TARGETS
 
@@ -38,6 +39,15 @@ def save_adapter_folder(folder, cfg: LoraConfig, state, base_model=''):
     write_json(os.path.join(folder, ADAPTER_CONFIG), cfg.to_peft(base_model))
 
 
+def write_adapter(folder, cfg: LoraConfig, state, base_model='', attached=()):
+    """Write the adapter folder whole (and each attached module's files: module.save(folder)): beside
+    it first, then swapped in, never half old, half new."""
+    with atomic_folder(folder) as staging:
+        save_adapter_folder(staging, cfg, state, base_model)
+        for module in attached:
+            module.save(staging)
+
+
 def adapter_folder(path):
     """--lora accepts an adapter folder or a finetune run folder (its adapter/); None stays None."""
     if path is None:
@@ -46,7 +56,7 @@ def adapter_folder(path):
     if not os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
         if os.path.exists(os.path.join(path, 'adapter', ADAPTER_CONFIG)):
             return os.path.join(path, 'adapter')
-        raise SlowLlamaError(f'{path}: --lora is neither an adapter folder (adapter_config.json) '
+        raise SlowLlamaError(f'{path}: `lora` is neither an adapter folder (adapter_config.json) '
                              'nor a run folder with adapter/')
     return path
 
