@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from ..errors import SlowLlamaError
 from ..generation.decode import GenerationCache, is_eos, sample
-from ..model.block import Block, document_mask, rope_changes_past, rope_table
+from ..model.block import Block, document_mask, rope_changes_past, rope_table, scale_embeddings
 from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
 from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
 from ..weights.formats.peft import save_adapter_folder
@@ -66,7 +66,7 @@ class StreamedModel:
         self.store, self.cfg, self.lora = store, store.cfg, lora
         self.device, self.dtype = store.device, store.dtype
         with torch.device('meta'):  # module skeletons only: the frozen weights come from the store per call
-            self.blocks = [Block(self.cfg, dropout) for _ in range(self.cfg.n_layers)]
+            self.blocks = [Block(self.cfg, dropout, i) for i in range(self.cfg.n_layers)]
         self.head = StreamedHead(store)
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
         self._block_params = [[p for adapter in layer.values() for p in (adapter.lora_A.weight, adapter.lora_B.weight)]
@@ -95,8 +95,9 @@ class StreamedModel:
 
     @torch.no_grad()
     def embed(self, tokens):
-        """[batch, seq] tokens -> their embeddings [batch, seq, dim] on the device, in the compute dtype."""
-        return self.store.embed(tokens.to(self.device))
+        """[batch, seq] tokens -> their embeddings [batch, seq, dim] on the device, in the compute dtype,
+        scaled as the family's first block takes them (granite, gemma)."""
+        return scale_embeddings(self.cfg, self.store.embed(tokens.to(self.device)))
 
     @torch.no_grad()
     @streamed_pass(training=False)
@@ -221,7 +222,7 @@ class StreamedModel:
                 on_token(int(next_token))
             if is_eos(self.cfg, int(next_token)):
                 break
-            x, fed = self.store.embed(next_token), [int(next_token)]
+            x, fed = self.embed(next_token), [int(next_token)]
         return out
 
     def new_cache(self):
@@ -262,7 +263,7 @@ class StreamedModel:
 
     def _embed(self, tokens, prefix, positions=None):
         """-> embeddings [batch, seq, dim] (after the prefix, if any) and the rows' Layout."""
-        x = self.store.embed(tokens)  # [batch, seq, dim]
+        x = self.embed(tokens)  # [batch, seq, dim]
         if prefix is not None:
             if positions is not None:
                 raise ValueError('packed positions and a prefix cannot be combined')

@@ -167,7 +167,9 @@ def block_shapes(cfg: ModelConfig):
         'mlp.down_proj.weight': (cfg.dim, cfg.hidden_dim),
         'input_layernorm.weight': (cfg.dim,), 'post_attention_layernorm.weight': (cfg.dim,),
         'self_attn.q_proj.bias': (q,), 'self_attn.k_proj.bias': (kv,), 'self_attn.v_proj.bias': (kv,),
-        'self_attn.q_norm.weight': (cfg.head_dim,), 'self_attn.k_norm.weight': (cfg.head_dim,),
+        'self_attn.q_norm.weight': (q if cfg.qk_norm_whole else cfg.head_dim,),  # olmo2: the whole projection
+        'self_attn.k_norm.weight': (kv if cfg.qk_norm_whole else cfg.head_dim,),
+        'post_feedforward_layernorm.weight': (cfg.dim,), 'pre_feedforward_layernorm.weight': (cfg.dim,),
     }
     return {name: shapes[name] for name in block_tensor_names(cfg)}
 
