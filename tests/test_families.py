@@ -353,6 +353,65 @@ def test_gguf_export_of_issue_35_families_reads_back_to_the_same_logits(name, tm
     assert {n.removesuffix('.lora_a').removesuffix('.lora_b') for n in lora_names} <= names
 
 
+@pytest.mark.parametrize('name', NEW_FAMILIES)
+def test_peft_adapters_of_issue_35_families_load_in_ours(name, tmp_path):
+    """An adapter peft made on the family's transformers class (all seven projections, random
+    non-zero B) loads as ours with peft's logits."""
+    hf_model = make_hf_model(tmp_path / 'hf', seed=12, **FAMILIES[name])
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    reference = peft_model(hf_model, targets=HF_TARGETS)
+    reference.save_pretrained(tmp_path / 'from_peft')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'from_peft')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    with torch.no_grad():
+        want = reference(input_ids=tokens).logits
+        assert (want - hf_model(tokens).logits).abs().max() > 1e-3  # the adapter matters
+        assert (ours.logits(tokens) - want).abs().max() < 1e-5
+
+
+def make_gemma3_multimodal(folder, seed):
+    """A tiny Gemma3ForConditionalGeneration (a SigLIP tower of one layer) saved by transformers, its
+    weights perturbed as make_hf_model's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    text = {k: v for k, v in FAMILIES['gemma3_text'].items() if k != 'model_type'}
+    text.update(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-5)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                          boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in param_name else 0.15 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_gemma3_multimodal_folder_prepares_its_language_model(tmp_path, capfd):
+    """A gemma3 (multimodal) folder: its language model is read and the vision tower skipped, with one
+    line saying so; text logits equal the multimodal model's on text alone; an adapter peft trained
+    on the multimodal model (its q/v LoRAs on the vision tower too) loads in ours with peft's text logits."""
+    model = make_gemma3_multimodal(tmp_path / 'hf', seed=2)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    said = capfd.readouterr().err
+    assert said.count('vision tower is skipped') == 1
+    ours = slowllama.load(tmp_path / 'prepared')
+    assert ours.cfg.model_type == 'gemma3_text' and ours.cfg.layer_types == FAMILIES['gemma3_text']['layer_types']
+    tokens, _ = random_batch(296, seq=12)
+    with torch.no_grad():
+        assert (ours.logits(tokens) - model(input_ids=tokens).logits).abs().max() < 1e-5
+    reference = peft_model(model, targets=('q_proj', 'v_proj', 'down_proj'))
+    reference.save_pretrained(tmp_path / 'from_peft')
+    assert any('vision_tower' in k for k in reference.state_dict() if 'lora_A' in k)
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'from_peft')
+    assert ours.lora.targets == ('q', 'v', 'down')
+    assert 'LoRAs on the vision tower are skipped' in capfd.readouterr().err
+    with torch.no_grad():
+        assert (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max() < 1e-5
+
+
 def test_phi3_adapters_of_peft_read_back_into_our_projections(tmp_path):
     """A peft adapter trained on Phi-3's fused modules (one rank-r LoRA on qkv_proj, gate_up_proj)
     loads as our per-projection LoRAs with peft's logits; one of ours with q, v and up only,

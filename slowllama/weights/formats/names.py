@@ -53,6 +53,8 @@ HF_ARCHITECTURES = {
 assert tuple(HF_ARCHITECTURES) == FAMILIES
 # Multimodal model_types whose language model we build: model_type -> the text model's
 TEXT_MODELS = {'gemma3': 'gemma3_text'}
+# Where peft keys the LoRAs of a multimodal model's language model (model/names.PEFT_PREFIX for ours)
+PEFT_LANGUAGE_MODEL_PREFIX = 'base_model.model.model.language_model.layers.'
 
 # What a family's blocks carry beyond Llama's: model_type -> ModelConfig fields (flags of OPTIONAL_BLOCK_TENSORS)
 _GEMMA = {'post_norms': True, 'norm_kind': 'plus_one', 'mlp_activation': 'gelu_tanh'}
