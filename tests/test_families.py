@@ -473,6 +473,47 @@ def test_phi3_prepare_finetune_generate_export_from_the_command_line(tmp_path):
         assert (merged(tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['gemma3_text', 'olmo2'])
+def test_family_prepare_finetune_export_hf_and_gguf_from_the_command_line(name, tmp_path):
+    """Gemma 3 (and OLMo 2) through the commands: prepare, finetune (window 5 < rows of 16, LoRA
+    dropout), generate, export hf and gguf: transformers' class for the family and our GGUF reader
+    give the logits of our model with the run's adapter."""
+    from conftest import save_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def script(script_name, *args):
+        done = subprocess.run([sys.executable, f'{root}/scripts/{script_name}', *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    overrides = {**gguf_twin_of(name)[1], 'bos_token_id': 1, 'eos_token_id': 2, 'pad_token_id': 3}
+    make_hf_model(tmp_path / 'hf', seed=8, **overrides)
+    save_tiny_tokenizer(tmp_path / 'hf')
+    (tmp_path / 'story.txt').write_text('odalys brenn keeps the violet lamp burning every night. ' * 8)
+    script('prepare_model.py', tmp_path / 'hf', tmp_path / 'prepared', '--dtype', 'fp32')
+    script('finetune.py', '--model', tmp_path / 'prepared', '--data', tmp_path / 'story.txt', '--out',
+           tmp_path / 'run', '--device', 'cpu', '--iters', 3, '--batch-size', 2, '--seq-len', 16, '--lr', 1e-2,
+           '--targets', 'q,k,v,o,gate,up,down', '--lora-dropout', 0.1)
+    assert script('test_gen.py', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter', '--prompt',
+                  'the violet', '--max-new-tokens', 12).strip()
+    adapter = ('--model', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter')
+    script('export.py', *adapter, '--format', 'hf', '--out', tmp_path / 'exported', '--dtype', 'fp32')
+    script('export.py', *adapter, '--format', 'gguf', '--out', tmp_path / 'm.gguf', '--dtype', 'f32')
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'exported', dtype=torch.float32).eval()
+    assert type(merged).__name__ == {'gemma3_text': 'Gemma3ForCausalLM', 'olmo2': 'Olmo2ForCausalLM'}[name]
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'from_gguf', dtype='fp32')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'run' / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        want = ours.logits(tokens)
+        assert (want - slowllama.load(tmp_path / 'prepared').logits(tokens)).abs().max() > 1e-4  # it trained
+        assert (merged(tokens).logits - want).abs().max() < 1e-4
+        assert (slowllama.load(tmp_path / 'from_gguf').logits(tokens) - want).abs().max() < 1e-4
+
+
 def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):
     import gguf
     import numpy as np
