@@ -11,6 +11,9 @@ from typing import NamedTuple
 
 import torch
 
+from . import forward
+from .gradients import push_gradient
+
 
 class _WeightView(NamedTuple):
     """A saved tensor that is a view of the block's weight `name`."""
@@ -50,3 +53,22 @@ class KeptBlock(NamedTuple):
     input: torch.Tensor   # the block's input, a leaf that requires grad
     output: torch.Tensor  # its output, the graph's end
     names: WeightNames
+
+
+def run_block_keeping(block, weights, names, x, layout):
+    """A block under autograd, its graph kept for the backward (its weights by name: WeightNames)
+    -> (output, detached, KeptBlock)."""
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad(), names.hooks():
+        output = forward.run_block(block, weights, leaf, layout)
+    return output.detach(), KeptBlock(leaf, output, names)
+
+
+def kept_backward(params, weights, kept, grad_output, share=1.0):
+    """Push grad_output through a block's kept graph, its weights resolved to this fetch: adds
+    share * the gradients of its LoRA `params` to their .grad and returns d loss / d input."""
+    kept.names.fetched = weights
+    try:
+        return push_gradient(params, kept.input, kept.output, grad_output, share)
+    finally:
+        kept.names.fetched = None

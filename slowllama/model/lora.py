@@ -25,15 +25,15 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank <= 0:
-            raise SlowLlamaError(f'--lora-rank must be positive, got {self.rank}')
+            raise SlowLlamaError(f'LoraConfig.rank must be positive, got {self.rank}')
         if not 0.0 <= self.dropout < 1.0:
-            raise SlowLlamaError(f'--lora-dropout must be in [0, 1), got {self.dropout}')
+            raise SlowLlamaError(f'LoraConfig.dropout must be in [0, 1), got {self.dropout}')
         targets = self.targets.split(',') if isinstance(self.targets, str) else self.targets
         canonical = []
         for name in targets:
             target = canonical_target(name)
             if target is None:
-                raise SlowLlamaError(f'--targets: unknown module {name!r} (use q,k,v,o,gate,up,down)')
+                raise SlowLlamaError(f'LoraConfig.targets: unknown module {name!r} (use q,k,v,o,gate,up,down)')
             if target not in canonical:
                 canonical.append(target)
         order = list(TARGET_MODULES)  # one canonical order, whatever order the user or PEFT gave
