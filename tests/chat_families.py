@@ -35,6 +35,26 @@ MISTRAL_V02 = (
     "exception of an initial optional system message!') }}\n    {%- endif %}\n{%- endfor %}\n")
 
 
+# Templates of issue 35's families not shipped by trl, in their families' turn markers: OLMo 2 Instruct's
+# (tokenizer_config.json), and Granite 3's and SmolLM3's without the default system turn their own
+# templates add (Granite's date and tool blocks, SmolLM3's metadata block): the chat machinery is the same
+OLMO2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+         "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
+         "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
+         "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+         "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+         "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
+GRANITE3 = ("{%- for message in messages %}{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + "
+            "message['content'] + '<|end_of_text|>\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+            "{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}")
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+GEMMA = ['<pad>', '<eos>', '<bos>', '<start_of_turn>', '<end_of_turn>']
+GEMMA_TOKENS = {'bos_token': '<bos>', 'eos_token': '<end_of_turn>', 'pad_token': '<pad>'}
+GEMMA3_MODEL = {'head_dim': 16, 'query_pre_attn_scalar': 20, 'sliding_window': 5,
+                'layer_types': ['sliding_attention', 'full_attention', 'sliding_attention']}
+
+
 @dataclass
 class Family:
     model_type: str
@@ -42,6 +62,7 @@ class Family:
     specials: list = field(default_factory=list)
     tokens: dict = field(default_factory=dict)  # bos_token, eos_token, ... for tokenizer_config.json
     model: dict = field(default_factory=dict)   # make_hf_model overrides
+    system: bool = True                         # False: the template refuses a system turn (Gemma 2)
 
 
 LLAMA3 = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>']
@@ -72,7 +93,25 @@ FAMILIES = {
                      {'bos_token': '<|startoftext|>', 'eos_token': '<|return|>', 'pad_token': '<|endoftext|>'},
                      {'max_position_embeddings': 1024}),  # its system message is long
     'smollm2': Family('llama', None, model={'tie_word_embeddings': True}),  # its real tokenizer and template
+    # Gemma 3 folds a system message into the first user turn; Gemma 2's template refuses one
+    'gemma3': Family('gemma3_text', 'gemma3', GEMMA, GEMMA_TOKENS, GEMMA3_MODEL),
+    'gemma2': Family('gemma2', 'gemma', GEMMA, GEMMA_TOKENS, {'head_dim': 16, 'sliding_window': 5,
+                                                             'attn_logit_softcapping': 3.0,
+                                                             'final_logit_softcapping': 2.0}, system=False),
+    'olmo2': Family('olmo2', OLMO2, ['<|endoftext|>', '<|pad|>', '<|system|>', '<|user|>', '<|assistant|>'],
+                    {'bos_token': '<|endoftext|>', 'eos_token': '<|endoftext|>', 'pad_token': '<|pad|>'}),
+    'granite3': Family('granite', GRANITE3, ['<|end_of_text|>', '<|start_of_role|>', '<|end_of_role|>'],
+                       {'bos_token': '<|end_of_text|>', 'eos_token': '<|end_of_text|>'},
+                       {'embedding_multiplier': 3.0, 'residual_multiplier': 0.4, 'attention_multiplier': 0.05,
+                        'logits_scaling': 2.5, 'pad_token_id': None}),
+    'smollm3': Family('smollm3', CHATML, QWEN, {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'},
+                      {'no_rope_layer_interval': 2, 'bos_token_id': None}),
 }
+
+
+def conversations(name):
+    """CONVERSATIONS the family's template renders (without a system turn where it refuses one)."""
+    return [m for m in CONVERSATIONS if FAMILIES[name].system or m[0]['role'] != 'system']
 
 CONVERSATIONS = [
     [{'role': 'system', 'content': 'you keep the lighthouse'}, {'role': 'user', 'content': 'who keeps the lamp?'},

@@ -24,7 +24,14 @@ GGUF_EXTRA = {
     'self_attn.v_proj.bias': 'attn_v.bias', 'self_attn.q_norm.weight': 'attn_q_norm.weight',
     'self_attn.k_norm.weight': 'attn_k_norm.weight',
     'self_attn.qkv_proj.weight': 'attn_qkv.weight', 'mlp.gate_up_proj.weight': 'ffn_up.weight',  # phi3, fused
+    'post_feedforward_layernorm.weight': 'post_ffw_norm.weight',  # olmo2, gemma2, gemma3
 }
+# olmo2 and the gemmas: the norm on the attention's output, and gemma's norm before the MLP
+POST_NORM_ARCHS = ('olmo2', 'gemma2', 'gemma3')
+POST_NORMS = {'post_attention_layernorm.weight': 'post_attention_norm.weight',
+              'pre_feedforward_layernorm.weight': 'ffn_norm.weight'}
+PERMUTED_ARCHS = ('llama', 'granite', 'smollm3')  # converted by llama.cpp's LlamaModel: q/k interleaved
+PLUS_ONE_ARCHS = ('gemma2', 'gemma3')  # llama.cpp stores every norm weight + 1
 OUTER = {
     'model.embed_tokens.weight': ('tok_embeddings.weight', 'token_embd.weight', 1),
     'model.norm.weight': ('norm.weight', 'output_norm.weight', None),
@@ -107,7 +114,7 @@ def random_k_quant(rows, cols, qtype, seed):
     return data.reshape(rows, cols // block * size)
 
 
-def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensors=None):
+def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensors=None, extra_metadata=None):
     """A llama GGUF of hf_model; types: GGUF tensor suffix -> GGMLQuantizationType ('*' default).
     Q4_K / Q6_K tensors are random valid blocks (gguf cannot quantize to them): the returned dict
     holds, per GGUF name, the fp32 values gguf's own dequantize gives, in HF layout."""
@@ -122,7 +129,8 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters['rope_theta'])
+    rope = cfg.rope_parameters
+    writer.add_rope_freq_base(rope.get('full_attention', rope)['rope_theta'])  # gemma3: the full layers'
     head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
     if head_dim != cfg.hidden_size // cfg.num_attention_heads:
@@ -130,12 +138,12 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
         writer.add_value_length(head_dim)
     if getattr(cfg, 'sliding_window', None):
         writer.add_sliding_window(cfg.sliding_window)
-    for key, value in (tokenizer or {}).items():
+    for key, value in {**(tokenizer or {}), **(extra_metadata or {})}.items():
         getattr(writer, key)(value)
-    # llama.cpp interleaves q/k rows for its llama architecture only (qwen2/qwen3 use NEOX rope)
+    # llama.cpp interleaves q/k rows for the architectures it converts as Llama (qwen2/qwen3 use NEOX rope)
     heads = {'attn_q.weight': cfg.num_attention_heads, 'attn_k.weight': cfg.num_key_value_heads}
-    heads = heads if arch == 'llama' else {}
-    names = _gguf_names(hf_model)
+    heads = heads if arch in PERMUTED_ARCHS else {}
+    names = _gguf_names(hf_model, arch)
     names = {g: hf for g, hf in names.items() if not (hf == 'lm_head.weight' and cfg.tie_word_embeddings)}
     expected = {}
     for seed, (gname, hfname) in enumerate(names.items()):
@@ -144,6 +152,9 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
         qtype = types.get(suffix, types.get('*', T.F32)) if w.ndim == 2 else T.F32
         if suffix in heads:
             w = to_interleaved(w, heads[suffix])
+        plus_one = arch in PLUS_ONE_ARCHS and gname.endswith('norm.weight')
+        if plus_one:
+            w = w + 1.0
         if qtype in (T.Q4_K, T.Q6_K):
             data = random_k_quant(*w.shape, qtype, seed)
         elif qtype == T.F32:
@@ -151,7 +162,7 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
         else:
             data = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
         writer.add_tensor(gname, data, raw_dtype=qtype)
-        values = gguf.quants.dequantize(data, qtype).reshape(w.shape)
+        values = gguf.quants.dequantize(data, qtype).reshape(w.shape) - (1.0 if plus_one else 0.0)
         expected[gname] = from_interleaved(values, heads[suffix]) if suffix in heads else values
     for gname, values in (extra_tensors or {}).items():
         writer.add_tensor(gname, np.ascontiguousarray(values, dtype=np.float32))
@@ -162,21 +173,23 @@ def write_gguf(path, hf_model, types, tokenizer=None, arch='llama', extra_tensor
     return expected
 
 
-def twin_from_gguf(hf_model, expected):
+def twin_from_gguf(hf_model, expected, arch='llama'):
     """A copy of hf_model carrying exactly the dequantized GGUF weights (the 'same weights')."""
     import copy
     twin = copy.deepcopy(hf_model)
-    names = _gguf_names(hf_model)
+    names = _gguf_names(hf_model, arch)
     state = {names[g]: torch.from_numpy(np.array(v, dtype=np.float32)) for g, v in expected.items()}
     twin.load_state_dict(state, strict=False)
     return twin
 
 
-def _gguf_names(hf_model):
+def _gguf_names(hf_model, arch='llama'):
     """{GGUF name: HF name} of every tensor of hf_model llama.cpp would write."""
     cfg, sd = hf_model.config, hf_model.state_dict()
     names = {OUTER[k][1]: k for k in OUTER}
     block = {**{hf: g for hf, (_, g, _) in BLOCK.items()}, **GGUF_EXTRA}
+    if arch in POST_NORM_ARCHS:
+        block.update(POST_NORMS)
     names.update({f'blk.{i}.{g}': f'model.layers.{i}.{hf}' for i in range(cfg.num_hidden_layers)
                   for hf, g in block.items() if f'model.layers.{i}.{hf}' in sd})
     return names

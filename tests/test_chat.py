@@ -137,9 +137,11 @@ def test_each_family_chats_two_turns_and_test_gen_chats_as_transformers(chat_fam
     hf_folder, prepared, hf_model = chat_family(name)
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_folder)
     turns = ['who keeps the lamp?', 'and the ships?']
-    code, out, err = chat(monkeypatch, capsys, turns, str(prepared), '--system', 'you keep the lighthouse')
+    system = ['--system', 'you keep the lighthouse'] if FAMILIES[name].system else []
+    code, out, err = chat(monkeypatch, capsys, turns, str(prepared), *system)
     assert code == 0 and 'error' not in err, err
-    messages = [{'role': 'system', 'content': 'you keep the lighthouse'}, {'role': 'user', 'content': turns[0]}]
+    messages = [{'role': 'system', 'content': 'you keep the lighthouse'}] if system else []
+    messages += [{'role': 'user', 'content': turns[0]}]
     first = hf_reply(hf_model, hf_tokenizer, messages, hf_tokenizer.pad_token_id)
     messages += [{'role': 'assistant', 'content': first}, {'role': 'user', 'content': turns[1]}]
     second = hf_reply(hf_model, hf_tokenizer, messages, hf_tokenizer.pad_token_id)
@@ -164,3 +166,17 @@ def test_a_model_without_a_template_chats_with_one_given(tmp_path, monkeypatch, 
     code, out, err = chat(monkeypatch, capsys, ['ships at sea', 'one two'], str(tmp_path / 'model'),
                           '--chat-template', str(template))
     assert code == 0 and out.count('\n') == 2, err
+
+
+def test_gemma2_refuses_a_system_message_in_one_line_and_gemma3_folds_it_in(chat_family, monkeypatch, capsys):
+    """Gemma has no system role: Gemma 2's template refuses one (the template's own words, one line),
+    Gemma 3's puts it before the first user turn's text, inside that turn."""
+    _, prepared, _ = chat_family('gemma2')
+    capsys.readouterr()  # prepare's own lines
+    _, _, err = chat(monkeypatch, capsys, ['who keeps the lamp?'], str(prepared), '--system', 'you keep it')
+    errors = [line for line in err.splitlines() if line.startswith('error')]
+    assert len(errors) == 1 and errors[0].endswith('fails: System role not supported'), err
+    tokenizer = load_tokenizer(chat_family('gemma3')[1])
+    rendered = tokenizer.decode(tokenizer.encode_chat([{'role': 'system', 'content': 'you keep it'},
+                                                       {'role': 'user', 'content': 'who?'}], True))
+    assert rendered == 'user\nyou keep it\n\nwho?\nmodel\n'  # the turn markers are special tokens

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from chat_families import CONVERSATIONS, FAMILIES, family_tokenizer, trl_template
+from chat_families import CONVERSATIONS, FAMILIES, conversations, family_tokenizer, trl_template
 from checkpoints import write_gguf
 from conftest import make_hf_model
 
@@ -111,11 +111,11 @@ def test_rendering_equals_transformers_apply_chat_template(chat_family, name):
     hf_folder, prepared, _ = chat_family(name)
     ours = load_tokenizer(prepared)
     references = [AutoTokenizer.from_pretrained(hf_folder), AutoTokenizer.from_pretrained(prepared)]
-    for messages in CONVERSATIONS:
+    for messages in conversations(name):
         for generation_prompt in (False, True):
             ids = ours.encode_chat(messages, generation_prompt)
             assert all(ids == hf_ids(reference, messages, generation_prompt) for reference in references), name
-    assert len({tuple(ours.encode_chat(m)) for m in CONVERSATIONS}) == len(CONVERSATIONS)
+    assert len({tuple(ours.encode_chat(m)) for m in conversations(name)}) == len(conversations(name))
 
 
 @pytest.mark.parametrize('name, kwargs', [

@@ -15,10 +15,12 @@ from reference import peft_grads, peft_model, randomize_adapters, step_beside_pe
 
 import slowllama
 from slowllama.weights.formats.export import export
+from slowllama.weights.formats.model_config import config_from_hf
 
 HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0, 'low_freq_factor': 1.0,
                'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
+NO_SPECIAL_IDS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)  # their defaults pass TINY's vocab
 # GQA with odd head counts; windows shorter than the test sequences so that they matter
 FAMILIES = {
     'qwen2': dict(model_type='qwen2', hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
@@ -35,7 +37,24 @@ FAMILIES = {
                                            'short_factor': [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
                                            'long_factor': [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}),
     'llama3.2': dict(model_type='llama', tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    # issue 35's families. SmolLM3: layer 1 without rope
+    'smollm3': dict(model_type='smollm3', no_rope_layer_interval=2, tie_word_embeddings=False, **NO_SPECIAL_IDS),
+    # OLMo 2: norms after attention and MLP only, q/k norms over the whole projection
+    'olmo2': dict(model_type='olmo2', num_attention_heads=4, num_key_value_heads=2, **NO_SPECIAL_IDS),
+    'granite': dict(model_type='granite', embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.05,
+                    logits_scaling=2.5, **NO_SPECIAL_IDS),
+    # Gemma 3: sliding (window 5) and full layers, two rope bases, linear scaling on the full ones,
+    # head_dim apart from hidden / heads, query_pre_attn_scalar apart from head_dim, tied
+    'gemma3_text': dict(model_type='gemma3_text', head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+                        layer_types=['sliding_attention', 'full_attention', 'sliding_attention'],
+                        rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 4.0, 'rope_theta': 1e5},
+                                         'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e3}},
+                        **NO_SPECIAL_IDS),
+    # Gemma 2: soft-caps small enough to bend the scores and logits; every other layer windowed
+    'gemma2': dict(model_type='gemma2', head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
+                   attn_logit_softcapping=3.0, final_logit_softcapping=2.0, **NO_SPECIAL_IDS),
 }
+NEW_FAMILIES = ('smollm3', 'olmo2', 'granite', 'gemma3_text', 'gemma2')
 
 
 @pytest.fixture(scope='module', params=list(FAMILIES))
@@ -51,11 +70,14 @@ def test_config_names_the_family(family):
     name, model_dir, hf_model = family
     cfg = slowllama.load(model_dir).cfg
     assert cfg.model_type == hf_model.config.model_type
-    assert cfg.qkv_bias == (name == 'qwen2') and cfg.qk_norm == (name == 'qwen3')
+    assert cfg.qkv_bias == (name == 'qwen2') and cfg.qk_norm == (name in ('qwen3', 'olmo2', 'gemma3_text'))
     rope_kind = cfg.rope_scaling and cfg.rope_scaling.get('rope_type', 'llama3')
-    assert rope_kind == {'phi3-longrope': 'longrope', 'llama3.2': 'llama3'}.get(name)
+    assert rope_kind == {'phi3-longrope': 'longrope', 'llama3.2': 'llama3', 'gemma3_text': 'linear'}.get(name)
     hf = hf_model.config
     assert cfg.sliding_window == getattr(hf, 'sliding_window', None)
+    if name in ('gemma2', 'gemma3_text'):
+        assert cfg.layer_types == hf.layer_types and len(set(cfg.layer_types)) == 2
+    assert cfg.no_rope_layers == ([1, 0, 1] if name == 'smollm3' else None)
     assert cfg.head_dim == (getattr(hf, 'head_dim', None) or hf.hidden_size // hf.num_attention_heads)
     assert cfg.tie_embeddings == hf.tie_word_embeddings
 
@@ -89,7 +111,7 @@ def test_logits_loss_and_grads_equal_transformers_peft_with_dropout(family, tmp_
     worst = max(((grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item() for k in grads)
     print(f'\n{name}: max logit diff {logit_diff:.2e}, loss diff {abs(loss - ref_loss.item()):.2e}, '
           f'max relative grad diff {worst:.2e}')
-    assert logit_diff < 1e-4 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-4
+    assert logit_diff < 1e-5 and abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-5
     if dropout:
         torch.manual_seed(6)
         assert ours.backward(tokens, targets) != loss  # the dropout is real
@@ -167,7 +189,7 @@ def test_export_meta_writes_llama_and_refuses_the_other_families(family, tmp_pat
         assert not (tmp_path / 'meta').exists()
 
 
-@pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'gemma2'])
+@pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'olmo'])
 def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     folder = tmp_path / 'hf'
     folder.mkdir()
@@ -176,6 +198,8 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     with pytest.raises(slowllama.SlowLlamaError, match=f"model_type '{model_type}' is not supported") as e:
         slowllama.prepare(folder, tmp_path / 'out')
     assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
+    assert 'supported: llama, mistral, qwen2, qwen3, phi3, smollm3, olmo2, granite, gemma3_text, gemma2, gemma3' \
+        in str(e.value)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -185,11 +209,35 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     ({'use_sliding_window': True, 'max_window_layers': 1, 'model_type': 'qwen2'}, 'use_sliding_window on some layers'),
 ])
 def test_what_we_do_not_build_is_refused_with_one_line(change, message):
-    from slowllama.weights.formats.model_config import config_from_hf
     hf = {'model_type': 'phi3', 'hidden_size': 72, 'num_attention_heads': 6, 'num_hidden_layers': 3,
           'intermediate_size': 96, 'vocab_size': 128, **change}
     with pytest.raises(slowllama.SlowLlamaError, match=message):
         config_from_hf(hf)
+
+
+@pytest.mark.parametrize('model_type, change, message', [
+    ('gemma3_text', {'layer_types': ['sliding_attention', 'full_attention']},
+     'layer_types lists 2 layers but num_hidden_layers is 3'),
+    ('gemma2', {'attn_logit_softcapping': 0}, 'attn_logit_softcapping must be a positive number or null, got 0'),
+    ('gemma2', {'final_logit_softcapping': -30.0}, 'final_logit_softcapping must be a positive number or null, got -30'),
+    ('gemma2', {'final_logit_softcapping': 'high'}, "final_logit_softcapping must be a positive number or null, got 'hi"),
+    ('gemma3_text', {'hidden_activation': 'gelu'}, "hidden_act 'gelu' is not supported"),
+    ('smollm3', {'no_rope_layers': [1, 0]}, r'no_rope_layers must list one entry per layer \(3\), got 2'),
+    ('granite', {'logits_scaling': 0.0}, 'logits_scaling must be a positive number, got 0.0'),
+])
+def test_bad_family_configs_are_refused_at_prepare_in_one_line(model_type, change, message, tmp_path):
+    """A config.json transformers would save for the family but with one bad value: prepare names
+    config.json and the value, in one line, and writes nothing."""
+    folder = tmp_path / 'hf'
+    folder.mkdir()
+    hf = {'model_type': model_type, 'hidden_size': 64, 'num_attention_heads': 4, 'num_hidden_layers': 3,
+          'intermediate_size': 96, 'vocab_size': 128, 'head_dim': 16, 'query_pre_attn_scalar': 16, **change}
+    (folder / 'config.json').write_text(json.dumps(hf))
+    (folder / 'model.safetensors').write_bytes(b'')
+    with pytest.raises(slowllama.SlowLlamaError, match=message) as e:
+        slowllama.prepare(folder, tmp_path / 'out')
+    assert str(e.value).startswith(str(folder / 'config.json')) and '\n' not in str(e.value)
+    assert not (tmp_path / 'out').exists()
 
 
 def test_windowed_cache_keeps_the_window_only():
@@ -228,6 +276,139 @@ def test_gguf_of_the_family_reads_to_its_hf_twins_logits(arch, shape, tmp_path):
     diff = (model.logits(tokens) - want).abs().max().item()
     print(f'\ngguf {arch}: max |logit diff| {diff:.2e}')
     assert diff < 1e-4
+
+
+def gguf_twin_of(name):
+    """(llama.cpp architecture, HF model overrides, GGUF metadata writer calls) of a FAMILIES entry as
+    llama.cpp keeps it: what it hardcodes (SmolLM3's rope-less fourth layers, Gemma's query scale of
+    head_dim ** -0.5) chosen in the model; what it has keys for written under them."""
+    import gguf
+    overrides, metadata = dict(FAMILIES[name]), {}
+    if name == 'smollm3':
+        overrides.update(no_rope_layer_interval=4, num_hidden_layers=4)
+    if name == 'granite':
+        metadata = {'add_attention_scale': 0.05, 'add_embedding_scale': 3.0, 'add_residual_scale': 0.4,
+                    'add_logit_scale': 2.5}
+    if name in ('gemma2', 'gemma3_text'):
+        overrides['query_pre_attn_scalar'] = overrides['head_dim']
+        metadata = {'add_final_logit_softcapping': overrides.get('final_logit_softcapping'),
+                    'add_attn_logit_softcapping': overrides.get('attn_logit_softcapping')}
+    if name == 'gemma3_text':  # the layer pattern written out, not llama.cpp's default of 6
+        metadata = {'add_sliding_window_pattern': [True, False, True], 'add_rope_freq_base_swa': 1e3,
+                    'add_rope_scaling_type': gguf.RopeScalingType.LINEAR, 'add_rope_scaling_factor': 4.0}
+    arch = {'gemma3_text': 'gemma3'}.get(name, name)
+    return arch, overrides, {k: v for k, v in metadata.items() if v is not None}
+
+
+@pytest.mark.parametrize('name', NEW_FAMILIES)
+def test_gguf_of_issue_35_families_reads_to_its_hf_twins_logits(name, tmp_path):
+    """A GGUF of each family under llama.cpp's names and keys (q/k interleaved for granite and smollm3,
+    Gemma's norms stored plus one, post norms, soft-caps, multipliers, the two rope bases) reads to
+    the logits of its transformers twin carrying the same dequantized weights."""
+    import gguf
+    from checkpoints import twin_from_gguf, write_gguf
+    arch, overrides, metadata = gguf_twin_of(name)
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, **overrides)
+    types = {'*': gguf.GGMLQuantizationType.F16, 'attn_q.weight': gguf.GGMLQuantizationType.Q8_0}
+    expected = write_gguf(tmp_path / 'm.gguf', hf_model, types, arch=arch, extra_metadata=metadata)
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    model = slowllama.load(tmp_path / 'out')
+    assert model.cfg.model_type == hf_model.config.model_type
+    tokens, _ = random_batch(model.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        want = twin_from_gguf(hf_model, expected, arch)(tokens).logits
+    diff = (model.logits(tokens) - want).abs().max().item()
+    print(f'\ngguf {arch}: max |logit diff| {diff:.2e}')
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize('name', NEW_FAMILIES)
+def test_gguf_export_of_issue_35_families_reads_back_to_the_same_logits(name, tmp_path):
+    """export --format gguf (f32) of a family's model with a trained-looking adapter merged: llama.cpp's
+    architecture name and tensor names (Gemma's norms plus one, q/k interleaved for granite and
+    smollm3), read back by our reader to the logits of our model with the adapter; the gguf-lora
+    adapter file names the same tensors."""
+    import gguf
+    arch, overrides, _ = gguf_twin_of(name)
+    make_hf_model(tmp_path / 'hf', seed=9, **overrides)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    ours = slowllama.load(tmp_path / 'prepared', lora=slowllama.LoraConfig(rank=2, alpha=4.0, targets=HF_TARGETS))
+    randomize_adapters(ours.adapters)
+    ours.save_adapter(tmp_path / 'adapter')
+    export(tmp_path / 'prepared', tmp_path / 'm.gguf', 'gguf', adapter=tmp_path / 'adapter', dtype='f32')
+    reader = gguf.GGUFReader(tmp_path / 'm.gguf')
+    assert bytes(reader.fields['general.architecture'].parts[-1]).decode() == arch
+    names = {t.name for t in reader.tensors}
+    assert ('blk.0.post_ffw_norm.weight' in names) == (name in ('olmo2', 'gemma2', 'gemma3_text'))
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'back', dtype='fp32')
+    back = slowllama.load(tmp_path / 'back')
+    assert back.cfg.model_type == ours.cfg.model_type
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
+    diff = (back.logits(tokens) - ours.logits(tokens)).abs().max().item()
+    print(f'\ngguf export {arch}: max |logit diff| {diff:.2e}')
+    assert diff < 1e-4
+    export(tmp_path / 'prepared', tmp_path / 'lora.gguf', 'gguf-lora', adapter=tmp_path / 'adapter')
+    lora_names = {t.name for t in gguf.GGUFReader(tmp_path / 'lora.gguf').tensors}
+    assert {n.removesuffix('.lora_a').removesuffix('.lora_b') for n in lora_names} <= names
+
+
+@pytest.mark.parametrize('name', NEW_FAMILIES)
+def test_peft_adapters_of_issue_35_families_load_in_ours(name, tmp_path):
+    """An adapter peft made on the family's transformers class (all seven projections, random
+    non-zero B) loads as ours with peft's logits."""
+    hf_model = make_hf_model(tmp_path / 'hf', seed=12, **FAMILIES[name])
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    reference = peft_model(hf_model, targets=HF_TARGETS)
+    reference.save_pretrained(tmp_path / 'from_peft')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'from_peft')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    with torch.no_grad():
+        want = reference(input_ids=tokens).logits
+        assert (want - hf_model(tokens).logits).abs().max() > 1e-3  # the adapter matters
+        assert (ours.logits(tokens) - want).abs().max() < 1e-5
+
+
+def make_gemma3_multimodal(folder, seed):
+    """A tiny Gemma3ForConditionalGeneration (a SigLIP tower of one layer) saved by transformers, its
+    weights perturbed as make_hf_model's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    text = {k: v for k, v in FAMILIES['gemma3_text'].items() if k != 'model_type'}
+    text.update(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-5)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                          boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in param_name else 0.15 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_gemma3_multimodal_folder_prepares_its_language_model(tmp_path, capfd):
+    """A gemma3 (multimodal) folder: its language model is read and the vision tower skipped, with one
+    line saying so; text logits equal the multimodal model's on text alone; an adapter peft trained
+    on the multimodal model (its q/v LoRAs on the vision tower too) loads in ours with peft's text logits."""
+    model = make_gemma3_multimodal(tmp_path / 'hf', seed=2)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'prepared', dtype='fp32')
+    said = capfd.readouterr().err
+    assert said.count('vision tower is skipped') == 1
+    ours = slowllama.load(tmp_path / 'prepared')
+    assert ours.cfg.model_type == 'gemma3_text' and ours.cfg.layer_types == FAMILIES['gemma3_text']['layer_types']
+    tokens, _ = random_batch(296, seq=12)
+    with torch.no_grad():
+        assert (ours.logits(tokens) - model(input_ids=tokens).logits).abs().max() < 1e-5
+    reference = peft_model(model, targets=('q_proj', 'v_proj', 'down_proj'))
+    reference.save_pretrained(tmp_path / 'from_peft')
+    assert any('vision_tower' in k for k in reference.state_dict() if 'lora_A' in k)
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'from_peft')
+    assert ours.lora.targets == ('q', 'v', 'down')
+    assert 'LoRAs on the vision tower are skipped' in capfd.readouterr().err
+    with torch.no_grad():
+        assert (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max() < 1e-5
 
 
 def test_phi3_adapters_of_peft_read_back_into_our_projections(tmp_path):
@@ -289,6 +470,47 @@ def test_phi3_prepare_finetune_generate_export_from_the_command_line(tmp_path):
     tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
     with torch.no_grad():
         assert (merged(tokens).logits - ours.logits(tokens)).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['gemma3_text', 'olmo2'])
+def test_family_prepare_finetune_export_hf_and_gguf_from_the_command_line(name, tmp_path):
+    """Gemma 3 (and OLMo 2) through the commands: prepare, finetune (window 5 < rows of 16, LoRA
+    dropout), generate, export hf and gguf: transformers' class for the family and our GGUF reader
+    give the logits of our model with the run's adapter."""
+    from conftest import save_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def script(script_name, *args):
+        done = subprocess.run([sys.executable, f'{root}/scripts/{script_name}', *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    overrides = {**gguf_twin_of(name)[1], 'bos_token_id': 1, 'eos_token_id': 2, 'pad_token_id': 3}
+    make_hf_model(tmp_path / 'hf', seed=8, **overrides)
+    save_tiny_tokenizer(tmp_path / 'hf')
+    (tmp_path / 'story.txt').write_text('odalys brenn keeps the violet lamp burning every night. ' * 8)
+    script('prepare_model.py', tmp_path / 'hf', tmp_path / 'prepared', '--dtype', 'fp32')
+    script('finetune.py', '--model', tmp_path / 'prepared', '--data', tmp_path / 'story.txt', '--out',
+           tmp_path / 'run', '--device', 'cpu', '--iters', 3, '--batch-size', 2, '--seq-len', 16, '--lr', 1e-2,
+           '--targets', 'q,k,v,o,gate,up,down', '--lora-dropout', 0.1)
+    assert script('test_gen.py', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter', '--prompt',
+                  'the violet', '--max-new-tokens', 12).strip()
+    adapter = ('--model', tmp_path / 'prepared', '--lora', tmp_path / 'run' / 'adapter')
+    script('export.py', *adapter, '--format', 'hf', '--out', tmp_path / 'exported', '--dtype', 'fp32')
+    script('export.py', *adapter, '--format', 'gguf', '--out', tmp_path / 'm.gguf', '--dtype', 'f32')
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'exported', dtype=torch.float32).eval()
+    assert type(merged).__name__ == {'gemma3_text': 'Gemma3ForCausalLM', 'olmo2': 'Olmo2ForCausalLM'}[name]
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'from_gguf', dtype='fp32')
+    ours = slowllama.load(tmp_path / 'prepared', adapter=tmp_path / 'run' / 'adapter')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=16)
+    with torch.no_grad():
+        want = ours.logits(tokens)
+        assert (want - slowllama.load(tmp_path / 'prepared').logits(tokens)).abs().max() > 1e-4  # it trained
+        assert (merged(tokens).logits - want).abs().max() < 1e-4
+        assert (slowllama.load(tmp_path / 'from_gguf').logits(tokens) - want).abs().max() < 1e-4
 
 
 def test_gguf_longrope_factors_are_refused_with_one_line(tmp_path):

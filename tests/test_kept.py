@@ -13,7 +13,6 @@ from slowllama.engine.kept import WeightNames, _WeightView
 from slowllama.engine.plan import CPU_HEAP_SLACK, GIB, kept_activation_bytes, plan_step
 from slowllama.errors import SlowLlamaError
 from slowllama.model.block import Block, block_shapes, document_mask, rope_table
-from slowllama.model.config import ModelConfig
 from slowllama.model.lora import LoraConfig, attach
 from slowllama.recipes.shapes import SHAPES, shape_config
 from slowllama.weights.formats.model_config import config_from_hf
@@ -181,7 +180,14 @@ CASES = {
     'fp32 dropout': dict(dropout=0.1), 'bf16 dropout': dict(dtype=torch.bfloat16, dropout=0.1),
     'lora dropout': dict(lora_dropout=0.1), 'packed': dict(packed=True),
     'qwen3': dict(model_type='qwen3'),
+    # issue 35's families: gemma's four norms; gemma2's soft-capped scores written out, also in bf16
+    'gemma3': dict(model_type='gemma3_text'), 'gemma2': dict(model_type='gemma2'),
+    'gemma2 bf16': dict(model_type='gemma2', dtype=torch.bfloat16), 'olmo2': dict(model_type='olmo2'),
 }
+FAMILY_SHAPES = {'qwen3': {'head_dim': 64},
+                 'gemma3_text': {'head_dim': 64, 'query_pre_attn_scalar': 64, 'sliding_window': 16},
+                 'gemma2': {'head_dim': 64, 'query_pre_attn_scalar': 64, 'sliding_window': 16,
+                            'attn_logit_softcapping': 50.0, 'final_logit_softcapping': 30.0}}
 
 
 @pytest.mark.parametrize('case', list(CASES))
@@ -190,7 +196,7 @@ def test_the_planners_activation_bytes_are_what_torch_saves(case):
     dtype = settings.pop('dtype', torch.float32)
     model_type = settings.pop('model_type', 'llama')
     targets = settings.pop('targets', ('q', 'v'))
-    shape = dict(SHAPES['0.4b'], num_hidden_layers=1, **({'head_dim': 64} if model_type == 'qwen3' else {}))
+    shape = dict(SHAPES['0.4b'], num_hidden_layers=1, **FAMILY_SHAPES.get(model_type, {}))
     cfg = config_from_hf({'model_type': model_type, **shape})
     measured = measured_saved_bytes(cfg, 2, 64, dtype, targets, **settings)
     name = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}[dtype]

@@ -5,6 +5,7 @@ from conftest import make_hf_model, random_batch
 from reference import copy_adapters
 
 import slowllama
+from slowllama.weights.formats.model_config import config_from_hf
 
 LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                'original_max_position_embeddings': 16}
@@ -69,7 +70,6 @@ def layer_pair():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from slowllama.model.block import Block, rope_table
-    from slowllama.weights.formats.model_config import config_from_hf
     config = LlamaConfig(**TINY, attention_dropout=DROPOUT, attn_implementation='eager')
     torch.manual_seed(0)
     theirs = LlamaDecoderLayer(config, layer_idx=0)

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 from torch.func import functional_call
 
-from ..model.block import document_mask, rope_table
+from ..model.block import document_mask, rope_table, scale_embeddings
 from .head import IGNORE
 
 
@@ -38,7 +38,7 @@ class Parts(NamedTuple):
 
 def embed(store, tokens, prefix=None, positions=None):
     """-> embeddings [batch, seq, dim] (after the prefix, if any) and the rows' Layout."""
-    x = store.embed(tokens)  # [batch, seq, dim]
+    x = scale_embeddings(store.cfg, store.embed(tokens))  # [batch, seq, dim]; granite, gemma scale them
     if prefix is not None:
         if positions is not None:
             raise ValueError('packed positions and a prefix cannot be combined')

@@ -8,7 +8,7 @@ gradient's big term, rescaled whenever the running max grows (the flash-attentio
 import torch
 import torch.nn.functional as F
 
-from ..model.block import rms_norm
+from ..model.block import rms_norm, shape_logits
 from .plan import head_slice_rows
 
 IGNORE = -100
@@ -20,10 +20,10 @@ class StreamedHead:
 
     def logits(self, x):
         """x [..., dim] -> float32 logits [..., vocab]."""
-        h = rms_norm(x, self.store.head_norm(), self.cfg.norm_eps).reshape(-1, x.shape[-1])
+        h = self._norm(x, self.store.head_norm()).reshape(-1, x.shape[-1])
         out = torch.empty(h.shape[0], self.cfg.vocab_size, device=h.device, dtype=torch.float32)
         for start, end in self._slices(h.shape[0]):
-            out[:, start:end] = F.linear(h, self.store.head_rows(start, end)).float()
+            out[:, start:end] = shape_logits(self.cfg, F.linear(h, self.store.head_rows(start, end)).float())[0]
             self.store.release_head_rows(start, end)
         return out.view(*x.shape[:-1], self.cfg.vocab_size)
 
@@ -43,7 +43,7 @@ class StreamedHead:
         for x in xs:
             flat = x.reshape(-1, x.shape[-1]).detach().requires_grad_(True)
             with torch.enable_grad():
-                hidden.append(rms_norm(flat, norm, self.cfg.norm_eps))  # [tokens, dim]
+                hidden.append(self._norm(flat, norm))  # [tokens, dim]
             flats.append(flat)
         flat_targets = [t.reshape(-1) for t in targets]
         sums = self._one_pass([h.detach() for h in hidden], flat_targets, gradient=True)
@@ -66,7 +66,7 @@ class StreamedHead:
     @torch.no_grad()
     def loss(self, x, targets):
         """The same mean cross-entropy, without the gradient."""
-        hidden = rms_norm(x.reshape(-1, x.shape[-1]), self.store.head_norm(), self.cfg.norm_eps)
+        hidden = self._norm(x.reshape(-1, x.shape[-1]), self.store.head_norm())
         targets = targets.reshape(-1)
         valid = targets != IGNORE
         lse, target_logit, _, _ = self._one_pass([hidden], [targets], gradient=False)[0]
@@ -75,7 +75,7 @@ class StreamedHead:
     @torch.no_grad()
     def token_logprobs(self, x, targets):
         """x [batch, seq, dim] -> float32 log-prob of each target [batch, seq], 0 where IGNORE."""
-        hidden = rms_norm(x.reshape(-1, x.shape[-1]), self.store.head_norm(), self.cfg.norm_eps)
+        hidden = self._norm(x.reshape(-1, x.shape[-1]), self.store.head_norm())
         targets = targets.reshape(-1)
         lse, target_logit, _, _ = self._one_pass([hidden], [targets], gradient=False)[0]
         return torch.where(targets != IGNORE, target_logit - lse, 0.0).view(x.shape[:-1])
@@ -91,7 +91,7 @@ class StreamedHead:
             sweeps.setdefault(h.shape[0], []).append(n)
         found = [None] * len(hiddens)
         for tokens, members in sweeps.items():
-            states = [_OnlineSoftmax(hiddens[n], targets[n], gradient) for n in members]
+            states = [_OnlineSoftmax(hiddens[n], targets[n], gradient, self.cfg) for n in members]
             for start, end in self._slices(tokens):
                 rows = self.store.head_rows(start, end)  # [slice, dim]
                 for state in states:
@@ -100,6 +100,9 @@ class StreamedHead:
             for n, state in zip(members, states):
                 found[n] = state.result()
         return found
+
+    def _norm(self, x, weight):
+        return rms_norm(x, weight, self.cfg.norm_eps, self.cfg.norm_kind)
 
     def _slices(self, tokens):
         size = head_slice_rows(tokens)  # the planner's number
@@ -111,9 +114,9 @@ class _OnlineSoftmax:
     """One hidden's running log-sum-exp over the vocabulary slices seen so far (and, with gradient,
     softmax @ rows and the target rows)."""
 
-    def __init__(self, hidden, targets, gradient):
+    def __init__(self, hidden, targets, gradient, cfg):
         tokens, dim = hidden.shape
-        self.hidden, self.targets, self.gradient = hidden, targets, gradient
+        self.hidden, self.targets, self.gradient, self.cfg = hidden, targets, gradient, cfg
         self.running_max = torch.full((tokens,), float('-inf'), device=hidden.device)
         self.running_sum = torch.zeros(tokens, device=hidden.device)
         self.target_logit = torch.zeros(tokens, device=hidden.device)
@@ -121,7 +124,8 @@ class _OnlineSoftmax:
         self.target_rows = torch.zeros(tokens, dim, device=hidden.device) if gradient else None
 
     def add(self, start, end, rows):
-        logits = F.linear(self.hidden, rows).float()  # [tokens, slice]
+        # granite's scaling, gemma2's soft-cap: their slope weighs each row in the gradient
+        logits, slope = shape_logits(self.cfg, F.linear(self.hidden, rows).float())  # [tokens, slice]
         # gather and where, not boolean-mask indexing: a mask's nonzero() waits for the device
         hit = (self.targets >= start) & (self.targets < end)  # [tokens]
         local = (self.targets - start).clamp(0, end - start - 1)  # [tokens], in range where not hit
@@ -132,8 +136,13 @@ class _OnlineSoftmax:
         self.running_sum = self.running_sum * rescale + exp_logits.sum(dim=-1)
         self.running_max = new_max
         if self.gradient:
-            self.exp_rows.mul_(rescale[:, None]).add_((exp_logits.to(rows.dtype) @ rows).float())
-            self.target_rows = torch.where(hit[:, None], rows.index_select(0, local).float(), self.target_rows)
+            weights, target_rows = exp_logits, rows.index_select(0, local).float()
+            if slope is not None:  # d logit / d (h . row), per entry when soft-capped
+                weights = weights * slope
+                target_slope = slope if not torch.is_tensor(slope) else slope.gather(1, local[:, None])
+                target_rows = target_rows * target_slope
+            self.exp_rows.mul_(rescale[:, None]).add_((weights.to(rows.dtype) @ rows).float())
+            self.target_rows = torch.where(hit[:, None], target_rows, self.target_rows)
 
     def result(self):
         lse = self.running_max + torch.log(self.running_sum)

@@ -79,13 +79,17 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
     t, w, f = batch * seq, DTYPE_BYTES[dtype], 4
     q, kv, heads = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
     width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': cfg.hidden_dim}
-    total = 2 * t * (cfg.dim + 1) * f  # each RMSNorm: its input in fp32 and 1/rms
+    norms = 4 if cfg.pre_norms and cfg.post_norms else 2  # gemma: four a block
+    total = norms * t * (cfg.dim + 1) * f  # each RMSNorm: its input in fp32 and 1/rms
     if cfg.qk_norm:
         total += t * (q + kv + heads + cfg.n_kv_heads) * f
     if w != f:  # in fp32 the block's input is the first norm's input; else both are held
         total += t * cfg.dim * w + 4 * seq * cfg.head_dim * w * (batch if packed else 1)  # + rope's cos, sin cast
     math_attention = dropout > 0 and device_type != 'cuda'  # attention dropout outside cuda: the math kernel
-    if math_attention:  # q, k, v per head and the probabilities, their dropout mask and the dropped ones, in fp32
+    if cfg.attn_softcap is not None:  # gemma2's scores, written out (block.softcapped_attention): q, the
+        math_attention = True       # repeated k and v; tanh's output, the fp32 softmax and its cast back
+        total += 3 * t * q * w + t * heads * seq * (2 * w + f if w != f else 2 * f)
+    elif math_attention:  # q, k, v per head and the probabilities, their dropout mask and the dropped ones, in fp32
         total += 3 * t * q * f + 3 * t * heads * seq * f
     else:  # the fused kernel: q, k, v after rope, the output, the log-sum-exp
         total += t * (2 * q + 2 * kv) * w + t * heads * f

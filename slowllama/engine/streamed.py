@@ -13,7 +13,7 @@ import functools
 import torch
 
 from ..generation import decode
-from ..model.block import Block
+from ..model.block import Block, scale_embeddings
 from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapter_state
 from ..weights.formats.peft import write_adapter
 from ..weights.host_memory import HeapTrimmer
@@ -48,7 +48,7 @@ class StreamedModel:
         self.device, self.dtype = store.device, store.dtype
         self.options = options or EngineOptions()
         with torch.device('meta'):  # module skeletons only: the frozen weights come from the store per call
-            self.blocks = [Block(self.cfg, dropout) for _ in range(self.cfg.n_layers)]
+            self.blocks = [Block(self.cfg, dropout, i) for i in range(self.cfg.n_layers)]
         self.head = StreamedHead(store)
         self.adapters = [attach(block, lora, self.device, lora_dtype) for block in self.blocks]
         block_params = [[p for adapter in layer.values() for p in (adapter.lora_A.weight, adapter.lora_B.weight)]
@@ -76,7 +76,7 @@ class StreamedModel:
     @torch.no_grad()
     def embed(self, tokens):
         """[batch, seq] tokens -> their embeddings [batch, seq, dim] on the device, in the compute dtype."""
-        return self.store.embed(tokens.to(self.device))
+        return scale_embeddings(self.cfg, self.store.embed(tokens.to(self.device)))
 
     @torch.no_grad()
     @streamed_pass(training=False)

@@ -4,7 +4,8 @@ sampling) and when to stop."""
 import torch
 
 from ..engine.forward import Layout, embed, forward_blocks
-from ..model.block import KVCache, rope_changes_past, rope_table
+from ..model.block import KVCache, rope_changes_past, rope_table, scale_embeddings
+from ..model.config import layer_window
 
 
 class GenerationCache:
@@ -24,18 +25,22 @@ class GenerationCache:
         """Room for `more` positions after those held (a bigger copy when needed; a sliding-window
         cache keeps only its window and grows by itself)."""
         need = self.length + more
-        if self.layers and (self.cfg.sliding_window or need <= self.layers[0].k.shape[2]):
+        if self.layers and all(layer.window or need <= layer.k.shape[2] for layer in self.layers):
             return
-        grown = [KVCache.for_model(self.cfg, 1, max(need, 2 * self.length), self.device, self.dtype)
-                 for _ in range(self.cfg.n_layers)]
-        for new, old in zip(grown, self.layers):
-            new.append(old.k[:, :, :old.length], old.v[:, :, :old.length])
+        size = max(need, 2 * self.length)
+        grown = [KVCache.for_model(self.cfg, 1, size, self.device, self.dtype, i) for i in range(self.cfg.n_layers)]
+        for i, old in enumerate(self.layers):
+            if old.window:  # gemma2, gemma3: a sliding layer's cache beside full ones keeps itself
+                grown[i] = old
+            else:
+                grown[i].append(old.k[:, :, :old.length], old.v[:, :, :old.length])
         self.layers = grown
 
     def keep(self, n):
         """Forget all but the first n positions (of a cache started without a prefix); returns how
         many it kept: none when a sliding window has already dropped keys it would need."""
-        if self.cfg.sliding_window and n < self.length:
+        windowed = any(layer_window(self.cfg, i) for i in range(self.cfg.n_layers))
+        if windowed and n < self.length:
             n = 0
         if n == 0:
             self.layers = []
@@ -101,5 +106,5 @@ def generate(parts, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=N
             on_token(int(next_token))
         if is_eos(cfg, int(next_token)):
             break
-        x, fed = store.embed(next_token), [int(next_token)]
+        x, fed = scale_embeddings(cfg, store.embed(next_token)), [int(next_token)]
     return out

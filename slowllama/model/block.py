@@ -10,35 +10,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, layer_rope, layer_window
 from .names import BLOCK_TENSORS
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, kind='llama'):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kind = eps, kind
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.kind)
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, kind='llama'):
     # normalise in fp32 whatever the compute dtype, as Meta and HF both do
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    if kind == 'plus_one':  # gemma2, gemma3: scaled by (1 + weight) in fp32, then cast
+        return (x32 * (1.0 + weight.float())).to(x.dtype)
+    if kind == 'fp32_scale':  # olmo2: scaled in fp32, then cast
+        return (weight.float() * x32).to(x.dtype)
+    return weight * x32.to(x.dtype)  # Llama: cast, then scaled
 
 
 # --- rotary position embedding -------------------------------------------------------------
 
-def rope_inv_freq(cfg: ModelConfig, seq_len=None):
+def rope_inv_freq(cfg: ModelConfig, seq_len=None, local=False):
     """Inverse frequencies [head_dim / 2], with Llama-3, linear or LongRoPE scaling when the config
-    has it. seq_len (the last position + 1) picks LongRoPE's short or long factors."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    has it. seq_len (the last position + 1) picks LongRoPE's short or long factors. local: gemma3's
+    sliding layers, rope_local_theta unscaled."""
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
     scaling = cfg.rope_scaling
-    if not scaling:
+    if not scaling or local:
         return inv_freq.float()
     if scaling.get('rope_type') == 'linear':  # positions divided by factor
         return (inv_freq / scaling['factor']).float()
@@ -58,15 +64,25 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None):
 
 
 def rope_table(cfg: ModelConfig, positions, device):
-    """cos, sin for the given positions [T] or [batch, T]: [..., T, head_dim] each, float32."""
+    """cos, sin for the given positions [T] or [batch, T]: [..., T, head_dim] each, float32. With two
+    rope bases (gemma3) both tables, stacked: [2, ..., T, head_dim] (config.layer_rope says which a
+    layer takes)."""
     scaling = cfg.rope_scaling or {}
     if scaling.get('rope_type') == 'longrope':  # the factors depend on how far this call reaches, as in HF
         inv_freq = rope_inv_freq(cfg, int(positions.max()) + 1).to(device)
     else:
         inv_freq = rope_inv_freq(cfg).to(device)
+    magnitude = scaling.get('attention_factor', 1.0)  # LongRoPE scales cos and sin alike
+    cos, sin = _cos_sin(positions, inv_freq, device, magnitude)
+    if cfg.rope_local_theta is None:
+        return cos, sin
+    local_cos, local_sin = _cos_sin(positions, rope_inv_freq(cfg, local=True).to(device), device, 1.0)
+    return torch.stack([cos, local_cos]), torch.stack([sin, local_sin])
+
+
+def _cos_sin(positions, inv_freq, device, magnitude):
     angles = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    magnitude = scaling.get('attention_factor', 1.0)  # LongRoPE scales cos and sin alike
     return angles.cos() * magnitude, angles.sin() * magnitude
 
 
@@ -124,8 +140,8 @@ class KVCache:
         self.start = 0   # absolute position of the first key kept
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, batch, max_len, device, dtype):
-        return cls(batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype, cfg.sliding_window)
+    def for_model(cls, cfg: ModelConfig, batch, max_len, device, dtype, layer=0):
+        return cls(batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype, layer_window(cfg, layer))
 
     def append(self, k, v):
         """k, v [batch, kv_heads, new, head_dim] -> every key and value kept, these included."""
@@ -144,28 +160,38 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer=0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.window = cfg.sliding_window
+        self.window = layer_window(cfg, layer)
+        self.rope = layer_rope(cfg, layer)
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap  # granite, gemma; gemma2
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        if cfg.qk_norm:  # qwen3: one RMSNorm over head_dim, shared by all heads
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm_whole, self.two_tables = cfg.qk_norm_whole, cfg.rope_local_theta is not None
+        if cfg.qk_norm:  # qwen3, gemma3: one RMSNorm over head_dim, shared by all heads; olmo2: over the projection
+            q_width, k_width = (cfg.n_heads, cfg.n_kv_heads) if cfg.qk_norm_whole else (1, 1)
+            self.q_norm = RMSNorm(q_width * cfg.head_dim, cfg.norm_eps, cfg.norm_kind)
+            self.k_norm = RMSNorm(k_width * cfg.head_dim, cfg.norm_eps, cfg.norm_kind)
         self.dropout = 0.0
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_whole:  # olmo2: before the heads are split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if hasattr(self, 'q_norm'):
+        if hasattr(self, 'q_norm') and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [batch, heads, seq, head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope is not None:  # smollm3: some layers have no rope
+            if self.two_tables:  # gemma3: rope_table stacked the global and the local table
+                cos, sin = cos[self.rope], sin[self.rope]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past, key_start = 0, 0
         if cache is not None:
             past = cache.length
@@ -182,9 +208,31 @@ class Attention(nn.Module):
             # several releases (PyTorch issues 163597, 181133), and it is taken under no_grad only:
             # the forward (and generation) and the recompute under autograd could disagree
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, mask, causal, self.scale, self.softcap, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                                 scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def softcapped_attention(q, k, v, mask, causal, scale, cap, dropout):
+    """gemma2: the scores pass through cap * tanh(scores / cap) before the mask and softmax. SDPA's
+    fused kernels (flash, memory-efficient) have no hook between the scores and the softmax, so this
+    is the math kernel written out, as transformers' eager attention: the scores [batch, heads, q, keys]
+    formed whole, softmax in fp32. q [batch, heads, q, head_dim]; k, v [batch, kv_heads, keys, head_dim]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / cap) * cap
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float('-inf'))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return probs @ v
 
 
 class FeedForward(nn.Module):
@@ -193,20 +241,33 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gelu = cfg.mlp_activation == 'gelu_tanh'  # gemma2, gemma3 (transformers' gelu_pytorch_tanh)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate='tanh') if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
-    """h = x + attn(norm(x)); out = h + ffn(norm(h)). `dropout` drops attention probabilities and
-    both residual branches, in training mode only."""
+    """h = x + attn(norm(x)); out = h + ffn(norm(h)) (Llama). Where a family puts norms after the
+    attention and the MLP too (gemma) or only there (olmo2): h = x + norm(attn(norm(x))), and so for
+    the MLP. `dropout` drops attention probabilities and both residual branches, in training mode only."""
 
-    def __init__(self, cfg: ModelConfig, dropout=0.0):
+    def __init__(self, cfg: ModelConfig, dropout=0.0, layer=0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        def norm():
+            return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_kind)
+        self.pre_norms, self.post_norms = cfg.pre_norms, cfg.post_norms
+        self.residual_multiplier = cfg.residual_multiplier  # granite
+        if cfg.pre_norms:  # olmo2 has none before the attention
+            self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = norm()  # Llama: before the MLP; post_norms: on the attention's output
+        if cfg.post_norms:  # olmo2, gemma2, gemma3
+            self.post_feedforward_layernorm = norm()
+            if cfg.pre_norms:  # gemma: four norms a block
+                self.pre_feedforward_layernorm = norm()
         self.mlp = FeedForward(cfg)
         self.set_dropout(dropout)
 
@@ -215,11 +276,39 @@ class Block(nn.Module):
         self.self_attn.dropout = p
 
     def forward(self, x, cos, sin, cache=None, mask=None):
-        h = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
-        return h + self._drop(self.mlp(self.post_attention_layernorm(h)))
+        if not self.post_norms:
+            h = x + self._branch(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
+            return h + self._branch(self.mlp(self.post_attention_layernorm(h)))
+        attn_in = self.input_layernorm(x) if self.pre_norms else x
+        h = x + self._branch(self.post_attention_layernorm(self.self_attn(attn_in, cos, sin, cache, mask)))
+        mlp_in = self.pre_feedforward_layernorm(h) if self.pre_norms else h
+        return h + self._branch(self.post_feedforward_layernorm(self.mlp(mlp_in)))
 
-    def _drop(self, x):
+    def _branch(self, x):
+        if self.residual_multiplier != 1.0:  # granite
+            x = x * self.residual_multiplier
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+
+def scale_embeddings(cfg: ModelConfig, x):
+    """Token embeddings as the first block takes them: granite multiplies them by embedding_multiplier,
+    gemma by sqrt(dim), rounded to the compute dtype first as transformers does."""
+    if cfg.embed_multiplier == 1.0:
+        return x
+    return x * torch.tensor(cfg.embed_multiplier, dtype=x.dtype, device=x.device)
+
+
+def shape_logits(cfg: ModelConfig, z):
+    """The head's output z -> logits, and d logits / d z (None: 1): granite divides by logits_scaling,
+    gemma2 soft-caps them (cap * tanh(z / cap))."""
+    slope = None
+    if cfg.final_softcap is not None:
+        t = torch.tanh(z / cfg.final_softcap)
+        z, slope = t * cfg.final_softcap, 1.0 - t * t
+    if cfg.logits_scaling != 1.0:
+        z = z / cfg.logits_scaling
+        slope = (1.0 / cfg.logits_scaling) if slope is None else slope / cfg.logits_scaling
+    return z, slope
 
 
 class Head(nn.Module):
@@ -227,11 +316,12 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_kind)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, x):
-        return self.lm_head(self.norm(x))
+        return shape_logits(self.cfg, self.lm_head(self.norm(x)))[0]
 
 
 class Transformer(nn.Module):
@@ -242,12 +332,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, dropout, i) for i in range(cfg.n_layers))
         self.head = Head(cfg)
 
     def forward(self, tokens):
         cos, sin = rope_table(self.cfg, torch.arange(tokens.shape[1]), tokens.device)
-        x = self.embed_tokens(tokens)
+        x = scale_embeddings(self.cfg, self.embed_tokens(tokens))
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.head(x)

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from ..errors import SlowLlamaError
 
 # The families whose blocks we build (HF model_type names)
-FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'phi3')
+FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'smollm3', 'olmo2', 'granite', 'gemma3_text', 'gemma2')
+LAYER_TYPES = ('full_attention', 'sliding_attention')
+MLP_ACTIVATIONS = ('silu', 'gelu_tanh')
+NORM_KINDS = ('llama', 'fp32_scale', 'plus_one')
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,26 @@ class ModelConfig:
     qkv_bias: bool = False               # qwen2: bias on q, k and v (frozen like the weights)
     qk_norm: bool = False                # qwen3: RMSNorm over each head's q and k, before rope
     sliding_window: int | None = None    # mistral, phi3: a position sees itself and the window - 1 before it
+    # per layer (lists of n_layers), None: every layer alike
+    layer_types: list | None = None      # gemma2, gemma3: 'sliding_attention' layers have the window, 'full_attention' none
+    no_rope_layers: list | None = None   # smollm3: 1 where a layer rotates q and k, 0 where it has no rope
+    rope_local_theta: float | None = None  # gemma3: the sliding layers' rope base, unscaled (rope_theta and
+                                           # rope_scaling are the full layers')
+    # norms: before attention and the MLP (Llama), after them (olmo2: post only), or both (gemma: four a block)
+    pre_norms: bool = True               # olmo2: False, no input_layernorm
+    post_norms: bool = False             # olmo2, gemma2, gemma3: a norm on the attention's and the MLP's outputs
+    norm_kind: str = 'llama'             # how every RMSNorm applies its weight: 'llama' (cast, then scale),
+                                         # 'fp32_scale' (olmo2: scale in fp32, then cast), 'plus_one'
+                                         # (gemma2, gemma3: (1 + weight), in fp32, then cast)
+    qk_norm_whole: bool = False          # olmo2: the q and k norms span the whole projection, not each head
+    mlp_activation: str = 'silu'         # gemma2, gemma3: 'gelu_tanh'
+    attn_scale: float | None = None      # None: head_dim ** -0.5; granite: attention_multiplier;
+                                         # gemma: query_pre_attn_scalar ** -0.5
+    attn_softcap: float | None = None    # gemma2: scores -> cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None   # gemma2: logits -> cap * tanh(logits / cap)
+    embed_multiplier: float = 1.0        # granite: embedding_multiplier; gemma: sqrt(dim), in the compute dtype
+    residual_multiplier: float = 1.0     # granite: each block's branch output times this before the residual add
+    logits_scaling: float = 1.0          # granite: logits divided by this
 
     def __post_init__(self):
         check_values(self)
@@ -44,6 +67,9 @@ class ModelConfig:
         if self.head_dim < 2 or self.head_dim % 2:  # rope rotates pairs
             raise SlowLlamaError(f'model config: head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) '
                                  'must be even and at least 2')
+        for name in ('layer_types', 'no_rope_layers'):  # JSON gives lists; a tuple compares and hashes alike
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, list(getattr(self, name)))
         if self.n_heads % self.n_kv_heads:
             raise SlowLlamaError(f'model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}')
 
@@ -93,12 +119,64 @@ def check_values(cfg):
     if cfg.sliding_window is not None and (not _is_int(cfg.sliding_window) or cfg.sliding_window < 1):
         raise SlowLlamaError(f'model config: sliding_window must be a positive integer or null, '
                              f'got {cfg.sliding_window!r:.80}')
+    _check_family_values(cfg)
     if not isinstance(cfg.tie_embeddings, bool):
         raise SlowLlamaError(f'model config: tie_embeddings must be true or false, got {cfg.tie_embeddings!r:.80}')
     eos = cfg.eos_id if isinstance(cfg.eos_id, list) else [cfg.eos_id]
     for name, ids in (('bos_id', [cfg.bos_id]), ('eos_id', eos)):
         if not all(i is None or (_is_int(i) and i >= 0) for i in ids):
             raise SlowLlamaError(f'model config: {name} must be a token id, got {getattr(cfg, name)!r:.200}')
+
+
+def _check_family_values(cfg):
+    """The fields of issue 35's families: per-layer lists as long as the layers, positive numbers."""
+    for name, allowed in (('layer_types', LAYER_TYPES), ('no_rope_layers', (0, 1))):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) != cfg.n_layers:
+            length = len(value) if isinstance(value, (list, tuple)) else 'not a list'
+            raise SlowLlamaError(f'model config: {name} must list one entry per layer ({cfg.n_layers}), '
+                                 f'got {length}')
+        if not all(isinstance(v, (str, int)) and v in allowed for v in value):
+            raise SlowLlamaError(f'model config: {name} entries must be one of {allowed}, got {value!r:.120}')
+    if cfg.layer_types and 'sliding_attention' in cfg.layer_types and cfg.sliding_window is None:
+        raise SlowLlamaError('model config: layer_types has sliding_attention layers but sliding_window is null')
+    for name in ('pre_norms', 'post_norms', 'qk_norm_whole'):
+        if not isinstance(getattr(cfg, name), bool):
+            raise SlowLlamaError(f'model config: {name} must be true or false, got {getattr(cfg, name)!r:.80}')
+    if not cfg.pre_norms and not cfg.post_norms:
+        raise SlowLlamaError('model config: a block needs pre_norms or post_norms')
+    if cfg.norm_kind not in NORM_KINDS:
+        raise SlowLlamaError(f'model config: norm_kind must be one of {", ".join(NORM_KINDS)}, got {cfg.norm_kind!r:.80}')
+    if cfg.mlp_activation not in MLP_ACTIVATIONS:
+        raise SlowLlamaError(f'model config: mlp_activation must be one of {", ".join(MLP_ACTIVATIONS)}, '
+                             f'got {cfg.mlp_activation!r:.80}')
+    for name in ('rope_local_theta', 'attn_scale', 'attn_softcap', 'final_softcap'):  # None or a positive number
+        value = getattr(cfg, name)
+        if value is not None and (not _is_real(value) or value <= 0):
+            raise SlowLlamaError(f'model config: {name} must be a positive number or null, got {value!r:.80}')
+    for name in ('embed_multiplier', 'residual_multiplier', 'logits_scaling'):
+        value = getattr(cfg, name)
+        if not _is_real(value) or value <= 0:
+            raise SlowLlamaError(f'model config: {name} must be a positive number, got {value!r:.80}')
+
+
+def layer_window(cfg, i):
+    """The sliding window of layer i (None: it sees every earlier position)."""
+    if cfg.layer_types is not None and cfg.layer_types[i] == 'full_attention':  # gemma2, gemma3
+        return None
+    return cfg.sliding_window
+
+
+def layer_rope(cfg, i):
+    """Which rope table layer i uses: None (smollm3's layers without rope), 0 (rope_theta, scaled) or
+    1 (gemma3's sliding layers: rope_local_theta)."""
+    if cfg.no_rope_layers is not None and not cfg.no_rope_layers[i]:
+        return None
+    if cfg.rope_local_theta is not None and layer_window(cfg, i) is not None:
+        return 1
+    return 0
 
 
 def _check_rope_scaling(scaling, head_dim):

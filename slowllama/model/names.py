@@ -16,12 +16,20 @@ PROJECTION_WEIGHTS = tuple(name for name in BLOCK_WEIGHTS if name.endswith('_pro
 OPTIONAL_BLOCK_TENSORS = {
     'self_attn.q_proj.bias': 'qkv_bias', 'self_attn.k_proj.bias': 'qkv_bias', 'self_attn.v_proj.bias': 'qkv_bias',
     'self_attn.q_norm.weight': 'qk_norm', 'self_attn.k_norm.weight': 'qk_norm',
+    # olmo2, gemma2, gemma3: the norm on the MLP's output (post_attention_layernorm is then the one on
+    # the attention's output); gemma: the norm before the MLP too
+    'post_feedforward_layernorm.weight': 'post_norms', 'pre_feedforward_layernorm.weight': ('pre_norms', 'post_norms'),
 }
+# Block tensors of BLOCK_WEIGHTS a family lacks: ours -> the ModelConfig flag without which it is absent
+DROPPED_BLOCK_TENSORS = {'input_layernorm.weight': 'pre_norms'}  # olmo2: no norm before attention
 
 
 def block_tensor_names(cfg):
     """Our names of one block's tensors for this model's family, in file order."""
-    return list(BLOCK_WEIGHTS) + [name for name, flag in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
+    def present(flags):
+        return all(getattr(cfg, flag) for flag in ((flags,) if isinstance(flags, str) else flags))
+    kept = [name for name in BLOCK_WEIGHTS if present(DROPPED_BLOCK_TENSORS.get(name, ()))]
+    return kept + [name for name, flags in OPTIONAL_BLOCK_TENSORS.items() if present(flags)]
 
 
 # The order of a block file's tensors (model.block.block_shapes): every family's, then the optional ones

@@ -23,7 +23,7 @@ from .shapes import SHAPES, shape_config
 def add_arguments(p):
     p.add_argument('--device', default=None, help='cpu | cuda (default: the best present)')
     p.add_argument('--shape', default=None,
-                   help='tiny | 0.4b | 7b | 70b-block (default: 0.4b on cpu, 7b on cuda)')
+                   help=f'{" | ".join(SHAPES)} (default: 0.4b on cpu, 7b on cuda)')
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--seq-len', type=int, default=None)
     p.add_argument('--steps', type=int, default=3)
@@ -228,7 +228,7 @@ def _hf_step(spec, device, dtype, tokens, targets):
 
 def make_models(shape, work, dtype, quant=None):
     """A random HF model of the shape (saved once) and its prepared twin (quantized with `quant`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import slowllama
     hf_dir = os.path.join(work, f'{shape}-hf-{dtype}')
@@ -236,10 +236,11 @@ def make_models(shape, work, dtype, quant=None):
     if not os.path.exists(os.path.join(hf_dir, 'config.json')):
         print(f'bench: writing a random {shape} model to {hf_dir}', file=sys.stderr)
         torch.manual_seed(0)
-        config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+        fields = {'model_type': 'llama', 'max_position_embeddings': 4096, **SHAPES[shape]}
+        config = AutoConfig.for_model(fields.pop('model_type'), **fields)  # llama, or the shape's family
         # built in the benchmark's dtype, not in fp32 first: a 7B model then needs 13.5 GB, not 27
         with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):  # a GPU draws 7B numbers in seconds
-            model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
         model.save_pretrained(hf_dir, max_shard_size='2GB')
         del model
     if not os.path.exists(os.path.join(prepared, 'manifest.json')):

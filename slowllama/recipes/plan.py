@@ -4,12 +4,12 @@ from ..engine.plan import print_plan
 from ..model.quant import parse_quant
 from ..weights.prepared import model_config
 from .options import parse_bytes
-from .shapes import shape_config
+from .shapes import SHAPES, shape_config
 
 
 def add_arguments(p):
     p.add_argument('--model', default=None, help='a prepared model folder')
-    p.add_argument('--shape', default='7b', help='tiny | 0.4b | 7b | 70b-block, when no --model')
+    p.add_argument('--shape', default='7b', help=f'{" | ".join(SHAPES)}, when no --model')
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--seq-len', type=int, default=128)
     p.add_argument('--dtype', default='bf16')

@@ -12,6 +12,12 @@ SHAPES = {
     # a few blocks of Llama-2/3 70B's shape, for the time per block against the time to copy it
     '70b-block': dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000),
+    # google/gemma-3-1b-pt's config.json: 262k vocabulary, 5 sliding layers (window 512) to each full one
+    'gemma3-1b': dict(model_type='gemma3_text', hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                      query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6, rope_theta=1e6,
+                      rope_local_base_freq=10000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True),
 }
 
 

@@ -26,7 +26,6 @@ from .prepared import (
     HEAD_FILE,
     block_file,
     check_file,
-    dtype_name,
     read_manifest,
     table_shapes,
 )

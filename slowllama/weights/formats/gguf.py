@@ -1,12 +1,14 @@
-"""GGUF files (llama.cpp): llama, qwen2, qwen3 and phi3 architectures, float or quantized, read into a
-prepared folder.
+"""GGUF files (llama.cpp): llama, qwen2, qwen3, phi3, smollm3, granite, olmo2, gemma2 and gemma3
+architectures, float or quantized, read into a prepared folder.
 
 Tensors are dequantized with the `gguf` package one at a time, read with plain file reads (not the
 reader's memory map) so RAM holds one block. GGUF lists shapes innermost first (ggml's `ne`), so
 they are reversed; for the llama architecture q/k are in Meta's interleaved rope layout (llama.cpp
 permutes them) and are un-permuted with n_heads (q) and n_kv_heads (k); the others keep HF's. Phi-3's
-fused attn_qkv and ffn_up (gate and up) are split as the HF folder's are.
-The tokenizer comes from the metadata.
+fused attn_qkv and ffn_up (gate and up) are split as the HF folder's are. llama.cpp stores Gemma's
+norm weights plus one (it folds Gemma's (1 + w) in); we keep w, as transformers does. What llama.cpp
+hardcodes per architecture rather than writing (Gemma's layer pattern and query scale, SmolLM3's
+layers without rope) is filled in as llama.cpp does. The tokenizer comes from the metadata.
 """
 import math
 import mmap
@@ -28,7 +30,9 @@ from .names import (
     GGUF_ARCHITECTURES,
     GGUF_BLOCK_PREFIX,
     GGUF_FUSED,
+    GGUF_NORMS_PLUS_ONE,
     GGUF_ROPE_FREQS,
+    LAYERED_FAMILIES,
     OUTER_TENSORS,
     WINDOWED_FAMILIES,
     gguf_block_name,
@@ -147,15 +151,40 @@ def read_config(src, reader=None):
     if any(name in tensors for name in LONGROPE_TENSORS):
         raise SlowLlamaError(f'{src}: LongRoPE factors in a GGUF file are not read; prepare the Hugging Face folder')
     model_type = GGUF_ARCHITECTURES[arch][0]
-    if model_type not in WINDOWED_FAMILIES:
+    if model_type not in WINDOWED_FAMILIES + LAYERED_FAMILIES:
         values.pop('sliding_window', None)
     with config_errors(src):
         values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
+        values.update(_family_fields(reader, arch, values))
         return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
                            **FAMILY_FIELDS.get(model_type, {}),
                            tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
                            bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
                            eos_id=metadata(reader, 'tokenizer.ggml.eos_token_id'))
+
+
+def _family_fields(reader, arch, values):
+    """The ModelConfig fields of issue 35's families: llama.cpp's keys for them, and what it hardcodes."""
+    def key(name, default=None):
+        return metadata(reader, f'{arch}.{name}', default)
+    n, fields = values['n_layers'], {}
+    if arch == 'smollm3':  # llama.cpp: every fourth layer has no rope (no key says so)
+        fields['no_rope_layers'] = [int((i + 1) % 4 != 0) for i in range(n)]
+    if arch == 'granite':
+        fields.update(attn_scale=key('attention.scale'), embed_multiplier=key('embedding_scale', 1.0),
+                      residual_multiplier=key('residual_scale', 1.0), logits_scaling=key('logit_scale', 1.0))
+    if arch in ('gemma2', 'gemma3'):
+        pattern = key('attention.sliding_window_pattern', 2 if arch == 'gemma2' else 6)
+        sliding = list(pattern) if isinstance(pattern, list) else [bool((i + 1) % pattern) for i in range(n)]
+        # llama.cpp: the 27B models scale queries by hidden / heads, the others by head_dim
+        big = n == (46 if arch == 'gemma2' else 62)
+        head_dim = values['dim'] // values['n_heads'] if big else values.get('head_dim') or values['dim'] // values['n_heads']
+        fields.update(layer_types=['sliding_attention' if s else 'full_attention' for s in sliding],
+                      attn_scale=head_dim ** -0.5, embed_multiplier=values['dim'] ** 0.5,
+                      attn_softcap=key('attn_logit_softcapping'), final_softcap=key('final_logit_softcapping'))
+    if arch == 'gemma3':
+        fields['rope_local_theta'] = float(key('rope.freq_base_swa', 10000.0))
+    return fields
 
 
 def prepare_gguf(src, writer):
@@ -167,7 +196,10 @@ def prepare_gguf(src, writer):
         def get(gguf_name):
             if gguf_name not in tensors:
                 raise SlowLlamaError(f'{src}: tensor {gguf_name} missing')
-            return read_tensor(src, f, tensors[gguf_name])
+            tensor = read_tensor(src, f, tensors[gguf_name])
+            if arch in GGUF_NORMS_PLUS_ONE and gguf_name.endswith('norm.weight'):
+                tensor -= 1.0  # gemma: llama.cpp stores 1 + w
+            return tensor
 
         def carried(gguf_name, ours):  # Q8_0 into an int8 model: its bytes as they are, not re-quantized
             return (writer.quant is not None and writer.quant.type == 'int8' and ours in PROJECTION_WEIGHTS
@@ -176,7 +208,8 @@ def prepare_gguf(src, writer):
         writer.write_embed(get(OUTER_TENSORS[EMBED_TENSOR][1]))
         for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
-            names = {ours: prefix + gguf_block_name(ours) for ours in unfused_names(block_tensor_names(cfg), fused)}
+            names = {ours: prefix + gguf_block_name(ours, cfg)
+                     for ours in unfused_names(block_tensor_names(cfg), fused)}
             raw = {ours for ours, name in names.items() if name in tensors and carried(name, ours)}
             block = {ours: read_raw(src, f, tensors[name]) if ours in raw else get(name)
                      for ours, name in names.items()}

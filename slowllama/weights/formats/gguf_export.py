@@ -1,7 +1,8 @@
 """Write GGUF for llama.cpp / Ollama: the merged model as one file, or the LoRA adapter alone.
 
 The model file: llama.cpp's tensor names (names.py), q/k back in the rope-interleaved rows llama.cpp
-expects (layout.py), the hyper-parameters under the keys our GGUF reader reads (gguf.CONFIG_KEYS),
+expects for the architectures it converts as Llama (layout.py), Gemma's norm weights plus one as
+llama.cpp stores them, the hyper-parameters under the keys our GGUF reader reads (gguf.CONFIG_KEYS),
 and the tokenizer (gguf_vocab.py). GGUF lists every tensor before any data, so the tensor table is
 built from the config alone; then the tensors are merged and written one at a time, so RAM holds one
 block. Matrices take the chosen type (f32 / f16 / bf16 / q8_0), or in a llama.cpp quantization scheme
@@ -25,7 +26,7 @@ import torch
 from ...errors import SlowLlamaError
 from ...model.block import block_shapes
 from ...model.lora import peft_key
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES
+from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES, block_tensor_names
 from ...progress import progress
 from ...tokenizer.gguf_vocab import vocab_metadata
 from ..files import commit_staged, discard_staged, temporary_beside
@@ -34,9 +35,20 @@ from .gguf import CONFIG_KEYS, llama3_divisors
 from .gguf_mixture import SCHEMES, tensor_types
 from .gguf_quants import quantize as quantize_rows
 from .layout import block_to_meta, hf_to_meta
-from .names import BLOCK_TENSORS, GGUF_BLOCK_PREFIX, GGUF_LORA_SUFFIXES, GGUF_ROPE_FREQS, OUTER_TENSORS, ROPE_PERMUTED
+from .names import (
+    GGUF_ARCHITECTURES,
+    GGUF_BLOCK_PREFIX,
+    GGUF_LORA_SUFFIXES,
+    GGUF_NORMS_PLUS_ONE,
+    GGUF_ROPE_FREQS,
+    OUTER_TENSORS,
+    ROPE_PERMUTED,
+    gguf_block_name,
+)
 
-ARCHITECTURE = 'llama'
+# The families written: model_type -> llama.cpp's architecture (the inverse of GGUF_ARCHITECTURES)
+WRITTEN = ('llama', 'smollm3', 'granite', 'olmo2', 'gemma2', 'gemma3_text')
+ARCHITECTURES = {model_type: arch for arch, (model_type, _) in GGUF_ARCHITECTURES.items() if model_type in WRITTEN}
 GGUF_DTYPES = ('f32', 'f16', 'bf16', 'q8_0', *SCHEMES)
 DTYPE_ALIASES = {'fp32': 'f32', 'float32': 'f32', 'fp16': 'f16', 'float16': 'f16', 'bfloat16': 'bf16',
                  'q4_k': 'q4_k_m', 'q5_k': 'q5_k_m', 'q3_k': 'q3_k_m'}  # llama-quantize's own short names
@@ -66,7 +78,7 @@ def write_gguf_model(merged, out, dtype, name=None):
                 'general.file_type': _file_type(dtype), 'general.quantization_version': _quant_version()}
     metadata.update(hyper_parameters(cfg))
     metadata.update(vocab_metadata(merged.model_dir, cfg.vocab_size))
-    _write(out, metadata, layout, _model_tensors(merged), desc='write gguf')
+    _write(out, metadata, layout, _model_tensors(merged), desc='write gguf', arch=ARCHITECTURES[cfg.model_type])
     return str(out)
 
 
@@ -78,7 +90,8 @@ def write_gguf_adapter(lora, state, cfg, out, dtype=DEFAULT_ADAPTER_DTYPE):
                              'adapter is written as f32, f16, bf16 or q8_0')
     layout = {name: (tuple(t.shape), _matrix_type(t.shape, dtype)) for name, t in _adapter_tensors(lora, state, cfg)}
     metadata = {'general.type': 'adapter', 'adapter.type': 'lora', 'adapter.lora.alpha': float(lora.alpha)}
-    _write(out, metadata, layout, _adapter_tensors(lora, state, cfg), desc='write gguf adapter')
+    _write(out, metadata, layout, _adapter_tensors(lora, state, cfg), desc='write gguf adapter',
+           arch=ARCHITECTURES[cfg.model_type])
     return str(out)
 
 
@@ -86,10 +99,28 @@ def write_gguf_adapter(lora, state, cfg, out, dtype=DEFAULT_ADAPTER_DTYPE):
 
 def hyper_parameters(cfg):
     """{'llama.…': value} from the config, under the same keys the GGUF reader reads."""
-    values = {f'{ARCHITECTURE}.{key}': getattr(cfg, field) for field, key in CONFIG_KEYS.items()}
-    values[f'{ARCHITECTURE}.attention.value_length'] = cfg.head_dim
-    values[f'{ARCHITECTURE}.rope.dimension_count'] = cfg.head_dim
-    values[f'{ARCHITECTURE}.vocab_size'] = cfg.vocab_size
+    arch = ARCHITECTURES[cfg.model_type]
+    values = {f'{arch}.{key}': getattr(cfg, field) for field, key in CONFIG_KEYS.items()}
+    values[f'{arch}.attention.value_length'] = cfg.head_dim
+    values[f'{arch}.rope.dimension_count'] = cfg.head_dim
+    values[f'{arch}.vocab_size'] = cfg.vocab_size
+    values.update({f'{arch}.{key}': value for key, value in _family_values(cfg).items()})
+    return values
+
+
+def _family_values(cfg):
+    """llama.cpp's keys for what issue 35's families add (gguf.py reads them back)."""
+    values = {}
+    if (cfg.rope_scaling or {}).get('rope_type') == 'linear':  # gemma3's full layers
+        values.update({'rope.scaling.type': 'linear', 'rope.scaling.factor': float(cfg.rope_scaling['factor'])})
+    if cfg.model_type == 'granite':
+        values.update({'attention.scale': float(cfg.attn_scale or cfg.head_dim ** -0.5),
+                       'embedding_scale': cfg.embed_multiplier, 'residual_scale': cfg.residual_multiplier,
+                       'logit_scale': cfg.logits_scaling})
+    if cfg.model_type in ('gemma2', 'gemma3_text'):
+        values.update({'attn_logit_softcapping': cfg.attn_softcap, 'final_logit_softcapping': cfg.final_softcap,
+                       'rope.freq_base_swa': cfg.rope_local_theta,
+                       'attention.sliding_window_pattern': [t == 'sliding_attention' for t in cfg.layer_types]})
     return values
 
 
@@ -119,12 +150,13 @@ def _scheme_types(cfg, layout, scheme):
 def _plain_layout(cfg, dtype):
     table = (cfg.vocab_size, cfg.dim)
     layout = {OUTER_TENSORS[EMBED_TENSOR][1]: (table, _matrix_type(table, dtype))}
-    if cfg.rope_scaling:
+    if _llama3_rope(cfg):
         layout[GGUF_ROPE_FREQS] = ((cfg.head_dim // 2,), 'f32')
     shapes = block_shapes(cfg)
     for i in range(cfg.n_layers):
-        for ours, (_, gguf_name, _) in BLOCK_TENSORS.items():
-            layout[GGUF_BLOCK_PREFIX.format(i=i) + gguf_name] = (shapes[ours], _matrix_type(shapes[ours], dtype))
+        for ours in block_tensor_names(cfg):
+            layout[GGUF_BLOCK_PREFIX.format(i=i) + gguf_block_name(ours, cfg)] = (
+                shapes[ours], _matrix_type(shapes[ours], dtype))
     layout[OUTER_TENSORS[NORM_TENSOR][1]] = ((cfg.dim,), 'f32')
     if not cfg.tie_embeddings:  # llama.cpp falls back to token_embd when output.weight is absent
         layout[OUTER_TENSORS[HEAD_TENSOR][1]] = (table, _matrix_type(table, dtype))
@@ -134,20 +166,20 @@ def _plain_layout(cfg, dtype):
 def _model_tensors(merged):
     """(GGUF name, fp32 tensor in llama.cpp's layout), one at a time, in model_layout's order."""
     cfg = merged.cfg
+    arch = ARCHITECTURES[cfg.model_type]
+    plus_one = 1.0 if arch in GGUF_NORMS_PLUS_ONE else 0.0  # gemma: llama.cpp stores 1 + w
     yield OUTER_TENSORS[EMBED_TENSOR][1], merged.embed()
-    if cfg.rope_scaling:
+    if _llama3_rope(cfg):
         yield GGUF_ROPE_FREQS, llama3_divisors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).float()
     for i in range(cfg.n_layers):
         block = merged.block(i)
-        extra = sorted(set(block) - set(BLOCK_TENSORS))
-        if extra:
-            raise SlowLlamaError(f'{merged.model_dir}: block tensor {extra[0]} has no llama.cpp name; this model '
-                                 'family cannot be exported to GGUF yet')
-        block = block_to_meta(block, cfg)
-        for ours, (_, gguf_name, _) in BLOCK_TENSORS.items():
-            yield GGUF_BLOCK_PREFIX.format(i=i) + gguf_name, block[ours]
+        if GGUF_ARCHITECTURES[arch][1]:  # converted as Llama: q/k rope-interleaved
+            block = block_to_meta(block, cfg)
+        for ours in block_tensor_names(cfg):
+            tensor = block[ours] + plus_one if ours.endswith('norm.weight') else block[ours]
+            yield GGUF_BLOCK_PREFIX.format(i=i) + gguf_block_name(ours, cfg), tensor
         del block
-    yield OUTER_TENSORS[NORM_TENSOR][1], merged.norm()
+    yield OUTER_TENSORS[NORM_TENSOR][1], merged.norm() + plus_one
     if not cfg.tie_embeddings:
         yield OUTER_TENSORS[HEAD_TENSOR][1], merged.lm_head()
 
@@ -159,22 +191,36 @@ def _adapter_tensors(lora, state, cfg):
             ours = path + '.weight'
             A = state[peft_key(i, path, 'A')].float()  # [rank, in]
             B = state[peft_key(i, path, 'B')].float()  # [out, rank]
-            if ours in ROPE_PERMUTED:  # (P B) A = P (B A): permuting B's rows permutes the update's
-                B = hf_to_meta(B, getattr(cfg, ROPE_PERMUTED[ours]))
-            name = GGUF_BLOCK_PREFIX.format(i=i) + BLOCK_TENSORS[ours][1]
+            if ours in ROPE_PERMUTED and GGUF_ARCHITECTURES[ARCHITECTURES[cfg.model_type]][1]:
+                B = hf_to_meta(B, getattr(cfg, ROPE_PERMUTED[ours]))  # (P B) A = P (B A): the update's rows permuted
+            name = GGUF_BLOCK_PREFIX.format(i=i) + gguf_block_name(ours, cfg)
             yield name + GGUF_LORA_SUFFIXES['A'], A
             yield name + GGUF_LORA_SUFFIXES['B'], B
 
 
 def _check_supported(cfg):
-    """Only the llama architecture is written: other families' extras (biases, q/k norms, sliding
-    windows) would need their own llama.cpp names and keys. Block tensors without a llama.cpp name
-    are refused again as they are read (_model_tensors)."""
+    """The families in WRITTEN, as llama.cpp runs them: what it hardcodes rather than reads (SmolLM3's
+    rope-less fourth layers, Gemma's query scale) must be what the model has."""
     family = cfg.model_type
-    extras = [field for field in ('qkv_bias', 'qk_norm', 'sliding_window') if getattr(cfg, field)]
-    if family != ARCHITECTURE or extras:
+    extras = [field for field in ('qkv_bias', 'sliding_window') if getattr(cfg, field)]
+    if family not in ARCHITECTURES or (family == 'llama' and extras):
         raise SlowLlamaError(f'GGUF export: {family} models{" with " + extras[0] if extras else ""} cannot be '
-                             f'written yet (only {ARCHITECTURE})')
+                             f'written yet (only {", ".join(ARCHITECTURES)})')
+    if family == 'smollm3' and (cfg.no_rope_layers or [1] * cfg.n_layers) != [
+            int((i + 1) % 4 != 0) for i in range(cfg.n_layers)]:
+        raise SlowLlamaError('GGUF export: llama.cpp runs smollm3 with every fourth layer without rope; '
+                             'this model\'s no_rope_layers differ')
+    if family in ('gemma2', 'gemma3_text'):
+        big = cfg.n_layers == (46 if family == 'gemma2' else 62)  # llama.cpp's 27B rule
+        scale = (cfg.dim // cfg.n_heads if big else cfg.head_dim) ** -0.5
+        if abs((cfg.attn_scale or scale) - scale) > 1e-6 * scale:
+            raise SlowLlamaError(f'GGUF export: llama.cpp scales {family} queries by {scale:.6g}; this model\'s '
+                                 f'query_pre_attn_scalar gives {cfg.attn_scale:.6g}')
+
+
+def _llama3_rope(cfg):
+    """Llama-3 rope scaling (stored without a rope_type), which llama.cpp takes as a rope_freqs tensor."""
+    return bool(cfg.rope_scaling) and 'rope_type' not in cfg.rope_scaling
 
 
 # --- how it is encoded ----------------------------------------------------------------------------
@@ -226,7 +272,7 @@ def _gguf():
 
 # --- the file -------------------------------------------------------------------------------------
 
-def _write(out, metadata, layout, tensors, desc):
+def _write(out, metadata, layout, tensors, desc, arch='llama'):
     """Header, metadata and tensor table from `layout`, then each tensor as `tensors` yields it."""
     gguf, out = _gguf(), str(out)
     if os.path.isdir(out):
@@ -236,7 +282,7 @@ def _write(out, metadata, layout, tensors, desc):
     check_free_space(folder, sum(_nbytes(shape, kind) for shape, kind in layout.values()), out)
     fd, tmp = temporary_beside(out)
     os.close(fd)
-    writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
         for key, value in metadata.items():
             _add(writer, key, value)

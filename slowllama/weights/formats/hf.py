@@ -10,7 +10,7 @@ from ...model.config import config_errors
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ...progress import progress
 from ...tokenizer.chat_template import copy_tokenizer_files
-from ..files import SafetensorsFile, read_json, write_json
+from ..files import SafetensorsFile, announce, read_json, write_json
 from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .model_config import config_from_hf, config_to_hf
 from .names import HF_BLOCK_PREFIX, HF_OUTER
@@ -60,8 +60,10 @@ def prepare_hf(src, writer):
     cfg = writer.cfg
     where = shard_index(src)
     opened = {}
+    checkpoint_name = language_model_names(where, src)
 
     def get(name):
+        name = checkpoint_name(name)
         if name not in where:
             raise SlowLlamaError(f'{src}: tensor {name} missing from the checkpoint')
         if where[name] not in opened:
@@ -81,6 +83,22 @@ def prepare_hf(src, writer):
         head = get(HF_OUTER[HEAD_TENSOR])
     writer.write_head(get(HF_OUTER[NORM_TENSOR]), head)
     copy_tokenizer_files(src, TOKENIZER_FILES, writer)
+
+
+# Where a multimodal checkpoint (gemma3) keeps its language model: the prefix that stands for our
+# 'model.' (transformers v5 writes the first, Google's release the second), and its lm_head's name
+LANGUAGE_MODEL_PREFIXES = {'model.language_model.': 'lm_head.weight',
+                           'language_model.model.': 'language_model.lm_head.weight'}
+
+
+def language_model_names(where, src):
+    """Our HF name -> the checkpoint's: the same, or inside a multimodal model's language model (whose
+    vision tower and projector we skip)."""
+    for prefix, head in LANGUAGE_MODEL_PREFIXES.items():
+        if prefix + 'embed_tokens.weight' in where:
+            announce(f'{src}: a multimodal checkpoint: its language model is read, its vision tower is skipped')
+            return lambda name: head if name == HF_OUTER[HEAD_TENSOR] else prefix + name.removeprefix('model.')
+    return lambda name: name
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -4,16 +4,32 @@ import math
 
 from ...errors import SlowLlamaError
 from ...model.config import ModelConfig
-from .names import FAMILY_FIELDS, HF_ARCHITECTURES, WINDOWED_FAMILIES
+from .names import FAMILY_FIELDS, HF_ARCHITECTURES, LAYERED_FAMILIES, TEXT_MODELS, WINDOWED_FAMILIES
+
+# Values transformers' config classes default to, for config.json files that leave them out (the
+# text_config of Google's Gemma 3 multimodal checkpoints names only what differs from these)
+HF_DEFAULTS = {
+    'gemma3_text': {'vocab_size': 262208, 'hidden_size': 2304, 'intermediate_size': 9216, 'num_hidden_layers': 26,
+                    'num_attention_heads': 8, 'num_key_value_heads': 4, 'head_dim': 256, 'rms_norm_eps': 1e-6,
+                    'hidden_activation': 'gelu_pytorch_tanh', 'max_position_embeddings': 131072,
+                    'query_pre_attn_scalar': 256, 'sliding_window': 4096, 'tie_word_embeddings': True,
+                    'rope_theta': 1000000.0, 'rope_local_base_freq': 10000.0, 'bos_token_id': 2, 'eos_token_id': 1},
+}
 
 
 def config_from_hf(hf):
     """From a transformers config.json dict (v4 'rope_theta'/'rope_scaling' or v5 'rope_parameters')."""
     model_type = hf.get('model_type', 'llama')
+    if isinstance(model_type, str) and model_type in TEXT_MODELS:  # gemma3: its language model, in text_config
+        model_type = TEXT_MODELS[model_type]
+        hf = {**(hf.get('text_config') or {}), 'model_type': model_type}
     if not isinstance(model_type, str) or model_type not in HF_ARCHITECTURES:
         raise SlowLlamaError(f'config.json: model_type {model_type!r:.80} is not supported '
-                             f'(supported: {", ".join(HF_ARCHITECTURES)})')
+                             f'(supported: {", ".join([*HF_ARCHITECTURES, *TEXT_MODELS])})')
+    hf = {**HF_DEFAULTS.get(model_type, {}), **hf}
     rope = hf.get('rope_parameters') or {}
+    if 'full_attention' in rope:  # gemma3 (transformers v5): a rope per layer type
+        rope = rope['full_attention'] or {}
     n_heads = hf['num_attention_heads']
     return ModelConfig(
         dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=n_heads,
@@ -70,6 +86,31 @@ def config_to_hf(cfg):
     if cfg.model_type == 'phi3':
         config['original_max_position_embeddings'] = (cfg.rope_scaling or {}).get(
             'original_max_position_embeddings', cfg.max_seq_len)
+    config.update(_hf_family_config(cfg, rope))
+    return config
+
+
+def _hf_family_config(cfg, rope):
+    """config.json keys of issue 35's families (smollm3, olmo2, granite, gemma2, gemma3_text)."""
+    config = {}
+    if cfg.model_type in LAYERED_FAMILIES:
+        config.update(sliding_window=cfg.sliding_window, layer_types=cfg.layer_types or ['full_attention'] * cfg.n_layers)
+    if cfg.model_type == 'smollm3':
+        config.update(use_sliding_window=cfg.sliding_window is not None and cfg.layer_types is not None,
+                      no_rope_layers=cfg.no_rope_layers or [1] * cfg.n_layers)
+    if cfg.model_type == 'granite':
+        config.update(attention_multiplier=cfg.attn_scale or cfg.head_dim ** -0.5,
+                      embedding_multiplier=cfg.embed_multiplier, residual_multiplier=cfg.residual_multiplier,
+                      logits_scaling=cfg.logits_scaling)
+    if cfg.model_type in ('gemma2', 'gemma3_text'):
+        scalar = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+        config.update(hidden_act='gelu_pytorch_tanh', hidden_activation='gelu_pytorch_tanh',
+                      query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+                      attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
+    if cfg.model_type == 'gemma3_text':
+        local = {'rope_type': 'default', 'rope_theta': cfg.rope_local_theta}
+        config.update(rope_parameters={'full_attention': rope, 'sliding_attention': local}, rope_scaling=None,
+                      rope_local_base_freq=cfg.rope_local_theta, use_bidirectional_attention=False)
     return config
 
 def config_to_meta(cfg):
@@ -106,8 +147,11 @@ def _meta_ffn_params(dim, hidden_dim):
 def _hf_family(hf, model_type):
     """The ModelConfig fields that tell the families apart, refusing what we do not build."""
     where = f'config.json ({model_type})'
-    if hf.get('hidden_act', 'silu') != 'silu':
-        raise SlowLlamaError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    gemma = model_type in ('gemma2', 'gemma3_text')
+    activation = hf.get('hidden_activation') or hf.get('hidden_act') or ('gelu_pytorch_tanh' if gemma else 'silu')
+    if activation != ('gelu_pytorch_tanh' if gemma else 'silu'):
+        raise SlowLlamaError(f"{where}: hidden_act {activation!r} is not supported "
+                             f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
     if hf.get('mlp_bias') or (hf.get('attention_bias') and model_type != 'qwen2'):
         raise SlowLlamaError(f'{where}: attention_bias / mlp_bias are not supported')
     rotary = (hf.get('rope_parameters') or {}).get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
@@ -116,9 +160,51 @@ def _hf_family(hf, model_type):
     window = hf.get('sliding_window') if model_type in WINDOWED_FAMILIES else None
     if hf.get('use_sliding_window') and hf.get('max_window_layers', hf['num_hidden_layers']) < hf['num_hidden_layers']:
         raise SlowLlamaError(f'{where}: use_sliding_window on some layers only is not supported')  # qwen
-    if len(set(hf.get('layer_types') or [])) > 1:
+    layer_types = hf.get('layer_types')
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != hf['num_hidden_layers']):
+        raise SlowLlamaError(f'{where}: layer_types lists {len(layer_types) if isinstance(layer_types, list) else 0} '
+                             f"layers but num_hidden_layers is {hf['num_hidden_layers']}")
+    if model_type not in LAYERED_FAMILIES and len(set(layer_types or [])) > 1:
         raise SlowLlamaError(f'{where}: layer_types mixing attention kinds are not supported')
-    return {'model_type': model_type, 'sliding_window': window, **FAMILY_FIELDS.get(model_type, {})}
+    if hf.get('use_bidirectional_attention'):
+        raise SlowLlamaError(f'{where}: use_bidirectional_attention (an embedding model) is not supported')
+    fields = {'model_type': model_type, 'sliding_window': window, **FAMILY_FIELDS.get(model_type, {})}
+    fields.update(_layer_fields(hf, model_type))
+    if model_type == 'granite':
+        fields.update(attn_scale=hf.get('attention_multiplier', 1.0), embed_multiplier=hf.get('embedding_multiplier', 1.0),
+                      residual_multiplier=hf.get('residual_multiplier', 1.0), logits_scaling=hf.get('logits_scaling', 1.0))
+    if gemma:
+        for key in ('attn_logit_softcapping', 'final_logit_softcapping'):  # null turns a cap off; 0 is no cap
+            value = hf.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                      not 0 < value < math.inf):
+                raise SlowLlamaError(f'{where}: {key} must be a positive number or null, got {value!r:.80}')
+        fields.update(attn_scale=hf['query_pre_attn_scalar'] ** -0.5, embed_multiplier=hf['hidden_size'] ** 0.5,
+                      attn_softcap=hf.get('attn_logit_softcapping'), final_softcap=hf.get('final_logit_softcapping'))
+    return fields
+
+
+def _layer_fields(hf, model_type):
+    """Per-layer differences: which layers have the sliding window (gemma2: every other one, gemma3:
+    five of six, smollm3: as use_sliding_window says), which have no rope (smollm3), and gemma3's
+    second rope base for its sliding layers."""
+    n = hf['num_hidden_layers']
+    fields = {}
+    if model_type in ('gemma2', 'gemma3_text'):
+        period = 2 if model_type == 'gemma2' else hf.get('sliding_window_pattern', 6)
+        fields['layer_types'] = hf.get('layer_types') or [
+            'sliding_attention' if (i + 1) % period else 'full_attention' for i in range(n)]
+        fields['sliding_window'] = hf.get('sliding_window')
+    if model_type == 'smollm3':
+        interval = hf.get('no_rope_layer_interval', 4)
+        fields['no_rope_layers'] = hf.get('no_rope_layers') or [int((i + 1) % interval != 0) for i in range(n)]
+        if hf.get('use_sliding_window') and hf.get('sliding_window'):
+            fields.update(sliding_window=hf['sliding_window'], layer_types=hf.get('layer_types'))
+    if model_type == 'gemma3_text':
+        rope = hf.get('rope_parameters') or {}
+        local = (rope.get('sliding_attention') or {}).get('rope_theta') if 'full_attention' in rope else None
+        fields['rope_local_theta'] = float(local or hf.get('rope_local_base_freq', 10000.0))
+    return fields
 
 
 def _hf_rope_scaling(scaling, hf, model_type):

@@ -28,26 +28,44 @@ GGUF_OPTIONAL = {
     'self_attn.q_proj.bias': 'attn_q.bias', 'self_attn.k_proj.bias': 'attn_k.bias',
     'self_attn.v_proj.bias': 'attn_v.bias',
     'self_attn.q_norm.weight': 'attn_q_norm.weight', 'self_attn.k_norm.weight': 'attn_k_norm.weight',
+    'post_feedforward_layernorm.weight': 'post_ffw_norm.weight', 'pre_feedforward_layernorm.weight': 'ffn_norm.weight',
 }
 assert set(GGUF_OPTIONAL) == set(OPTIONAL_BLOCK_TENSORS)
+# With post_norms (olmo2, gemma2, gemma3) post_attention_layernorm is on the attention's output, a
+# tensor llama.cpp names apart from Llama's pre-MLP ffn_norm
+GGUF_POST_NORMS = {'post_attention_layernorm.weight': 'post_attention_norm.weight'}
 
 
-def gguf_block_name(ours):
+def gguf_block_name(ours, cfg=None):
     """Our block tensor name -> llama.cpp's ('self_attn.q_proj.bias' -> 'attn_q.bias')."""
+    if cfg is not None and cfg.post_norms and ours in GGUF_POST_NORMS:
+        return GGUF_POST_NORMS[ours]
     return BLOCK_TENSORS[ours][1] if ours in BLOCK_TENSORS else GGUF_OPTIONAL[ours]
 
 
 # The families we build: HF model_type -> the transformers class that loads it
 HF_ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
-    'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM',
+    'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM', 'smollm3': 'SmolLM3ForCausalLM',
+    'olmo2': 'Olmo2ForCausalLM', 'granite': 'GraniteForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM',
+    'gemma2': 'Gemma2ForCausalLM',
 }
 assert tuple(HF_ARCHITECTURES) == FAMILIES
+# Multimodal model_types whose language model we build: model_type -> the text model's
+TEXT_MODELS = {'gemma3': 'gemma3_text'}
+# Where peft keys the LoRAs of a multimodal model's language model (model/names.PEFT_PREFIX for ours)
+PEFT_LANGUAGE_MODEL_PREFIX = 'base_model.model.model.language_model.layers.'
 
 # What a family's blocks carry beyond Llama's: model_type -> ModelConfig fields (flags of OPTIONAL_BLOCK_TENSORS)
-FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True}}
+_GEMMA = {'post_norms': True, 'norm_kind': 'plus_one', 'mlp_activation': 'gelu_tanh'}
+FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True},
+                 'olmo2': {'pre_norms': False, 'post_norms': True, 'qk_norm': True, 'qk_norm_whole': True,
+                           'norm_kind': 'fp32_scale'},
+                 'gemma2': _GEMMA, 'gemma3_text': {**_GEMMA, 'qk_norm': True}}
 # Families whose config.json sliding_window is a window of every layer
 WINDOWED_FAMILIES = ('mistral', 'phi3')
+# Families whose config.json layer_types say which layers have the window (the others see everything)
+LAYERED_FAMILIES = ('gemma2', 'gemma3_text', 'smollm3')
 
 # Tensors a family's HF checkpoints keep fused: model_type -> {HF name: our names, stacked on rows in order}.
 # Split at prepare, fused again at export.
@@ -59,8 +77,12 @@ FUSED_TENSORS = {
 
 # GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
 # for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
+# granite and smollm3 are converted as Llama (permuted); olmo2 and the gemmas are not.
 GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False),
-                      'phi3': ('phi3', False)}
+                      'phi3': ('phi3', False), 'smollm3': ('smollm3', True), 'granite': ('granite', True),
+                      'olmo2': ('olmo2', False), 'gemma2': ('gemma2', False), 'gemma3': ('gemma3_text', False)}
+# Architectures whose every RMSNorm weight llama.cpp stores plus one (gemma's (1 + w) folded in)
+GGUF_NORMS_PLUS_ONE = ('gemma2', 'gemma3')
 # llama.cpp's fused block tensors: architecture -> {GGUF name: our names, stacked on rows in order}
 GGUF_FUSED = {
     'phi3': {'attn_qkv.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'),

@@ -15,7 +15,6 @@ LoRA per part, exactly: the parts share its A and take their rows of B. One we s
 parts * r, B block diagonal) is cut back into the parts' own A and B.
 """
 import os
-import shutil
 
 import torch
 
@@ -23,10 +22,10 @@ from ...errors import SlowLlamaError
 from ...model.block import block_shapes
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
-from ...model.names import TARGET_MODULES
-from ..files import SafetensorsFile, atomic_folder, read_json, write_json, write_safetensors
+from ...model.names import PEFT_PREFIX, TARGET_MODULES, canonical_target
+from ..files import SafetensorsFile, announce, atomic_folder, clean_leftovers, read_json, write_json, write_safetensors
 from ..prepared import read_manifest
-from .names import FUSED_TARGETS
+from .names import FUSED_TARGETS, PEFT_LANGUAGE_MODEL_PREFIX
 
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
@@ -68,16 +67,33 @@ def read_adapter_folder(folder):
         found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
         if not os.path.isdir(folder):
             raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
-    cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
+    config = read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json')
     weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
-    for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it
+    rename = _language_model_keys(weights.names(), folder)
+    if rename is not None and isinstance(config, dict) and isinstance(config.get('target_modules'), list):
+        # the vision tower's own targets (out_proj, fc1, ...) are not ours
+        config = {**config, 'target_modules': [t for t in config['target_modules'] if canonical_target(str(t))]}
+    cfg = LoraConfig.from_peft(config, folder)
+    names = weights.names() if rename is None else list(rename)
+    for name in names:  # the rank sizes the LoRA matrices: the file's tensors must justify it
         shape = weights.shape(name)
         rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
         if len(shape) != 2 or rank != cfg.rank:
             raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
         if not torch.isfinite(weights.tensor(name).float()).all():
             raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
-    return cfg, {name: weights.tensor(name).clone() for name in weights.names()}
+    return cfg, {name if rename is None else rename[name]: weights.tensor(name).clone() for name in names}
+
+
+def _language_model_keys(names, folder):
+    """None for an adapter of a text model; for one peft trained on a multimodal model (gemma3), {its key
+    of a language-model LoRA: ours}, the vision tower's LoRAs left out (said in one line)."""
+    inside = [n for n in names if n.startswith(PEFT_LANGUAGE_MODEL_PREFIX)]
+    if not inside:
+        return None
+    if len(inside) < len(names):
+        announce(f'{folder}: the LoRAs on the vision tower are skipped (the language model\'s are read)')
+    return {n: PEFT_PREFIX + n.removeprefix(PEFT_LANGUAGE_MODEL_PREFIX) for n in inside}
 
 
 # --- as peft applies it to the family's transformers class ----------------------------------
