@@ -166,7 +166,7 @@ def test_a_checkpoint_writes_its_adapter_in_place_and_a_failure_leaves_nothing(t
 
 def test_a_failed_save_adapter_keeps_the_old_adapter(tiny_text_model, tmp_path, monkeypatch):
     import slowllama
-    from slowllama.engine import streamed
+    from slowllama.weights.formats import peft
     model = slowllama.load(tiny_text_model[0], lora=slowllama.LoraConfig(rank=2, targets=('q', 'v')))
     folder = tmp_path / 'adapter'
     model.save_adapter(folder)
@@ -175,7 +175,7 @@ def test_a_failed_save_adapter_keeps_the_old_adapter(tiny_text_model, tmp_path, 
     def half_then_fail(staging, *args):
         Path(staging, 'adapter_model.safetensors').write_text('half')
         raise RuntimeError('killed mid-save')
-    monkeypatch.setattr(streamed, 'save_adapter_folder', half_then_fail)
+    monkeypatch.setattr(peft, 'save_adapter_folder', half_then_fail)
     with pytest.raises(RuntimeError, match='killed mid-save'):
         model.save_adapter(folder)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
