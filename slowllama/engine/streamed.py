@@ -303,7 +303,8 @@ class StreamedModel:
         """Recompute block i under autograd with the forward's RNG state, push grad_output through:
         adds share * the LoRA gradients to their .grad and returns d loss / d input."""
         block_input = block_input.detach().requires_grad_(True)
-        weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
+        if TAIL_WEIGHT in weights:  # a MoE block ends in its experts' sum instead
+            weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
         set_rng_state(self.device, rng_state)
         with torch.enable_grad():
             output = self.run_block(i, weights, block_input, layout)  # only its gradient is used

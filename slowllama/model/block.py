@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -206,16 +207,18 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = FeedForward(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else FeedForward(cfg)  # qwen3_moe, mixtral: router and experts
         self.set_dropout(dropout)
 
     def set_dropout(self, p):
         self.dropout = p
         self.self_attn.dropout = p
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, mask=None, fetch_experts=None):
+        """fetch_experts: how a MoE block gets the weights of the experts its router chose (moe.py)."""
         h = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
-        return h + self._drop(self.mlp(self.post_attention_layernorm(h)))
+        mlp_in = self.post_attention_layernorm(h)
+        return h + self._drop(self.mlp(mlp_in) if fetch_experts is None else self.mlp(mlp_in, fetch_experts))
 
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout else x

@@ -12,6 +12,11 @@ BLOCK_WEIGHTS = (
 # The seven projection weights of a block: what --quant packs (norms stay in the model's dtype)
 PROJECTION_WEIGHTS = tuple(name for name in BLOCK_WEIGHTS if name.endswith('_proj.weight'))
 
+
+def is_projection(name):
+    """A weight --quant packs: the dense projections and each expert's (not the router)."""
+    return name in PROJECTION_WEIGHTS or (name.startswith('mlp.experts.') and name.endswith('_proj.weight'))
+
 # Block tensors only some families have: ours -> the ModelConfig flag that adds them
 OPTIONAL_BLOCK_TENSORS = {
     'self_attn.q_proj.bias': 'qkv_bias', 'self_attn.k_proj.bias': 'qkv_bias', 'self_attn.v_proj.bias': 'qkv_bias',
@@ -19,9 +24,25 @@ OPTIONAL_BLOCK_TENSORS = {
 }
 
 
+# A Mixture-of-Experts block's MLP (qwen3_moe, mixtral): the router, then each expert's three weights
+ROUTER_WEIGHT = 'mlp.gate.weight'
+DENSE_MLP_WEIGHTS = ('mlp.gate_proj.weight', 'mlp.up_proj.weight', 'mlp.down_proj.weight')
+EXPERT_PROJECTIONS = ('gate_proj', 'up_proj', 'down_proj')
+
+
+def expert_weight(e, projection):
+    """(3, 'up_proj') -> 'mlp.experts.3.up_proj.weight'"""
+    return f'mlp.experts.{e}.{projection}.weight'
+
+
 def block_tensor_names(cfg):
-    """Our names of one block's tensors for this model's family, in file order."""
-    return list(BLOCK_WEIGHTS) + [name for name, flag in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
+    """Our names of one block's tensors for this model's family, in file order (a MoE block: the
+    router in place of the dense MLP, then expert 0's weights, expert 1's, ...)."""
+    names = list(BLOCK_WEIGHTS) + [name for name, flag in OPTIONAL_BLOCK_TENSORS.items() if getattr(cfg, flag)]
+    if not cfg.n_experts:
+        return names
+    experts = [expert_weight(e, p) for e in range(cfg.n_experts) for p in EXPERT_PROJECTIONS]
+    return [n for n in names if n not in DENSE_MLP_WEIGHTS] + [ROUTER_WEIGHT] + experts
 
 
 # Tensors outside the blocks

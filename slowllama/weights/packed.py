@@ -11,7 +11,7 @@ import torch
 
 from ..errors import SlowLlamaError
 from ..model import kernels
-from ..model.names import EMBED_TENSOR, HEAD_TENSOR, PROJECTION_WEIGHTS
+from ..model.names import EMBED_TENSOR, HEAD_TENSOR, is_projection
 from ..model.quant import (NF4_BLOCK, Quant, check_quantizable, dequantize, dequantize_absmax, nf4_code,
                            nf4_dequantize, packed_layout, q8_0_dequantize, quantize)
 
@@ -22,7 +22,7 @@ def part_name(weight_name, part):
 
 
 def is_packed(name, quant):
-    return quant is not None and (name in PROJECTION_WEIGHTS or (quant.head and name in (EMBED_TENSOR, HEAD_TENSOR)))
+    return quant is not None and (is_projection(name) or (quant.head and name in (EMBED_TENSOR, HEAD_TENSOR)))
 
 
 def file_layout(shapes, quant: Quant | None, dtype):

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import SlowLlamaError
 from ..model.config import ModelConfig, config_errors
-from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, block_tensor_names
+from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, ROUTER_WEIGHT, block_tensor_names, expert_weight
 from ..model.quant import Quant, parse_quant
 from .files import (announce, clean_leftovers, read_json, safetensors_header, sha256_file, staging_dir, swap_dir,
                     write_json, write_safetensors)
@@ -168,7 +168,11 @@ def block_shapes(cfg: ModelConfig):
         'input_layernorm.weight': (cfg.dim,), 'post_attention_layernorm.weight': (cfg.dim,),
         'self_attn.q_proj.bias': (q,), 'self_attn.k_proj.bias': (kv,), 'self_attn.v_proj.bias': (kv,),
         'self_attn.q_norm.weight': (cfg.head_dim,), 'self_attn.k_norm.weight': (cfg.head_dim,),
+        ROUTER_WEIGHT: (cfg.n_experts, cfg.dim),  # MoE: the router, then each expert alone
     }
+    expert = {'gate_proj': (cfg.expert_hidden_dim, cfg.dim), 'up_proj': (cfg.expert_hidden_dim, cfg.dim),
+              'down_proj': (cfg.dim, cfg.expert_hidden_dim)}
+    shapes.update({expert_weight(e, p): shape for e in range(cfg.n_experts) for p, shape in expert.items()})
     return {name: shapes[name] for name in block_tensor_names(cfg)}
 
 

@@ -41,13 +41,14 @@ def gguf_block_name(ours):
 HF_ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
     'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM',
+    'qwen3_moe': 'Qwen3MoeForCausalLM', 'mixtral': 'MixtralForCausalLM',
 }
 assert tuple(HF_ARCHITECTURES) == FAMILIES
 
 # What a family's blocks carry beyond Llama's: model_type -> ModelConfig fields (flags of OPTIONAL_BLOCK_TENSORS)
-FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True}}
+FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True}, 'qwen3_moe': {'qk_norm': True}}
 # Families whose config.json sliding_window is a window of every layer
-WINDOWED_FAMILIES = ('mistral', 'phi3')
+WINDOWED_FAMILIES = ('mistral', 'phi3', 'mixtral')
 
 # Tensors a family's HF checkpoints keep fused: model_type -> {HF name: our names, stacked on rows in order}.
 # Split at prepare, fused again at export.
@@ -56,6 +57,18 @@ FUSED_TENSORS = {
                                            'self_attn.v_proj.weight'),
              'mlp.gate_up_proj.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
 }
+
+# Mixture-of-Experts blocks in HF checkpoints, as the hub stores them (one tensor per expert and
+# projection): model_type -> (router, an expert's projection, {our projection: theirs})
+HF_EXPERTS = {
+    'qwen3_moe': ('mlp.gate.weight', 'mlp.experts.{e}.{p}.weight',
+                  {'gate_proj': 'gate_proj', 'up_proj': 'up_proj', 'down_proj': 'down_proj'}),
+    'mixtral': ('block_sparse_moe.gate.weight', 'block_sparse_moe.experts.{e}.{p}.weight',
+                {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}),
+}
+# ... and as transformers 5 holds them: every expert in one 3D tensor per projection, gate and up
+# stacked on rows ([experts, 2 * expert_hidden, dim]), down [experts, dim, expert_hidden]
+HF_FUSED_EXPERTS = ('mlp.gate.weight', 'mlp.experts.gate_up_proj', 'mlp.experts.down_proj')
 
 # GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
 # for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
