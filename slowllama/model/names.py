@@ -54,7 +54,15 @@ HEAD_TENSOR = 'lm_head.weight'
 TARGET_MODULES = {
     'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj', 'o': 'self_attn.o_proj',
     'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj',
+    'router': 'mlp.gate', 'experts': 'mlp.experts',  # Mixture-of-Experts blocks only
 }
+DENSE_MLP_TARGETS = ('gate', 'up', 'down')
+MOE_TARGETS = ('router', 'experts')
+# LoRA on the experts, as PEFT's target_parameters on transformers 5's two 3D expert tensors: one
+# LoRA per tensor (each expert its own rank-r slice), the second nesting the first as its
+# base_layer. PEFT key path -> (the tensor it adapts, our ExpertProjection module in the MoE MLP)
+EXPERT_LORA = {'mlp.experts.base_layer': ('mlp.experts.gate_up_proj', 'mlp.gate_up'),
+               'mlp.experts': ('mlp.experts.down_proj', 'mlp.down')}
 TARGET_ALIASES = {
     'wq': 'q', 'wk': 'k', 'wv': 'v', 'wo': 'o', 'w1': 'gate', 'w3': 'up', 'w2': 'down',
     'q_proj': 'q', 'k_proj': 'k', 'v_proj': 'v', 'o_proj': 'o',

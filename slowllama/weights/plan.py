@@ -22,7 +22,15 @@ def head_slice_rows(tokens):
 
 def block_params(cfg: ModelConfig):
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    mlp = 3 * cfg.dim * cfg.hidden_dim
+    if cfg.n_experts:  # MoE: the router and every expert (a trip may touch them all)
+        mlp = cfg.n_experts * (cfg.dim + 3 * cfg.dim * cfg.expert_hidden_dim)
+    return cfg.dim * (2 * q + 2 * kv) + mlp + 2 * cfg.dim
+
+
+def ffn_width(cfg: ModelConfig):
+    """The feed-forward's inner width a token's activations take: a MoE token runs k experts."""
+    return cfg.experts_per_token * cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim
 
 
 def block_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
@@ -32,13 +40,20 @@ def block_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
         return block_params(cfg) * DTYPE_BYTES[dtype]
     q, kv, dim, hidden = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.dim, cfg.hidden_dim
     projections = [(q, dim), (kv, dim), (kv, dim), (dim, q), (hidden, dim), (hidden, dim), (dim, hidden)]
-    return 2 * dim * DTYPE_BYTES[dtype] + sum(packed_nbytes(shape, quant) for shape in projections)
+    plain = 2 * dim
+    if cfg.n_experts:  # MoE: each expert packed alone, the router plain
+        hidden = cfg.expert_hidden_dim
+        projections = projections[:4] + [(hidden, dim), (hidden, dim), (dim, hidden)] * cfg.n_experts
+        plain += cfg.n_experts * dim
+    return plain * DTYPE_BYTES[dtype] + sum(packed_nbytes(shape, quant) for shape in projections)
 
 
 def lora_params(cfg: ModelConfig, rank, targets):
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     shapes = {'q': (cfg.dim, q), 'k': (cfg.dim, kv), 'v': (cfg.dim, kv), 'o': (q, cfg.dim),
-              'gate': (cfg.dim, cfg.hidden_dim), 'up': (cfg.dim, cfg.hidden_dim), 'down': (cfg.hidden_dim, cfg.dim)}
+              'gate': (cfg.dim, cfg.hidden_dim), 'up': (cfg.dim, cfg.hidden_dim), 'down': (cfg.hidden_dim, cfg.dim),
+              'router': (cfg.dim, cfg.n_experts),
+              'experts': (cfg.n_experts * (2 * cfg.dim + 3 * cfg.expert_hidden_dim), 0)}  # each expert: r (in + out)
     return cfg.n_layers * sum(rank * (n_in + n_out) for n_in, n_out in (shapes[t] for t in targets))
 
 
@@ -51,7 +66,7 @@ def block_working_set(cfg: ModelConfig, batch, seq, act_bytes):
     """Bytes autograd keeps while recomputing and backpropagating one block (activations + grads)."""
     tokens = batch * seq
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_token = 6 * cfg.dim + 2 * q + 4 * kv + 4 * cfg.hidden_dim  # norms, q/k/v (+ roped), attn out, ffn
+    per_token = 6 * cfg.dim + 2 * q + 4 * kv + 4 * ffn_width(cfg)  # norms, q/k/v (+ roped), attn out, ffn
     attention = batch * cfg.n_heads * seq * seq if seq > 1024 else 0  # math-kernel scores at long seq
     return (tokens * per_token + attention) * act_bytes
 
@@ -69,7 +84,7 @@ def saved_input_bytes(cfg: ModelConfig, batch, seq, act_bytes):
     return batch * seq * cfg.dim * act_bytes
 
 
-LORA_INPUT = {'q': 'attn_in', 'k': 'attn_in', 'v': 'attn_in', 'o': 'attn_out', 'gate': 'ffn_in', 'up': 'ffn_in',
+LORA_INPUT = {'q': 'attn_in', 'k': 'attn_in', 'v': 'attn_in', 'o': 'attn_out', 'gate': 'ffn_in', 'up': 'ffn_in', 'router': 'ffn_in', 'experts': 'ffn_act',
               'down': 'ffn_act'}  # what each target's LoRA reads
 
 
@@ -81,7 +96,7 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
     of a real block), plus the block's input the engine holds."""
     t, w, f = batch * seq, DTYPE_BYTES[dtype], 4
     q, kv, heads = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
-    width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': cfg.hidden_dim}
+    width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': ffn_width(cfg)}
     total = 2 * t * (cfg.dim + 1) * f  # each RMSNorm: its input in fp32 and 1/rms
     if cfg.qk_norm:
         total += t * (q + kv + heads + cfg.n_kv_heads) * f
@@ -96,7 +111,7 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
         total += batch * seq * seq * f  # the documents' mask, as an additive float mask
     if dropout:
         total += 2 * t * cfg.dim * w  # the residual branches' dropout masks
-    total += 3 * t * cfg.hidden_dim * w  # gate, silu(gate), up
+    total += 3 * t * ffn_width(cfg) * w  # gate, silu(gate), up
     shared = {'attn_out'} if not math_attention else set()  # the fused attention keeps its output anyway
     for target in targets:  # LoRA: A's input (fp32) and A's output
         source = LORA_INPUT[target]

@@ -57,16 +57,19 @@ def read_adapter_folder(folder):
         found = clean_leftovers(folder)  # a save killed mid-way: say so; an old folder may come back
         if not os.path.isdir(folder):
             raise SlowLlamaError(f'{folder}: adapter folder not found' + (f'; {found}' if found else ''))
-    cfg = LoraConfig.from_peft(read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json'), folder)
+    config = read_json(os.path.join(folder, ADAPTER_CONFIG), 'adapter_config.json')
+    cfg = LoraConfig.from_peft(config, folder)
     weights = SafetensorsFile(os.path.join(folder, ADAPTER_WEIGHTS))
     for name in weights.names():  # the rank sizes the LoRA matrices: the file's tensors must justify it
         shape = weights.shape(name)
         rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
-        if len(shape) != 2 or rank != cfg.rank:
+        stacked = '.mlp.experts.' in name  # one rank-r slice per expert (load_adapter_state checks the count)
+        if len(shape) != 2 or (rank % cfg.rank if stacked else rank != cfg.rank):
             raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
         if not torch.isfinite(weights.tensor(name).float()).all():
             raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
-    return cfg, {name: weights.tensor(name).clone() for name in weights.names()}
+    state = {name: weights.tensor(name).clone() for name in weights.names()}
+    return cfg, state  # peft nests gate_up_proj's LoRA under down_proj's whatever order it was given
 
 
 # --- as peft applies it to the family's transformers class ----------------------------------
