@@ -122,7 +122,7 @@ MUTANTS = [
       'if i < kept_blocks else None', f'{T_KEPT}::test_some_blocks_kept_the_others_recomputed'),
     M('kept-graph-holds-the-weights', 'slowllama/engine/kept.py', '        if name is None or tensor',
       '        if True or tensor', f'{T_KEPT}::test_the_graph_keeps_no_weight_they_come_back_from_the_fetch'),
-    M('kept-activations-planned-without-lora-inputs', 'slowllama/weights/plan.py',
+    M('kept-activations-planned-without-lora-inputs', 'slowllama/engine/plan.py',
       '            total += t * width[source] * f  # each target', '            pass  # each target',
       f'{T_KEPT}::test_the_planners_activation_bytes_are_what_torch_saves'),
     # --- quantization (model/quant.py) --------------------------------------------------------------

@@ -2,13 +2,13 @@
 import torch
 
 from .engine.devices import compute_dtype, resolve_device
+from .engine.placement import open_store
 from .engine.streamed import StreamedModel
 from .errors import SlowLlamaError
 from .model.lora import LoraConfig
 from .weights.formats import prepare
 from .weights.formats.peft import read_peft_adapter
 from .weights.prepared import parse_dtype
-from .weights.store import BlockStore
 
 __all__ = ['load', 'prepare']
 
@@ -31,7 +31,7 @@ def load(model_dir, device='cpu', dtype=torch.float32, lora=None, adapter=None, 
     lora = lora or LoraConfig()
     if not isinstance(lora, LoraConfig):
         raise SlowLlamaError('lora must be a slowllama.LoraConfig')
-    store = BlockStore(model_dir, device, dtype, offload, verify=verify, max_device_mem=max_device_mem,
+    store = open_store(model_dir, device, dtype, offload, verify=verify, max_device_mem=max_device_mem,
                        max_ram=max_ram, batch_hint=batch_hint)
     model = StreamedModel(store, lora, dropout=dropout, **engine_options)
     if state is not None:

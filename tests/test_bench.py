@@ -109,8 +109,8 @@ def test_each_configuration_runs_in_its_own_process_beside_its_prediction(tiny_b
     import json
     import subprocess
 
+    from slowllama.engine.plan import predict
     from slowllama.recipes.shapes import shape_config
-    from slowllama.weights.plan import predict
     work, _ = tiny_bench_models
     workers, real_run = [], subprocess.run
 

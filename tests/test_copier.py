@@ -12,13 +12,13 @@ from conftest import random_batch
 from reference import randomize_adapters
 
 import slowllama
-import slowllama.weights.store as store_module
+import slowllama.engine.placement as placement_module
+from slowllama.engine.plan import pinned_bytes, predict
 from slowllama.model.config import ModelConfig
 from slowllama.weights import copier as copier_module
 from slowllama.weights.copier import DeviceCopier, Pending, Ready
 from slowllama.weights.files import SafetensorsFile
 from slowllama.weights.pinned import ALIGNMENT, ROW_STAGING_BYTES, HostArena, arena_bytes, arena_layout
-from slowllama.weights.plan import pinned_bytes, predict
 from slowllama.weights.prepared import EMBED_FILE, HEAD_FILE, block_file, block_shapes
 
 TIERS = {  # blocks 0, 1, 2 of the tiny model, then the embeddings and head
@@ -103,7 +103,7 @@ def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, ti
     """Failures injected at each point of a fetch, one pass after another (each pass runs until
     its fault), then a whole pass: the same loss and gradients as a model that never failed."""
     model_dir, _, _ = tiny_text_model
-    monkeypatch.setattr(store_module, 'placement', placed(TIERS[tier]))
+    monkeypatch.setattr(placement_module, 'placement', placed(TIERS[tier]))
     fired = {point: 0 for point in POINTS}
     for dtype, as_device in CONFIGS:
         clean_loss, clean_grads = step(load(model_dir, dtype, as_device))
@@ -121,7 +121,7 @@ def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, ti
 
 def test_a_failed_logits_pass_leaves_the_model_usable(tiny_text_model, monkeypatch):
     model_dir, _, _ = tiny_text_model
-    monkeypatch.setattr(store_module, 'placement', placed(TIERS['mixed']))
+    monkeypatch.setattr(placement_module, 'placement', placed(TIERS['mixed']))
     model = load(model_dir, torch.bfloat16, as_device=True)
     tokens, _ = random_batch(model.cfg.vocab_size)
     expected = model.logits(tokens)
@@ -209,10 +209,10 @@ def test_streaming_from_disk_plans_its_staging_buffers_and_ram_blocks_bring_the_
 
 
 def test_torchrun_ranks_share_the_host_memory(monkeypatch):
+    from slowllama.engine.placement import placement
     from slowllama.weights import host_memory as memory
-    from slowllama.weights.store import placement
-    monkeypatch.setattr(store_module, 'free_device_memory', lambda device: 8 * 2 ** 30)
-    monkeypatch.setattr(store_module, 'free_host_memory', lambda: 24 * 2 ** 30)
+    monkeypatch.setattr(placement_module, 'free_device_memory', lambda device: 8 * 2 ** 30)
+    monkeypatch.setattr(placement_module, 'free_host_memory', lambda: 24 * 2 ** 30)
     device = torch.device('cuda')  # only planned, nothing allocated
     alone = placement(LLAMA_7B, device, torch.bfloat16, 'auto', 'bf16', batch_hint=(16, 128))
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
@@ -228,9 +228,9 @@ def test_torchrun_ranks_share_the_host_memory(monkeypatch):
 def test_unified_memory_is_one_budget(monkeypatch):
     """On a Mac (mps) there is no RAM tier beside the device: what does not fit streams from disk,
     and the host buffers count in the same budget."""
-    from slowllama.weights.store import placement
-    monkeypatch.setattr(store_module, 'free_device_memory', lambda device: 10 * 2 ** 30)
-    monkeypatch.setattr(store_module, 'free_host_memory', lambda: 10 * 2 ** 30)
+    from slowllama.engine.placement import placement
+    monkeypatch.setattr(placement_module, 'free_device_memory', lambda device: 10 * 2 ** 30)
+    monkeypatch.setattr(placement_module, 'free_host_memory', lambda: 10 * 2 ** 30)
     tiers = placement(LLAMA_7B, torch.device('mps'), torch.bfloat16, 'auto', 'bf16', batch_hint=(4, 128))
     blocks = [t for f, t in tiers.items() if f.startswith('block_')]
     assert 'ram' not in blocks and 0 < blocks.count('device') < 32

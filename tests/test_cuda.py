@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slowllama
-import slowllama.weights.store as store_module
+import slowllama.engine.placement as placement_module
 from conftest import random_batch
 from reference import (against_whole_model, assert_same_loss_and_gradients, masked_mean_ce, max_rel_diff,
                        peft_grads, peft_model, randomize_adapters)
@@ -41,7 +41,7 @@ def test_tiers_are_bit_identical(tiny_prepared, monkeypatch, tier, dtype, reprod
     model_dir, _, _ = tiny_prepared
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
     baseline = slowllama.load(model_dir, device=CUDA, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
-    monkeypatch.setattr(store_module, 'placement', placed(TIERS[tier]))
+    monkeypatch.setattr(placement_module, 'placement', placed(TIERS[tier]))
     other = slowllama.load(model_dir, device=CUDA, lora=lora, dropout=0.1, dtype=dtype, stash_ram_bytes=0,
                            stash_device_bytes=0, keep_activations='none')  # recomputed: inputs spill to disk
     assert_same_loss_and_gradients(baseline, other, seed=7)
@@ -106,7 +106,7 @@ def test_the_ram_tier_and_the_staging_are_pinned_without_rounding(tiny_prepared)
 @pytest.mark.parametrize('point', list(POINTS))
 def test_a_failed_fetch_leaves_the_model_usable(tiny_text_model, monkeypatch, point, reproducible_attention):
     model_dir, _, _ = tiny_text_model
-    monkeypatch.setattr(store_module, 'placement', placed(TIERS['mixed']))
+    monkeypatch.setattr(placement_module, 'placement', placed(TIERS['mixed']))
     lora = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
 
     def load():

@@ -31,7 +31,7 @@ def test_streamed_backward_equals_whole_model_autograd_with_dropout(tiny_prepare
     with the head's vocabulary in one slice or in many (the online log-sum-exp and gradient)."""
     model_dir, _, _ = tiny_prepared
     if head_slices == 'many':
-        monkeypatch.setattr(slowllama.weights.plan, 'SLICE_ELEMENTS', 1)  # slices of MIN_SLICE_ROWS rows
+        monkeypatch.setattr(slowllama.engine.plan, 'SLICE_ELEMENTS', 1)  # slices of MIN_SLICE_ROWS rows
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
     streamed = slowllama.load(model_dir, lora=lora, dropout=0.1)
     randomize_adapters(streamed.adapters)

@@ -30,7 +30,7 @@ def _indices(args):
 
 def test_the_pass_over_the_head_slices_never_syncs(tiny_text_model, monkeypatch):
     model_dir, _, _ = tiny_text_model
-    monkeypatch.setattr(slowllama.weights.plan, 'SLICE_ELEMENTS', 1)  # many slices
+    monkeypatch.setattr(slowllama.engine.plan, 'SLICE_ELEMENTS', 1)  # many slices
     model = slowllama.load(model_dir, offload='disk')
     tokens, targets = random_batch(model.cfg.vocab_size, seq=16)
     hidden = torch.randn(tokens.numel(), model.cfg.dim)

@@ -10,13 +10,13 @@ from torch.func import functional_call
 
 import slowllama
 from slowllama.engine.kept import WeightNames, _WeightView
+from slowllama.engine.plan import CPU_HEAP_SLACK, GIB, kept_activation_bytes, plan_step
 from slowllama.errors import SlowLlamaError
 from slowllama.model.block import Block, document_mask, rope_table
 from slowllama.model.config import ModelConfig
 from slowllama.model.lora import LoraConfig, attach
 from slowllama.recipes.shapes import SHAPES
 from slowllama.weights.formats.model_config import config_from_hf
-from slowllama.weights.plan import CPU_HEAP_SLACK, GIB, kept_activation_bytes, plan_step
 from slowllama.weights.prepared import block_shapes
 
 LORA = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))

@@ -20,10 +20,10 @@ from test_copier import fail_once, step
 from test_packed import prepared, quant_hf  # noqa: F401 (fixtures)
 
 import slowllama
+from slowllama.engine.plan import plain_nf4_unpack_bytes, predict
 from slowllama.engine.stash import InputStash
 from slowllama.model.config import ModelConfig
 from slowllama.model.quant import Quant
-from slowllama.weights.plan import plain_nf4_unpack_bytes, predict
 
 LORA = slowllama.LoraConfig(rank=4, dropout=0.1, targets=('q', 'v', 'down'))
 ONE_INPUT = 2 * 12 * 64 * 4  # random_batch's [2, 12] tokens at dim 64 in fp32
@@ -133,17 +133,17 @@ NF4 = Quant('nf4')
 
 
 def test_on_mps_the_plan_counts_the_plain_nf4_unpack(monkeypatch):
-    from slowllama.weights import plan as plan_module
-    from slowllama.weights.store import placement
+    from slowllama.engine import plan as plan_module
+    from slowllama.engine.placement import placement
     extra = predict(LLAMA_7B, 4, 128, quant=NF4, plain_unpack=True).device_bytes - predict(
         LLAMA_7B, 4, 128, quant=NF4).device_bytes
     assert extra == plain_nf4_unpack_bytes(LLAMA_7B, 'bf16') == 8 * 11008 * 4096  # down_proj, 344 MiB
     asked = []
     place_blocks = plan_module.place_blocks
-    monkeypatch.setattr('slowllama.weights.store.place_blocks',
+    monkeypatch.setattr('slowllama.engine.placement.place_blocks',
                         lambda *a, **kw: asked.append(kw) or place_blocks(*a, **kw))
-    monkeypatch.setattr('slowllama.weights.store.free_device_memory', lambda device: 8 << 30)
-    monkeypatch.setattr('slowllama.weights.store.free_host_memory', lambda: 8 << 30)
+    monkeypatch.setattr('slowllama.engine.placement.free_device_memory', lambda device: 8 << 30)
+    monkeypatch.setattr('slowllama.engine.placement.free_host_memory', lambda: 8 << 30)
     for device in ('mps', 'cuda'):  # only planned, nothing allocated
         placement(LLAMA_7B, torch.device(device), torch.bfloat16, 'auto', 'bf16', quant=NF4)
     assert [kw['plain_unpack'] for kw in asked] == [True, False]

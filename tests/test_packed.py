@@ -205,7 +205,7 @@ def test_packed_weights_are_the_source_quantized(prepared, quant_hf):
 
 
 def test_block_files_and_plan_count_packed_bytes(prepared, quant_hf, tmp_path):
-    from slowllama.weights.plan import block_bytes
+    from slowllama.engine.plan import block_bytes
     model_dir, q = prepared
     hf_folder, _ = quant_hf
     slowllama.prepare(hf_folder, tmp_path / 'bf16', dtype='bf16')
@@ -412,8 +412,8 @@ def test_quant_head_tiers_give_identical_gradients(head_packed, offload):
 def test_quant_head_exports_the_unpacked_tables_and_counts_their_bytes(head_packed, tmp_path):
     from safetensors.torch import load_file
 
+    from slowllama.engine.plan import table_bytes
     from slowllama.weights.formats.export import export
-    from slowllama.weights.plan import table_bytes
     model_dir, q, hf_model = head_packed
     export(model_dir, tmp_path / 'hf', 'hf', dtype='fp32')
     tensors = {}

@@ -1,9 +1,10 @@
 """The memory planner, automatic placement, and a mixed placement streaming like the others."""
 
 import slowllama
+import slowllama.engine.placement as placement_module
 import slowllama.weights.store as store_module
+from slowllama.engine.plan import GIB, block_params, model_params, place_blocks, predict
 from slowllama.model.config import ModelConfig
-from slowllama.weights.plan import GIB, block_params, model_params, place_blocks, predict
 from slowllama.weights.prepared import block_file
 from reference import assert_same_loss_and_gradients
 
@@ -52,7 +53,7 @@ def test_mixed_placement_gives_the_same_gradients(tiny_prepared, monkeypatch):
     def mixed(cfg, *args, **kwargs):
         tiers = {block_file(i): 'ram' if i == 0 else 'disk' for i in range(cfg.n_layers)}
         return {**tiers, store_module.EMBED_FILE: 'ram', store_module.HEAD_FILE: 'disk'}
-    monkeypatch.setattr(store_module, 'placement', mixed)
+    monkeypatch.setattr(placement_module, 'placement', mixed)
     other = slowllama.load(model_dir, lora=lora, dropout=0.1)
     assert other.store.offload == 'mixed'
     assert_same_loss_and_gradients(baseline, other, seed=3)

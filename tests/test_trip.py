@@ -282,8 +282,8 @@ def test_a_full_spill_disk_is_one_line_naming_the_folder(tiny_text_model, monkey
 
 
 def test_saved_inputs_beyond_memory_and_disk_are_refused_with_the_figures():
+    from slowllama.engine.plan import GIB, plan_step
     from slowllama.recipes.shapes import shape_config
-    from slowllama.weights.plan import GIB, plan_step
     cfg = shape_config('7b')
     with pytest.raises(SlowLlamaError, match=r'--grad-accum 8: the saved inputs .* need \d+\.\d+ GiB'):
         plan_step(cfg, 16, 4096, 'bf16', 8, budget=2 * GIB, ram_budget=1 * GIB, disk_budget=1 * GIB)

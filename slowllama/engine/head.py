@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.block import rms_norm
-from ..weights.plan import head_slice_rows
+from .plan import head_slice_rows
 
 IGNORE = -100
 

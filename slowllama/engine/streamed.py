@@ -21,7 +21,7 @@ from ..model.lora import LoraConfig, adapter_state, attach, disabled, load_adapt
 from ..weights.files import announce, clean_leftovers, staging_dir, swap_dir
 from ..weights.formats.peft import save_adapter_folder
 from ..weights.host_memory import HeapTrimmer, free_device_memory, free_host_memory, host_share, unified_memory
-from ..weights.plan import cap_budget, plan_step, step_working_bytes
+from .plan import cap_budget, plan_step, step_working_bytes
 from ..weights.prepared import dtype_name
 from .devices import set_rng_state
 from .head import IGNORE, StreamedHead
@@ -143,7 +143,7 @@ class StreamedModel:
         return dict(self.store.traffic)
 
     def plan_step(self, batches):
-        """The StepPlan (weights/plan.py) for these micro-batches."""
+        """The StepPlan (engine/plan.py) for these micro-batches."""
         batch, seq = batches[0].tokens.shape
         seq += 0 if batches[0].prefix is None else batches[0].prefix.shape[1]
         return self.plan_for(len(batches), batch, seq, packed=batches[0].positions is not None)

@@ -10,11 +10,11 @@ import time
 import torch
 
 from ..engine.devices import best_device, synchronize
+from ..engine.plan import GIB, block_bytes, model_params, predict, print_plan
 from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..model.quant import parse_quant
 from ..weights.host_memory import peak_rss, process_rss, reset_peak_rss
-from ..weights.plan import GIB, block_bytes, model_params, predict, print_plan
 from ..weights.prepared import DTYPES, dtype_name, model_config, parse_dtype
 from .shapes import SHAPES, shape_config
 

@@ -1,7 +1,7 @@
 """The plan recipe: the predicted peak device and host memory of a finetune, for a prepared model or a
 named shape, in each offload mode, before running it."""
+from ..engine.plan import print_plan
 from ..model.quant import parse_quant
-from ..weights.plan import print_plan
 from ..weights.prepared import model_config
 from .options import parse_bytes
 from .shapes import shape_config

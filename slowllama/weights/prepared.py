@@ -4,6 +4,7 @@ shape, dtype, source and a size and sha256 per file. Here: the writer (staged be
 swapped in whole), the manifest and its checks against the files' headers, and verify. The runtime
 that serves the blocks to the device is store.py.
 """
+import math
 import os
 import shutil
 
@@ -140,8 +141,9 @@ class PreparedWriter:
 
 
 def expected_bytes(cfg: ModelConfig, dtype):
-    from .plan import model_params
-    return model_params(cfg) * dtype.itemsize
+    block = sum(math.prod(shape) for shape in block_shapes(cfg).values())
+    tables = sum(math.prod(shape) for shapes in table_shapes(cfg).values() for shape in shapes.values())
+    return (cfg.n_layers * block + tables) * dtype.itemsize
 
 
 def check_free_space(folder, needed, what):

@@ -2,7 +2,8 @@
 
 The store hands the engine a block's tensors of a prepared folder (prepared.py) on the compute device
 in the compute dtype, from one of three tiers: 'disk' (memory-mapped file, read at each use), 'ram'
-(held in host memory, pinned on cuda) or 'device' (all resident); placement() chooses them.
+(held in host memory, pinned on cuda) or 'device' (all resident); the engine's placement
+(engine/placement.py) chooses them.
 """
 import mmap
 import os
@@ -16,10 +17,8 @@ from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, packed_nbytes
 from .copier import DeviceCopier, Ready, RowStager, layout_bytes
 from .files import SafetensorsFile
-from .host_memory import free_device_memory, free_host_memory, host_share, unified_memory
 from .packed import Unpacker, check_file_layout, file_layout, unpack_rows
 from .pinned import HostArena
-from .plan import cap_budget, model_params, place_blocks
 from .prepared import (
     DTYPES,
     EMBED_FILE,
@@ -44,11 +43,11 @@ class BlockStore:
     release(i). Streamed blocks go through two preallocated buffers (see DeviceCopier).
     """
 
-    def __init__(self, model_dir, device, dtype, offload='auto', verify=True, max_device_mem=None,
-                 max_ram=None, batch_hint=(4, 512)):
+    def __init__(self, model_dir, device, dtype, tiers='ram', verify=True, manifest=None, max_device_mem=None,
+                 max_ram=None):
         self.model_dir = str(model_dir)
         self.max_device_mem, self.max_ram = max_device_mem, max_ram
-        self.manifest = read_manifest(model_dir)
+        self.manifest = manifest or read_manifest(model_dir)
         self.cfg = ModelConfig.from_dict(self.manifest['config'])
         self.device, self.dtype, self.verify = torch.device(device), dtype, verify
         self.quant = Quant.from_dict(self.manifest.get('quant'))  # packed projections travel packed
@@ -60,8 +59,7 @@ class BlockStore:
         self._stored_tables = {f: file_layout(shapes, self.quant, DTYPES[self.manifest['dtype']])
                                for f, shapes in self._tables.items()}
         self._files, self._verified = {}, set()
-        self.tiers = placement(self.cfg, self.device, dtype, offload, self.manifest['dtype'], max_device_mem,
-                               max_ram, batch_hint, self.quant)
+        self.tiers = tiers if isinstance(tiers, dict) else uniform_tiers(self.cfg, self.device, tiers)
         self._arena = None  # the RAM tier, one host allocation (pinned on cuda)
         self._resident = self._load_resident()
         self._copier = DeviceCopier(self.device, self._layout, dtype)
@@ -281,37 +279,9 @@ class BlockStore:
         return self._files[filename]
 
 
-# --- placement -----------------------------------------------------------------------------
-
-def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, max_ram=None,
-              batch_hint=(4, 512), quant=None):
-    """{filename: 'device' | 'ram' | 'disk'}. 'auto' asks the planner how many blocks fit on the
-    device and in RAM within the free memory and the --max-device-mem / --max-ram caps."""
-    if offload not in OFFLOAD_MODES + ('auto',):
+def uniform_tiers(cfg, device, offload):
+    """{filename: tier}: every file on the tier `offload` names ('device' on a cpu is its RAM)."""
+    if offload not in OFFLOAD_MODES:
         raise SlowLlamaError(f'--offload: unknown mode {offload!r} (use auto, {", ".join(OFFLOAD_MODES)})')
-    blocks = [block_file(i) for i in range(cfg.n_layers)]
-    if offload != 'auto':
-        tier = 'ram' if offload == 'device' and device.type == 'cpu' else offload
-        return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
-    if device.type == 'cpu':
-        # the page cache already is the RAM tier: mmap'd blocks cost no copy when dtypes match
-        tier = 'disk' if DTYPES[stored_dtype] == dtype else 'ram'
-        if tier == 'ram' and _over(cfg, dtype, free_host_memory() // host_share(), max_ram):
-            tier = 'disk'
-        return {f: tier for f in [EMBED_FILE, HEAD_FILE] + blocks}
-    ram_budget = cap_budget(free_host_memory() // host_share(), max_ram)  # torchrun: each its share
-    if unified_memory(device):  # one memory: no RAM tier beside the device, host buffers count there
-        ram_budget = 0
-    plan = place_blocks(cfg, *batch_hint, dtype=dtype_name(dtype), quant=quant,
-                        device_budget=cap_budget(free_device_memory(device), max_device_mem),
-                        ram_budget=ram_budget, unified=unified_memory(device), plain_unpack=device.type == 'mps')
-    tiers = {f: 'device' if i < plan.resident_blocks else 'ram' if i < plan.resident_blocks + plan.ram_blocks
-             else 'disk' for i, f in enumerate(blocks)}
-    everything_fits = plan.resident_blocks == cfg.n_layers
-    tiers[HEAD_FILE] = 'device' if everything_fits else 'ram' if plan.ram_blocks else 'disk'
-    tiers[EMBED_FILE] = 'device' if everything_fits else 'ram' if plan.ram_blocks else 'disk'
-    return tiers
-
-
-def _over(cfg, dtype, free, cap):
-    return model_params(cfg) * dtype.itemsize > cap_budget(free, cap)
+    tier = 'ram' if offload == 'device' and device.type == 'cpu' else offload
+    return {f: tier for f in [EMBED_FILE, HEAD_FILE] + [block_file(i) for i in range(cfg.n_layers)]}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..errors import SlowLlamaError
 from ..model.config import ModelConfig
 from ..model.quant import packed_nbytes
-from .pinned import ROW_STAGING_BYTES
+from ..weights.pinned import ROW_STAGING_BYTES
 
 GIB = 1024 ** 3
 SLICE_ELEMENTS = 1 << 21  # the head's logits held at once: [tokens, slice rows] <= 2M floats (8 MB)
