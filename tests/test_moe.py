@@ -211,3 +211,30 @@ def test_dense_mlp_targets_on_a_moe_model_are_refused(family):
         slowllama.load(model_dir, lora=slowllama.LoraConfig(targets=('q', 'gate', 'up')))
     with pytest.raises(slowllama.SlowLlamaError, match='--lora-dropout 0.1 with --targets experts'):
         slowllama.LoraConfig(dropout=0.1, targets=('q', 'experts'))
+
+
+def test_streamed_fetches_only_the_routed_experts(family):
+    """A trip fetches the attention and router, then only the experts some token routes to, for the
+    forward and once more for the backward; a decoded token fetches only its k experts per block.
+    The whole model in memory (every expert present) gives the same loss and gradients."""
+    from reference import against_whole_model
+    name, model_dir, _ = family
+    targets = TARGETS[:-1] if name == 'mixtral-top1-fused' else TARGETS  # its router's gradient is 0 (see above)
+    _, loss_diff, worst = against_whole_model(model_dir, targets=targets, lora_dropout=0.0)
+    assert loss_diff < 1e-5 and worst < 1e-5
+    model = slowllama.load(model_dir)
+    cfg = model.cfg
+    tokens, targets = random_batch(cfg.vocab_size, batch=1, seq=2, seed=1)
+    asked, experts = {}, model.store.experts
+    model.store.experts = lambda i, ids: (asked.setdefault(i, []).append(sorted(ids)), experts(i, ids))[1]
+    before = model.traffic()
+    model.backward(tokens, targets)
+    fetched = model.traffic()['experts_fetched'] - before['experts_fetched']
+    routed = sum(len(calls[0]) for calls in asked.values())  # the forward's: at most 2 tokens x k of them
+    assert all(len(calls[0]) <= 2 * cfg.experts_per_token and all(c == calls[0] for c in calls)
+               for calls in asked.values())  # the backward asks for the forward's set again
+    assert len(asked) == cfg.n_layers and routed <= fetched <= 2 * routed < 2 * cfg.n_layers * cfg.n_experts
+    before = model.traffic()
+    model.cfg = type(cfg).from_dict({**cfg.to_dict(), 'eos_id': None})
+    model.generate(tokens[:, :1], 2)
+    assert model.traffic()['experts_fetched'] - before['experts_fetched'] == 2 * cfg.n_layers * cfg.experts_per_token

@@ -28,6 +28,11 @@ class WeightNames:
         self._names = {tensor.data_ptr(): name for name, tensor in weights.items()}
         self.fetched = None  # the same names, as fetched for the backward
 
+    def add(self, weights):
+        """More weights of the block, fetched during its forward (a MoE block's chosen experts)."""
+        self.forward = {**self.forward, **weights}
+        self._names.update({tensor.data_ptr(): name for name, tensor in weights.items()})
+
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 

@@ -71,6 +71,15 @@ def _safetensors_dtype(dtype):
     return {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
 
 
+def expert_parts(layout, n_experts):
+    """[names in a block file of expert e, for each e]: a MoE block's experts, each fetched alone."""
+    parts = [[] for _ in range(n_experts)]
+    for name in layout:
+        if name.startswith('mlp.experts.'):
+            parts[int(name.split('.')[2])].append(name)
+    return parts
+
+
 def unpack_block(tensors, shapes, quant: Quant, out=None):
     """{name in the file: tensor} -> {weight name: tensor} on the tensors' device; the projections
     dequantized into `out` ({weight name: buffer}) or, without it, as new float32 tensors."""
@@ -121,11 +130,12 @@ class Unpacker:
         if quant.type == 'nf4' and torch.device(device).type == 'cpu':
             _hint_cpu_library()
 
-    def unpack(self, tensors):
-        """-> (buffers to hand back with release(), {weight name: tensor})."""
+    def unpack(self, tensors, shapes=None):
+        """-> (buffers to hand back with release(), {weight name: tensor}); shapes: those of the
+        tensors given when not the whole block (a MoE block's experts come later, into the same buffers)."""
         buffers = self._pool.pop() if self._pool else self._buffers()
         try:
-            return buffers, unpack_block(tensors, self.shapes, self.quant, buffers)
+            return buffers, unpack_block(tensors, shapes or self.shapes, self.quant, buffers)
         except BaseException:  # the buffers stay in the pool for the next pass
             self.release(buffers)
             raise
