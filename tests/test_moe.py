@@ -238,3 +238,114 @@ def test_streamed_fetches_only_the_routed_experts(family):
     model.cfg = type(cfg).from_dict({**cfg.to_dict(), 'eos_id': None})
     model.generate(tokens[:, :1], 2)
     assert model.traffic()['experts_fetched'] - before['experts_fetched'] == 2 * cfg.n_layers * cfg.experts_per_token
+
+
+# --- packed experts (--quant) -------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['nf4', 'int8'])
+def test_quantized_experts_are_packed_alone_and_stream_as_the_whole_model(kind, tmp_path):
+    """--quant packs each expert's projections on their own (the router stays plain); streamed,
+    only the chosen experts travel, packed, and are unpacked alone: loss and gradients equal the
+    whole model built from the same unpacked weights. nf4: each expert's bytes are bitsandbytes'
+    quantize_4bit of that expert's weight; transformers + bitsandbytes (which quantizes the
+    attention's linears, not the 3D expert tensors) carrying our unpacked experts gives our logits."""
+    from reference import against_whole_model
+    from slowllama.weights.files import SafetensorsFile
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, model_type='qwen3_moe', num_experts=5, num_experts_per_tok=2,
+                             moe_intermediate_size=128, norm_topk_prob=True, head_dim=16)
+    slowllama.prepare(tmp_path / 'hf', tmp_path / 'q', dtype='fp32', quant=kind)
+    block = SafetensorsFile(tmp_path / 'q' / 'block_001.safetensors')
+    assert block.tensor('mlp.gate.weight').dtype == torch.float32
+    assert block.tensor('mlp.experts.3.down_proj.qweight').dtype in (torch.uint8, torch.int8)
+    _, loss_diff, worst = against_whole_model(tmp_path / 'q', targets=TARGETS, lora_dropout=0.0)
+    assert loss_diff < 1e-5 and worst < 1e-5
+    if kind != 'nf4':
+        return
+    import bitsandbytes.functional as bnbf
+    weight = hf_model.model.layers[1].mlp.experts.down_proj[3].contiguous()  # [dim, hidden]
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type='nf4')
+    assert torch.equal(block.tensor('mlp.experts.3.down_proj.qweight'), packed.reshape(-1))
+    assert torch.allclose(block.tensor('mlp.experts.3.down_proj.absmax'), state.absmax)
+    from test_packed import bnb_base
+    reference = bnb_base(tmp_path / 'hf')
+    store = slowllama.load(tmp_path / 'q').store
+    with torch.no_grad():
+        for i, layer in enumerate(reference.model.layers):
+            store.block(i)
+            experts = store.experts(i, range(5))
+            layer.mlp.experts.gate_up_proj.copy_(torch.stack(
+                [torch.cat([experts[e]['gate_proj.weight'], experts[e]['up_proj.weight']]) for e in range(5)]))
+            layer.mlp.experts.down_proj.copy_(torch.stack([experts[e]['down_proj.weight'] for e in range(5)]))
+            store.release(i)
+    ours = slowllama.load(tmp_path / 'q')
+    tokens, _ = random_batch(ours.cfg.vocab_size, seq=12)
+    with torch.no_grad():
+        diff = (ours.logits(tokens) - reference(tokens).logits).abs().max().item()
+    print(f'\nnf4 MoE vs transformers + bitsandbytes: max logit diff {diff:.2e}')
+    assert diff < 1e-4
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+def write_moe_gguf(path, hf_model, arch):
+    """llama.cpp's layout of a MoE model, written with gguf's writer: the router as ffn_gate_inp,
+    each projection of every expert in one 3D ffn_{gate,up,down}_exps; Mixtral as architecture llama
+    with an expert count (q/k rows interleaved, as llama.cpp's convert permutes them); F32 throughout."""
+    import gguf
+    import numpy as np
+    from checkpoints import to_interleaved
+    cfg, sd = hf_model.config, hf_model.state_dict()
+    writer = gguf.GGUFWriter(str(path), arch)
+    experts = getattr(cfg, 'num_experts', None) or cfg.num_local_experts
+    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    for method, value in (('add_block_count', cfg.num_hidden_layers), ('add_context_length', 256),
+                          ('add_embedding_length', cfg.hidden_size), ('add_feed_forward_length', cfg.intermediate_size),
+                          ('add_head_count', cfg.num_attention_heads), ('add_head_count_kv', cfg.num_key_value_heads),
+                          ('add_layer_norm_rms_eps', cfg.rms_norm_eps), ('add_rope_dimension_count', head_dim),
+                          ('add_rope_freq_base', cfg.rope_parameters['rope_theta']), ('add_expert_count', experts),
+                          ('add_expert_used_count', cfg.num_experts_per_tok)):
+        getattr(writer, method)(value)
+    if arch == 'qwen3moe':
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        writer.add_expert_weights_norm(cfg.norm_topk_prob)
+    add = lambda name, t: writer.add_tensor(name, np.ascontiguousarray(t.float().numpy()))  # noqa: E731
+    add('token_embd.weight', sd['model.embed_tokens.weight'])
+    add('output_norm.weight', sd['model.norm.weight'])
+    add('output.weight', sd['lm_head.weight'])
+    heads = {'q_proj': cfg.num_attention_heads, 'k_proj': cfg.num_key_value_heads} if arch == 'llama' else {}
+    for i in range(cfg.num_hidden_layers):
+        p, b = f'model.layers.{i}.', f'blk.{i}.'
+        for ours, theirs in (('q_proj', 'attn_q'), ('k_proj', 'attn_k'), ('v_proj', 'attn_v'), ('o_proj', 'attn_output')):
+            w = sd[f'{p}self_attn.{ours}.weight']
+            add(f'{b}{theirs}.weight', torch.from_numpy(to_interleaved(w.numpy(), heads[ours]).copy())
+                if ours in heads else w)
+        if arch == 'qwen3moe':
+            add(f'{b}attn_q_norm.weight', sd[f'{p}self_attn.q_norm.weight'])
+            add(f'{b}attn_k_norm.weight', sd[f'{p}self_attn.k_norm.weight'])
+        add(f'{b}attn_norm.weight', sd[f'{p}input_layernorm.weight'])
+        add(f'{b}ffn_norm.weight', sd[f'{p}post_attention_layernorm.weight'])
+        add(f'{b}ffn_gate_inp.weight', sd[f'{p}mlp.gate.weight'])
+        gate_up, hidden = sd[f'{p}mlp.experts.gate_up_proj'], sd[f'{p}mlp.experts.down_proj'].shape[2]
+        add(f'{b}ffn_gate_exps.weight', gate_up[:, :hidden])
+        add(f'{b}ffn_up_exps.weight', gate_up[:, hidden:])
+        add(f'{b}ffn_down_exps.weight', sd[f'{p}mlp.experts.down_proj'])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize('arch, name', [('qwen3moe', 'qwen3_moe-top2-norm'), ('llama', 'mixtral-top2')])
+def test_gguf_moe_reads_to_its_hf_twins_logits(arch, name, tmp_path):
+    hf_model = make_hf_model(tmp_path / 'hf', seed=5, **FAMILIES[name])
+    write_moe_gguf(tmp_path / 'm.gguf', hf_model, arch)
+    slowllama.prepare(tmp_path / 'm.gguf', tmp_path / 'out', dtype='fp32')
+    model = slowllama.load(tmp_path / 'out')
+    assert model.cfg.model_type == hf_model.config.model_type and model.cfg.n_experts == 6
+    assert model.cfg.norm_topk_prob and model.cfg.experts_per_token == 2
+    tokens, _ = random_batch(model.cfg.vocab_size, seq=12)
+    with torch.no_grad():
+        diff = (model.logits(tokens) - hf_model(tokens).logits).abs().max().item()
+    assert diff < 1e-5

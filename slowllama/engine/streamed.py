@@ -25,9 +25,8 @@ from .plan import cap_budget, plan_step, step_working_bytes
 from ..weights.prepared import dtype_name
 from .devices import set_rng_state
 from .head import IGNORE, StreamedHead
+from .experts import expert_fetcher, kept_experts
 from .kept import KeptBlock
-
-EXPERTS = 'mlp.experts'  # a MoE block's experts, named as the prepared block file names them
 from .recompute import TAIL_WEIGHT, UnreadProductWeight
 from .stash import InputStash, spill_room
 from .trip import MicroBatch, rng_streams, run_trip
@@ -299,13 +298,7 @@ class StreamedModel:
     def run_block(self, i, weights, x, layout, cache=None, names=None):
         """Block i with the frozen `weights` the store handed out, and its LoRA. A MoE block asks the
         store for the experts its router chose (names: a kept block's WeightNames, told of them too)."""
-        fetch = None
-        if self.cfg.n_experts:
-            def fetch(ids):
-                experts = self.store.experts(i, ids)
-                if names is not None:
-                    names.add({f'{EXPERTS}.{e}.{n}': t for e, tensors in experts.items() for n, t in tensors.items()})
-                return experts
+        fetch = expert_fetcher(self.store, i, names) if self.cfg.n_experts else None
         arguments = (x, layout.cos, layout.sin, cache, layout.mask, fetch)
         return functional_call(self.blocks[i], weights, arguments, strict=False)
 
@@ -331,18 +324,11 @@ class StreamedModel:
     def kept_backward(self, i, weights, kept, grad_output, share=1.0):
         """Push grad_output through block i's kept graph, its weights resolved to this fetch: adds
         share * the LoRA gradients to their .grad and returns d loss / d input."""
-        kept.names.fetched = {**weights, **self._kept_experts(i, kept.names)}
+        kept.names.fetched = {**weights, **kept_experts(self.store, i, kept.names)}
         try:
             return self._push_gradient(i, kept.input, kept.output, grad_output, share)
         finally:
             kept.names.fetched = None
-
-    def _kept_experts(self, i, names):
-        """The experts a kept MoE block's forward used, fetched again for its backward, by name."""
-        ids = sorted({int(n.split('.')[2]) for n in names.forward if n.startswith(EXPERTS + '.')})
-        if not ids:
-            return {}
-        return {f'{EXPERTS}.{e}.{n}': t for e, tensors in self.store.experts(i, ids).items() for n, t in tensors.items()}
 
     def _push_gradient(self, i, block_input, output, grad_output, share):
         """grad_output through block i's graph from block_input to output: share * the LoRA gradients

@@ -16,14 +16,15 @@ from ..errors import SlowLlamaError
 from ..model.quant import parse_quant
 from ..weights.host_memory import peak_rss, process_rss, reset_peak_rss
 from ..weights.prepared import DTYPES, dtype_name, model_config, parse_dtype
-from .shapes import SHAPES, shape_config
+from .bench_block import bench_block
+from .shapes import BLOCK_ONLY, SHAPES, shape_config
 
 # --- the command -------------------------------------------------------------------------------
 
 def add_arguments(p):
     p.add_argument('--device', default=None, help='cpu | cuda (default: the best present)')
     p.add_argument('--shape', default=None,
-                   help='tiny | 0.4b | 7b | 70b-block (default: 0.4b on cpu, 7b on cuda)')
+                   help='tiny | 0.4b | 7b | 70b-block | 30b-a3b-block (default: 0.4b on cpu, 7b on cuda)')
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--seq-len', type=int, default=None)
     p.add_argument('--steps', type=int, default=3)
@@ -60,6 +61,10 @@ def run(args):
     shape_config(shape)  # one line for an unknown shape
     if args.rounds < 1 or args.steps < 1 or args.grad_accum < 1:
         raise SlowLlamaError('--rounds, --steps and --grad-accum must be at least 1')
+    if shape in BLOCK_ONLY:  # one MoE block against transformers' decoder layer
+        batches = [(b, args.seq_len or 256) for b in ([args.batch_size] if args.batch_size else [1, 4])]
+        return bench_block(shape, batches, targets=_list(args.targets), rank=args.lora_rank, steps=args.steps,
+                           dtype=args.dtype or 'fp32', json_out=args.json)
     blocks_only = shape == '70b-block'  # per-block timing; no whole-model peer to compare with
     bench(device=device, shape=shape, batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128,
           steps=args.steps, rank=args.lora_rank, targets=_list(args.targets),

@@ -12,7 +12,13 @@ SHAPES = {
     # a few blocks of Llama-2/3 70B's shape, for the time per block against the time to copy it
     '70b-block': dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000),
+    # Qwen3-30B-A3B's Mixture-of-Experts block (128 experts, 8 a token), beside transformers' (bench_block.py)
+    '30b-a3b-block': dict(model_type='qwen3_moe', hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=1, vocab_size=151936,
+                          rms_norm_eps=1e-6, max_position_embeddings=4096),
 }
+BLOCK_ONLY = ('30b-a3b-block',)  # timed one block against transformers' decoder layer (bench_block.py)
 
 
 def shape_config(name):

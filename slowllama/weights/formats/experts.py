@@ -5,7 +5,7 @@ per expert and projection (the hub's Qwen3-MoE and Mixtral files, names in names
 and 5 load."""
 from ...errors import SlowLlamaError
 from ...model.names import EXPERT_PROJECTIONS, ROUTER_WEIGHT, expert_weight
-from .names import HF_EXPERTS, HF_FUSED_EXPERTS
+from .names import GGUF_EXPERTS, GGUF_ROUTER, HF_EXPERTS, HF_FUSED_EXPERTS
 
 
 def is_expert_tensor(ours):
@@ -71,3 +71,25 @@ def hf_expert_names(cfg):
     names.update({expert_weight(e, p): expert.format(e=e, p=theirs[p])
                   for e in range(cfg.n_experts) for p in EXPERT_PROJECTIONS})
     return names
+
+
+def read_gguf_experts(cfg, prefix, names, get, path):
+    """{our name: tensor} of one block's router and experts from llama.cpp's ffn_gate_inp and
+    ffn_{gate,up,down}_exps (3D, [experts, out, in] as torch reads them)."""
+    for name in [GGUF_ROUTER, *GGUF_EXPERTS.values()]:
+        if prefix + name not in names:
+            raise SlowLlamaError(f'{path}: {prefix.rstrip(".")}: {prefix + name} is missing (per-expert '
+                                 'ffn_*.E tensors of old Mixtral files are not read)')
+    router = get(prefix + GGUF_ROUTER)
+    if tuple(router.shape) != (cfg.n_experts, cfg.dim):
+        raise SlowLlamaError(f'{path}: {prefix + GGUF_ROUTER} has shape {tuple(router.shape)}: the router must '
+                             f'have one row per expert ({cfg.n_experts}) of width {cfg.dim}')
+    tensors = {ROUTER_WEIGHT: router}
+    for ours, theirs in GGUF_EXPERTS.items():
+        stacked = get(prefix + theirs)
+        per_expert = (cfg.dim, cfg.expert_hidden_dim) if ours == 'down_proj' else (cfg.expert_hidden_dim, cfg.dim)
+        if tuple(stacked.shape) != (cfg.n_experts, *per_expert):
+            raise SlowLlamaError(f'{path}: {prefix + theirs} has shape {tuple(stacked.shape)}, the config needs '
+                                 f'{(cfg.n_experts, *per_expert)}')
+        tensors.update({expert_weight(e, ours): stacked[e] for e in range(cfg.n_experts)})
+    return tensors

@@ -73,7 +73,14 @@ HF_FUSED_EXPERTS = ('mlp.gate.weight', 'mlp.experts.gate_up_proj', 'mlp.experts.
 # GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
 # for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
 GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False),
-                      'phi3': ('phi3', False)}
+                      'phi3': ('phi3', False), 'qwen3moe': ('qwen3_moe', False)}
+# llama.cpp keeps Mixtral as architecture llama with an expert count
+GGUF_EXPERT_FAMILIES = {'llama': 'mixtral', 'qwen3moe': 'qwen3_moe'}
+# llama.cpp's Mixture-of-Experts tensors of a block: the router, and each projection of every expert
+# in one 3D tensor ([experts, out, in] in torch's order)
+GGUF_ROUTER = 'ffn_gate_inp.weight'
+GGUF_EXPERTS = {'gate_proj': 'ffn_gate_exps.weight', 'up_proj': 'ffn_up_exps.weight',
+                'down_proj': 'ffn_down_exps.weight'}
 # llama.cpp's fused block tensors: architecture -> {GGUF name: our names, stacked on rows in order}
 GGUF_FUSED = {
     'phi3': {'attn_qkv.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'),
