@@ -349,3 +349,25 @@ def test_gguf_moe_reads_to_its_hf_twins_logits(arch, name, tmp_path):
     with torch.no_grad():
         diff = (model.logits(tokens) - hf_model(tokens).logits).abs().max().item()
     assert diff < 1e-5
+
+
+def test_trip_of_micro_batches_and_dpo_reference_on_moe(family):
+    """Three micro-batches travelling together (each block's routed experts fetched once for all of
+    them) give the bits of one micro-batch a trip; the base model under lora_disabled (DPO's
+    reference pass) is transformers' model without the adapter."""
+    from slowllama.engine.trip import MicroBatch
+    name, model_dir, hf_model = family
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
+    results = []
+    for trip in (3, 1):
+        model = slowllama.load(model_dir, lora=lora, dropout=0.1, micro_batches_per_trip=trip)
+        randomize_adapters(model.adapters, seed=5)
+        batches = [MicroBatch(*random_batch(model.cfg.vocab_size, seed=s)) for s in range(3)]
+        torch.manual_seed(7)
+        losses = model.accumulate(batches, [0.5, 0.3, 0.2])
+        results.append((losses, {k: p.grad.clone() for k, p in model.trainable_parameters().items()}))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+    tokens, _ = random_batch(model.cfg.vocab_size, seq=12)
+    with model.lora_disabled(), torch.no_grad():
+        assert (model.logits(tokens) - hf_model(tokens).logits).abs().max() < 1e-5

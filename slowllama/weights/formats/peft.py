@@ -21,7 +21,7 @@ import torch
 from ...errors import SlowLlamaError
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
-from ...model.names import TARGET_MODULES
+from ...model.names import TARGET_MODULES, hf_module_name
 from ..files import SafetensorsFile, clean_leftovers, read_json, write_json, write_safetensors
 from ..prepared import block_shapes, read_manifest
 from .names import FUSED_TARGETS
@@ -135,7 +135,8 @@ def read_peft_adapter(folder, model_dir):
     state = {k: v for k, v in state.items() if not any(f'.{TARGET_MODULES[t]}.' in k for t in untargeted)}
     plain = [t for t in targets if t not in fused]
     parts = [part for module in fused if module in targets for part in fused[module] if part not in untargeted]
-    lora = LoraConfig.from_peft({**config, 'target_modules': plain + parts}, str(folder))
+    # in peft's names: its bare 'gate' would be a MoE router
+    lora = LoraConfig.from_peft({**config, 'target_modules': plain + [hf_module_name(p) for p in parts]}, str(folder))
     return lora, state
 
 
