@@ -15,6 +15,7 @@ from reference import peft_grads, peft_model, randomize_adapters, step_beside_pe
 
 import slowllama
 from slowllama.weights.formats.export import export
+from slowllama.weights.formats.model_config import config_from_hf
 
 HF_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0, 'low_freq_factor': 1.0,
@@ -167,7 +168,7 @@ def test_export_meta_writes_llama_and_refuses_the_other_families(family, tmp_pat
         assert not (tmp_path / 'meta').exists()
 
 
-@pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'gemma2'])
+@pytest.mark.parametrize('model_type', ['qwen2_moe', 'olmoe', 'gemma', 'gemma2'])
 def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     folder = tmp_path / 'hf'
     folder.mkdir()
