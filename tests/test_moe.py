@@ -371,3 +371,24 @@ def test_trip_of_micro_batches_and_dpo_reference_on_moe(family):
     tokens, _ = random_batch(model.cfg.vocab_size, seq=12)
     with model.lora_disabled(), torch.no_grad():
         assert (model.logits(tokens) - hf_model(tokens).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize('offload, dtype', [('ram', torch.float32), ('device', torch.float32),
+                                           ('ram', torch.bfloat16)])
+def test_tiers_give_identical_gradients_on_moe(family, offload, dtype):
+    """The experts fetched alone from the mapped file, from RAM (converted into the copy buffers in
+    bf16) and resident: the same bits."""
+    from reference import assert_same_loss_and_gradients
+    _, model_dir, _ = family
+    lora = slowllama.LoraConfig(rank=4, targets=TARGETS)
+    baseline = slowllama.load(model_dir, lora=lora, offload='disk', dropout=0.1, dtype=dtype)
+    other = slowllama.load(model_dir, lora=lora, offload=offload, dropout=0.1, dtype=dtype)
+    assert_same_loss_and_gradients(baseline, other, seed=7)
+
+
+def test_gguf_and_meta_export_of_moe_are_refused_in_one_line(family, tmp_path):
+    name, model_dir, hf_model = family
+    for fmt, out in (('gguf', tmp_path / 'm.gguf'), ('meta', tmp_path / 'meta')):
+        with pytest.raises(slowllama.SlowLlamaError, match=hf_model.config.model_type) as e:
+            export(model_dir, out, fmt)
+        assert '\n' not in str(e.value) and not out.exists()

@@ -45,11 +45,12 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.fp32_weights = cfg.model_type == 'mixtral'  # mixtral weighs the experts' outputs in fp32, qwen3_moe
+        #                                                  in the compute dtype (as transformers does each)
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)  # the router
         self.experts = nn.ModuleList(Expert(cfg.dim, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
         self.gate_up = ExpertProjection()
         self.down = ExpertProjection()
-        self.router_logits = None  # [tokens, n_experts] of the last forward (the load-balancing loss reads it)
 
     def route(self, x):
         """x [tokens, dim] -> (router logits [tokens, n_experts], weights [tokens, k], expert ids [tokens, k]).
@@ -59,13 +60,12 @@ class MoE(nn.Module):
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights.to(logits.dtype), ids
+        return logits, weights if self.fp32_weights else weights.to(logits.dtype), ids
 
     def forward(self, x, fetch_experts=None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [tokens, dim]
-        logits, weights, ids = self.route(x)
-        self.router_logits = logits
+        _, weights, ids = self.route(x)
         hit = torch.unique(ids).tolist()  # ascending, as transformers visits them
         fetched = fetch_experts(hit) if fetch_experts is not None else None  # the one point experts are asked for
         out = torch.zeros_like(x)
