@@ -3,6 +3,7 @@ package's), and is the one place where a SlowLlamaError becomes a single line on
 non-zero exit (`--debug` shows the traceback). scripts/*.py and `python -m slowllama CMD` call main()."""
 import argparse
 import importlib
+import re
 import sys
 from typing import NamedTuple
 
@@ -70,7 +71,7 @@ def main(argv=None, prog_command=None):
     except SlowLlamaError as e:
         if debug:
             raise
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {as_flags(str(e))}', file=sys.stderr)
         return 2
     except MemoryError:
         if debug:
@@ -110,3 +111,27 @@ def build_parser(argv=None):
         p.add_argument('--debug', action='store_true', help='show the full traceback on errors')
         p.set_defaults(run=getattr(recipe, command.run) if command.run else run_finetune)
     return parser
+
+
+# The settings that errors raised below the recipes name (EngineOptions, LoraConfig, TrainConfig,
+# prepare's and export's arguments): first in the message, or in backticks within it. On the
+# command line each is a flag: '--' and its name with dashes, unless RENAMED says otherwise.
+SETTINGS = {'batch_size', 'device', 'double_quant', 'dtype', 'eval_every', 'format', 'grad_accum', 'grad_clip',
+            'iters', 'keep_activations', 'keep_checkpoints', 'lora', 'lora_rank', 'lr', 'micro_batches_per_trip',
+            'min_lr_ratio', 'offload', 'out', 'patience', 'quant', 'quant_head', 'resume', 'save_every', 'schedule',
+            'seq_len', 'shards', 'skip_nonfinite', 'targets', 'tensorboard', 'warmup', 'weight_decay',
+            'LoraConfig.rank', 'LoraConfig.dropout', 'LoraConfig.targets'}
+RENAMED = {'LoraConfig.rank': '--lora-rank', 'LoraConfig.dropout': '--lora-dropout', 'LoraConfig.targets': '--targets'}
+
+
+def as_flags(message):
+    """An error's settings as the command line's flags: `keep_activations all: ...` ->
+    `--keep-activations all: ...`, `lower `seq_len`` -> `lower --seq-len`."""
+    def flag(name):
+        return RENAMED.get(name, '--' + name.replace('_', '-'))
+    message = re.sub(r'`([\w.]+)`', lambda m: flag(m.group(1)) if m.group(1) in SETTINGS else m.group(0), message)
+    lead = re.match(r'[\w.]+(?=[: ]|$)', message)
+    if lead and lead.group(0) in SETTINGS:
+        message = flag(lead.group(0)) + message[lead.end():]
+    return message
+

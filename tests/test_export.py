@@ -101,7 +101,7 @@ def test_failures_leave_the_existing_output_alone(with_adapter, tmp_path, monkey
     (wrong / 'adapter_config.json').write_text(json.dumps({**config, 'r': 3}))
     with pytest.raises(slowllama.SlowLlamaError, match='shape'):
         export(model_dir, out, 'hf', adapter=wrong)
-    with pytest.raises(slowllama.SlowLlamaError, match='--shards 5'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^shards 5'):
         export(model_dir, out, 'meta', adapter=adapter, shards=5)
 
     import slowllama.weights.formats.export as export_module

@@ -163,7 +163,7 @@ def test_export_meta_writes_llama_and_refuses_the_other_families(family, tmp_pat
         export(model_dir, tmp_path / 'meta', 'meta')
         assert json.loads((tmp_path / 'meta' / 'params.json').read_text())['use_scaled_rope'] is True
     else:
-        with pytest.raises(slowllama.SlowLlamaError, match=f'--format meta.*{hf_model.config.model_type}'):
+        with pytest.raises(slowllama.SlowLlamaError, match=f'^format meta.*{hf_model.config.model_type}'):
             export(model_dir, tmp_path / 'meta', 'meta')
         assert not (tmp_path / 'meta').exists()
 

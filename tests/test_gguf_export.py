@@ -244,9 +244,9 @@ def test_bad_requests_are_refused_and_leave_the_output_alone(with_adapter, tmp_p
     out = tmp_path / 'model.gguf'
     export(model_dir, out, 'gguf', dtype='f32')
     before = out.read_bytes()
-    with pytest.raises(slowllama.SlowLlamaError, match='--dtype'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^dtype: '):
         export(model_dir, out, 'gguf', dtype='q4_k')
-    with pytest.raises(slowllama.SlowLlamaError, match='--lora'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^lora: '):
         export(model_dir, out, 'gguf-lora')
     with pytest.raises(slowllama.SlowLlamaError, match='is a folder'):
         export(model_dir, tmp_path, 'gguf')

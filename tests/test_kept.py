@@ -53,15 +53,20 @@ def test_kept_activations_give_the_recompute_bits(tiny_text_model, dtype, offloa
     assert keep.step_plan.kept_blocks == keep.cfg.n_layers and recompute.step_plan.kept_blocks == 0
 
 
-def test_some_blocks_kept_the_others_recomputed(tiny_text_model):
+def test_some_blocks_kept_the_others_recomputed(tiny_text_model, monkeypatch):
+    from slowllama.engine import kept
     model_dir, _, _ = tiny_text_model
     keep = slowllama.load(model_dir, lora=LORA, dropout=0.1, keep_activations=2)
     recompute = slowllama.load(model_dir, lora=LORA, dropout=0.1, keep_activations='none')
     randomize_adapters(keep.adapters, seed=2)
     copy_adapters(keep.adapters, recompute.adapters)
     kept_at = []
-    real = keep.kept_backward
-    keep.kept_backward = lambda i, *args: kept_at.append(i) or real(i, *args)
+    real, params = kept.kept_backward, keep.parts.block_params
+
+    def kept_backward(block_params, *args):
+        kept_at.append(next(i for i, p in enumerate(params) if p is block_params))
+        return real(block_params, *args)
+    monkeypatch.setattr(kept, 'kept_backward', kept_backward)
     same_step(keep, recompute, micro_batches(keep.cfg.vocab_size, packed=True), SHARES)
     assert keep.step_plan.kept_blocks == 2
     last = keep.cfg.n_layers - 1
@@ -208,7 +213,7 @@ def test_the_plan_keeps_the_last_blocks_that_fit():
     none = plan_step(cfg, 4, 128, 'fp32', 1, budget=one // 2 + inputs)
     assert none.kept_blocks == 0 and 'recomputed' in none.note  # the one line that says why
     assert plan_step(cfg, 4, 128, 'fp32', 1, budget=10 * GIB, keep='none').kept_blocks == 0
-    with pytest.raises(SlowLlamaError, match=r'--keep-activations all: .* need \d+\.\d+ GiB, the step has'):
+    with pytest.raises(SlowLlamaError, match=r'^keep_activations all: .* need \d+\.\d+ GiB, the step has'):
         plan_step(cfg, 4, 128, 'fp32', 4, budget=1 * GIB, keep='all')
 
 
@@ -218,7 +223,7 @@ def test_on_a_cpu_each_kept_block_counts_what_the_heap_keeps_beside_it(tiny_text
     host memory against the measured, 0.4B fp32 and bf16)."""
     model_dir, _, _ = tiny_text_model
     model = slowllama.load(model_dir, lora=LORA, dropout=0.1, offload='disk', keep_activations='all')
-    plan = model.plan_for(2, 4, 16)
+    plan = model.planner.for_step(2, 4, 16)
     saved = kept_activation_bytes(model.cfg, 4, 16, 'fp32', LORA.targets, LORA.rank, dropout=0.1, lora_dropout=0.1)
     assert CPU_HEAP_SLACK > 0 and plan.kept_bytes == 2 * model.cfg.n_layers * int(saved * (1 + CPU_HEAP_SLACK))
 
@@ -237,6 +242,6 @@ def test_keep_all_that_cannot_fit_is_refused_before_the_run(tiny_text_model, tmp
 
 
 def test_a_bad_keep_value_is_one_line():
-    with pytest.raises(SlowLlamaError, match='--keep-activations'):
-        from slowllama.engine.streamed import parse_keep
+    with pytest.raises(SlowLlamaError, match='^keep_activations: '):
+        from slowllama.engine.options import parse_keep
         parse_keep('most')

@@ -248,7 +248,7 @@ def test_unsupported_quant_and_unquantizable_shapes_write_nothing(quant_hf, tmp_
     assert len(err) == 1 and '--quant' in err[0] and 'q3_k' in err[0]
     assert cli.main(['prepare', str(hf_folder), str(tmp_path / 'out'), '--quant', 'int8', '--double-quant']) != 0
     make_hf_model(tmp_path / 'odd', seed=1, intermediate_size=80)  # down_proj rows of 80: no Q8_0 blocks
-    with pytest.raises(slowllama.SlowLlamaError, match='--quant int8: .*mlp.down_proj.weight has shape'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^quant int8: .*mlp.down_proj.weight has shape'):
         slowllama.prepare(tmp_path / 'odd', tmp_path / 'out', quant='int8')
     assert sorted(os.listdir(tmp_path)) == ['odd']  # no output, no staging folder left
 
@@ -430,7 +430,7 @@ def test_quant_head_without_quant_or_with_rows_that_split_blocks_is_refused(quan
     hf_folder, _ = quant_hf
     assert cli.main(['prepare', str(hf_folder), str(tmp_path / 'out'), '--quant-head']) != 0
     assert 'error: --quant-head' in capsys.readouterr().err and not (tmp_path / 'out').exists()
-    with pytest.raises(slowllama.SlowLlamaError, match='--quant-head: .* rows of 96 values'):
+    with pytest.raises(slowllama.SlowLlamaError, match='^quant_head: .* rows of 96 values'):
         quant.check_quantizable((128, 96), Quant('nf4', head=True), 'embed_tokens.weight', rows=True)
 
 

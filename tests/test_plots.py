@@ -89,7 +89,7 @@ def test_missing_matplotlib_is_one_hint_line(tmp_path, monkeypatch, capsys):
 def test_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
     from slowllama.training.tensorboard_log import TensorBoardLog
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
-    with pytest.raises(SlowLlamaError, match=r'--tensorboard needs the tensorboard package: pip install '
+    with pytest.raises(SlowLlamaError, match=r'^tensorboard needs the tensorboard package: pip install '
                                              r'slowllama\[tensorboard\]'):
         TensorBoardLog(tmp_path)
 

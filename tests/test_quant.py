@@ -147,9 +147,9 @@ def test_packed_layout_describes_what_quantize_returns():
 
 def test_unsupported_quantization_is_refused():
     from slowllama.errors import SlowLlamaError
-    with pytest.raises(SlowLlamaError, match='--quant: unknown quantization .q3'):
+    with pytest.raises(SlowLlamaError, match='^quant: unknown quantization .q3'):
         quant.parse_quant('q3')
-    with pytest.raises(SlowLlamaError, match='--quant int8: .* has shape'):
+    with pytest.raises(SlowLlamaError, match='^quant int8: .* has shape'):
         quant.check_quantizable((64, 40), Quant('int8'), 'mlp.up_proj.weight')
 
 

@@ -285,7 +285,7 @@ def test_saved_inputs_beyond_memory_and_disk_are_refused_with_the_figures():
     from slowllama.engine.plan import GIB, plan_step
     from slowllama.recipes.shapes import shape_config
     cfg = shape_config('7b')
-    with pytest.raises(SlowLlamaError, match=r'--grad-accum 8: the saved inputs .* need \d+\.\d+ GiB'):
+    with pytest.raises(SlowLlamaError, match=r'^grad_accum 8: the saved inputs .* need \d+\.\d+ GiB'):
         plan_step(cfg, 16, 4096, 'bf16', 8, budget=2 * GIB, ram_budget=1 * GIB, disk_budget=1 * GIB)
     plan = plan_step(cfg, 16, 128, 'bf16', 8, budget=2 * GIB, ram_budget=8 * GIB, disk_budget=100 * GIB)
     assert plan.trip == 8 and plan.trips == 1  # saved inputs spill to RAM and disk rather than a second trip
@@ -297,14 +297,14 @@ def test_saved_inputs_beyond_memory_and_disk_are_refused_with_the_figures():
 
 KILLER = '''
 import os, signal, sys
-import slowllama.engine.streamed as streamed
-calls, real = [0], streamed.StreamedModel.block_backward
-def block_backward(self, *args, **kwargs):
+import slowllama.engine.recompute as recompute
+calls, real = [0], recompute.block_backward
+def block_backward(*args, **kwargs):
     calls[0] += 1
     if calls[0] == int(os.environ['KILL_AT_BLOCK_BACKWARD']):
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, *args, **kwargs)
-streamed.StreamedModel.block_backward = block_backward
+    return real(*args, **kwargs)
+recompute.block_backward = block_backward
 from slowllama.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -335,3 +335,36 @@ def test_a_kill_in_the_backward_of_a_multi_micro_batch_step_resumes_to_the_same_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     read = lambda run: (run / 'adapter' / 'adapter_model.safetensors').read_bytes()  # noqa: E731
     assert read(tmp_path / 'whole') == read(tmp_path / 'resumed')
+
+
+# --- the step's plan: decided once, at load, from the run's settings -------------------------------
+
+def test_the_step_is_planned_once_at_load_from_its_options(tiny_text_model):
+    """EngineOptions declare the step (grad_accum micro-batches of batch_hint): the plan is made at
+    load, and the steps of that shape (or of fewer micro-batches) run on it without planning again;
+    the keyword offload= of the CONTRACT still places the blocks."""
+    model_dir, _, _ = tiny_text_model
+    options = slowllama.EngineOptions(offload='disk', grad_accum=3, batch_hint=(2, 16), keep_activations='none')
+    model = slowllama.load(model_dir, lora=LORA, dropout=0.1, options=options)
+    planned = model.step_plan
+    assert planned.micro_batches == 3 and planned.kept_blocks == 0 and model.store.offload == 'disk'
+    batches = micro_batches(model.cfg.vocab_size, 3, seq=16)  # of 2 rows
+    model.accumulate(batches, [1 / 3] * 3)
+    model.accumulate(batches[:2], [0.5, 0.5])  # a micro-batch left out: still the step declared
+    assert model.step_plan is planned
+    model.backward(*random_batch(model.cfg.vocab_size, batch=1, seq=8))  # a shape never declared: its own plan
+    assert model.step_plan is not planned and model.step_plan.micro_batches == 1
+    ram = slowllama.load(model_dir, lora=LORA, offload='ram', options=options)  # the keyword wins
+    assert ram.store.offload == 'ram' and ram.options.grad_accum == 3
+
+
+def test_settings_below_the_recipes_are_named_as_settings_and_the_cli_names_flags():
+    from slowllama.cli import as_flags
+    with pytest.raises(SlowLlamaError, match='^keep_activations: ') as error:
+        slowllama.EngineOptions(keep_activations='most')
+    assert as_flags(str(error.value)).startswith('--keep-activations: ')
+    with pytest.raises(SlowLlamaError, match='^micro_batches_per_trip must be at least 1'):
+        slowllama.EngineOptions(micro_batches_per_trip=0)
+    assert as_flags('grad_accum 8: lower `batch_size` or `seq_len`') == '--grad-accum 8: lower --batch-size or --seq-len'
+    assert as_flags('LoraConfig.rank must be positive') == '--lora-rank must be positive'
+    assert as_flags('/runs/a_b: `nothing` here') == '/runs/a_b: `nothing` here'  # a path, an unknown name: as they are

@@ -20,14 +20,14 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SlowLlamaError(f'--device: unknown device {name!r} (use cpu, cuda or mps)') from None
+        raise SlowLlamaError(f'device: unknown device {name!r} (use cpu, cuda or mps)') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SlowLlamaError('--device cuda: no CUDA device is available here')
+        raise SlowLlamaError('device cuda: no CUDA device is available here')
     if device.type == 'mps' and not torch.backends.mps.is_available():
-        raise SlowLlamaError('--device mps: no Apple GPU (mps) is available here (it needs Apple silicon with macOS '
+        raise SlowLlamaError('device mps: no Apple GPU (mps) is available here (it needs Apple silicon with macOS '
                              '14 or later, or macOS 13 with torch 2.7 or 2.8)')
     if device.type not in ('cpu', 'cuda', 'mps'):
-        raise SlowLlamaError(f'--device: {name!r} is not supported (use cpu, cuda or mps)')
+        raise SlowLlamaError(f'device: {name!r} is not supported (use cpu, cuda or mps)')
     return device
 
 

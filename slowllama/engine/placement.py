@@ -20,21 +20,20 @@ from ..weights.store import BlockStore, uniform_tiers
 from .plan import cap_budget, model_params, place_blocks
 
 
-def open_store(model_dir, device, dtype, offload='auto', verify=True, max_device_mem=None, max_ram=None,
-               batch_hint=(4, 512)):
-    """The BlockStore of a prepared folder with its files placed by `offload` (see placement)."""
+def open_store(model_dir, device, dtype, options, verify=True):
+    """The BlockStore of a prepared folder with its files placed as the EngineOptions say (its
+    offload, memory caps and batch_hint; see placement)."""
     manifest = read_manifest(model_dir)
     cfg = ModelConfig.from_dict(manifest['config'])
-    tiers = placement(cfg, device, dtype, offload, manifest['dtype'], max_device_mem, max_ram, batch_hint,
-                      Quant.from_dict(manifest.get('quant')))
-    return BlockStore(model_dir, device, dtype, tiers, verify=verify, manifest=manifest,
-                      max_device_mem=max_device_mem, max_ram=max_ram)
+    tiers = placement(cfg, device, dtype, options.offload, manifest['dtype'], options.max_device_mem,
+                      options.max_ram, options.batch_hint, Quant.from_dict(manifest.get('quant')))
+    return BlockStore(model_dir, device, dtype, tiers, verify=verify, manifest=manifest)
 
 
 def placement(cfg, device, dtype, offload, stored_dtype, max_device_mem=None, max_ram=None,
               batch_hint=(4, 512), quant=None):
     """{filename: 'device' | 'ram' | 'disk'}. 'auto' asks the planner how many blocks fit on the
-    device and in RAM within the free memory and the --max-device-mem / --max-ram caps."""
+    device and in RAM within the free memory and the max_device_mem / max_ram caps."""
     if offload != 'auto':
         return uniform_tiers(cfg, device, offload)
     blocks = [block_file(i) for i in range(cfg.n_layers)]

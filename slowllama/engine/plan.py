@@ -186,10 +186,10 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     trip = max(1, min(trip, micro_batches))
     stash = trip * n * one_input
     if disk_budget is not None and stash > budget - device_need(trip, 0) + ram_budget + disk_budget:
-        raise SlowLlamaError(f'--grad-accum {micro_batches}: the saved inputs of {trip} micro-batch(es) of {batch} x '
+        raise SlowLlamaError(f'grad_accum {micro_batches}: the saved inputs of {trip} micro-batch(es) of {batch} x '
                              f'{seq} need {stash / GIB:.2f} GiB; the device has {budget / GIB:.2f} GiB for the step, '
                              f'RAM {ram_budget / GIB:.2f} GiB and the spill folder\'s disk {disk_budget / GIB:.2f} GiB '
-                             '(lower --batch-size or --seq-len, or free memory or disk)')
+                             '(lower `batch_size` or `seq_len`, or free memory or disk)')
     kept, note = _kept_blocks(keep, n, budget - keep_reserve, lambda blocks: device_need(trip, blocks))
     if note and keep_reserve:
         note += f' (after {keep_reserve / GIB:.2f} GiB left to the page cache for the blocks read from files)'
@@ -205,9 +205,9 @@ def _kept_blocks(keep, n, budget, need):
     if keep == 'all' or isinstance(keep, int):
         blocks = n if keep == 'all' else max(0, min(int(keep), n))
         if need(blocks) > budget:
-            raise SlowLlamaError(f'--keep-activations {keep}: the activations of {blocks} blocks need '
+            raise SlowLlamaError(f'keep_activations {keep}: the activations of {blocks} blocks need '
                                  f'{need(blocks) / GIB:.2f} GiB, the step has {budget / GIB:.2f} GiB '
-                                 '(use auto, a smaller number, a smaller batch, or --micro-batches-per-trip 1)')
+                                 '(use auto, a smaller number, a smaller batch, or `micro_batches_per_trip` 1)')
         return blocks, ''
     blocks = n
     while blocks > 0 and need(blocks) > budget:

@@ -34,7 +34,7 @@ class InputStash:
             except OSError as e:
                 raise SlowLlamaError(f'{self._folder}: cannot spill the saved block inputs there ({e.strerror or e}); '
                                      'free space there, point TMPDIR at a folder with room, or lower '
-                                     '--batch-size / --micro-batches-per-trip') from None
+                                     '`batch_size` / `micro_batches_per_trip`') from None
             self.items[key] = (tier, path)
         if tier != 'disk':
             self.used[tier] += x.nbytes

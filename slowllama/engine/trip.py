@@ -1,7 +1,14 @@
 """The step's schedule, in one place: which block is on the device, which micro-batches pass through
 it, what is fetched next and what is released, which activations are kept and which recomputed.
 
-The micro-batches of an optimizer step travel in trips (how many together: the planner's StepPlan).
+The numbers it follows were decided before the step, once: the StepPlan (planner.py, made when the
+model loads from its EngineOptions; the arithmetic in plan.py) says how many micro-batches travel
+together (`trip`), how many of the last blocks keep their activations (`kept_blocks`) and how much
+room the saved inputs have on the device and in RAM before they spill to disk (stash.py). What the
+trip works on are the model's parts (forward.Parts): the store that fetches a block's frozen
+weights, the block skeletons with their LoRA, the streamed head (head.py), the attached modules.
+
+The micro-batches of an optimizer step travel in trips.
 Within a trip each block is fetched once for the forward of all its micro-batches and once more for
 their backward, so a block's weights cross to the device twice a trip, however many micro-batches
 ride along:
@@ -29,8 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import forward, kept, recompute
 from .devices import get_rng_state, seeded_rng_state, set_rng_state
-from .kept import WeightNames
+from .experts import fetcher
+from .gradients import prefix_backward
+from .stash import InputStash
 
 TRIM_EVERY_BLOCKS = 4  # on a CPU, hand freed heap memory back to the OS this often in the backward
 
@@ -55,38 +65,59 @@ def rng_streams(device, count):
     return [get_rng_state(device)] + [seeded_rng_state(device, seed) for seed in seeds]
 
 
-def run_trip(model, batches, shares, streams, stash, kept_blocks=0):
-    """One trip of `batches` (MicroBatch) through the model. shares[k]: the weight of micro-batch
-    k's mean loss in the step's loss; streams[k]: its RNG state, advanced in place; stash: where the
-    saved inputs wait (an InputStash); the last `kept_blocks` blocks keep their activations (their
-    graph, kept.py) instead. Returns each micro-batch's loss."""
-    store, last = model.store, model.cfg.n_layers - 1
-    inputs = [model.trip_input(batch) for batch in batches]  # (x [batch, seq, dim], layout, targets)
+def run_step(parts, plan, batches, shares):
+    """The micro-batches of one optimizer step (MicroBatch), in trips of plan.trip: adds to .grad the
+    gradient of sum_k shares[k] * loss_k and returns the losses. Micro-batch k > 0 draws its dropout
+    from a stream of its own (rng_streams); the global RNG ends as after micro-batch 0's forward."""
+    streams = rng_streams(parts.device, len(batches))
+    losses = []
+    for start in range(0, len(batches), plan.trip):
+        trip = slice(start, start + plan.trip)
+        trip_streams = streams[trip]
+        stash = InputStash(parts.device, plan.stash_device_bytes, plan.stash_ram_bytes)
+        try:
+            losses += run_trip(parts, batches[trip], shares[trip], trip_streams, stash, plan.kept_blocks)
+        finally:
+            stash.close()
+        streams[trip] = trip_streams
+    set_rng_state(parts.device, streams[0])  # as if the backward drew nothing, like autograd
+    return losses
+
+
+def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
+    """One trip of `batches` (MicroBatch) through the model's parts. shares[k]: the weight of
+    micro-batch k's mean loss in the step's loss; streams[k]: its RNG state, advanced in place;
+    stash: where the saved inputs wait (an InputStash); the last `kept_blocks` blocks keep their
+    activations (their graph, kept.py) instead. Returns each micro-batch's loss."""
+    store, blocks, params, device = parts.store, parts.blocks, parts.block_params, parts.device
+    last = len(blocks) - 1
+    inputs = [forward.trip_input(store, batch) for batch in batches]  # (x [batch, seq, dim], layout, targets)
     hidden = [x for x, _, _ in inputs]
     rng_before = {}  # (block, micro-batch) -> the RNG state its forward drew from (recomputed blocks)
-    kept = {}  # (block, micro-batch) -> KeptBlock (blocks that keep their activations)
+    graphs = {}  # (block, micro-batch) -> KeptBlock (blocks that keep their activations)
 
     for i in range(last + 1):  # forward
         weights = store.block(i)
         store.prefetch(i + 1 if i < last else last - 1)
-        names = WeightNames(weights) if i > last - kept_blocks else None
+        names = kept.WeightNames(weights) if i > last - kept_blocks else None
         for k, (_, layout, _) in enumerate(inputs):
-            set_rng_state(model.device, streams[k])
+            set_rng_state(device, streams[k])
             if names is not None:
-                hidden[k], kept[i, k] = model.run_block_keeping(i, weights, names, hidden[k], layout)
+                hidden[k], graphs[i, k] = kept.run_block_keeping(blocks[i], weights, names, hidden[k], layout,
+                                                                 fetcher(store, i, names))
             else:
                 rng_before[i, k] = streams[k]
                 stash.put((i, k), hidden[k])
                 with torch.no_grad():
-                    hidden[k] = model.run_block(i, weights, hidden[k], layout)
-            streams[k] = get_rng_state(model.device)
+                    hidden[k] = forward.run_block(blocks[i], weights, hidden[k], layout, experts=fetcher(store, i))
+            streams[k] = get_rng_state(device)
         del weights, names
         if i < last - 1:
             store.release(i)
-    model.trim_host_heap()
+    parts.trim_host_heap()
 
     # the head, read once for every micro-batch: the losses and the gradients at the last block's output
-    found = model.head.losses_and_grads(hidden, [targets for _, _, targets in inputs], [b.weigh for b in batches])
+    found = parts.head.losses_and_grads(hidden, [targets for _, _, targets in inputs], [b.weigh for b in batches])
     losses, grads = [loss for loss, _ in found], [grad for _, grad in found]
     del hidden, found
 
@@ -94,17 +125,17 @@ def run_trip(model, batches, shares, streams, stash, kept_blocks=0):
         weights = store.block(i)
         store.prefetch(i - 1)
         for k, (_, layout, _) in enumerate(inputs):
-            if (i, k) in kept:
-                grads[k] = model.kept_backward(i, weights, kept.pop((i, k)), grads[k], shares[k])
+            if (i, k) in graphs:
+                grads[k] = kept.kept_backward(params[i], weights, graphs.pop((i, k)), grads[k], shares[k])
             else:
-                grads[k] = model.block_backward(i, weights, stash.pop((i, k)), grads[k], rng_before.pop((i, k)),
-                                                layout, shares[k])
+                grads[k] = recompute.block_backward(blocks[i], params[i], weights, stash.pop((i, k)), grads[k],
+                                                    rng_before.pop((i, k)), layout, shares[k], fetcher(store, i))
         del weights
         store.release(i)
         if i % TRIM_EVERY_BLOCKS == 0 and i <= last - kept_blocks:  # kept blocks free what the slack keeps
-            model.trim_host_heap()
+            parts.trim_host_heap()
 
     for batch, grad, share in zip(batches, grads, shares):  # what made the prefixes
         if batch.prefix is not None and batch.prefix.requires_grad:
-            model.prefix_backward(batch.prefix, grad[:, :batch.prefix.shape[1]], share)
+            prefix_backward(parts.attached, batch.prefix, grad[:, :batch.prefix.shape[1]], share)
     return losses

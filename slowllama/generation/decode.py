@@ -1,8 +1,10 @@
-"""What generation keeps between tokens and turns: the KV cache of every block (GenerationCache), and
-how the next token is chosen (greedy or nucleus sampling) and when to stop."""
+"""Generation through the streamed model (generate): what it keeps between tokens and turns, the KV
+cache of every block (GenerationCache), and how the next token is chosen (greedy or nucleus
+sampling) and when to stop."""
 import torch
 
-from ..model.block import KVCache
+from ..engine.forward import Layout, embed, forward_blocks
+from ..model.block import KVCache, rope_changes_past, rope_table
 
 
 class GenerationCache:
@@ -68,3 +70,36 @@ def _nucleus_sample(logits, temperature, top_p):
 def is_eos(cfg, token):
     eos = cfg.eos_id
     return token in eos if isinstance(eos, (list, tuple)) else token == eos
+
+
+def generate(parts, tokens, max_new_tokens, temperature=0.0, top_p=1.0, prefix=None, on_token=None, cache=None):
+    """[1, T] -> [1, T + n] through the streamed model's parts (engine/forward.Parts) with a KV cache;
+    greedy at temperature 0. Stops early at EOS. on_token(id) is called as each token is chosen.
+    cache: a GenerationCache kept between calls; `tokens` then continue the tokens it holds, and
+    only they go through the blocks (a conversation's new turn)."""
+    store, cfg = parts.store, parts.cfg
+    tokens = tokens.to(store.device)
+    cache = GenerationCache(cfg, store.device, store.dtype) if cache is None else cache
+    if prefix is not None and cache.tokens:
+        raise ValueError('a prefix can only start a sequence, not continue a cached one')
+    x, _ = embed(store, tokens, prefix)
+    cache.reserve(x.shape[1] + max_new_tokens)
+    out, fed = tokens, tokens[0].tolist()
+    for _ in range(max_new_tokens):
+        position = cache.length
+        if position and rope_changes_past(cfg, position, position + x.shape[1]):  # recompute the cache
+            fed = cache.tokens + fed
+            cache.keep(0)
+            x, position = embed(store, torch.tensor([fed], device=store.device), prefix)[0], 0
+            cache.reserve(x.shape[1] + max_new_tokens)
+        cos, sin = rope_table(cfg, torch.arange(position, position + x.shape[1]), store.device)
+        x = forward_blocks(store, parts.blocks, x, Layout(cos, sin), caches=cache.layers)
+        cache.tokens += fed
+        next_token = sample(parts.head.logits(x[:, -1]), temperature, top_p)
+        out = torch.cat([out, next_token], dim=1)
+        if on_token:
+            on_token(int(next_token))
+        if is_eos(cfg, int(next_token)):
+            break
+        x, fed = store.embed(next_token), [int(next_token)]
+    return out

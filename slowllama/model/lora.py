@@ -26,15 +26,15 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank <= 0:
-            raise SlowLlamaError(f'--lora-rank must be positive, got {self.rank}')
+            raise SlowLlamaError(f'LoraConfig.rank must be positive, got {self.rank}')
         if not 0.0 <= self.dropout < 1.0:
-            raise SlowLlamaError(f'--lora-dropout must be in [0, 1), got {self.dropout}')
+            raise SlowLlamaError(f'LoraConfig.dropout must be in [0, 1), got {self.dropout}')
         targets = self.targets.split(',') if isinstance(self.targets, str) else self.targets
         canonical = []
         for name in targets:
             target = canonical_target(name)
             if target is None:
-                raise SlowLlamaError(f'--targets: unknown module {name!r} (use q,k,v,o,gate,up,down; '
+                raise SlowLlamaError(f'LoraConfig.targets: unknown module {name!r} (use q,k,v,o,gate,up,down; '
                                      'experts,router on Mixture-of-Experts models)')
             if target not in canonical:
                 canonical.append(target)
@@ -42,7 +42,7 @@ class LoraConfig:
         object.__setattr__(self, 'targets', tuple(sorted(canonical, key=order.index)))
         moe = [t for t in self.targets if t in MOE_TARGETS]
         if moe and self.dropout:  # as peft refuses it for target_parameters
-            raise SlowLlamaError(f'--lora-dropout {self.dropout} with --targets {",".join(moe)}: LoRA on the router '
+            raise SlowLlamaError(f'LoraConfig.dropout {self.dropout} with `LoraConfig.targets` {",".join(moe)}: LoRA on the router '
                                  'and expert tensors has no dropout (as in peft); use 0')
 
     @property
@@ -200,10 +200,10 @@ def check_targets(block, targets):
     moe = hasattr(block.mlp, 'experts')
     wrong = [t for t in targets if (t in MOE_TARGETS) != moe and (t in MOE_TARGETS or t in DENSE_MLP_TARGETS)]
     if wrong and not moe:
-        raise SlowLlamaError(f'--targets {",".join(wrong)}: the model has no experts (its MLP is dense)')
+        raise SlowLlamaError(f'LoraConfig.targets {",".join(wrong)}: the model has no experts (its MLP is dense)')
     if wrong:
-        raise SlowLlamaError(f'--targets {",".join(wrong)}: a Mixture-of-Experts model has no dense MLP; '
-                             'use --targets experts (every expert\'s gate, up and down) or router')
+        raise SlowLlamaError(f'LoraConfig.targets {",".join(wrong)}: a Mixture-of-Experts model has no dense MLP; '
+                             'use `LoraConfig.targets` experts (every expert\'s gate, up and down) or router')
 
 
 def _attach_experts(moe, cfg, device, dtype):

@@ -47,9 +47,9 @@ class Quant:
 
     def __post_init__(self):
         if self.type not in QUANT_TYPES:
-            raise SlowLlamaError(f'--quant: unknown quantization {self.type!r} (use {" or ".join(QUANT_TYPES)})')
+            raise SlowLlamaError(f'quant: unknown quantization {self.type!r} (use {" or ".join(QUANT_TYPES)})')
         if self.double_quant and self.type != 'nf4':
-            raise SlowLlamaError('--double-quant: only nf4 has a second level of quantization')
+            raise SlowLlamaError('double_quant: only nf4 has a second level of quantization')
 
     def to_dict(self):
         block = NF4_BLOCK if self.type == 'nf4' else Q8_BLOCK
@@ -73,7 +73,7 @@ class Quant:
 def parse_quant(quant, double_quant=False, head=False):
     """None | 'nf4' | 'int8' | Quant -> Quant or None."""
     if quant is None and head:
-        raise SlowLlamaError('--quant-head: packs the embeddings and head with --quant nf4 or int8; give --quant')
+        raise SlowLlamaError('quant_head: packs the embeddings and head with `quant` nf4 or int8; give `quant`')
     if quant is None or isinstance(quant, Quant):
         return quant
     return Quant(str(quant), double_quant, head)
@@ -100,10 +100,10 @@ def packed_nbytes(shape, quant: Quant):
 def check_quantizable(shape, quant: Quant, name, rows=False):
     """rows: the weight is read a row at a time (embeddings, head), so nf4 blocks may not cross rows."""
     if quant.type == 'int8' and (len(shape) != 2 or shape[1] % Q8_BLOCK):
-        raise SlowLlamaError(f'--quant int8: {name} has shape {tuple(shape)}; Q8_0 needs rows of a multiple '
+        raise SlowLlamaError(f'quant int8: {name} has shape {tuple(shape)}; Q8_0 needs rows of a multiple '
                              f'of {Q8_BLOCK} values')
     if rows and quant.type == 'nf4' and shape[-1] % NF4_BLOCK:
-        raise SlowLlamaError(f'--quant-head: {name} has rows of {shape[-1]} values; nf4 read a row at a '
+        raise SlowLlamaError(f'quant_head: {name} has rows of {shape[-1]} values; nf4 read a row at a '
                              f'time needs a multiple of {NF4_BLOCK}')
 
 

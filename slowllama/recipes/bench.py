@@ -165,7 +165,8 @@ def _slowllama_step(spec, device, dtype, tokens, targets):
     import slowllama
     lora = slowllama.LoraConfig(rank=spec['rank'], alpha=2.0 * spec['rank'], targets=tuple(spec['targets']))
     model = slowllama.load(spec['model_dir'], device=device, dtype=dtype, lora=lora, offload=spec['mode'],
-                           batch_hint=(spec['batch'], spec['seq']), keep_activations=spec.get('keep', 'auto'))
+                           batch_hint=(spec['batch'], spec['seq']), keep_activations=spec.get('keep', 'auto'),
+                           grad_accum=spec.get('grad_accum', 1))
 
     micro = [MicroBatch(tokens, targets)] * spec.get('grad_accum', 1)
 

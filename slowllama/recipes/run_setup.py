@@ -11,6 +11,7 @@ import torch
 from ..api import load
 from ..data.dataset import load_data
 from ..engine.devices import default_dtype, resolve_device
+from ..engine.options import EngineOptions
 from ..errors import SlowLlamaError
 from ..generation.completion import complete
 from ..model.lora import LoraConfig
@@ -85,13 +86,18 @@ def load_model(opts, device, rows=None):
     what cannot fit (--keep-activations all, say) is refused before the run starts."""
     torch.manual_seed(opts.seed)  # the LoRA initialisation
     lora = LoraConfig(opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.targets)
-    model = load(opts.model, device, default_dtype(device, opts.dtype), lora=lora, adapter=opts.adapter,
-                 offload=opts.offload, dropout=opts.dropout,
-                 max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
-                 max_ram=parse_bytes(opts.max_ram, '--max-ram'), batch_hint=(opts.batch_size, opts.seq_len),
-                 micro_batches_per_trip=opts.micro_batches_per_trip, keep_activations=opts.keep_activations)
-    model.plan_for(opts.grad_accum, rows or opts.batch_size, opts.seq_len)
-    return model
+    return load(opts.model, device, default_dtype(device, opts.dtype), lora=lora, adapter=opts.adapter,
+                dropout=opts.dropout, options=engine_options(opts, rows))
+
+
+def engine_options(opts, rows=None):
+    """The engine's settings from their flags: the step it plans is --grad-accum micro-batches of
+    `rows` (default --batch-size) x --seq-len."""
+    return EngineOptions(offload=opts.offload, max_device_mem=parse_bytes(opts.max_device_mem, '--max-device-mem'),
+                         max_ram=parse_bytes(opts.max_ram, '--max-ram'), keep_activations=opts.keep_activations,
+                         micro_batches_per_trip=opts.micro_batches_per_trip, grad_accum=opts.grad_accum,
+                         batch_hint=(opts.batch_size, opts.seq_len), step_rows=rows,
+                         packed=bool(getattr(opts, 'pack', False)))
 
 
 def run_config_of(opts):

@@ -146,7 +146,7 @@ def load_trainable(params, file, where):
     missing, extra = sorted(set(params) - set(file.names())), sorted(set(file.names()) - set(params))
     if missing or extra:
         raise SlowLlamaError(f'{where}: the checkpoint does not fit the model (missing {missing[:2]}, '
-                             f'unexpected {extra[:2]}); resume with the same --targets and --lora-rank')
+                             f'unexpected {extra[:2]}); resume with the same `targets` and `lora_rank`')
     with torch.no_grad():
         for name, p in params.items():
             if tuple(file.shape(name)) != tuple(p.shape):

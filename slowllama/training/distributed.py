@@ -96,7 +96,7 @@ def init_from_env(device_name=None, timeout=MIN_TIMEOUT):
     from ..engine.devices import best_device
     kind = (device_name or best_device()).split(':')[0]
     if kind == 'mps':
-        raise SlowLlamaError('--device mps: torch.distributed has no mps backend; use cpu or cuda')
+        raise SlowLlamaError('device mps: torch.distributed has no mps backend; use cpu or cuda')
     if not dist.is_initialized():
         dist.init_process_group('nccl' if kind == 'cuda' else 'gloo', timeout=timeout)
     if kind == 'cuda':

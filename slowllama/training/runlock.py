@@ -29,7 +29,7 @@ class RunLock:
             self.fd = None
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise SlowLlamaError(f'{os.path.dirname(self.path)}: another run is writing to this folder '
-                                     '(wait for it, or choose another --out)') from None
+                                     '(wait for it, or choose another `out`)') from None
             raise
         return self
 

@@ -28,19 +28,19 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        positive = {'--iters': self.iters, '--grad-accum': self.grad_accum}
-        for flag, value in positive.items():
+        positive = {'iters': self.iters, 'grad_accum': self.grad_accum}
+        for setting, value in positive.items():
             if value < 1:
-                raise SlowLlamaError(f'{flag} must be at least 1, got {value}')
-        non_negative = {'--lr': self.lr, '--weight-decay': self.weight_decay, '--warmup': self.warmup,
-                        '--grad-clip': self.grad_clip, '--save-every': self.save_every,
-                        '--eval-every': self.eval_every, '--keep-checkpoints': self.keep_checkpoints,
-                        '--min-lr-ratio': self.min_lr_ratio, '--patience': self.patience}
-        for flag, value in non_negative.items():
+                raise SlowLlamaError(f'{setting} must be at least 1, got {value}')
+        non_negative = {'lr': self.lr, 'weight_decay': self.weight_decay, 'warmup': self.warmup,
+                        'grad_clip': self.grad_clip, 'save_every': self.save_every,
+                        'eval_every': self.eval_every, 'keep_checkpoints': self.keep_checkpoints,
+                        'min_lr_ratio': self.min_lr_ratio, 'patience': self.patience}
+        for setting, value in non_negative.items():
             if value < 0:
-                raise SlowLlamaError(f'{flag} must not be negative, got {value}')
+                raise SlowLlamaError(f'{setting} must not be negative, got {value}')
         if self.schedule not in SCHEDULES:
-            raise SlowLlamaError(f'--schedule: unknown schedule {self.schedule!r} (use cosine or constant)')
+            raise SlowLlamaError(f'schedule: unknown schedule {self.schedule!r} (use cosine or constant)')
 
 
 def lr_at(cfg: TrainConfig, step):

@@ -16,7 +16,7 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SlowLlamaError(f'--tensorboard needs the tensorboard package: {HINT}') from None
+            raise SlowLlamaError(f'tensorboard needs the tensorboard package: {HINT}') from None
         self.run_dir, self.writer_class, self.writer = str(run_dir), SummaryWriter, None
 
     def start(self, step):

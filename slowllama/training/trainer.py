@@ -81,7 +81,7 @@ class Trainer:
         self.score_fn = score_fn
         self.params = dict(model.trainable_parameters())
         if not self.params:
-            raise SlowLlamaError('the model has no trainable parameters (check --targets)')
+            raise SlowLlamaError('the model has no trainable parameters (check `targets`)')
         groups = optimizer_groups(self.params, cfg, param_groups or {})
         self.params = {name: self.params[name] for g in groups for name in g.pop('names')}  # the optimizer's order
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
@@ -128,7 +128,7 @@ class Trainer:
                         break
                     if stop.requested:
                         raise SlowLlamaError(f'stopped by {stop.requested} at step {self.step}; checkpoint saved, '
-                                             f'continue with --resume --out {self.run_dir}')
+                                             f'continue with `resume` `out` {self.run_dir}')
             finally:
                 self.run_log.close_bar()
                 self._report('close')
@@ -140,8 +140,8 @@ class Trainer:
                 self.log(found)
         self.group.barrier()
         if not resume and list_checkpoints(self.run_dir):
-            raise SlowLlamaError(f'{self.run_dir}: already holds a run; add --resume to continue it, '
-                                 'or choose another --out')
+            raise SlowLlamaError(f'{self.run_dir}: already holds a run; add `resume` to continue it, '
+                                 'or choose another `out`')
         resumed = resume and self._resume()
         if not resumed:
             torch.manual_seed(self.cfg.seed + self.group.rank)  # each process its own dropout masks
@@ -168,8 +168,8 @@ class Trainer:
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped and not self.skip_nonfinite:
             raise SlowLlamaError(f'step {step}: the loss or gradient is not finite (loss {loss}); stopped, the '
-                                 f'last checkpoint in {self.run_dir} is kept. Lower --lr, or pass '
-                                 '--skip-nonfinite to skip such steps')
+                                 f'last checkpoint in {self.run_dir} is kept. Lower `lr`, or pass '
+                                 '`skip_nonfinite` to skip such steps')
         if skipped:
             self.log(f'step {step}: non-finite loss or gradient, step skipped')
         else:

@@ -30,7 +30,7 @@ def block_file(i):
     return f'block_{i:03d}.safetensors'
 
 
-def parse_dtype(name, flag='--dtype'):
+def parse_dtype(name, flag='dtype'):
     if isinstance(name, torch.dtype):
         return name
     aliases = {'bfloat16': 'bf16', 'float16': 'fp16', 'half': 'fp16', 'float32': 'fp32', 'float': 'fp32'}

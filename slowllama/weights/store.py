@@ -43,10 +43,10 @@ class BlockStore:
     release(i). Streamed blocks go through two preallocated buffers (see DeviceCopier).
     """
 
-    def __init__(self, model_dir, device, dtype, tiers='ram', verify=True, manifest=None, max_device_mem=None,
-                 max_ram=None):
+    def __init__(self, model_dir, device, dtype, tiers='ram', verify=True, manifest=None):
+        """tiers: {filename: tier} (engine/placement.py chooses them), or one tier for every file;
+        manifest: the folder's, when the caller has read it already."""
         self.model_dir = str(model_dir)
-        self.max_device_mem, self.max_ram = max_device_mem, max_ram
         self.manifest = manifest or read_manifest(model_dir)
         self.cfg = ModelConfig.from_dict(self.manifest['config'])
         self.device, self.dtype, self.verify = torch.device(device), dtype, verify
@@ -328,6 +328,6 @@ class BlockStore:
 def uniform_tiers(cfg, device, offload):
     """{filename: tier}: every file on the tier `offload` names ('device' on a cpu is its RAM)."""
     if offload not in OFFLOAD_MODES:
-        raise SlowLlamaError(f'--offload: unknown mode {offload!r} (use auto, {", ".join(OFFLOAD_MODES)})')
+        raise SlowLlamaError(f'offload: unknown mode {offload!r} (use auto, {", ".join(OFFLOAD_MODES)})')
     tier = 'ram' if offload == 'device' and device.type == 'cpu' else offload
     return {f: tier for f in [EMBED_FILE, HEAD_FILE] + [block_file(i) for i in range(cfg.n_layers)]}

@@ -105,18 +105,18 @@ class MergedWeights:
 def export(model_dir, out, fmt, adapter=None, shards=1, dtype=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):
     """Write `fmt` ('meta' | 'hf' | 'peft' | 'gguf' | 'gguf-lora') to `out`; returns out."""
     if fmt not in FORMATS:
-        raise SlowLlamaError(f'--format: unknown format {fmt!r} (use {", ".join(FORMATS)})')
+        raise SlowLlamaError(f'format: unknown format {fmt!r} (use {", ".join(FORMATS)})')
     if fmt.startswith('gguf'):
         return _export_gguf(model_dir, out, fmt, adapter, dtype)
     if shards < 1:
-        raise SlowLlamaError(f'--shards must be at least 1, got {shards}')
+        raise SlowLlamaError(f'shards must be at least 1, got {shards}')
     manifest = read_manifest(model_dir)
     dtype = parse_dtype(dtype or manifest['dtype'])
     lora = _read_adapter(adapter, model_dir, fmt)
     merged = MergedWeights(model_dir, dtype, lora)
     if fmt == 'meta' and merged.cfg.model_type != 'llama':
-        raise SlowLlamaError(f'--format meta: Meta checkpoints hold Llama models only, this is '
-                             f'{merged.cfg.model_type}; use --format hf')
+        raise SlowLlamaError(f'format meta: Meta checkpoints hold Llama models only, this is '
+                             f'{merged.cfg.model_type}; use `format` hf')
     staging = _staging_folder(out)
     try:
         _check_space(out, _bytes_needed(merged.cfg, dtype, fmt, lora))
@@ -148,7 +148,7 @@ def _export_gguf(model_dir, out, fmt, adapter, dtype):
 def _read_adapter(adapter, model_dir, fmt):
     if adapter is None:
         if fmt in ADAPTER_ONLY:
-            raise SlowLlamaError(f'--lora: the {fmt} format exports an adapter; give its folder with --lora')
+            raise SlowLlamaError(f'lora: the {fmt} format exports an adapter; give its folder with `lora`')
         return None
     lora, state = read_peft_adapter(adapter, model_dir)
     state = {k.replace('.default.weight', '.weight'): v for k, v in state.items()}

@@ -41,7 +41,7 @@ def gguf_dtype(name, default):
     """--dtype for the GGUF formats: f32 | f16 | bf16 | q8_0 (fp32 / fp16 spellings accepted)."""
     name = DTYPE_ALIASES.get(name or default, name or default)
     if name not in GGUF_DTYPES:
-        raise SlowLlamaError(f'--dtype: {name!r} is not a GGUF type (use {", ".join(GGUF_DTYPES)})')
+        raise SlowLlamaError(f'dtype: {name!r} is not a GGUF type (use {", ".join(GGUF_DTYPES)})')
     return name
 
 
@@ -191,7 +191,7 @@ def _write(out, metadata, layout, tensors, desc):
     """Header, metadata and tensor table from `layout`, then each tensor as `tensors` yields it."""
     gguf, out = _gguf(), str(out)
     if os.path.isdir(out):
-        raise SlowLlamaError(f'--out {out}: is a folder; the GGUF formats write one file (FILE.gguf)')
+        raise SlowLlamaError(f'out {out}: is a folder; the GGUF formats write one file (FILE.gguf)')
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     check_free_space(folder, sum(_nbytes(shape, kind) for shape, kind in layout.values()), out)

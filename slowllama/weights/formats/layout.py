@@ -45,7 +45,7 @@ def split(tensor, dim, n_shards, name):
     if dim is None:
         return [tensor] * n_shards
     if tensor.shape[dim] % n_shards:
-        raise SlowLlamaError(f'--shards {n_shards}: {name} has {tensor.shape[dim]} along dim {dim}, '
+        raise SlowLlamaError(f'shards {n_shards}: {name} has {tensor.shape[dim]} along dim {dim}, '
                              f'which does not split into {n_shards} equal parts')
     return [piece.contiguous() for piece in tensor.chunk(n_shards, dim=dim)]
 

@@ -172,7 +172,7 @@ def _piece_shape(shape, dim, n_shards, name):
     if dim is None:
         return tuple(shape)
     if shape[dim] % n_shards:
-        raise SlowLlamaError(f'--shards {n_shards}: {name} has {shape[dim]} along dim {dim}, '
+        raise SlowLlamaError(f'shards {n_shards}: {name} has {shape[dim]} along dim {dim}, '
                              f'which does not split into {n_shards} equal parts')
     return tuple(n // n_shards if d == dim else n for d, n in enumerate(shape))
 

@@ -81,7 +81,7 @@ def config_to_meta(cfg):
     params.update(_meta_ffn_params(cfg.dim, cfg.hidden_dim))
     if cfg.rope_scaling:
         if cfg.rope_scaling.get('rope_type', 'llama3') != 'llama3':
-            raise SlowLlamaError('--format meta: Meta checkpoints carry llama3 rope scaling only')
+            raise SlowLlamaError('format meta: Meta checkpoints carry llama3 rope scaling only')
         params['use_scaled_rope'] = True
         params['rope_scaling_factor'] = cfg.rope_scaling['factor']
     return params

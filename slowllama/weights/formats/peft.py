@@ -15,6 +15,7 @@ LoRA per part, exactly: the parts share its A and take their rows of B. One we s
 parts * r, B block diagonal) is cut back into the parts' own A and B.
 """
 import os
+import shutil
 
 import torch
 
@@ -22,7 +23,16 @@ from ...errors import SlowLlamaError
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
 from ...model.names import TARGET_MODULES, hf_module_name
-from ..files import SafetensorsFile, clean_leftovers, read_json, write_json, write_safetensors
+from ..files import (
+    SafetensorsFile,
+    announce,
+    clean_leftovers,
+    read_json,
+    staging_dir,
+    swap_dir,
+    write_json,
+    write_safetensors,
+)
 from ..prepared import block_shapes, read_manifest
 from .names import FUSED_TARGETS
 
@@ -37,6 +47,20 @@ def save_adapter_folder(folder, cfg: LoraConfig, state, base_model=''):
     write_json(os.path.join(folder, ADAPTER_CONFIG), cfg.to_peft(base_model))
 
 
+def write_adapter(folder, cfg: LoraConfig, state, base_model='', attached=()):
+    """Write the adapter folder whole (and each attached module's files: module.save(folder)): beside
+    it first, then swapped in, never half old, half new."""
+    announce(clean_leftovers(folder))  # what an earlier, interrupted save left beside it
+    staging = staging_dir(folder)
+    try:
+        save_adapter_folder(staging, cfg, state, base_model)
+        for module in attached:
+            module.save(staging)
+        swap_dir(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def adapter_folder(path):
     """--lora accepts an adapter folder or a finetune run folder (its adapter/); None stays None."""
     if path is None:
@@ -45,7 +69,7 @@ def adapter_folder(path):
     if not os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
         if os.path.exists(os.path.join(path, 'adapter', ADAPTER_CONFIG)):
             return os.path.join(path, 'adapter')
-        raise SlowLlamaError(f'{path}: --lora is neither an adapter folder (adapter_config.json) '
+        raise SlowLlamaError(f'{path}: `lora` is neither an adapter folder (adapter_config.json) '
                              'nor a run folder with adapter/')
     return path
 

@@ -1,0 +1,86 @@
+"""The step's plan, made once from the run's settings (EngineOptions) and the memory free at load:
+how many micro-batches travel together, which blocks keep their activations, and where the saved
+inputs wait. The trip (trip.py) follows the StepPlan it is handed; the arithmetic is plan.py's.
+
+The step the run declared (grad_accum micro-batches of step_rows x batch_hint's positions) is planned
+when the model loads, so that what cannot fit is refused before a run starts. A step of that shape,
+or of fewer micro-batches (a micro-batch with no counted target is left out), runs on that plan; a
+step of a shape never declared (a Python caller's own batch) is planned once when it first comes."""
+import dataclasses
+
+from ..weights.host_memory import (
+    HeapTrimmer,
+    free_device_memory,
+    free_host_memory,
+    host_share,
+    unified_memory,
+)
+from ..weights.prepared import dtype_name
+from .plan import cap_budget, plan_step, step_working_bytes
+from .stash import spill_room
+
+
+class StepPlanner:
+    def __init__(self, store, lora, dropout, options, trim_host_heap):
+        self.store, self.cfg, self.lora, self.dropout, self.options = store, store.cfg, lora, dropout, options
+        self.device, self.dtype = store.device, store.dtype
+        self.trim_host_heap = trim_host_heap
+        self._declared = self._plan(*options.step_shape)
+        self._other = None  # (shape, (plan, heap slack)) of the last step of another shape
+        self.current = self._declared[0]  # the plan of the last step (what the trainer's log describes)
+
+    def for_step(self, micro_batches, batch, seq, packed=False):
+        """The StepPlan a step of `micro_batches` of batch x seq runs on."""
+        _, rows, positions, declared_packed = self.options.step_shape
+        if (batch, seq, packed) == (rows, positions, declared_packed) and micro_batches <= self._declared[0].micro_batches:
+            plan, slack = self._declared
+        else:
+            shape = (micro_batches, batch, seq, packed)
+            if self._other is None or self._other[0] != shape:
+                self._other = shape, self._plan(*shape)
+            plan, slack = self._other[1]
+        if isinstance(self.trim_host_heap, HeapTrimmer):  # what the next step reuses stays in the heap
+            self.trim_host_heap.slack = slack
+        self.current = plan
+        return plan
+
+    def _plan(self, micro_batches, batch, seq, packed):
+        """-> (StepPlan, the heap slack its steps reuse). Raises SlowLlamaError when what was asked
+        cannot fit (keep_activations all, say)."""
+        budget, ram, page_cache = self._budgets()
+        dtype = dtype_name(self.dtype)
+        working = step_working_bytes(self.cfg, batch, seq, dtype, micro_batches)
+        plan = plan_step(
+            self.cfg, batch, seq, dtype, micro_batches, budget, ram, disk_budget=spill_room(),
+            keep_reserve=page_cache, trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
+            working=working, host_heap=self.device.type == 'cpu',
+            targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
+            device_type=self.device.type, packed=packed)
+        return self._with_stash_caps(plan), max(HeapTrimmer.SLACK, plan.kept_bytes + working)
+
+    def _with_stash_caps(self, plan):
+        """Where a trip's saved inputs wait: the plan's room on the device, then RAM (on a cpu both are
+        the host's), then disk; a cap given at load wins."""
+        device_cap, ram_cap = self.options.stash_device_bytes, self.options.stash_ram_bytes
+        device_room = plan.stash_device_bytes if device_cap is None else device_cap
+        ram_room = plan.stash_ram_bytes if ram_cap is None else ram_cap
+        if self.device.type == 'cpu':
+            ram_room = device_room if ram_cap is None else ram_cap
+        return dataclasses.replace(plan, stash_device_bytes=device_room, stash_ram_bytes=ram_room)
+
+    def _budgets(self):
+        """-> (bytes the step may take on the device, host bytes for what spills there, the part of the
+        first that kept activations must leave alone). cuda: its free memory, and RAM beside it. A cpu
+        or a Mac: the one memory, less the blocks the store holds mapped at once; and where blocks
+        are read from files, the page cache would like to keep them, so kept activations leave it
+        their bytes (a model larger than memory is bound by its reads, not by the recompute). 90% of
+        what is free, within max_device_mem / max_ram."""
+        store, options = self.store, self.options
+        if self.device.type == 'cpu' or unified_memory(self.device):
+            free = free_host_memory() if self.device.type == 'cpu' else free_device_memory(self.device)
+            mapped = store.disk_tier_bytes()
+            held = 2 * mapped['block'] if mapped['blocks'] else 0  # the last two blocks stay for the backward
+            budget = cap_budget(free, options.max_device_mem) - store.unallocated_device_bytes() - held
+            return max(0, budget), 0, mapped['total']
+        budget = cap_budget(free_device_memory(self.device), options.max_device_mem) - store.unallocated_device_bytes()
+        return max(0, budget), cap_budget(free_host_memory() // host_share(), options.max_ram), 0
