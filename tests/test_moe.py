@@ -201,16 +201,18 @@ def test_dense_layers_among_experts_are_refused(tmp_path):
 
 def test_expert_targets_on_a_dense_model_say_it_has_no_experts(tiny_prepared):
     model_dir, _, _ = tiny_prepared
-    with pytest.raises(slowllama.SlowLlamaError, match='--targets experts: the model has no experts'):
+    with pytest.raises(slowllama.SlowLlamaError, match='LoraConfig.targets experts: the model has no experts'):
         slowllama.load(model_dir, lora=slowllama.LoraConfig(targets=('q', 'experts')))
 
 
 def test_dense_mlp_targets_on_a_moe_model_are_refused(family):
     _, model_dir, _ = family
-    with pytest.raises(slowllama.SlowLlamaError, match='--targets gate,up: a Mixture-of-Experts model has no dense'):
+    with pytest.raises(slowllama.SlowLlamaError, match='LoraConfig.targets gate,up: a Mixture-of-Experts model has no dense'):
         slowllama.load(model_dir, lora=slowllama.LoraConfig(targets=('q', 'gate', 'up')))
-    with pytest.raises(slowllama.SlowLlamaError, match='--lora-dropout 0.1 with --targets experts'):
+    with pytest.raises(slowllama.SlowLlamaError, match='LoraConfig.dropout 0.1 with `LoraConfig.targets` experts'):
         slowllama.LoraConfig(dropout=0.1, targets=('q', 'experts'))
+    from slowllama.cli import as_flags  # on the command line: the flags
+    assert as_flags('LoraConfig.dropout 0.1 with `LoraConfig.targets` experts: x') == '--lora-dropout 0.1 with --targets experts: x'
 
 
 def test_streamed_fetches_only_the_routed_experts(family):
