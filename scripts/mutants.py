@@ -106,10 +106,10 @@ MUTANTS = [
       "return torch.where(targets != IGNORE, target_logit - lse, 0.0).view(x.shape[:-1])",
       "return (target_logit - lse).view(x.shape[:-1])",
       'tests/test_dpo.py::test_tokens_loss_and_metrics_equal_trl_dpo_trainer'),
-    # --- the streamed engine (engine/streamed.py) and the step's schedule (engine/trip.py, kept.py) ---
-    M('recompute-without-rng-replay', 'slowllama/engine/streamed.py', '        set_rng_state(self.device, rng_state)\n',
+    # --- the step's schedule (engine/trip.py) and its phases (recompute.py, kept.py, gradients.py) ---
+    M('recompute-without-rng-replay', 'slowllama/engine/recompute.py', '    set_rng_state(block_input.device, rng_state)\n',
       '', f'{T_ENGINE}::test_streamed_backward_equals_whole_model_autograd_with_dropout'),
-    M('micro-batch-share-ignored', 'slowllama/engine/streamed.py', 'p.grad.add_(g, alpha=share)', 'p.grad.add_(g)',
+    M('micro-batch-share-ignored', 'slowllama/engine/gradients.py', 'p.grad.add_(g, alpha=share)', 'p.grad.add_(g)',
       f'{T_TRIP}::test_trips_equal_the_sequential_accumulation_bit_for_bit'),
     M('one-rng-stream-for-every-micro-batch', 'slowllama/engine/trip.py',
       '[get_rng_state(device)] + [seeded_rng_state(device, seed) for seed in seeds]',

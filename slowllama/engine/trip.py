@@ -4,9 +4,13 @@ it, what is fetched next and what is released, which activations are kept and wh
 The numbers it follows were decided before the step, once: the StepPlan (planner.py, made when the
 model loads from its EngineOptions; the arithmetic in plan.py) says how many micro-batches travel
 together (`trip`), how many of the last blocks keep their activations (`kept_blocks`) and how much
-room the saved inputs have on the device and in RAM before they spill to disk (stash.py). What the
-trip works on are the model's parts (forward.Parts): the store that fetches a block's frozen
-weights, the block skeletons with their LoRA, the streamed head (head.py), the attached modules.
+room the saved inputs have on the device and in RAM before they spill to disk (stash.py); where
+each block lives (device, RAM, disk) was decided at load too (placement.py). What the trip works on
+are the model's parts (forward.Parts): the store that fetches a block's frozen weights, the block
+skeletons with their LoRA, the streamed head (head.py: its vocabulary slices, plan.head_slice_rows),
+the attached modules. Each phase is a function of those parts: a block's forward (forward.py), a
+kept block's forward and backward (kept.py), a recomputed block's backward (recompute.py), the
+gradients' way into .grad and into a prefix's makers (gradients.py).
 
 The micro-batches of an optimizer step travel in trips.
 Within a trip each block is fetched once for the forward of all its micro-batches and once more for
