@@ -146,6 +146,7 @@ def bench_block(shape='30b-a3b-block', shapes=((1, 256), (4, 256)), targets=('q'
                 row[system] = {'error': (out.stderr.strip().splitlines() or ['?'])[-1]}
             else:
                 row[system] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f'bench: {shape} {system} {batch} x {seq}: {row[system]}', file=sys.stderr, flush=True)  # as it comes
         ours, peer = row['slowllama'].get('block_s'), row['transformers+peft'].get('block_s')
         if ours and peer:
             row['ratio'] = ours / peer
