@@ -15,6 +15,8 @@ def whole_model(model_dir, lora_cfg, dropout=0.0):
     state = {'embed_tokens.weight': store.embed(torch.arange(store.cfg.vocab_size)[None])[0]}
     for i in range(store.cfg.n_layers):
         state.update({f'layers.{i}.{k}': v for k, v in store.block(i).items()})
+        for e, tensors in store.experts(i, range(store.cfg.n_experts)).items():  # a MoE block's, fetched alone
+            state.update({f'layers.{i}.mlp.experts.{e}.{k}': v for k, v in tensors.items()})
     state['head.norm.weight'] = store.head_norm()
     state['head.lm_head.weight'] = store.head_rows(0, store.cfg.vocab_size)
     model.load_state_dict({k: v.clone() for k, v in state.items()})
@@ -80,13 +82,14 @@ def max_rel_diff(ours, ref):
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
 
 
-def against_whole_model(model_dir, device='cpu', dtype=torch.float32, **load_options):
+def against_whole_model(model_dir, device='cpu', dtype=torch.float32,
+                        targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'), lora_dropout=0.1, **load_options):
     """The streamed backward against autograd over the whole model (same weights, random LoRA on
-    every projection, model and LoRA dropout 0.1, same seed) -> (loss, loss difference, worst
-    relative LoRA gradient difference)."""
+    every projection, model dropout 0.1 and LoRA dropout 0.1 unless told, same seed) -> (loss,
+    loss difference, worst relative LoRA gradient difference)."""
     import slowllama
     from conftest import random_batch
-    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=lora_dropout, targets=targets)
     streamed = slowllama.load(model_dir, device=device, dtype=dtype, lora=lora, dropout=0.1, **load_options)
     randomize_adapters(streamed.adapters)
     reference, ref_adapters = whole_model(model_dir, lora, dropout=0.1)

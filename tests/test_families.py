@@ -189,7 +189,7 @@ def test_export_meta_writes_llama_and_refuses_the_other_families(family, tmp_pat
         assert not (tmp_path / 'meta').exists()
 
 
-@pytest.mark.parametrize('model_type', ['qwen2_moe', 'qwen3_moe', 'gemma', 'olmo'])
+@pytest.mark.parametrize('model_type', ['qwen2_moe', 'olmoe', 'gemma', 'olmo'])
 def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     folder = tmp_path / 'hf'
     folder.mkdir()

@@ -70,6 +70,8 @@ def layer_pair():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from slowllama.model.block import Block, rope_table
+    from slowllama.model.config import ModelConfig
+    from slowllama.weights.formats.model_config import config_from_hf
     config = LlamaConfig(**TINY, attention_dropout=DROPOUT, attn_implementation='eager')
     torch.manual_seed(0)
     theirs = LlamaDecoderLayer(config, layer_idx=0)

@@ -6,6 +6,7 @@ import torch
 from torch.func import functional_call
 
 from ..model.block import document_mask, rope_table, scale_embeddings
+from .experts import fetcher
 from .head import IGNORE
 
 
@@ -66,9 +67,10 @@ def trip_input(store, batch):
     return x, layout, with_prefix_targets(targets, batch.prefix)
 
 
-def run_block(block, weights, x, layout, cache=None):
-    """A block with the frozen `weights` the store handed out, and its LoRA."""
-    return functional_call(block, weights, (x, layout.cos, layout.sin, cache, layout.mask), strict=False)
+def run_block(block, weights, x, layout, cache=None, experts=None):
+    """A block with the frozen `weights` the store handed out, and its LoRA. experts: how a MoE block
+    asks the store for the experts its router chose (experts.fetcher)."""
+    return functional_call(block, weights, (x, layout.cos, layout.sin, cache, layout.mask, experts), strict=False)
 
 
 def forward_blocks(store, blocks, x, layout, caches=None):
@@ -77,7 +79,7 @@ def forward_blocks(store, blocks, x, layout, caches=None):
     for i in range(last + 1):
         weights = store.block(i)
         store.prefetch(i + 1 if i < last else None)
-        x = run_block(blocks[i], weights, x, layout, caches[i] if caches else None)
+        x = run_block(blocks[i], weights, x, layout, caches[i] if caches else None, fetcher(store, i))
         del weights
         store.release(i)
     return x

@@ -30,6 +30,14 @@ class WeightNames:
         self.forward = weights  # {name: tensor} as the store handed them out for the forward
         self._names = {tensor.data_ptr(): name for name, tensor in weights.items()}
         self.fetched = None  # the same names, as fetched for the backward
+        self.fetch_again = dict  # () -> the weights fetched during the forward beside `weights`, again
+
+    def add(self, weights, again):
+        """More weights of the block, fetched during its forward (a MoE block's chosen experts);
+        again() fetches them for the backward."""
+        self.forward = {**self.forward, **weights}
+        self._names.update({tensor.data_ptr(): name for name, tensor in weights.items()})
+        self.fetch_again = again
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -55,19 +63,19 @@ class KeptBlock(NamedTuple):
     names: WeightNames
 
 
-def run_block_keeping(block, weights, names, x, layout):
+def run_block_keeping(block, weights, names, x, layout, experts=None):
     """A block under autograd, its graph kept for the backward (its weights by name: WeightNames)
-    -> (output, detached, KeptBlock)."""
+    -> (output, detached, KeptBlock). experts: a MoE block's fetcher (experts.fetcher, told of names)."""
     leaf = x.detach().requires_grad_(True)
     with torch.enable_grad(), names.hooks():
-        output = forward.run_block(block, weights, leaf, layout)
+        output = forward.run_block(block, weights, leaf, layout, experts=experts)
     return output.detach(), KeptBlock(leaf, output, names)
 
 
 def kept_backward(params, weights, kept, grad_output, share=1.0):
     """Push grad_output through a block's kept graph, its weights resolved to this fetch: adds
     share * the gradients of its LoRA `params` to their .grad and returns d loss / d input."""
-    kept.names.fetched = weights
+    kept.names.fetched = {**weights, **kept.names.fetch_again()}  # a MoE block's experts too
     try:
         return push_gradient(params, kept.input, kept.output, grad_output, share)
     finally:

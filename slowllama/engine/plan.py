@@ -33,6 +33,11 @@ def block_params(cfg: ModelConfig):
     return sum(math.prod(shape) for shape in block_shapes(cfg).values())
 
 
+def ffn_width(cfg: ModelConfig):
+    """The feed-forward's inner width a token's activations take: a MoE token runs k experts."""
+    return cfg.experts_per_token * cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim
+
+
 def block_bytes(cfg: ModelConfig, dtype='bf16', quant=None):
     """Bytes of one block as stored and streamed: its projections packed when `quant` is set (a
     quant.Quant), every other tensor (everything without quant) in `dtype`."""
@@ -48,7 +53,7 @@ def block_working_set(cfg: ModelConfig, batch, seq, act_bytes):
     """Bytes autograd keeps while recomputing and backpropagating one block (activations + grads)."""
     tokens = batch * seq
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_token = 6 * cfg.dim + 2 * q + 4 * kv + 4 * cfg.hidden_dim  # norms, q/k/v (+ roped), attn out, ffn
+    per_token = 6 * cfg.dim + 2 * q + 4 * kv + 4 * ffn_width(cfg)  # norms, q/k/v (+ roped), attn out, ffn
     attention = batch * cfg.n_heads * seq * seq if seq > 1024 else 0  # math-kernel scores at long seq
     return (tokens * per_token + attention) * act_bytes
 
@@ -66,7 +71,7 @@ def saved_input_bytes(cfg: ModelConfig, batch, seq, act_bytes):
     return batch * seq * cfg.dim * act_bytes
 
 
-LORA_INPUT = {'q': 'attn_in', 'k': 'attn_in', 'v': 'attn_in', 'o': 'attn_out', 'gate': 'ffn_in', 'up': 'ffn_in',
+LORA_INPUT = {'q': 'attn_in', 'k': 'attn_in', 'v': 'attn_in', 'o': 'attn_out', 'gate': 'ffn_in', 'up': 'ffn_in', 'router': 'ffn_in', 'experts': 'ffn_act',
               'down': 'ffn_act'}  # what each target's LoRA reads
 
 
@@ -78,7 +83,7 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
     of a real block), plus the block's input the engine holds."""
     t, w, f = batch * seq, DTYPE_BYTES[dtype], 4
     q, kv, heads = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
-    width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': cfg.hidden_dim}
+    width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': ffn_width(cfg)}
     norms = 4 if cfg.pre_norms and cfg.post_norms else 2  # gemma: four a block
     total = norms * t * (cfg.dim + 1) * f  # each RMSNorm: its input in fp32 and 1/rms
     if cfg.qk_norm:
@@ -97,7 +102,7 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
         total += batch * seq * seq * f  # the documents' mask, as an additive float mask
     if dropout:
         total += 2 * t * cfg.dim * w  # the residual branches' dropout masks
-    total += 3 * t * cfg.hidden_dim * w  # gate, silu(gate), up
+    total += 3 * t * ffn_width(cfg) * w  # gate, silu(gate), up
     shared = {'attn_out'} if not math_attention else set()  # the fused attention keeps its output anyway
     for target in targets:  # LoRA: A's input (fp32) and A's output
         source = LORA_INPUT[target]

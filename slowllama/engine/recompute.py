@@ -10,14 +10,16 @@ from .gradients import push_gradient
 TAIL_WEIGHT = 'mlp.down_proj.weight'  # the block's last product: only adds and dropout come after it
 
 
-def block_backward(block, params, weights, block_input, grad_output, rng_state, layout, share=1.0):
+def block_backward(block, params, weights, block_input, grad_output, rng_state, layout, share=1.0, experts=None):
     """Recompute a block under autograd with the forward's RNG state, push grad_output through:
-    adds share * the gradients of its LoRA `params` to their .grad and returns d loss / d input."""
+    adds share * the gradients of its LoRA `params` to their .grad and returns d loss / d input.
+    experts: a MoE block's fetcher (its router asks for the same experts as in the forward)."""
     block_input = block_input.detach().requires_grad_(True)
-    weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
+    if TAIL_WEIGHT in weights:  # a MoE block ends in its experts' sum instead
+        weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
     set_rng_state(block_input.device, rng_state)
     with torch.enable_grad():
-        output = forward.run_block(block, weights, block_input, layout)  # only its gradient is used
+        output = forward.run_block(block, weights, block_input, layout, experts=experts)  # only its gradient is used
     return push_gradient(params, block_input, output, grad_output, share)
 
 

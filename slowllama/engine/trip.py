@@ -42,6 +42,7 @@ import torch
 
 from . import forward, kept, recompute
 from .devices import get_rng_state, seeded_rng_state, set_rng_state
+from .experts import fetcher
 from .gradients import prefix_backward
 from .stash import InputStash
 
@@ -106,12 +107,13 @@ def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
         for k, (_, layout, _) in enumerate(inputs):
             set_rng_state(device, streams[k])
             if names is not None:
-                hidden[k], graphs[i, k] = kept.run_block_keeping(blocks[i], weights, names, hidden[k], layout)
+                hidden[k], graphs[i, k] = kept.run_block_keeping(blocks[i], weights, names, hidden[k], layout,
+                                                                 fetcher(store, i, names))
             else:
                 rng_before[i, k] = streams[k]
                 stash.put((i, k), hidden[k])
                 with torch.no_grad():
-                    hidden[k] = forward.run_block(blocks[i], weights, hidden[k], layout)
+                    hidden[k] = forward.run_block(blocks[i], weights, hidden[k], layout, experts=fetcher(store, i))
             streams[k] = get_rng_state(device)
         del weights, names
         if i < last - 1:
@@ -131,7 +133,7 @@ def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
                 grads[k] = kept.kept_backward(params[i], weights, graphs.pop((i, k)), grads[k], shares[k])
             else:
                 grads[k] = recompute.block_backward(blocks[i], params[i], weights, stash.pop((i, k)), grads[k],
-                                                    rng_before.pop((i, k)), layout, shares[k])
+                                                    rng_before.pop((i, k)), layout, shares[k], fetcher(store, i))
         del weights
         store.release(i)
         if i % TRIM_EVERY_BLOCKS == 0 and i <= last - kept_blocks:  # kept blocks free what the slack keeps

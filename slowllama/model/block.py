@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig, layer_rope, layer_window
+from .moe import MoE
 from .names import BLOCK_TENSORS
 
 
@@ -268,21 +269,25 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
             if cfg.pre_norms:  # gemma: four norms a block
                 self.pre_feedforward_layernorm = norm()
-        self.mlp = FeedForward(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else FeedForward(cfg)  # qwen3_moe, mixtral: router and experts
         self.set_dropout(dropout)
 
     def set_dropout(self, p):
         self.dropout = p
         self.self_attn.dropout = p
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, mask=None, fetch_experts=None):
+        """fetch_experts: how a MoE block gets the weights of the experts its router chose (moe.py)."""
         if not self.post_norms:
             h = x + self._branch(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
-            return h + self._branch(self.mlp(self.post_attention_layernorm(h)))
+            return h + self._branch(self._mlp(self.post_attention_layernorm(h), fetch_experts))
         attn_in = self.input_layernorm(x) if self.pre_norms else x
         h = x + self._branch(self.post_attention_layernorm(self.self_attn(attn_in, cos, sin, cache, mask)))
         mlp_in = self.pre_feedforward_layernorm(h) if self.pre_norms else h
-        return h + self._branch(self.post_feedforward_layernorm(self.mlp(mlp_in)))
+        return h + self._branch(self.post_feedforward_layernorm(self._mlp(mlp_in, fetch_experts)))
+
+    def _mlp(self, x, fetch_experts):
+        return self.mlp(x) if fetch_experts is None else self.mlp(x, fetch_experts)
 
     def _branch(self, x):
         if self.residual_multiplier != 1.0:  # granite

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..errors import SlowLlamaError
 
 # The families whose blocks we build (HF model_type names)
-FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'smollm3', 'olmo2', 'granite', 'gemma3_text', 'gemma2')
+FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'smollm3', 'olmo2', 'granite', 'gemma3_text', 'gemma2',
+            'qwen3_moe', 'mixtral')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 MLP_ACTIVATIONS = ('silu', 'gelu_tanh')
 NORM_KINDS = ('llama', 'fp32_scale', 'plus_one')
@@ -57,10 +58,17 @@ class ModelConfig:
     embed_multiplier: float = 1.0        # granite: embedding_multiplier; gemma: sqrt(dim), in the compute dtype
     residual_multiplier: float = 1.0     # granite: each block's branch output times this before the residual add
     logits_scaling: float = 1.0          # granite: logits divided by this
+    # Mixture-of-Experts (qwen3_moe, mixtral): the MLP is a router and n_experts SwiGLU experts of
+    # expert_hidden_dim each, experts_per_token of them chosen per token (model/moe.py); 0 experts: dense
+    n_experts: int = 0
+    experts_per_token: int = 0
+    expert_hidden_dim: int = 0
+    norm_topk_prob: bool = False         # the chosen experts' weights renormalised to sum 1 (mixtral always)
+    router_aux_loss_coef: float = 0.0    # the load-balancing loss's weight when the router trains
 
     def __post_init__(self):
         check_values(self)
-        for name in ('norm_eps', 'rope_theta'):  # a JSON integer such as 10**40 is a number too, held as one
+        for name in ('norm_eps', 'rope_theta', 'router_aux_loss_coef'):  # a JSON integer such as 10**40 is a number too, held as one
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.head_dim == 0:
             object.__setattr__(self, 'head_dim', self.dim // self.n_heads)
@@ -120,6 +128,7 @@ def check_values(cfg):
         raise SlowLlamaError(f'model config: sliding_window must be a positive integer or null, '
                              f'got {cfg.sliding_window!r:.80}')
     _check_family_values(cfg)
+    _check_experts(cfg)
     if not isinstance(cfg.tie_embeddings, bool):
         raise SlowLlamaError(f'model config: tie_embeddings must be true or false, got {cfg.tie_embeddings!r:.80}')
     eos = cfg.eos_id if isinstance(cfg.eos_id, list) else [cfg.eos_id]
@@ -177,6 +186,24 @@ def layer_rope(cfg, i):
     if cfg.rope_local_theta is not None and layer_window(cfg, i) is not None:
         return 1
     return 0
+
+
+def _check_experts(cfg):
+    """Dense (no experts, none chosen) or a Mixture-of-Experts whose numbers agree."""
+    for name, limit in (('n_experts', 1 << 12), ('experts_per_token', 1 << 12), ('expert_hidden_dim', 1 << 18)):
+        value = getattr(cfg, name)
+        if not _is_int(value) or not 0 <= value <= limit:
+            raise SlowLlamaError(f'model config: {name} must be an integer in [0, {limit}], got {value!r:.80}')
+    if cfg.n_experts and not (1 <= cfg.experts_per_token <= cfg.n_experts and cfg.expert_hidden_dim >= 1):
+        raise SlowLlamaError(f'model config: {cfg.n_experts} experts need experts_per_token in [1, {cfg.n_experts}] '
+                             f'and expert_hidden_dim >= 1, got {cfg.experts_per_token} and {cfg.expert_hidden_dim}')
+    if not cfg.n_experts and (cfg.experts_per_token or cfg.expert_hidden_dim):
+        raise SlowLlamaError('model config: experts_per_token and expert_hidden_dim need n_experts > 0')
+    if not isinstance(cfg.norm_topk_prob, bool):
+        raise SlowLlamaError(f'model config: norm_topk_prob must be true or false, got {cfg.norm_topk_prob!r:.80}')
+    if not _is_real(cfg.router_aux_loss_coef) or cfg.router_aux_loss_coef < 0:
+        raise SlowLlamaError(f'model config: router_aux_loss_coef must be a number >= 0, '
+                             f'got {cfg.router_aux_loss_coef!r:.80}')
 
 
 def _check_rope_scaling(scaling, head_dim):

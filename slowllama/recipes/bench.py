@@ -16,7 +16,8 @@ from ..errors import SlowLlamaError
 from ..model.quant import parse_quant
 from ..weights.host_memory import peak_rss, process_rss, reset_peak_rss
 from ..weights.prepared import DTYPES, dtype_name, model_config, parse_dtype
-from .shapes import SHAPES, shape_config
+from .bench_block import bench_block
+from .shapes import BLOCK_ONLY, SHAPES, shape_config
 
 # --- the command -------------------------------------------------------------------------------
 
@@ -60,6 +61,10 @@ def run(args):
     shape_config(shape)  # one line for an unknown shape
     if args.rounds < 1 or args.steps < 1 or args.grad_accum < 1:
         raise SlowLlamaError('--rounds, --steps and --grad-accum must be at least 1')
+    if shape in BLOCK_ONLY:  # one MoE block against transformers' decoder layer
+        batches = [(b, args.seq_len or 256) for b in ([args.batch_size] if args.batch_size else [1, 4])]
+        return bench_block(shape, batches, targets=_list(args.targets), rank=args.lora_rank, steps=args.steps,
+                           dtype=args.dtype or 'fp32', json_out=args.json)
     blocks_only = shape == '70b-block'  # per-block timing; no whole-model peer to compare with
     bench(device=device, shape=shape, batch=args.batch_size or (4 if on_cpu else 16), seq=args.seq_len or 128,
           steps=args.steps, rank=args.lora_rank, targets=_list(args.targets),

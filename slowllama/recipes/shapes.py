@@ -18,7 +18,13 @@ SHAPES = {
                       query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6, rope_theta=1e6,
                       rope_local_base_freq=10000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
                       tie_word_embeddings=True),
+    # Qwen3-30B-A3B's Mixture-of-Experts block (128 experts, 8 a token), beside transformers' (bench_block.py)
+    '30b-a3b-block': dict(model_type='qwen3_moe', hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=1, vocab_size=151936,
+                          rms_norm_eps=1e-6, max_position_embeddings=4096),
 }
+BLOCK_ONLY = ('30b-a3b-block',)  # timed one block against transformers' decoder layer (bench_block.py)
 
 
 def shape_config(name):

@@ -62,6 +62,22 @@ class DeviceCopier:
             self.release(slot)
             raise
 
+    def bring_now(self, slot, host_tensors, from_disk=False):
+        """More tensors of the block held in `slot` (a MoE block's experts, known only once its router
+        has run) into the slot's buffers, ready before the compute goes on -> {name: tensor}."""
+        if self.on_cpu and all(t.dtype == self.layout[n][1] for n, t in host_tensors.items()):
+            return host_tensors  # zero-copy, as start()
+        if self.on_cpu:
+            buffers = self._slot_buffers(slot)
+            return {name: buffers[name].copy_(tensor) for name, tensor in host_tensors.items()}
+        if from_disk or any(t.dtype != self.layout[n][1] for n, t in host_tensors.items()):
+            self.queue.host_waits(self._copied_events[slot])  # the staging buffer's last copy out is done
+            staging = self._staging_slot(slot)
+            host_tensors = {name: staging[name].copy_(tensor) for name, tensor in host_tensors.items()}
+        buffers, copied = self._copy(slot, host_tensors)
+        self.queue.compute_waits(copied)
+        return {name: buffers[name] for name in host_tensors}
+
     def release(self, slot):
         if slot is None:
             return

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import SlowLlamaError
 from ..model import kernels
-from ..model.names import EMBED_TENSOR, HEAD_TENSOR, PROJECTION_WEIGHTS
+from ..model.names import EMBED_TENSOR, HEAD_TENSOR, is_projection
 from ..model.quant import (NF4_BLOCK, Quant, check_quantizable, dequantize, dequantize_absmax, nf4_code,
                            nf4_dequantize, packed_layout, q8_0_dequantize, quantize)
 
@@ -22,7 +22,7 @@ def part_name(weight_name, part):
 
 
 def is_packed(name, quant):
-    return quant is not None and (name in PROJECTION_WEIGHTS or (quant.head and name in (EMBED_TENSOR, HEAD_TENSOR)))
+    return quant is not None and (is_projection(name) or (quant.head and name in (EMBED_TENSOR, HEAD_TENSOR)))
 
 
 def file_layout(shapes, quant: Quant | None, dtype):
@@ -69,6 +69,15 @@ def check_file_layout(path, file, layout):
 def _safetensors_dtype(dtype):
     from .files import SAFETENSORS_DTYPES
     return {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+
+
+def expert_parts(layout, n_experts):
+    """[names in a block file of expert e, for each e]: a MoE block's experts, each fetched alone."""
+    parts = [[] for _ in range(n_experts)]
+    for name in layout:
+        if name.startswith('mlp.experts.'):
+            parts[int(name.split('.')[2])].append(name)
+    return parts
 
 
 def unpack_block(tensors, shapes, quant: Quant, out=None):
@@ -121,11 +130,12 @@ class Unpacker:
         if quant.type == 'nf4' and torch.device(device).type == 'cpu':
             _hint_cpu_library()
 
-    def unpack(self, tensors):
-        """-> (buffers to hand back with release(), {weight name: tensor})."""
+    def unpack(self, tensors, shapes=None):
+        """-> (buffers to hand back with release(), {weight name: tensor}); shapes: those of the
+        tensors given when not the whole block (a MoE block's experts come later, into the same buffers)."""
         buffers = self._pool.pop() if self._pool else self._buffers()
         try:
-            return buffers, unpack_block(tensors, self.shapes, self.quant, buffers)
+            return buffers, unpack_block(tensors, shapes or self.shapes, self.quant, buffers)
         except BaseException:  # the buffers stay in the pool for the next pass
             self.release(buffers)
             raise

@@ -18,7 +18,7 @@ from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, packed_nbytes
 from .copier import DeviceCopier, Ready, RowStager, layout_bytes
 from .files import SafetensorsFile
-from .packed import Unpacker, check_file_layout, file_layout, unpack_rows
+from .packed import Unpacker, check_file_layout, expert_parts, file_layout, unpack_block, unpack_rows
 from .pinned import HostArena
 from .prepared import (
     DTYPES,
@@ -68,7 +68,16 @@ class BlockStore:
         # what crossed so far: bytes the store read from the model's files (what a disk would serve
         # if nothing were cached) and bytes it copied to the device (0 on a cpu: nothing crosses)
         self.traffic = {'bytes_read': 0, 'bytes_to_device': 0}
-        self._block_bytes = {'stored': layout_bytes(self._stored_layout), 'device': layout_bytes(self._layout)}
+        # a MoE block travels in two parts: its attention and router (block()), then the experts its
+        # router chose (experts()), each expert's tensors alone; _core: the names of the first part
+        self._expert_parts = expert_parts(self._layout, self.cfg.n_experts)
+        expert_names = {n for names in self._expert_parts for n in names}
+        self._core = [n for n in self._layout if n not in expert_names]
+        self._held_experts = {}  # block -> {expert: {weight name: tensor}} fetched while it is held
+        if self.cfg.n_experts:
+            self.traffic['experts_fetched'] = 0
+        self._block_bytes = {'stored': layout_bytes({n: self._stored_layout[n] for n in self._core}),
+                             'device': layout_bytes({n: self._layout[n] for n in self._core})}
 
     def unallocated_device_bytes(self):
         """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
@@ -101,12 +110,43 @@ class BlockStore:
                 slot, tensors = ticket.wait()
                 buffers = None
                 if self._unpacker:  # dequantized here, on the compute device, just before use
-                    buffers, tensors = self._unpacker.unpack(tensors)
+                    buffers, tensors = self._unpacker.unpack(tensors, self._core_shapes())
             except BaseException:  # a failed read, copy or unpack, out of memory, Ctrl-C: the slot comes back
                 self._discard(ticket)
                 raise
             self._held[i] = slot, buffers, tensors
         return self._held[i][2]
+
+    def experts(self, i, ids):
+        """{e: {'gate_proj.weight', 'up_proj.weight', 'down_proj.weight'}} of held block i's experts
+        `ids` on the compute device; valid until release(i). Only these experts' bytes are read and
+        travel, once per hold (the backward's recompute asks again for the same ones)."""
+        slot, buffers, _ = self._held[i]
+        held = self._held_experts.setdefault(i, {})
+        wanted = [e for e in ids if e not in held]
+        if wanted:
+            names = [n for e in wanted for n in self._expert_parts[e]]
+            filename = block_file(i)
+            tier = self.tiers[filename]
+            source = self._resident[filename] if tier != 'disk' else self._file(filename).tensors()
+            tensors = {n: source[n] for n in names}
+            if tier != 'device':
+                self._count(layout_bytes({n: self._stored_layout[n] for n in names}) if tier == 'disk' else 0,
+                            0 if self.device.type == 'cpu' else layout_bytes({n: self._layout[n] for n in names}))
+                tensors = self._copier.bring_now(slot, tensors, from_disk=tier == 'disk')
+            if self._unpacker:
+                chosen = tuple(f'mlp.experts.{e}.' for e in wanted)
+                shapes = {n: shape for n, shape in self._unpacker.shapes.items() if n.startswith(chosen)}
+                tensors = unpack_block(tensors, shapes, self.quant, buffers)
+            for e in wanted:
+                prefix = f'mlp.experts.{e}.'
+                held[e] = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
+            self.traffic['experts_fetched'] += len(wanted)
+        return {e: held[e] for e in ids}
+
+    def _core_shapes(self):
+        shapes = self._unpacker.shapes
+        return shapes if not self.cfg.n_experts else {n: s for n, s in shapes.items() if not n.startswith('mlp.experts.')}
 
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
@@ -115,6 +155,7 @@ class BlockStore:
         self._pending[i] = self._fetch(i)
 
     def release(self, i):
+        self._held_experts.pop(i, None)
         slot, buffers, _ = self._held.pop(i, (None, None, None))
         self._copier.release(slot)
         if self._unpacker:
@@ -211,10 +252,15 @@ class BlockStore:
         self._count(self._block_bytes['stored'] if tier == 'disk' else 0,
                     0 if self.device.type == 'cpu' else self._block_bytes['device'])
         if tier == 'ram':
-            return self._copier.start(self._resident[filename])
+            return self._copier.start(self._core_of(self._resident[filename]))
         mapped = self._file(filename)
+        if self.cfg.n_experts:  # the experts are read as the router asks for them, not ahead
+            return self._copier.start(self._core_of(mapped.tensors()), from_disk=True)
         mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
         return self._copier.start(mapped.tensors(), from_disk=True, prefault=mapped.prefault)
+
+    def _core_of(self, tensors):
+        return {n: tensors[n] for n in self._core} if self.cfg.n_experts else tensors
 
     def _count(self, read, to_device):
         self.traffic['bytes_read'] += read

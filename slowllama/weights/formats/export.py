@@ -14,8 +14,9 @@ import torch
 from ...errors import SlowLlamaError
 from ...model.block import block_shapes
 from ...model.config import ModelConfig
-from ...model.lora import lora_shapes, peft_key
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, PEFT_PREFIX, TARGET_MODULES
+from ...model.lora import expert_factors, lora_shapes, peft_key
+from ...model.names import (EMBED_TENSOR, EXPERT_LORA, HEAD_TENSOR, NORM_TENSOR, PEFT_PREFIX, TARGET_MODULES,
+                            expert_weight)
 from ...model.quant import Quant
 from ..files import SafetensorsFile, atomic_folder
 from ..packed import check_file_layout, file_layout, is_packed, unpack_block
@@ -51,12 +52,31 @@ class MergedWeights:
             tensors = unpack_block(tensors, block_shapes(self.cfg), self.quant)
             tensors = {n: t if is_packed(n, self.quant) else t.to(self.dtype) for n, t in tensors.items()}
         for target in (self.lora.targets if self.lora else ()):
+            if target == 'experts':
+                tensors.update(self._merged_experts(i, tensors))
+                continue
             path = TARGET_MODULES[target]
             A, B = self.state[peft_key(i, path, 'A')], self.state[peft_key(i, path, 'B')]
             weight = tensors[path + '.weight']
             # W + (alpha / r) B A, the product formed in fp32 (as LoraLinear.merged_weight does)
             tensors[path + '.weight'] = (weight.float() + self.lora.scale * (B.float() @ A.float())).to(self.dtype)
         return {name: t.to(self.dtype) for name, t in tensors.items()}
+
+    def _merged_experts(self, i, tensors):
+        """Each expert's gate, up and down with its slice of the stacked expert LoRAs merged (fp32 product)."""
+        cfg, merged = self.cfg, {}
+        hidden = cfg.expert_hidden_dim
+        for peft_path, (_, module) in EXPERT_LORA.items():
+            a, b = self.state[peft_key(i, peft_path, 'A')], self.state[peft_key(i, peft_path, 'B')]
+            for e in range(cfg.n_experts):
+                part_a, part_b = expert_factors(a, b, e, cfg.n_experts)
+                delta = self.lora.scale * (part_b.float() @ part_a.float())
+                parts = {'gate_proj': delta[:hidden], 'up_proj': delta[hidden:]} if module == 'mlp.gate_up' \
+                    else {'down_proj': delta}
+                for projection, d in parts.items():
+                    name = expert_weight(e, projection)
+                    merged[name] = (tensors[name].float() + d).to(self.dtype)
+        return merged
 
     def norm(self):
         return self._table(HEAD_FILE)[NORM_TENSOR]
@@ -140,6 +160,12 @@ def _read_adapter(adapter, model_dir, fmt):
         if tuple(state[key].shape) != shape:
             raise SlowLlamaError(f'{adapter}: {key} has shape {tuple(state[key].shape)}, the model needs {shape}')
     return lora, state
+
+
+def expert_lora_shapes(cfg):
+    """{PEFT path: (in, out)} of the two expert LoRAs of a MoE block (gate and up stacked, then down)."""
+    hidden = cfg.expert_hidden_dim
+    return dict(zip(EXPERT_LORA, ((cfg.dim, 2 * hidden), (hidden, cfg.dim))))
 
 
 def _bytes_needed(cfg, dtype, fmt, lora):

@@ -24,11 +24,13 @@ from ...model.config import ModelConfig, config_errors
 from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, PROJECTION_WEIGHTS, block_tensor_names
 from ...progress import progress
 from ...tokenizer.gguf_tokenizer import metadata, tokenizer_files
+from .experts import is_expert_tensor, read_gguf_experts
 from .layout import block_to_hf, split_fused, unfused_names
 from .names import (
     FAMILY_FIELDS,
     GGUF_ARCHITECTURES,
     GGUF_BLOCK_PREFIX,
+    GGUF_EXPERT_FAMILIES,
     GGUF_FUSED,
     GGUF_NORMS_PLUS_ONE,
     GGUF_ROPE_FREQS,
@@ -151,12 +153,14 @@ def read_config(src, reader=None):
     if any(name in tensors for name in LONGROPE_TENSORS):
         raise SlowLlamaError(f'{src}: LongRoPE factors in a GGUF file are not read; prepare the Hugging Face folder')
     model_type = GGUF_ARCHITECTURES[arch][0]
+    experts = _gguf_experts(reader, arch)
+    model_type = GGUF_EXPERT_FAMILIES[arch] if experts else model_type
     if model_type not in WINDOWED_FAMILIES + LAYERED_FAMILIES:
         values.pop('sliding_window', None)
     with config_errors(src):
         values['rope_scaling'] = _llama3_scaling(src, tensors, values) or _scaling_metadata(src, reader, arch)
         values.update(_family_fields(reader, arch, values))
-        return ModelConfig(**values, vocab_size=int(embed.shape[1]), model_type=model_type,
+        return ModelConfig(**values, **experts, vocab_size=int(embed.shape[1]), model_type=model_type,
                            **FAMILY_FIELDS.get(model_type, {}),
                            tie_embeddings=OUTER_TENSORS[HEAD_TENSOR][1] not in tensors,
                            bos_id=metadata(reader, 'tokenizer.ggml.bos_token_id'),
@@ -187,6 +191,21 @@ def _family_fields(reader, arch, values):
     return fields
 
 
+def _gguf_experts(reader, arch):
+    """ModelConfig's expert fields from {arch}.expert_count and friends (none: dense)."""
+    count = metadata(reader, f'{arch}.expert_count') or 0
+    if not count:
+        return {}
+    if arch not in GGUF_EXPERT_FAMILIES:
+        raise SlowLlamaError(f'architecture {arch!r} with experts is not supported')
+    hidden = metadata(reader, f'{arch}.expert_feed_forward_length') or metadata(reader, f'{arch}.feed_forward_length')
+    norm = metadata(reader, f'{arch}.expert_weights_norm')
+    return {'n_experts': int(count), 'experts_per_token': int(metadata(reader, f'{arch}.expert_used_count') or 0),
+            'expert_hidden_dim': int(hidden or 0), 'router_aux_loss_coef': 0.001,
+            # mixtral always renormalises; llama.cpp's qwen3moe does unless the file says otherwise
+            'norm_topk_prob': True if arch == 'llama' or norm is None else bool(norm)}
+
+
 def prepare_gguf(src, writer):
     cfg, reader = writer.cfg, open_reader(src)
     tensors = {t.name: t for t in reader.tensors}
@@ -209,11 +228,13 @@ def prepare_gguf(src, writer):
         for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
             prefix = GGUF_BLOCK_PREFIX.format(i=i)
             names = {ours: prefix + gguf_block_name(ours, cfg)
-                     for ours in unfused_names(block_tensor_names(cfg), fused)}
+                     for ours in unfused_names(block_tensor_names(cfg), fused) if not is_expert_tensor(ours)}
             raw = {ours for ours, name in names.items() if name in tensors and carried(name, ours)}
             block = {ours: read_raw(src, f, tensors[name]) if ours in raw else get(name)
                      for ours, name in names.items()}
             block.update({name: get(prefix + name) for name in fused})  # fused ones are dequantized, then split
+            if cfg.n_experts:  # the router and each expert out of llama.cpp's 3D expert tensors
+                block.update(read_gguf_experts(cfg, prefix, tensors, get, src))
             block = split_fused(block, fused, shapes, f'{src}: layer {i}')
             if interleaved:
                 block = block_to_hf(block, cfg)  # whole rows move, so Q8_0's rows of bytes un-permute as values do

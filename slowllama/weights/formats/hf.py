@@ -11,6 +11,7 @@ from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ...progress import progress
 from ...tokenizer.chat_template import copy_tokenizer_files
 from ..files import SafetensorsFile, announce, read_json, write_json
+from .experts import hf_expert_names, is_expert_tensor, read_hf_experts
 from .layout import fuse, fused_parts, hf_block_names, split_fused
 from .model_config import config_from_hf, config_to_hf
 from .names import HF_BLOCK_PREFIX, HF_OUTER
@@ -70,12 +71,19 @@ def prepare_hf(src, writer):
             opened[where[name]] = SafetensorsFile(where[name])
         return opened[where[name]].tensor(name)
 
+    def file_of(name):  # the shard that holds `name`, or else one holding its block, for messages
+        block = name.split('.mlp.')[0] + '.'
+        return where.get(name) or next((f for n, f in where.items() if n.startswith(block)), src)
+
     writer.write_embed(get(HF_OUTER[EMBED_TENSOR]))
     shapes = block_shapes(cfg)
+    dense = [name for name in hf_block_names(cfg, shapes) if not is_expert_tensor(name)]
     for i in progress(range(cfg.n_layers), desc='prepare blocks', unit='block'):
         opened.clear()
         prefix = HF_BLOCK_PREFIX.format(i=i)
-        block = {name: get(prefix + name) for name in hf_block_names(cfg, shapes)}
+        block = {name: get(prefix + name) for name in dense}
+        if cfg.n_experts:  # qwen3_moe, mixtral: the router and each expert, from either layout
+            block.update(read_hf_experts(cfg, prefix, where, get, file_of))
         writer.write_block(i, split_fused(block, fused_parts(cfg), shapes, f'{src}: layer {i}'))
     opened.clear()
     head = None
@@ -139,8 +147,16 @@ def write_hf(merged, folder, dtype_name, max_shard_bytes):
 
 
 def _prefixed(block, prefix, cfg):
-    block = fuse(block, cfg)
+    block = _hub_names(fuse(block, cfg), cfg)
     return {prefix + name: block[name] for name in hf_block_shapes(cfg)}  # in the layout's order
+
+
+def _hub_names(block, cfg):
+    """Experts under the hub's names (Mixtral's block_sparse_moe.experts.E.w1 ...); others unchanged."""
+    if not cfg.n_experts:
+        return block
+    names = hf_expert_names(cfg)
+    return {names.get(name, name): tensor for name, tensor in block.items()}
 
 
 def hf_layout(cfg, dtype):
@@ -157,8 +173,8 @@ def hf_layout(cfg, dtype):
 
 def hf_block_shapes(cfg):
     """{HF name: shape} of one block, in the order fuse() gives its tensors."""
-    return {name: tuple(t.shape) for name, t in fuse({n: torch.empty(s, device='meta')
-                                                       for n, s in block_shapes(cfg).items()}, cfg).items()}
+    block = fuse({n: torch.empty(s, device='meta') for n, s in block_shapes(cfg).items()}, cfg)
+    return {name: tuple(t.shape) for name, t in _hub_names(block, cfg).items()}
 
 
 def plan_shards(layout, max_shard_bytes):

@@ -79,9 +79,10 @@ def config_to_hf(cfg):
         'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'attention_bias': False, 'mlp_bias': False,
         'bos_token_id': cfg.bos_id, 'eos_token_id': cfg.eos_id, 'pad_token_id': None,
         'torch_dtype': 'bfloat16'}
-    if cfg.model_type in ('mistral', 'phi3'):
+    if cfg.model_type in ('mistral', 'phi3', 'mixtral'):
         config['sliding_window'] = cfg.sliding_window
-    if cfg.model_type in ('qwen2', 'qwen3'):
+    config.update(_moe_to_hf(cfg))
+    if cfg.model_type in ('qwen2', 'qwen3', 'qwen3_moe'):
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if cfg.model_type == 'phi3':
         config['original_max_position_embeddings'] = (cfg.rope_scaling or {}).get(
@@ -158,6 +159,8 @@ def _hf_family(hf, model_type):
     if rotary != 1.0:
         raise SlowLlamaError(f'{where}: partial_rotary_factor {rotary} is not supported (rope on whole heads only)')
     window = hf.get('sliding_window') if model_type in WINDOWED_FAMILIES else None
+    if model_type == 'qwen3_moe' and hf.get('use_sliding_window'):  # every layer (checked below)
+        window = hf.get('sliding_window')
     if hf.get('use_sliding_window') and hf.get('max_window_layers', hf['num_hidden_layers']) < hf['num_hidden_layers']:
         raise SlowLlamaError(f'{where}: use_sliding_window on some layers only is not supported')  # qwen
     layer_types = hf.get('layer_types')
@@ -170,6 +173,7 @@ def _hf_family(hf, model_type):
         raise SlowLlamaError(f'{where}: use_bidirectional_attention (an embedding model) is not supported')
     fields = {'model_type': model_type, 'sliding_window': window, **FAMILY_FIELDS.get(model_type, {})}
     fields.update(_layer_fields(hf, model_type))
+    fields.update(_hf_experts(hf, model_type, where))
     if model_type == 'granite':
         fields.update(attn_scale=hf.get('attention_multiplier', 1.0), embed_multiplier=hf.get('embedding_multiplier', 1.0),
                       residual_multiplier=hf.get('residual_multiplier', 1.0), logits_scaling=hf.get('logits_scaling', 1.0))
@@ -205,6 +209,42 @@ def _layer_fields(hf, model_type):
         local = (rope.get('sliding_attention') or {}).get('rope_theta') if 'full_attention' in rope else None
         fields['rope_local_theta'] = float(local or hf.get('rope_local_base_freq', 10000.0))
     return fields
+
+
+def _hf_experts(hf, model_type, where):
+    """The Mixture-of-Experts fields (ModelConfig's n_experts ...) of qwen3_moe and mixtral; none for
+    the dense families."""
+    if model_type == 'qwen3_moe':
+        layers = hf['num_hidden_layers']
+        experts = hf.get('num_experts', hf.get('num_local_experts', 128))  # transformers 5 writes the second
+        if hf.get('mlp_only_layers') or hf.get('decoder_sparse_step', 1) != 1 or not experts:
+            raise SlowLlamaError(f'{where}: dense MLP layers among the experts (mlp_only_layers '
+                                 f'{hf.get("mlp_only_layers")}, decoder_sparse_step {hf.get("decoder_sparse_step")}, '
+                                 f'num_experts {experts}) are not supported: every one of the '
+                                 f'{layers} layers must be sparse')
+        return {'n_experts': experts, 'experts_per_token': hf.get('num_experts_per_tok', 8),
+                'expert_hidden_dim': hf.get('moe_intermediate_size', 768),
+                'norm_topk_prob': bool(hf.get('norm_topk_prob', False)),
+                'router_aux_loss_coef': hf.get('router_aux_loss_coef', 0.001)}
+    if model_type == 'mixtral':
+        if hf.get('router_jitter_noise'):
+            raise SlowLlamaError(f'{where}: router_jitter_noise {hf["router_jitter_noise"]} is not supported (only 0)')
+        return {'n_experts': hf.get('num_local_experts', 8), 'experts_per_token': hf.get('num_experts_per_tok', 2),
+                'expert_hidden_dim': hf['intermediate_size'], 'norm_topk_prob': True,
+                'router_aux_loss_coef': hf.get('router_aux_loss_coef', 0.001)}
+    return {}
+
+
+def _moe_to_hf(cfg):
+    """config.json's expert fields for qwen3_moe and mixtral."""
+    common = {'num_experts_per_tok': cfg.experts_per_token, 'router_aux_loss_coef': cfg.router_aux_loss_coef,
+              'output_router_logits': False}
+    if cfg.model_type == 'qwen3_moe':
+        return {**common, 'num_experts': cfg.n_experts, 'moe_intermediate_size': cfg.expert_hidden_dim,
+                'norm_topk_prob': cfg.norm_topk_prob, 'decoder_sparse_step': 1, 'mlp_only_layers': []}
+    if cfg.model_type == 'mixtral':
+        return {**common, 'num_local_experts': cfg.n_experts, 'router_jitter_noise': 0.0}
+    return {}
 
 
 def _hf_rope_scaling(scaling, hf, model_type):

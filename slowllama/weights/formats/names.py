@@ -48,7 +48,7 @@ HF_ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
     'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM', 'smollm3': 'SmolLM3ForCausalLM',
     'olmo2': 'Olmo2ForCausalLM', 'granite': 'GraniteForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM',
-    'gemma2': 'Gemma2ForCausalLM',
+    'gemma2': 'Gemma2ForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM', 'mixtral': 'MixtralForCausalLM',
 }
 assert tuple(HF_ARCHITECTURES) == FAMILIES
 # Multimodal model_types whose language model we build: model_type -> the text model's
@@ -61,9 +61,9 @@ _GEMMA = {'post_norms': True, 'norm_kind': 'plus_one', 'mlp_activation': 'gelu_t
 FAMILY_FIELDS = {'qwen2': {'qkv_bias': True}, 'qwen3': {'qk_norm': True},
                  'olmo2': {'pre_norms': False, 'post_norms': True, 'qk_norm': True, 'qk_norm_whole': True,
                            'norm_kind': 'fp32_scale'},
-                 'gemma2': _GEMMA, 'gemma3_text': {**_GEMMA, 'qk_norm': True}}
+                 'gemma2': _GEMMA, 'gemma3_text': {**_GEMMA, 'qk_norm': True}, 'qwen3_moe': {'qk_norm': True}}
 # Families whose config.json sliding_window is a window of every layer
-WINDOWED_FAMILIES = ('mistral', 'phi3')
+WINDOWED_FAMILIES = ('mistral', 'phi3', 'mixtral')
 # Families whose config.json layer_types say which layers have the window (the others see everything)
 LAYERED_FAMILIES = ('gemma2', 'gemma3_text', 'smollm3')
 
@@ -75,14 +75,34 @@ FUSED_TENSORS = {
              'mlp.gate_up_proj.weight': ('mlp.gate_proj.weight', 'mlp.up_proj.weight')},
 }
 
+# Mixture-of-Experts blocks in HF checkpoints, as the hub stores them (one tensor per expert and
+# projection): model_type -> (router, an expert's projection, {our projection: theirs})
+HF_EXPERTS = {
+    'qwen3_moe': ('mlp.gate.weight', 'mlp.experts.{e}.{p}.weight',
+                  {'gate_proj': 'gate_proj', 'up_proj': 'up_proj', 'down_proj': 'down_proj'}),
+    'mixtral': ('block_sparse_moe.gate.weight', 'block_sparse_moe.experts.{e}.{p}.weight',
+                {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}),
+}
+# ... and as transformers 5 holds them: every expert in one 3D tensor per projection, gate and up
+# stacked on rows ([experts, 2 * expert_hidden, dim]), down [experts, dim, expert_hidden]
+HF_FUSED_EXPERTS = ('mlp.gate.weight', 'mlp.experts.gate_up_proj', 'mlp.experts.down_proj')
+
 # GGUF general.architecture -> (HF model_type, q/k stored rope-interleaved). llama.cpp permutes q/k
 # for its 'llama' architecture only; qwen2 and qwen3 keep the rotate-half (NEOX) layout.
 # granite and smollm3 are converted as Llama (permuted); olmo2 and the gemmas are not.
 GGUF_ARCHITECTURES = {'llama': ('llama', True), 'qwen2': ('qwen2', False), 'qwen3': ('qwen3', False),
                       'phi3': ('phi3', False), 'smollm3': ('smollm3', True), 'granite': ('granite', True),
-                      'olmo2': ('olmo2', False), 'gemma2': ('gemma2', False), 'gemma3': ('gemma3_text', False)}
+                      'olmo2': ('olmo2', False), 'gemma2': ('gemma2', False), 'gemma3': ('gemma3_text', False),
+                      'qwen3moe': ('qwen3_moe', False)}
 # Architectures whose every RMSNorm weight llama.cpp stores plus one (gemma's (1 + w) folded in)
 GGUF_NORMS_PLUS_ONE = ('gemma2', 'gemma3')
+# llama.cpp keeps Mixtral as architecture llama with an expert count
+GGUF_EXPERT_FAMILIES = {'llama': 'mixtral', 'qwen3moe': 'qwen3_moe'}
+# llama.cpp's Mixture-of-Experts tensors of a block: the router, and each projection of every expert
+# in one 3D tensor ([experts, out, in] in torch's order)
+GGUF_ROUTER = 'ffn_gate_inp.weight'
+GGUF_EXPERTS = {'gate_proj': 'ffn_gate_exps.weight', 'up_proj': 'ffn_up_exps.weight',
+                'down_proj': 'ffn_down_exps.weight'}
 # llama.cpp's fused block tensors: architecture -> {GGUF name: our names, stacked on rows in order}
 GGUF_FUSED = {
     'phi3': {'attn_qkv.weight': ('self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'),

@@ -22,7 +22,7 @@ from ...errors import SlowLlamaError
 from ...model.block import block_shapes
 from ...model.config import ModelConfig
 from ...model.lora import LoraConfig, peft_key
-from ...model.names import PEFT_PREFIX, TARGET_MODULES, canonical_target
+from ...model.names import PEFT_PREFIX, TARGET_MODULES, canonical_target, hf_module_name
 from ..files import SafetensorsFile, announce, atomic_folder, clean_leftovers, read_json, write_json, write_safetensors
 from ..prepared import read_manifest
 from .names import FUSED_TARGETS, PEFT_LANGUAGE_MODEL_PREFIX
@@ -78,10 +78,12 @@ def read_adapter_folder(folder):
     for name in names:  # the rank sizes the LoRA matrices: the file's tensors must justify it
         shape = weights.shape(name)
         rank = shape[0] if '.lora_A.' in name else shape[-1] if '.lora_B.' in name else cfg.rank
-        if len(shape) != 2 or rank != cfg.rank:
+        stacked = '.mlp.experts.' in name  # one rank-r slice per expert (load_adapter_state checks the count)
+        if len(shape) != 2 or (rank % cfg.rank if stacked else rank != cfg.rank):
             raise SlowLlamaError(f'{weights.path}: {name} has shape {shape}, not one of rank r={cfg.rank}')
         if not torch.isfinite(weights.tensor(name).float()).all():
             raise SlowLlamaError(f'{weights.path}: {name} holds values that are not finite')
+    # peft nests gate_up_proj's LoRA under down_proj's whatever order it was given
     return cfg, {name if rename is None else rename[name]: weights.tensor(name).clone() for name in names}
 
 
@@ -159,7 +161,8 @@ def read_peft_adapter(folder, model_dir):
     state = {k: v for k, v in state.items() if not any(f'.{TARGET_MODULES[t]}.' in k for t in untargeted)}
     plain = [t for t in targets if t not in fused]
     parts = [part for module in fused if module in targets for part in fused[module] if part not in untargeted]
-    lora = LoraConfig.from_peft({**config, 'target_modules': plain + parts}, str(folder))
+    # in peft's names: its bare 'gate' would be a MoE router
+    lora = LoraConfig.from_peft({**config, 'target_modules': plain + [hf_module_name(p) for p in parts]}, str(folder))
     return lora, state
 
 
