@@ -60,8 +60,8 @@ MUTANTS = [
       'dropout = self.dropout',
       f'{T_MODEL}::test_block_dropout_is_transformers_attention_dropout_plus_residual_dropout'),
     M('residual-dropout-after-add', 'slowllama/model/block.py',
-      'return h + self._drop(self.mlp(self.post_attention_layernorm(h)))',
-      'return self._drop(h + self.mlp(self.post_attention_layernorm(h)))',
+      'return h + self._branch(self._mlp(self.post_attention_layernorm(h), fetch_experts))',
+      'return self._branch(h + self._mlp(self.post_attention_layernorm(h), fetch_experts))',
       f'{T_MODEL}::test_block_dropout_is_transformers_attention_dropout_plus_residual_dropout'),
     # --- the block's math -------------------------------------------------------------------------
     M('rope-rotate-sign', 'slowllama/model/block.py', 'torch.cat([-second, first], dim=-1)',
@@ -78,8 +78,8 @@ MUTANTS = [
     M('kv-cache-window-keeps-one-less', 'slowllama/model/block.py',
       'drop = max(0, self.k.shape[2] - (self.window - 1))', 'drop = max(0, self.k.shape[2] - (self.window - 2))',
       'tests/test_families.py'),
-    M('gelu-for-silu', 'slowllama/model/block.py', 'F.silu(self.gate_proj(x)) * self.up_proj(x)',
-      'F.gelu(self.gate_proj(x)) * self.up_proj(x)', f'{T_MODEL}::test_logits_equal_transformers'),
+    M('gelu-for-silu', 'slowllama/model/block.py', "if self.gelu else F.silu(gate)",
+      "if self.gelu else F.gelu(gate)", f'{T_MODEL}::test_logits_equal_transformers'),
     # --- LoRA (model/lora.py) and its merge ----------------------------------------------------------
     M('lora-scale-alpha', 'slowllama/model/lora.py', 'return self.alpha / self.rank', 'return self.alpha',
       f'{T_ENGINE}::test_logits_loss_and_grads_equal_transformers_peft'),
@@ -88,8 +88,11 @@ MUTANTS = [
       'tests/test_packed.py::test_nf4_equals_transformers_peft_bitsandbytes_with_dropout'),
     M('lora-dropout-in-eval', 'slowllama/model/lora.py', 'if self.dropout and self.training:', 'if self.dropout:',
       'tests/test_packed.py::test_nf4_equals_transformers_peft_bitsandbytes_with_dropout'),
-    M('lora-b-not-zero', 'slowllama/model/lora.py', 'nn.init.zeros_(self.lora_B.weight)',
-      'nn.init.normal_(self.lora_B.weight, std=0.02)', 'tests/test_adapter.py tests/test_dpo.py'),
+    M('lora-b-not-zero', 'slowllama/model/lora.py',
+      "self.out_features, bias=False, device=device, dtype=dtype)\n        nn.init.kaiming_uniform_(self.lora_A.weight, "
+      "a=math.sqrt(5))\n        nn.init.zeros_(self.lora_B.weight)",
+      "self.out_features, bias=False, device=device, dtype=dtype)\n        nn.init.kaiming_uniform_(self.lora_A.weight, "
+      "a=math.sqrt(5))\n        nn.init.normal_(self.lora_B.weight, std=0.02)", 'tests/test_adapter.py tests/test_dpo.py'),
     M('merge-without-scale', 'slowllama/weights/formats/export.py',
       '(weight.float() + self.lora.scale * (B.float() @ A.float()))', '(weight.float() + (B.float() @ A.float()))',
       'tests/test_export.py'),
@@ -153,8 +156,8 @@ MUTANTS = [
       'return tensor.to(torch.bfloat16).to(torch.float16).numpy()',
       f'{T_GGUF}::test_reduced_types_are_the_merged_weights_rounded'),
     M('gguf-q8-from-f16', 'slowllama/weights/formats/gguf_export.py',
-      'return _gguf().quants.quantize(tensor.numpy(), _qtype(kind))',
-      'return _gguf().quants.quantize(tensor.half().float().numpy(), _qtype(kind))',
+      'return quantize_rows(tensor.numpy(), kind)',
+      'return quantize_rows(tensor.half().float().numpy(), kind)',
       f'{T_GGUF}::test_reduced_types_are_the_merged_weights_rounded'),
     # --- the optimizer's step and the schedule (training/trainer.py) --------------------------------
     M('warmup-starts-at-zero', 'slowllama/training/settings.py', 'return cfg.lr * step / cfg.warmup',
