@@ -198,8 +198,8 @@ def test_other_model_types_are_refused_at_prepare(model_type, tmp_path):
     with pytest.raises(slowllama.SlowLlamaError, match=f"model_type '{model_type}' is not supported") as e:
         slowllama.prepare(folder, tmp_path / 'out')
     assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
-    assert 'supported: llama, mistral, qwen2, qwen3, phi3, smollm3, olmo2, granite, gemma3_text, gemma2, gemma3' \
-        in str(e.value)
+    assert ('supported: llama, mistral, qwen2, qwen3, phi3, smollm3, olmo2, granite, gemma3_text, gemma2, '
+            'qwen3_moe, mixtral, gemma3') in str(e.value)
 
 
 @pytest.mark.parametrize('change, message', [
