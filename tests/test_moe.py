@@ -154,6 +154,35 @@ def test_streamed_backward_equals_the_whole_model(family):
     assert_same_loss_and_gradients(kept, recomputed, seed=9)
 
 
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_router_and_experts_in_bf16_are_transformers_bit_for_bit(name, tmp_path):
+    """In bf16 the router's choice and weights are transformers' bits: softmax in fp32, the top k
+    renormalised in fp32 where norm_topk_prob, then cast to bf16 (qwen3_moe) or kept in fp32
+    (mixtral, whose experts' outputs are weighed in fp32); the block's output is its eager
+    experts' bits (fp32 checks cannot see these roundings)."""
+    from slowllama.model.moe import MoE
+    from slowllama.weights.formats.model_config import config_from_hf
+    hf_model = make_hf_model(tmp_path, seed=11, **FAMILIES[name])
+    hf_model.set_experts_implementation('eager')  # the loop over experts written out, not grouped_mm
+    cfg = config_from_hf(hf_model.config.to_dict())
+    theirs = hf_model.model.layers[0].mlp.to(torch.bfloat16)
+    ours = MoE(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        ours.gate.weight.copy_(theirs.gate.weight)
+        for e, expert in enumerate(ours.experts):
+            gate, up = theirs.experts.gate_up_proj[e].chunk(2, dim=0)
+            expert.gate_proj.weight.copy_(gate)
+            expert.up_proj.weight.copy_(up)
+            expert.down_proj.weight.copy_(theirs.experts.down_proj[e])
+        torch.manual_seed(0)
+        x = torch.randn(2, 48, cfg.dim).to(torch.bfloat16)
+        route, their_route = ours.route(x.reshape(-1, cfg.dim)), theirs.gate(x.reshape(-1, cfg.dim))
+        for got, want in zip(route, their_route):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert route[1].dtype == (torch.float32 if name.startswith('mixtral') else torch.bfloat16)
+        assert torch.equal(ours(x), theirs(x))
+
+
 # --- what is refused ----------------------------------------------------------------------------
 
 def _hub_folder(tmp_path, **overrides):
