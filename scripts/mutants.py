@@ -47,6 +47,15 @@ T_KEPT = 'tests/test_kept.py'
 T_QUANT = 'tests/test_quant.py'
 T_GGUF = 'tests/test_gguf_export.py'
 T_QUANT_ORDER = f'{T_QUANT}::test_nf4_scales_blocks_in_bitsandbytes_order_of_operations'
+T_MOE = 'tests/test_moe.py'
+T_MOE_BF16 = f'{T_MOE}::test_router_and_experts_in_bf16_are_transformers_bit_for_bit'
+T_MOE_PEFT = f'{T_MOE}::test_logits_loss_and_grads_equal_transformers_peft'
+
+
+def family_test(name):
+    """test_families.py's comparison with transformers and peft (logits, loss, LoRA gradients) for one family."""
+    return f'tests/test_families.py::test_logits_loss_and_grads_equal_transformers_peft_with_dropout[{name}]'
+
 
 MUTANTS = [
     # --- model dropout (model/block.py) ---------------------------------------------------------
@@ -92,7 +101,8 @@ MUTANTS = [
       "self.out_features, bias=False, device=device, dtype=dtype)\n        nn.init.kaiming_uniform_(self.lora_A.weight, "
       "a=math.sqrt(5))\n        nn.init.zeros_(self.lora_B.weight)",
       "self.out_features, bias=False, device=device, dtype=dtype)\n        nn.init.kaiming_uniform_(self.lora_A.weight, "
-      "a=math.sqrt(5))\n        nn.init.normal_(self.lora_B.weight, std=0.02)", 'tests/test_adapter.py tests/test_dpo.py'),
+      "a=math.sqrt(5))\n        nn.init.normal_(self.lora_B.weight, std=0.02)",  # a fresh LoRA must be the base model
+      'tests/test_dpo.py::test_dpo_run_resumes_exactly_and_keeps_its_reference'),
     M('merge-without-scale', 'slowllama/weights/formats/export.py',
       '(weight.float() + self.lora.scale * (B.float() @ A.float()))', '(weight.float() + (B.float() @ A.float()))',
       'tests/test_export.py'),
@@ -209,6 +219,54 @@ MUTANTS = [
     M('nested-adapter-staged-again', 'slowllama/weights/files.py', "match['pid'] == str(os.getpid())",
       "match['pid'] == 'never'",
       'tests/test_files.py::test_a_checkpoint_writes_its_adapter_in_place_and_a_failure_leaves_nothing'),
+    # --- Mixture-of-Experts: the router (model/moe.py) and the experts' fetch (weights/store.py) ----------
+    M('moe-router-softmax-in-compute-dtype', 'slowllama/model/moe.py',
+      'probs = F.softmax(logits, dim=-1, dtype=torch.float32)', 'probs = F.softmax(logits, dim=-1)',
+      f'{T_MOE_BF16}[qwen3_moe-top2-norm]'),
+    M('moe-top-k-not-renormalised', 'slowllama/model/moe.py',
+      'weights = weights / weights.sum(dim=-1, keepdim=True)', 'weights = weights',
+      f'{T_MOE_PEFT}[qwen3_moe-top2-norm]'),
+    M('mixtral-experts-weighed-in-bf16', 'slowllama/model/moe.py', "self.fp32_weights = cfg.model_type == 'mixtral'",
+      'self.fp32_weights = False', f'{T_MOE_BF16}[mixtral-top2]'),
+    M('moe-fetches-the-first-choices-only', 'slowllama/model/moe.py', 'hit = torch.unique(ids).tolist()',
+      'hit = torch.unique(ids[:, 0]).tolist()',  # a prefill's tokens pick every expert first; one token does not
+      f'{T_MOE}::test_generate_greedy_equals_transformers[mixtral-top2] '
+      f'{T_MOE}::test_streamed_fetches_only_the_routed_experts[mixtral-top2]'),
+    M('experts-held-past-the-release', 'slowllama/weights/store.py', '        self._held_experts.pop(i, None)\n', '',
+      f'{T_MOE}::test_streamed_fetches_only_the_routed_experts[qwen3_moe-top2-norm]'),
+    # --- the dense families' quirks (model/block.py, model/config.py, engine/head.py) ------------------
+    M('gemma-norm-scaled-by-w', 'slowllama/model/block.py', 'return (x32 * (1.0 + weight.float())).to(x.dtype)',
+      'return (x32 * weight.float()).to(x.dtype)', family_test('gemma2')),
+    M('gemma2-attention-softcap-skipped', 'slowllama/model/block.py', '    scores = torch.tanh(scores / cap) * cap\n',
+      '', family_test('gemma2')),
+    M('final-softcap-skipped-in-the-streamed-head', 'slowllama/engine/head.py',
+      'logits, slope = shape_logits(self.cfg, F.linear(self.hidden, rows).float())',
+      'logits, slope = F.linear(self.hidden, rows).float(), None', family_test('gemma2')),
+    M('softcap-slope-not-on-the-target-row', 'slowllama/engine/head.py',
+      'target_rows = target_rows * target_slope', 'target_rows = target_rows', family_test('gemma2')),
+    M('granite-residual-multiplier-dropped', 'slowllama/model/block.py', 'x = x * self.residual_multiplier', 'x = x',
+      family_test('granite')),
+    M('smollm3-no-rope-layers-rotated', 'slowllama/model/config.py',
+      'and not cfg.no_rope_layers[i]:\n        return None', 'and not cfg.no_rope_layers[i]:\n        return 0',
+      family_test('smollm3')),
+    M('olmo2-qk-norm-per-head', 'slowllama/model/block.py',
+      '            q, k = self.q_norm(q), self.k_norm(k)\n        q = q.view(batch, seq, self.n_heads, self.head_dim)',
+      '            q = rms_norm(q.view(batch, seq, self.n_heads, -1), self.q_norm.weight.view(self.n_heads, -1), '
+      'self.q_norm.eps, self.q_norm.kind).view(batch, seq, -1)\n'
+      '            k = rms_norm(k.view(batch, seq, self.n_kv_heads, -1), self.k_norm.weight.view(self.n_kv_heads, -1), '
+      'self.k_norm.eps, self.k_norm.kind).view(batch, seq, -1)\n'
+      '        q = q.view(batch, seq, self.n_heads, self.head_dim)', family_test('olmo2')),
+    M('gemma3-sliding-layers-global-rope-base', 'slowllama/model/block.py',
+      'theta = cfg.rope_local_theta if local else cfg.rope_theta', 'theta = cfg.rope_theta',
+      family_test('gemma3_text')),
+    # --- GGUF K-quant encoders (weights/formats/gguf_quants.py), against llama.cpp's bytes ----------------
+    M('k-quant-6-bit-scales-truncated', 'slowllama/weights/formats/gguf_quants.py',
+      'ls = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63)',
+      'ls = np.minimum((inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63)',
+      'tests/test_gguf_quants.py::test_bytes_equal_llama_cpps_block_for_block'),
+    M('q6-k-levels-round-half-up', 'slowllama/weights/formats/gguf_quants.py',
+      'again = np.clip(np.rint(xc / dcol), -32, 31) + 32', 'again = np.clip(np.floor(xc / dcol + f32(0.5)), -32, 31) + 32',
+      'tests/test_gguf_quants.py::test_bytes_equal_llama_cpps_block_for_block'),
     # --- a block's shapes, read off the block (model/block.py) --------------------------------------
     M('block-shapes-without-biases', 'slowllama/model/block.py',
       'names = sorted(state, key=lambda name: order.get(name, len(order)))',
