@@ -234,6 +234,10 @@ MUTANTS = [
       f'{T_MOE}::test_streamed_fetches_only_the_routed_experts[mixtral-top2]'),
     M('experts-held-past-the-release', 'slowllama/weights/store.py', '        self._held_experts.pop(i, None)\n', '',
       f'{T_MOE}::test_streamed_fetches_only_the_routed_experts[qwen3_moe-top2-norm]'),
+    M('kept-backward-fetches-every-expert', 'slowllama/engine/experts.py',
+      "ids = sorted({int(n.split('.')[2]) for n in names.forward if n.startswith(EXPERTS + '.')})",
+      'ids = list(range(store.cfg.n_experts))',
+      f'{T_MOE}::test_streamed_fetches_only_the_routed_experts[qwen3_moe-top2-norm]'),
     # --- the dense families' quirks (model/block.py, model/config.py, engine/head.py) ------------------
     M('gemma-norm-scaled-by-w', 'slowllama/model/block.py', 'return (x32 * (1.0 + weight.float())).to(x.dtype)',
       'return (x32 * weight.float()).to(x.dtype)', family_test('gemma2')),
