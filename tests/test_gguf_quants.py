@@ -88,6 +88,23 @@ def test_bytes_equal_llama_cpps_block_for_block(fixture):
     assert kinds >= {'q3_k', 'q4_k', 'q5_k', 'q6_k', 'q4_0', 'q5_0', 'q5_1', 'q8_0'}
 
 
+@needs_llama_cpp
+def test_halfway_values_round_to_even_as_ggml_does():
+    """Random weights never land exactly half-way between two levels, so the fixture cannot tell
+    round-half-to-even (ggml's nearest_int) from round-half-up; weights on a power-of-two grid (a
+    model dequantized from another format) do: a step of 2^-6, each group's peak 31 steps, some
+    values half a step. Q6_K's scales come out exactly that step and its levels meet the ties."""
+    from gguf_fixture_model import ggml_quantize
+    rng = np.random.default_rng(0)
+    steps = rng.integers(-31, 32, (8, 256)).astype(np.float32)
+    half = rng.random(steps.shape) < 0.15
+    steps[half] = rng.choice([-0.5, 0.5], int(half.sum()))
+    steps[:, ::16] = 31  # each 16-value group's peak
+    x = steps * np.float32(2.0 ** -6)
+    for kind in ('q3_k', 'q4_k', 'q5_k', 'q6_k'):
+        assert np.array_equal(quantize(x, kind), ggml_quantize(x, kind)), kind
+
+
 @pytest.mark.parametrize('model', sorted(MODELS))
 def test_types_are_llama_quantizes(fixture, model):
     meta, _ = fixture
