@@ -271,6 +271,9 @@ MUTANTS = [
     M('q6-k-levels-round-half-up', 'slowllama/weights/formats/gguf_quants.py',
       'again = np.clip(np.rint(xc / dcol), -32, 31) + 32', 'again = np.clip(np.floor(xc / dcol + f32(0.5)), -32, 31) + 32',
       'tests/test_gguf_quants.py::test_halfway_values_round_to_even_as_ggml_does'),
+    M('q3-k-levels-round-half-up', 'slowllama/weights/formats/gguf_quants.py',
+      'again = np.clip(np.rint(xc / dcol), -4, 3) + 4', 'again = np.clip(np.floor(xc / dcol + f32(0.5)), -4, 3) + 4',
+      'tests/test_gguf_quants.py::test_halfway_values_round_to_even_as_ggml_does'),
     # --- a block's shapes, read off the block (model/block.py) --------------------------------------
     M('block-shapes-without-biases', 'slowllama/model/block.py',
       'names = sorted(state, key=lambda name: order.get(name, len(order)))',

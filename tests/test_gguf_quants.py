@@ -92,17 +92,19 @@ def test_bytes_equal_llama_cpps_block_for_block(fixture):
 def test_halfway_values_round_to_even_as_ggml_does():
     """Random weights never land exactly half-way between two levels, so the fixture cannot tell
     round-half-to-even (ggml's nearest_int) from round-half-up; weights on a power-of-two grid (a
-    model dequantized from another format) do: a step of 2^-6, each group's peak 31 steps, some
-    values half a step. Q6_K's scales come out exactly that step and its levels meet the ties."""
+    model dequantized from another format) do: a step of 2^-6, some values half a step, each
+    16-value group's peak the format's largest level (Q6_K: 31 steps, Q3_K: -4). The scales come
+    out exactly that step and the levels meet the ties."""
     from gguf_fixture_model import ggml_quantize
     rng = np.random.default_rng(0)
-    steps = rng.integers(-31, 32, (8, 256)).astype(np.float32)
-    half = rng.random(steps.shape) < 0.15
-    steps[half] = rng.choice([-0.5, 0.5], int(half.sum()))
-    steps[:, ::16] = 31  # each 16-value group's peak
-    x = steps * np.float32(2.0 ** -6)
-    for kind in ('q3_k', 'q4_k', 'q5_k', 'q6_k'):
-        assert np.array_equal(quantize(x, kind), ggml_quantize(x, kind)), kind
+    for low, high, peak, halves in ((-31, 31, 31, 0.15), (-3, 3, -4, 0.3)):
+        steps = rng.integers(low, high + 1, (8, 256)).astype(np.float32)
+        half = rng.random(steps.shape) < halves
+        steps[half] = rng.choice([-0.5, 0.5], int(half.sum()))
+        steps[:, ::16] = peak
+        x = steps * np.float32(2.0 ** -6)
+        for kind in ('q3_k', 'q4_k', 'q5_k', 'q6_k'):
+            assert np.array_equal(quantize(x, kind), ggml_quantize(x, kind)), (peak, kind)
 
 
 @pytest.mark.parametrize('model', sorted(MODELS))
