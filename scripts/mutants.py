@@ -238,6 +238,9 @@ MUTANTS = [
       "ids = sorted({int(n.split('.')[2]) for n in names.forward if n.startswith(EXPERTS + '.')})",
       'ids = list(range(store.cfg.n_experts))',
       f'{T_MOE}::test_streamed_fetches_only_the_routed_experts[qwen3_moe-top2-norm]'),
+    M('expert-lora-b-columns-blocked', 'slowllama/model/lora.py', 'return a[e * rank:(e + 1) * rank], b[:, e::n_experts]',
+      'return a[e * rank:(e + 1) * rank], b[:, e * rank:(e + 1) * rank]',  # PEFT interleaves B's columns
+      f'{T_MOE_PEFT}[qwen3_moe-top2-norm]'),
     # --- the dense families' quirks (model/block.py, model/config.py, engine/head.py) ------------------
     M('gemma-norm-scaled-by-w', 'slowllama/model/block.py', 'return (x32 * (1.0 + weight.float())).to(x.dtype)',
       'return (x32 * weight.float()).to(x.dtype)', family_test('gemma2')),
@@ -263,6 +266,15 @@ MUTANTS = [
     M('gemma3-sliding-layers-global-rope-base', 'slowllama/model/block.py',
       'theta = cfg.rope_local_theta if local else cfg.rope_theta', 'theta = cfg.rope_theta',
       family_test('gemma3_text')),
+    M('attention-multiplier-dropped', 'slowllama/model/block.py', 'scale=self.scale, enable_gqa',
+      'scale=None, enable_gqa', family_test('granite')),
+    M('logits-scaling-left-out-of-the-slope', 'slowllama/model/block.py',
+      'slope = (1.0 / cfg.logits_scaling) if slope is None else', 'slope = None if slope is None else',
+      family_test('granite')),
+    M('gemma-full-layers-windowed', 'slowllama/model/config.py',
+      "cfg.layer_types[i] == 'full_attention':  # gemma2, gemma3\n        return None",
+      "cfg.layer_types[i] == 'full_attention':  # gemma2, gemma3\n        return cfg.sliding_window",
+      family_test('gemma2')),
     # --- GGUF K-quant encoders (weights/formats/gguf_quants.py), against llama.cpp's bytes ----------------
     M('k-quant-6-bit-scales-truncated', 'slowllama/weights/formats/gguf_quants.py',
       'ls = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63)',
