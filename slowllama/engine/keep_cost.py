@@ -1,0 +1,63 @@
+"""Whether keeping a block's activations saves time on this device at this shape (issue 39).
+
+A kept block saves the no-grad forward a recomputed block runs first (the backward's forward under
+autograd and the backward itself run either way). Its price is the memory it holds from its forward
+to its backward, and on a CPU also time: glibc's heap hands tensors at or above its mmap ceiling
+(32 MiB) back to the system when they are freed, so a kept block whose tensors are that large takes
+its bytes fresh from the system every step, page by page, while the step's memory piles up by GiBs
+(the system reclaims its page cache and other programs' pages for them). One block's recompute
+reuses the same pages block after block instead. Smaller tensors stay in the heap between steps
+(the heap trimmer leaves the kept bytes as slack), and cuda's and mps' caching allocators reuse
+theirs: there keeping costs no time, and the blocks that fit are kept.
+
+The two rates are this project's 2-core CPU's, from the bench's figures (docs/performance.md):
+0.4B bf16 at 1 x 8192 (322 GFLOP a block's forward, causal attention counted once) took 0.52 s a
+block's no-grad forward; keeping 21 blocks (0.53 GiB each) saved those 0.52-0.57 s a block in the
+blocks' own times and lost them again outside them, 12 s a step: 0.9 GiB/s of fresh memory. 0.4B
+fp32 at 4 x 128 (11.5 GFLOP) saved 45 ms a kept block. A machine with other rates moves the break-
+even point, not the rule."""
+from ..model.config import ModelConfig
+
+HEAP_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+CPU_FLOPS = {'fp32': 2.5e11, 'bf16': 6.2e11, 'fp16': 6.2e11}  # a block's no-grad forward, measured above
+CPU_FRESH_BYTES_PER_S = 0.9 * 2 ** 30  # fresh pages a step takes from the system, measured above
+
+
+def forward_flops(cfg: ModelConfig, batch, seq):
+    """FLOPs of one block's forward for batch x seq: its projections (a MoE token runs k experts)
+    and causal attention's two products over the positions before each one."""
+    from .plan import ffn_width  # plan imports this module
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    projections = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * ffn_width(cfg)
+    return 2 * batch * seq * projections + 2 * batch * seq * seq * q
+
+
+def fresh_bytes(cfg: ModelConfig, batch, seq, dtype_bytes, kept_bytes, device_type):
+    """Of a kept block's `kept_bytes`, those taken fresh from the system each step: on a CPU where
+    its token-wide tensors reach the heap's mmap ceiling, all of them (the fp32 norm inputs are the
+    widest common ones); where only the feed-forward's do, its three; elsewhere none."""
+    if device_type != 'cpu':
+        return 0
+    from .plan import ffn_width
+    tokens = batch * seq
+    if tokens * cfg.dim * 4 >= HEAP_MMAP_CEILING:
+        return kept_bytes
+    ffn = tokens * ffn_width(cfg) * dtype_bytes
+    return 3 * ffn if ffn >= HEAP_MMAP_CEILING else 0
+
+
+def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, device_type='cpu'):
+    """-> (whether keeping a block's activations saves time, a note saying why not in numbers).
+    kept_bytes: one block's kept activations for one micro-batch."""
+    from .plan import DTYPE_BYTES
+    fresh = fresh_bytes(cfg, batch, seq, DTYPE_BYTES[dtype], kept_bytes, device_type)
+    if not fresh:
+        return True, ''
+    flops = forward_flops(cfg, batch, seq)
+    saved, cost = flops / CPU_FLOPS[dtype], fresh / CPU_FRESH_BYTES_PER_S
+    if saved > cost:
+        return True, ''
+    return False, (f'activations recomputed: keeping a block saves its forward, {flops / 1e9:.0f} GFLOP (~{saved:.2f} s '
+                   f'at {CPU_FLOPS[dtype] / 1e9:.0f} GFLOP/s), and takes {fresh / 2 ** 30:.2f} GiB fresh from the '
+                   f'system each step (~{cost:.2f} s at {CPU_FRESH_BYTES_PER_S / 2 ** 30:.1f} GiB/s): it does not pay '
+                   'at this shape (keep_activations all keeps them anyway)')
