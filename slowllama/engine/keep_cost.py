@@ -18,7 +18,7 @@ fp32 at 4 x 128 (11.5 GFLOP) saved 45 ms a kept block. A machine with other rate
 even point, not the rule."""
 from ..model.config import ModelConfig
 
-HEAP_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+HEAP_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest dynamic mmap threshold on 64-bit
 CPU_FLOPS = {'fp32': 2.5e11, 'bf16': 6.2e11, 'fp16': 6.2e11}  # a block's no-grad forward, measured above
 CPU_FRESH_BYTES_PER_S = 0.9 * 2 ** 30  # fresh pages a step takes from the system, measured above
 
@@ -57,7 +57,7 @@ def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, device_type='cpu'
     saved, cost = flops / CPU_FLOPS[dtype], fresh / CPU_FRESH_BYTES_PER_S
     if saved > cost:
         return True, ''
-    return False, (f'activations recomputed: keeping a block saves its forward, {flops / 1e9:.0f} GFLOP (~{saved:.2f} s '
-                   f'at {CPU_FLOPS[dtype] / 1e9:.0f} GFLOP/s), and takes {fresh / 2 ** 30:.2f} GiB fresh from the '
+    return False, (f'activations recomputed: keeping a block saves its forward, {flops / 1e9:.0f} GFLOP '
+                   f'(~{saved:.2f} s at {CPU_FLOPS[dtype] / 1e9:.0f} GFLOP/s), and takes {fresh / 2 ** 30:.2f} GiB fresh from the '
                    f'system each step (~{cost:.2f} s at {CPU_FRESH_BYTES_PER_S / 2 ** 30:.1f} GiB/s): it does not pay '
                    'at this shape (keep_activations all keeps them anyway)')

@@ -192,8 +192,6 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
                             activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
     if pays:
         kept, note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
-        if note and reserve:
-            note += f' (after {reserve / GIB:.2f} GiB left to the page cache for the blocks read from files)'
     else:
         kept = 0
     refuse_below_one_block(budget, device_need(1, 0), in_flight, batch, seq)
@@ -206,12 +204,16 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
 
 def page_cache_reserve(block_files, budget, step_need):
     """-> (what kept activations leave to the page cache of `block_files` bytes of blocks read from
-    their files, a note when none). All of it where the files fit in `budget` beside what the step
-    needs without keeping (`step_need`): the next step then reads them from memory. None where they
-    do not: every step reads every block from disk whatever is reserved (the two blocks in flight
-    are counted apart), so that memory serves kept activations and saved inputs instead."""
-    if not block_files or block_files + step_need <= budget:
-        return block_files, ''
+    their files, a note saying which, in numbers). All of it where the files fit in `budget` beside
+    what the step needs without keeping (`step_need`): the next step then reads them from memory.
+    None where they do not: every step reads every block from disk whatever is reserved (the two
+    blocks in flight are counted apart), so that memory serves kept activations and saved inputs."""
+    if not block_files:
+        return 0, ''
+    if block_files + step_need <= budget:
+        return block_files, (f'the block files ({block_files / GIB:.2f} GiB) fit beside the step '
+                             f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): left to the page cache, the next '
+                             'step reads them from memory')
     return 0, (f'the block files ({block_files / GIB:.2f} GiB) cannot stay in the page cache beside the step '
                f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): read from disk each step, nothing reserved '
                'for them')
