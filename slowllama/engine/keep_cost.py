@@ -4,18 +4,21 @@ A kept block saves the no-grad forward a recomputed block runs first (the backwa
 autograd and the backward itself run either way). Its price is the memory it holds from its forward
 to its backward, and on a CPU also time: glibc's heap hands tensors at or above its mmap ceiling
 (32 MiB) back to the system when they are freed, so a kept block whose tensors are that large takes
-its bytes fresh from the system every step, page by page, while the step's memory piles up by GiBs
-(the system reclaims its page cache and other programs' pages for them). One block's recompute
-reuses the same pages block after block instead. Smaller tensors stay in the heap between steps
-(the heap trimmer leaves the kept bytes as slack), and cuda's and mps' caching allocators reuse
-theirs: there keeping costs no time, and the blocks that fit are kept.
+its bytes fresh from the system every step, page by page (allocating and filling a 33-88 MiB tensor
+ran at 0.14 GiB/s on the 2-core CPU under load, a 16-31 MiB one at 0.6 GiB/s from the heap), while
+the step's memory piles up by GiBs and the system reclaims its page cache and other programs' pages
+for them. A recomputed block's large tensors are faulted in too, but one block's worth at a time,
+which the system serves from the pages the previous block gave back. Smaller tensors stay in the
+heap between steps (the heap trimmer leaves the kept bytes as slack), and cuda's and mps' caching
+allocators reuse theirs: there keeping costs no time, and the blocks that fit are kept.
 
-The two rates are this project's 2-core CPU's, from the bench's figures (docs/performance.md):
-0.4B bf16 at 1 x 8192 (322 GFLOP a block's forward, causal attention counted once) took 0.52 s a
-block's no-grad forward; keeping 21 blocks (0.53 GiB each) saved those 0.52-0.57 s a block in the
-blocks' own times and lost them again outside them, 12 s a step: 0.9 GiB/s of fresh memory. 0.4B
-fp32 at 4 x 128 (11.5 GFLOP) saved 45 ms a kept block. A machine with other rates moves the break-
-even point, not the rule."""
+The two rates are fitted to this project's 2-core CPU (docs/performance.md): 0.4B bf16 at 1 x 8192
+(322 GFLOP a block's forward, causal attention counted once) took 0.52 s a block's no-grad forward;
+keeping 21 blocks (0.53 GiB each) saved 0.52-0.57 s a block in the blocks' own times and lost it
+again outside them, 12 s a step: 0.9 GiB/s of fresh memory, the break-even point, so that shape
+recomputes. 0.4B fp32 at 4 x 128 (11.5 GFLOP a block, 250 GFLOP/s) saved 45 ms a kept block, and
+none of its tensors reaches the ceiling. A machine with other rates moves the break-even point, not
+the rule; a first-step measurement of one block both ways would find it there (not built)."""
 from ..model.config import ModelConfig
 
 HEAP_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest dynamic mmap threshold on 64-bit
@@ -58,6 +61,6 @@ def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, device_type='cpu'
     if saved > cost:
         return True, ''
     return False, (f'activations recomputed: keeping a block saves its forward, {flops / 1e9:.0f} GFLOP '
-                   f'(~{saved:.2f} s at {CPU_FLOPS[dtype] / 1e9:.0f} GFLOP/s), and takes {fresh / 2 ** 30:.2f} GiB fresh from the '
-                   f'system each step (~{cost:.2f} s at {CPU_FRESH_BYTES_PER_S / 2 ** 30:.1f} GiB/s): it does not pay '
-                   'at this shape (keep_activations all keeps them anyway)')
+                   f'(~{saved:.2f} s at {CPU_FLOPS[dtype] / 1e9:.0f} GFLOP/s), and takes {fresh / 2 ** 30:.2f} GiB '
+                   f'fresh from the system each step (~{cost:.2f} s at {CPU_FRESH_BYTES_PER_S / 2 ** 30:.1f} '
+                   'GiB/s): it does not pay at this shape (keep_activations all keeps them anyway)')
