@@ -9,6 +9,7 @@ from slowllama.engine.plan import (
     GIB,
     block_bytes,
     cap_budget,
+    ffn_width,
     kept_activation_bytes,
     plan_step,
     predict,
@@ -37,12 +38,13 @@ def test_keeping_pays_at_short_sequences_and_not_at_long_ones_on_a_cpu():
     cuda's caching allocator makes keeping free at any length."""
     cfg = shape_config('0.4b')
     long = kept_activation_bytes(cfg, 1, 8192, 'bf16', EVERY)
-    assert fresh_bytes(cfg, 1, 8192, 2, long, 'cpu') == long
-    pays, why = keep_pays(cfg, 1, 8192, 'bf16', long, 'cpu')
+    ffn = ffn_width(cfg)
+    assert fresh_bytes(cfg, 1, 8192, 2, ffn, long, 'cpu') == long
+    pays, why = keep_pays(cfg, 1, 8192, 'bf16', long, ffn, 'cpu')
     assert not pays and 'GFLOP' in why and 'GiB fresh' in why
     for batch, seq, dtype in ((4, 128, 'fp32'), (4, 128, 'bf16'), (2, 128, 'bf16'), (1, 4096, 'bf16')):
-        assert keep_pays(cfg, batch, seq, dtype, kept_activation_bytes(cfg, batch, seq, dtype, EVERY), 'cpu')[0]
-    assert keep_pays(cfg, 1, 8192, 'bf16', long, 'cuda') == (True, '')
+        assert keep_pays(cfg, batch, seq, dtype, kept_activation_bytes(cfg, batch, seq, dtype, EVERY), ffn, 'cpu')[0]
+    assert keep_pays(cfg, 1, 8192, 'bf16', long, ffn, 'cuda') == (True, '')
     roomy = 64 * GIB
     plan = plan_step(cfg, 1, 8192, 'bf16', 1, roomy, working=step_working_bytes(cfg, 1, 8192, 'bf16'),
                      host_heap=True, targets=EVERY, rank=8)

@@ -24,39 +24,38 @@ from ..model.config import ModelConfig
 HEAP_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest dynamic mmap threshold on 64-bit
 CPU_FLOPS = {'fp32': 2.5e11, 'bf16': 6.2e11, 'fp16': 6.2e11}  # a block's no-grad forward, measured above
 CPU_FRESH_BYTES_PER_S = 0.9 * 2 ** 30  # fresh pages a step takes from the system, measured above
+DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
 
 
-def forward_flops(cfg: ModelConfig, batch, seq):
-    """FLOPs of one block's forward for batch x seq: its projections (a MoE token runs k experts)
-    and causal attention's two products over the positions before each one."""
-    from .plan import ffn_width  # plan imports this module
+def forward_flops(cfg: ModelConfig, batch, seq, ffn):
+    """FLOPs of one block's forward for batch x seq: its projections (the feed-forward `ffn` wide: a
+    MoE token runs k experts) and causal attention's two products over the positions before each."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    projections = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * ffn_width(cfg)
+    projections = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * ffn
     return 2 * batch * seq * projections + 2 * batch * seq * seq * q
 
 
-def fresh_bytes(cfg: ModelConfig, batch, seq, dtype_bytes, kept_bytes, device_type):
+def fresh_bytes(cfg: ModelConfig, batch, seq, dtype_bytes, ffn, kept_bytes, device_type):
     """Of a kept block's `kept_bytes`, those taken fresh from the system each step: on a CPU where
     its token-wide tensors reach the heap's mmap ceiling, all of them (the fp32 norm inputs are the
     widest common ones); where only the feed-forward's do, its three; elsewhere none."""
     if device_type != 'cpu':
         return 0
-    from .plan import ffn_width
     tokens = batch * seq
     if tokens * cfg.dim * 4 >= HEAP_MMAP_CEILING:
         return kept_bytes
-    ffn = tokens * ffn_width(cfg) * dtype_bytes
-    return 3 * ffn if ffn >= HEAP_MMAP_CEILING else 0
+    ffn_bytes = tokens * ffn * dtype_bytes
+    return 3 * ffn_bytes if ffn_bytes >= HEAP_MMAP_CEILING else 0
 
 
-def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, device_type='cpu'):
+def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, ffn, device_type='cpu'):
     """-> (whether keeping a block's activations saves time, a note saying why not in numbers).
-    kept_bytes: one block's kept activations for one micro-batch."""
-    from .plan import DTYPE_BYTES
-    fresh = fresh_bytes(cfg, batch, seq, DTYPE_BYTES[dtype], kept_bytes, device_type)
+    kept_bytes: one block's kept activations for one micro-batch; ffn: the feed-forward's width a
+    token runs (plan.ffn_width)."""
+    fresh = fresh_bytes(cfg, batch, seq, DTYPE_BYTES[dtype], ffn, kept_bytes, device_type)
     if not fresh:
         return True, ''
-    flops = forward_flops(cfg, batch, seq)
+    flops = forward_flops(cfg, batch, seq, ffn)
     saved, cost = flops / CPU_FLOPS[dtype], fresh / CPU_FRESH_BYTES_PER_S
     if saved > cost:
         return True, ''

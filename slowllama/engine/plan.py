@@ -189,7 +189,7 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
                              '(lower `batch_size` or `seq_len`, or free memory or disk)')
     reserve, cache_note = page_cache_reserve(block_files, budget, device_need(trip, 0))
     pays, note = (keep_pays(cfg, batch, seq, dtype, kept_activation_bytes(cfg, batch, seq, dtype, **activation),
-                            activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
+                            ffn_width(cfg), activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
     if pays:
         kept, note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
     else:
