@@ -119,7 +119,8 @@ def build_parser(argv=None):
 # prepare's and export's arguments): first in the message, or in backticks within it. On the
 # command line each is a flag: '--' and its name with dashes, unless RENAMED says otherwise.
 SETTINGS = {'batch_size', 'device', 'double_quant', 'dtype', 'eval_every', 'format', 'grad_accum', 'grad_clip',
-            'iters', 'keep_activations', 'keep_checkpoints', 'lora', 'lora_rank', 'lr', 'micro_batches_per_trip',
+            'iters', 'keep_activations', 'keep_checkpoints', 'lora', 'lora_rank', 'lr', 'max_device_mem',
+            'micro_batches_per_trip',
             'min_lr_ratio', 'offload', 'out', 'patience', 'quant', 'quant_head', 'resume', 'save_every', 'schedule',
             'seq_len', 'shards', 'skip_nonfinite', 'targets', 'tensorboard', 'warmup', 'weight_decay',
             'LoraConfig.rank', 'LoraConfig.dropout', 'LoraConfig.targets'}

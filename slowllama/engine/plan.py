@@ -13,6 +13,8 @@ from ..weights.copier import layout_bytes
 from ..weights.packed import file_layout
 from ..weights.pinned import ROW_STAGING_BYTES
 from ..weights.prepared import DTYPES, model_params
+from .keep_cost import keep_pays
+from .plan_limits import ram_page_cache, refuse_below_one_block
 
 GIB = 1024 ** 3
 SLICE_ELEMENTS = 1 << 21  # the head's logits held at once: [tokens, slice rows] <= 2M floats (8 MB)
@@ -150,20 +152,23 @@ class StepPlan:
 
 
 def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_budget=0, disk_budget=None, trip=None,
-              keep='auto', working=0, block_files=0, host_heap=False, **activation):
+              keep='auto', working=0, block_files=0, host_heap=False, ram_files=0, in_flight=0, **activation):
     """The StepPlan for `micro_batches` of batch x seq within `budget` bytes on the device (on a cpu:
     the host) for what the step holds beyond the weights (`working` of it taken by the working set of
     one block's backward and the head), with saved inputs spilling to `ram_budget` bytes of host RAM,
     then to `disk_budget` bytes of disk (None: unlimited). block_files: on a cpu, the bytes of the
     block files read at each use, which kept activations leave to the page cache only where they fit
     beside the step (page_cache_reserve); host_heap: the step runs on a cpu's heap (CPU_HEAP_SLACK
-    more for each kept block).
+    more for each kept block). ram_files: on cuda, the bytes of the disk tier's block files the page
+    cache would keep in host RAM (ram_page_cache). in_flight: the blocks held at once, already taken
+    off `budget` (for the message when not even one micro-batch fits).
 
     trip: micro-batches per trip; None: all of them as long as their hidden states and gradients fit
     on the device (saved inputs spill: a few percent of a block's bytes a micro-batch, far less than
     the blocks' second trip they save). keep: 'auto' (the most blocks that fit, the last ones:
-    their backward comes first, so their memory is held the shortest), 'all', 'none', or a number
-    of blocks. activation: kept_activation_bytes' settings (targets, rank, dropout, ...)."""
+    their backward comes first, so their memory is held the shortest) where keeping saves time
+    (keep_cost.keep_pays), 'all', 'none', or a number of blocks. activation: kept_activation_bytes'
+    settings (targets, rank, dropout, ...)."""
     n, w = cfg.n_layers, DTYPE_BYTES[dtype]
     one_input = saved_input_bytes(cfg, batch, seq, w)
     per_block = int(kept_activation_bytes(cfg, batch, seq, dtype, **activation) * (1 + CPU_HEAP_SLACK * host_heap))
@@ -183,23 +188,32 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
                              f'RAM {ram_budget / GIB:.2f} GiB and the spill folder\'s disk {disk_budget / GIB:.2f} GiB '
                              '(lower `batch_size` or `seq_len`, or free memory or disk)')
     reserve, cache_note = page_cache_reserve(block_files, budget, device_need(trip, 0))
-    kept, note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
-    if note and reserve:
-        note += f' (after {reserve / GIB:.2f} GiB left to the page cache for the blocks read from files)'
-    note = '; '.join(part for part in (note, cache_note) if part)
+    pays, note = (keep_pays(cfg, batch, seq, dtype, kept_activation_bytes(cfg, batch, seq, dtype, **activation),
+                            ffn_width(cfg), activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
+    if pays:
+        kept, note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
+    else:
+        kept = 0
+    refuse_below_one_block(budget, device_need(1, 0), in_flight, batch, seq)
     room = max(0, budget - device_need(trip, kept))
+    ram_room, ram_note = ram_page_cache(ram_files, ram_budget, trip * (n - kept) * one_input - room)
+    note = '; '.join(part for part in (note, cache_note, ram_note) if part)
     return StepPlan(micro_batches, trip, kept, n, trip * kept * per_block, trip * (n - kept) * one_input, budget,
-                    stash_device_bytes=room, stash_ram_bytes=ram_budget, note=note)
+                    stash_device_bytes=room, stash_ram_bytes=ram_room, note=note)
 
 
 def page_cache_reserve(block_files, budget, step_need):
     """-> (what kept activations leave to the page cache of `block_files` bytes of blocks read from
-    their files, a note when none). All of it where the files fit in `budget` beside what the step
-    needs without keeping (`step_need`): the next step then reads them from memory. None where they
-    do not: every step reads every block from disk whatever is reserved (the two blocks in flight
-    are counted apart), so that memory serves kept activations and saved inputs instead."""
-    if not block_files or block_files + step_need <= budget:
-        return block_files, ''
+    their files, a note saying which, in numbers). All of it where the files fit in `budget` beside
+    what the step needs without keeping (`step_need`): the next step then reads them from memory.
+    None where they do not: every step reads every block from disk whatever is reserved (the two
+    blocks in flight are counted apart), so that memory serves kept activations and saved inputs."""
+    if not block_files:
+        return 0, ''
+    if block_files + step_need <= budget:
+        return block_files, (f'the block files ({block_files / GIB:.2f} GiB) fit beside the step '
+                             f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): left to the page cache, the next '
+                             'step reads them from memory')
     return 0, (f'the block files ({block_files / GIB:.2f} GiB) cannot stay in the page cache beside the step '
                f'({step_need / GIB:.2f} of {budget / GIB:.2f} GiB): read from disk each step, nothing reserved '
                'for them')

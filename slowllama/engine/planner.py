@@ -48,12 +48,13 @@ class StepPlanner:
     def _plan(self, micro_batches, batch, seq, packed):
         """-> (StepPlan, the heap slack its steps reuse). Raises SlowLlamaError when what was asked
         cannot fit (keep_activations all, say)."""
-        budget, ram, page_cache = self._budgets()
+        budget, ram, page_cache, ram_files, in_flight = self._budgets()
         dtype = dtype_name(self.dtype)
         working = step_working_bytes(self.cfg, batch, seq, dtype, micro_batches)
         plan = plan_step(
             self.cfg, batch, seq, dtype, micro_batches, budget, ram, disk_budget=spill_room(),
-            block_files=page_cache, trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
+            block_files=page_cache, ram_files=ram_files, in_flight=in_flight,
+            trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
             working=working, host_heap=self.device.type == 'cpu',
             targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
             device_type=self.device.type, packed=packed)
@@ -71,17 +72,22 @@ class StepPlanner:
 
     def _budgets(self):
         """-> (bytes the step may take on the device, host bytes for what spills there, the bytes of the
-        block files the page cache would keep). cuda: its free memory, and RAM beside it. A cpu or a
-        Mac: the one memory, less the blocks the store holds mapped at once; and where blocks are
-        read from files, the page cache would like to keep them: kept activations leave it their
-        bytes where they fit beside the step (plan.page_cache_reserve). 90% of what is free, within
-        max_device_mem / max_ram."""
+        block files the page cache would keep in the device's memory, those it would keep in host RAM
+        beside a separate device, the bytes of the blocks held at once already taken off the first).
+        A cpu or a Mac: the one memory, less the blocks the store holds mapped at once; where blocks
+        are read from files the page cache would like to keep them, and kept activations leave it
+        their bytes where they fit beside the step (plan.page_cache_reserve). cuda: its free memory,
+        and the RAM the pinned tier leaves beside it, where the disk tier's files are cached the same
+        way beside the spill (plan_limits.ram_page_cache). 90% of what is free, within max_device_mem
+        / max_ram (cap_budget): the last tenth is the system's headroom."""
         store, options = self.store, self.options
+        mapped = store.disk_tier_bytes()
         if self.device.type == 'cpu' or unified_memory(self.device):
             free = free_host_memory() if self.device.type == 'cpu' else free_device_memory(self.device)
-            mapped = store.disk_tier_bytes()
             held = 2 * mapped['block'] if mapped['blocks'] else 0  # the last two blocks stay for the backward
             budget = cap_budget(free, options.max_device_mem) - store.unallocated_device_bytes() - held
-            return max(0, budget), 0, mapped['total']
-        budget = cap_budget(free_device_memory(self.device), options.max_device_mem) - store.unallocated_device_bytes()
-        return max(0, budget), cap_budget(free_host_memory() // host_share(), options.max_ram), 0
+            return max(0, budget), 0, mapped['total'], 0, held
+        unallocated = store.unallocated_device_bytes()  # the copier's two block buffers
+        budget = cap_budget(free_device_memory(self.device), options.max_device_mem) - unallocated
+        ram = cap_budget(free_host_memory() // host_share(), options.max_ram)
+        return max(0, budget), ram, 0, mapped['total'], unallocated
