@@ -61,8 +61,6 @@ class BlockStore:
         self.tiers = tiers if isinstance(tiers, dict) else uniform_tiers(self.cfg, self.device, tiers)
         self._arena = None  # the RAM tier, one host allocation (pinned on cuda)
         self._resident = self._load_resident()
-        self._copier = DeviceCopier(self.device, self._layout, dtype)
-        self._unpacker = Unpacker(shapes, self.quant, self.device, dtype) if self.quant else None
         self._head_stager = None
         self._held, self._pending = {}, {}
         # what crossed so far: bytes the store read from the model's files (what a disk would serve
@@ -78,6 +76,12 @@ class BlockStore:
             self.traffic['experts_fetched'] = 0
         self._block_bytes = {'stored': layout_bytes({n: self._stored_layout[n] for n in self._core}),
                              'device': layout_bytes({n: self._layout[n] for n in self._core})}
+        # the two slots (and the unpacker's two sets of buffers) hold what every pass fetches: the whole
+        # block, or a MoE block's attention and router; its experts get memory as they are fetched
+        self._copier = DeviceCopier(self.device, self._layout, dtype, self._core if self.cfg.n_experts else None)
+        core_shapes = {n: s for n, s in shapes.items() if not n.startswith('mlp.experts.')}
+        self._unpacker = Unpacker(core_shapes, self.quant, self.device, dtype) if self.quant else None
+        self._expert_shapes = {n: s for n, s in shapes.items() if n.startswith('mlp.experts.')}
 
     def unallocated_device_bytes(self):
         """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
@@ -110,7 +114,7 @@ class BlockStore:
                 slot, tensors = ticket.wait()
                 buffers = None
                 if self._unpacker:  # dequantized here, on the compute device, just before use
-                    buffers, tensors = self._unpacker.unpack(tensors, self._core_shapes())
+                    buffers, tensors = self._unpacker.unpack(tensors)
             except BaseException:  # a failed read, copy or unpack, out of memory, Ctrl-C: the slot comes back
                 self._discard(ticket)
                 raise
@@ -121,7 +125,6 @@ class BlockStore:
         """{e: {'gate_proj.weight', 'up_proj.weight', 'down_proj.weight'}} of held block i's experts
         `ids` on the compute device; valid until release(i). Only these experts' bytes are read and
         travel, once per hold (the backward's recompute asks again for the same ones)."""
-        slot, buffers, _ = self._held[i]
         held = self._held_experts.setdefault(i, {})
         wanted = [e for e in ids if e not in held]
         if wanted:
@@ -133,20 +136,16 @@ class BlockStore:
             if tier != 'device':
                 self._count(layout_bytes({n: self._stored_layout[n] for n in names}) if tier == 'disk' else 0,
                             0 if self.device.type == 'cpu' else layout_bytes({n: self._layout[n] for n in names}))
-                tensors = self._copier.bring_now(slot, tensors, from_disk=tier == 'disk')
+                tensors = self._copier.bring_now(tensors)
             if self._unpacker:
                 chosen = tuple(f'mlp.experts.{e}.' for e in wanted)
-                shapes = {n: shape for n, shape in self._unpacker.shapes.items() if n.startswith(chosen)}
-                tensors = unpack_block(tensors, shapes, self.quant, buffers)
+                shapes = {n: shape for n, shape in self._expert_shapes.items() if n.startswith(chosen)}
+                tensors = unpack_block(tensors, shapes, self.quant, dtype=self.dtype)
             for e in wanted:
                 prefix = f'mlp.experts.{e}.'
                 held[e] = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
             self.traffic['experts_fetched'] += len(wanted)
         return {e: held[e] for e in ids}
-
-    def _core_shapes(self):
-        shapes = self._unpacker.shapes
-        return shapes if not self.cfg.n_experts else {n: s for n, s in shapes.items() if not n.startswith('mlp.experts.')}
 
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
