@@ -5,6 +5,7 @@ in the compute dtype, from one of three tiers: 'disk' (memory-mapped file, read 
 (held in host memory, pinned on cuda) or 'device' (all resident); the engine's placement
 (engine/placement.py) chooses them.
 """
+import math
 import mmap
 import os
 
@@ -140,12 +141,24 @@ class BlockStore:
             if self._unpacker:
                 chosen = tuple(f'mlp.experts.{e}.' for e in wanted)
                 shapes = {n: shape for n, shape in self._expert_shapes.items() if n.startswith(chosen)}
-                tensors = unpack_block(tensors, shapes, self.quant, dtype=self.dtype)
+                tensors = unpack_block(tensors, shapes, self.quant, self._expert_memory(shapes))
             for e in wanted:
                 prefix = f'mlp.experts.{e}.'
                 held[e] = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
             self.traffic['experts_fetched'] += len(wanted)
         return {e: held[e] for e in ids}
+
+    def _expert_memory(self, shapes):
+        """{name: buffer} for unpacked experts, views into one new allocation: let go of whole when the
+        block is released (a cpu's heap returns one large allocation to the system at once, where
+        hundreds of small ones would leave holes it keeps)."""
+        sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+        memory = torch.empty(sum(sizes.values()), dtype=self.dtype, device=self.device)
+        out, start = {}, 0
+        for name, shape in shapes.items():
+            out[name] = memory[start:start + sizes[name]].view(shape)
+            start += sizes[name]
+        return out
 
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
