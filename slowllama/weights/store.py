@@ -90,15 +90,32 @@ class BlockStore:
         before them leaves them room."""
         streamed = any(self.tiers[block_file(i)] != 'device' for i in range(self.cfg.n_layers))
         zero_copy = self.device.type == 'cpu' and self._layout == self._stored_layout
-        return 0 if not streamed or zero_copy else self._copier.unallocated_bytes()
+        return (0 if not streamed or zero_copy else self._copier.unallocated_bytes()) + self._experts_room(streamed)
+
+    def _experts_room(self, streamed):
+        """What a MoE model's experts will take as they are fetched (they have no buffers made ahead):
+        at worst every expert of the two blocks held at once (a trip of E / k tokens or more hits them
+        all), unpacked with --quant, else copied where they are not used in place."""
+        if not self.cfg.n_experts:
+            return 0
+        names = [n for names in self._expert_parts for n in names]
+        if self.quant is not None:
+            unpacked = sum(math.prod(shape) for shape in self._expert_shapes.values()) * self.dtype.itemsize
+            travelling = 0 if self.device.type == 'cpu' or not streamed else layout_bytes(
+                {n: self._layout[n] for n in self._expert_parts[0]}) * self.cfg.n_experts
+            return 2 * unpacked + travelling  # the packed copies: one block's at a time, until unpacked
+        in_place = not streamed or (self.device.type == 'cpu' and self._layout == self._stored_layout)
+        return 0 if in_place else 2 * layout_bytes({n: self._layout[n] for n in names})
 
     def disk_tier_bytes(self):
         """{'blocks': how many blocks are read from their files at each use, 'block': one block's bytes
-        as stored, 'total': the bytes of every file on the disk tier}."""
+        as stored (all of a MoE block's experts: the worst case), 'total': the bytes of every file on
+        the disk tier}."""
         on_disk = [f for f, tier in self.tiers.items() if tier == 'disk']
         blocks = sum(f.startswith('block_') for f in on_disk)
         total = sum(self.manifest['files'][f]['size'] for f in on_disk)
-        return {'blocks': blocks, 'block': self._block_bytes['stored'], 'total': total}
+        whole = layout_bytes(self._stored_layout)  # a MoE block: at worst every expert is read, and stays mapped
+        return {'blocks': blocks, 'block': whole, 'total': total}
 
     @property
     def offload(self):
