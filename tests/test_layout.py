@@ -30,7 +30,8 @@ FLOORS = read_floors()
 TOP_LEVEL = {'__init__', '__main__', 'api', 'cli', 'errors', 'progress'}  # the rest lives on a floor
 SHARED_BY_RECIPES = {'slowllama.recipes', 'slowllama.recipes.options', 'slowllama.recipes.run_setup',
                      'slowllama.recipes.inference', 'slowllama.recipes.shapes',
-                     'slowllama.recipes.bench_block'}  # bench's per-block timing of a MoE shape (no command)
+                     'slowllama.recipes.bench_block',  # bench's per-block timing of a MoE shape (no command)
+                     'slowllama.recipes.random_model'}  # bench --write-model's random prepared folder (no command)
 OTHER_RECIPES = {'slowllama.bci.train', 'slowllama.bci.commands'}  # the BCI package's own recipes
 ENTRY_POINTS = {'slowllama.cli', 'slowllama.__main__'}  # dispatch to recipes by name
 

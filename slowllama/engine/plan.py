@@ -14,6 +14,7 @@ from ..weights.packed import file_layout
 from ..weights.pinned import ROW_STAGING_BYTES
 from ..weights.prepared import DTYPES, model_params
 from .keep_cost import keep_pays
+from .moe_plan import core_params, experts_line, experts_worst, fetched_block_bytes, fetched_block_params
 from .plan_limits import ram_page_cache, refuse_below_one_block
 
 GIB = 1024 ** 3
@@ -268,7 +269,8 @@ def step_working_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', micro_batches
     head_slice = head_slice_rows(tokens)  # the head streams in vocabulary slices
     # a slice's logits (exponentiated in place) and rows; each micro-batch's hidden, softmax @ rows,
     # target rows and gradient
-    loss = (2 * tokens * min(head_slice, cfg.vocab_size) * 4 + head_slice * cfg.dim * w
+    head_slice = min(head_slice, cfg.vocab_size)  # a slice is never more than the vocabulary
+    loss = (2 * tokens * head_slice * 4 + head_slice * cfg.dim * w
             + micro_batches * 4 * tokens * cfg.dim * 4)
     return max(block_working_set(cfg, batch, seq, w), loss)
 
@@ -297,8 +299,13 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     time are unpacked on the device (plain_unpack: by the plain torch kernels, as on mps, with their
     temporaries). activation: kept_activation_bytes' other settings."""
     w = DTYPE_BYTES[dtype]
-    block = block_bytes(cfg, dtype, quant)
-    unpacked = 2 * block_params(cfg) * w if quant is not None else 0  # the two reused dequantized buffers
+    block = block_bytes(cfg, dtype, quant)  # a block held whole (device or RAM tier)
+    # a streamed block as its pass fetches it: a MoE block's attention and router and, at worst, as
+    # many experts as the trip's tokens can choose (experts_worst); two at once (double buffering,
+    # and the last two blocks of the forward are the backward's first)
+    fetched = experts_worst(cfg, micro_batches * batch * seq)
+    flight = fetched_block_bytes(cfg, fetched, dtype, quant)
+    unpacked = 2 * fetched_block_params(cfg, fetched) * w if quant is not None else 0  # the two dequantized
     if plain_unpack and quant is not None and quant.type == 'nf4':
         unpacked += plain_nf4_unpack_bytes(cfg, dtype)
     tables = table_bytes(cfg, dtype, quant)
@@ -310,10 +317,10 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     step = (lora + step_working_bytes(cfg, batch, seq, dtype, micro_batches) + 2 * micro_batches * one_input
             + unpacked + kept)
     if device_is_host:
-        total = host_only_peak(cfg, block, tables, resident_blocks + ram_blocks, step + saved_inputs)
+        total = host_only_peak(cfg, block, tables, resident_blocks + ram_blocks, step + saved_inputs, flight)
         return MemoryPlan(total, total, resident_blocks, ram_blocks)
     streamed = cfg.n_layers - resident_blocks
-    device = resident_blocks * block + (2 * block if streamed else 0) + step  # streamed: double buffering
+    device = resident_blocks * block + (2 * flight if streamed else 0) + step  # streamed: double buffering
     if resident_blocks == cfg.n_layers:  # everything fits: embeddings and head stay on the device too
         device += tables
     if stash_on_device:
@@ -325,26 +332,27 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
 def pinned_bytes(cfg: ModelConfig, w, resident_blocks, ram_blocks):
     """Host bytes the store pins (store.py, pinned.py): the RAM tier (its blocks, and the embeddings
     and head with them when anything is held in RAM), and when blocks stream from disk their two
-    staging buffers and the head's two, in the compute dtype (the reader thread converts)."""
+    staging buffers and the head's two, in the compute dtype (the reader thread converts). A MoE
+    block's staging holds its attention and router only: its experts travel as they are fetched."""
     block = block_params(cfg) * w
     tables = cfg.vocab_size * cfg.dim * w * (1 if cfg.tie_embeddings else 2) + cfg.dim * w  # + the final norm
     everything_resident = resident_blocks == cfg.n_layers
     host = ram_blocks * block + (tables if ram_blocks and not everything_resident else 0)
     if cfg.n_layers - resident_blocks > ram_blocks:  # the head is on the disk tier too
         head_rows = min(cfg.vocab_size, max(1, ROW_STAGING_BYTES // (cfg.dim * w)))
-        host += 2 * block + 2 * head_rows * cfg.dim * w
+        host += 2 * core_params(cfg) * w + 2 * head_rows * cfg.dim * w
     return host
 
 
 CPU_RUNTIME_BYTES = 160 * 1024 ** 2  # measured: library code paged in, the heap's free slack
 
 
-def host_only_peak(cfg: ModelConfig, block, tables, held_blocks, step_bytes):
+def host_only_peak(cfg: ModelConfig, block, tables, held_blocks, step_bytes, flight=None):
     """On a CPU there is one memory and no copies: blocks are used where they lie, held in RAM or
-    mapped from their file (the one computing and the next, its pages faulted in ahead); the
-    embeddings and head are held with the blocks."""
+    mapped from their file (the one computing and the next, its pages faulted in ahead: `flight`
+    bytes each, a MoE block's fetched part); the embeddings and head are held with the blocks."""
     if held_blocks < cfg.n_layers:
-        return int(held_blocks * block + 2 * block + step_bytes + CPU_RUNTIME_BYTES)
+        return int(held_blocks * block + 2 * (block if flight is None else flight) + step_bytes + CPU_RUNTIME_BYTES)
     return int(held_blocks * block + tables + step_bytes + CPU_RUNTIME_BYTES)
 
 
@@ -369,6 +377,9 @@ def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, m
     print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}'
           f'{", " + quant.type + " blocks" if quant else ""}, LoRA r={rank} on {",".join(targets)}')
     w = DTYPE_BYTES[dtype]
+    if cfg.n_experts:  # the peaks below count the worst case
+        print(f'  {experts_line(cfg, micro_batches * batch * seq, dtype, quant)}')
+        print(f'  a decoded token: {experts_line(cfg, 1, dtype, quant).split(": ", 1)[1]}')
     if micro_batches > 1:
         saved = micro_batches * cfg.n_layers * saved_input_bytes(cfg, batch, seq, w)
         print(f'  {micro_batches} micro-batches a step travel through each block together: each block crosses '

@@ -45,11 +45,17 @@ def add_arguments(p):
     p.add_argument('--json', default='bench.json', help='where to write the results')
     p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
     p.add_argument('--model', default=None, help='with --plan: a prepared model folder')
+    p.add_argument('--write-model', default=None, metavar='OUT',
+                   help='only write a prepared folder of --shape with random weights to OUT, packed with --quant '
+                        '(default nf4), block by block: no float model is made (qwen3-30b-a3b: about 17 GB)')
     p.add_argument('--quant', default=None, help='nf4 | int8: also run slowllama on a quantized twin (and, '
                    'for nf4, transformers+peft+bitsandbytes QLoRA with checkpointing as peer hf-qlora)')
 
 
 def run(args):
+    if args.write_model:
+        from .random_model import write_model_command
+        return write_model_command(args.shape or '7b', args.write_model, args.quant or 'nf4', args.dtype or 'bf16')
     if args.plan:
         cfg, quant = model_config(args.model) if args.model else (shape_config(args.shape or '7b'),
                                                                    parse_quant(args.quant))

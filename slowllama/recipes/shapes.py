@@ -23,6 +23,13 @@ SHAPES = {
                           head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                           num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=1, vocab_size=151936,
                           rms_norm_eps=1e-6, max_position_embeddings=4096),
+    # the whole Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B's config.json): bench --write-model writes it packed
+    # from random values (about 17 GB in nf4), bench --plan plans it
+    'qwen3-30b-a3b': dict(model_type='qwen3_moe', hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, vocab_size=151936,
+                          rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1000000.0,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
 }
 BLOCK_ONLY = ('30b-a3b-block',)  # timed one block against transformers' decoder layer (bench_block.py)
 

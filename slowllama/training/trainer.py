@@ -28,6 +28,7 @@ from dataclasses import asdict
 import torch
 
 from ..engine.devices import get_rng_state, set_rng_state
+from ..engine.moe_plan import experts_line
 from ..engine.trip import MicroBatch
 from ..errors import SlowLlamaError
 from ..weights.files import write_json
@@ -159,7 +160,7 @@ class Trainer:
         started, crossed = time.perf_counter(), self._traffic()
         batches = [self.data.batch(self.data_position + i) for i in range(self.cfg.grad_accum)]
         metrics = self._accumulate(batches)
-        self._say_plan()
+        self._say_plan(batches)
         loss = metrics.pop('loss')
         self.metric_names = tuple(metrics)  # what step_fn reports beside the loss
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float('inf')
@@ -211,12 +212,16 @@ class Trainer:
         device = next(iter(self.params.values())).device
         return {key: self.group.sum_float(value, device) for key, value in metrics.items()}
 
-    def _say_plan(self):
-        """Log the model's step plan (how the micro-batches travel, what is recomputed) when it is new."""
+    def _say_plan(self, batches=()):
+        """Log the model's step plan (how the micro-batches travel, what is recomputed) when it is new;
+        on a MoE model, the experts a block fetches for a trip, expected and at worst."""
         plan = getattr(self.model, 'step_plan', None)
         if plan is not None and plan is not self._plan_said:
             self._plan_said = plan
             self.log(f'step plan: {plan.describe()}')
+            store, tokens = getattr(self.model, 'store', None), getattr(batches[0], 'tokens', None) if batches else None
+            if store is not None and tokens is not None and store.cfg.n_experts:
+                self.log(experts_line(store.cfg, plan.trip * tokens.numel(), store.manifest['dtype'], store.quant))
 
     def _traffic(self):
         return self.model.traffic() if hasattr(self.model, 'traffic') else None

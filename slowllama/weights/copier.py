@@ -34,8 +34,12 @@ class DeviceCopier:
     A fetch holds one of the two slots from start() to release(slot); a fetch that fails after
     claiming one must still be released (BlockStore does)."""
 
-    def __init__(self, device, layout, dtype):
-        self.device, self.dtype, self.layout = device, dtype, layout  # layout: {name: (shape, dtype)}
+    def __init__(self, device, layout, dtype, travelling=None):
+        """layout: {name: (shape, dtype)} of a block on the device; travelling: the names that go
+        through the two slots (default all). A MoE block's experts are not among them: how many of
+        them a pass needs is known only once its router has run, so they come by bring_now()."""
+        self.device, self.dtype, self.full_layout = device, dtype, layout
+        self.layout = layout if travelling is None else {n: layout[n] for n in travelling}
         self.on_cpu = device.type == 'cpu'
         self.queue = CopyQueue(device)
         self._buffers, self._staging = [None, None], None
@@ -62,21 +66,16 @@ class DeviceCopier:
             self.release(slot)
             raise
 
-    def bring_now(self, slot, host_tensors, from_disk=False):
-        """More tensors of the block held in `slot` (a MoE block's experts, known only once its router
-        has run) into the slot's buffers, ready before the compute goes on -> {name: tensor}."""
-        if self.on_cpu and all(t.dtype == self.layout[n][1] for n, t in host_tensors.items()):
+    def bring_now(self, host_tensors):
+        """More tensors of a held block (a MoE block's experts, known only once its router has run)
+        on the device, ready before the compute goes on -> {name: tensor}. They get memory of their
+        own, as many as were asked for (not a whole block's worth per slot), freed when the caller
+        lets go of them; the copy is queued on the compute queue, so it comes before its use."""
+        layout = self.full_layout
+        if self.on_cpu and all(t.dtype == layout[n][1] for n, t in host_tensors.items()):
             return host_tensors  # zero-copy, as start()
-        if self.on_cpu:
-            buffers = self._slot_buffers(slot)
-            return {name: buffers[name].copy_(tensor) for name, tensor in host_tensors.items()}
-        if from_disk or any(t.dtype != self.layout[n][1] for n, t in host_tensors.items()):
-            self.queue.host_waits(self._copied_events[slot])  # the staging buffer's last copy out is done
-            staging = self._staging_slot(slot)
-            host_tensors = {name: staging[name].copy_(tensor) for name, tensor in host_tensors.items()}
-        buffers, copied = self._copy(slot, host_tensors)
-        self.queue.compute_waits(copied)
-        return {name: buffers[name] for name in host_tensors}
+        return {name: torch.empty(layout[name][0], dtype=layout[name][1], device=self.device).copy_(tensor)
+                for name, tensor in host_tensors.items()}
 
     def release(self, slot):
         if slot is None:

@@ -80,16 +80,16 @@ def expert_parts(layout, n_experts):
     return parts
 
 
-def unpack_block(tensors, shapes, quant: Quant, out=None):
+def unpack_block(tensors, shapes, quant: Quant, out=None, dtype=torch.float32):
     """{name in the file: tensor} -> {weight name: tensor} on the tensors' device; the projections
-    dequantized into `out` ({weight name: buffer}) or, without it, as new float32 tensors."""
+    dequantized into `out` ({weight name: buffer}) or, without it, as new tensors of `dtype`."""
     block = {}
     for name, shape in shapes.items():
         if not is_packed(name, quant):
             block[name] = tensors[name]
             continue
         parts = {part: tensors[part_name(name, part)] for part in packed_layout(shape, quant)}
-        block[name] = dequantize(parts, shape, quant, None if out is None else out[name])
+        block[name] = dequantize(parts, shape, quant, None if out is None else out[name], dtype)
     return block
 
 
@@ -130,12 +130,12 @@ class Unpacker:
         if quant.type == 'nf4' and torch.device(device).type == 'cpu':
             _hint_cpu_library()
 
-    def unpack(self, tensors, shapes=None):
-        """-> (buffers to hand back with release(), {weight name: tensor}); shapes: those of the
-        tensors given when not the whole block (a MoE block's experts come later, into the same buffers)."""
+    def unpack(self, tensors):
+        """-> (buffers to hand back with release(), {weight name: tensor}). `shapes`: what every pass
+        of a block unpacks (a MoE block's experts are unpacked apart, as they are fetched)."""
         buffers = self._pool.pop() if self._pool else self._buffers()
         try:
-            return buffers, unpack_block(tensors, shapes or self.shapes, self.quant, buffers)
+            return buffers, unpack_block(tensors, self.shapes, self.quant, buffers)
         except BaseException:  # the buffers stay in the pool for the next pass
             self.release(buffers)
             raise

@@ -57,7 +57,7 @@ class PreparedWriter:
         self.where = source.get('path', source) if isinstance(source, dict) else source  # for messages
         parent = os.path.dirname(os.path.abspath(self.out))
         os.makedirs(parent, exist_ok=True)
-        check_free_space(parent, expected_bytes(cfg, self.dtype), f'prepare into {self.out}')
+        check_free_space(parent, expected_bytes(cfg, self.dtype, self.quant), f'prepare into {self.out}')
         self.staging = staging_dir(self.out)  # what a killed earlier prepare left is removed first
         self.files = {}
         self.tokenizer_files = []
@@ -140,8 +140,14 @@ class PreparedWriter:
             raise SlowLlamaError(f'{self.where}: {name} has shape {got}, the config needs {tuple(shape)}')
 
 
-def expected_bytes(cfg: ModelConfig, dtype):
-    return model_params(cfg) * dtype.itemsize
+def expected_bytes(cfg: ModelConfig, dtype, quant=None):
+    """The files' bytes: every weight in `dtype`, or the projections (and with --quant-head the
+    tables) packed (a packed model's check of free space must not ask for its float size)."""
+    if quant is None:
+        return model_params(cfg) * dtype.itemsize
+    layouts = [file_layout(shapes, quant, dtype) for shapes in table_shapes(cfg).values()]
+    layouts += [file_layout(block_shapes(cfg), quant, dtype)] * cfg.n_layers
+    return sum(math.prod(shape) * dt.itemsize for layout in layouts for shape, dt in layout.values())
 
 
 def model_params(cfg: ModelConfig):

@@ -5,6 +5,7 @@ in the compute dtype, from one of three tiers: 'disk' (memory-mapped file, read 
 (held in host memory, pinned on cuda) or 'device' (all resident); the engine's placement
 (engine/placement.py) chooses them.
 """
+import math
 import mmap
 import os
 
@@ -61,8 +62,6 @@ class BlockStore:
         self.tiers = tiers if isinstance(tiers, dict) else uniform_tiers(self.cfg, self.device, tiers)
         self._arena = None  # the RAM tier, one host allocation (pinned on cuda)
         self._resident = self._load_resident()
-        self._copier = DeviceCopier(self.device, self._layout, dtype)
-        self._unpacker = Unpacker(shapes, self.quant, self.device, dtype) if self.quant else None
         self._head_stager = None
         self._held, self._pending = {}, {}
         # what crossed so far: bytes the store read from the model's files (what a disk would serve
@@ -78,6 +77,12 @@ class BlockStore:
             self.traffic['experts_fetched'] = 0
         self._block_bytes = {'stored': layout_bytes({n: self._stored_layout[n] for n in self._core}),
                              'device': layout_bytes({n: self._layout[n] for n in self._core})}
+        # the two slots (and the unpacker's two sets of buffers) hold what every pass fetches: the whole
+        # block, or a MoE block's attention and router; its experts get memory as they are fetched
+        self._copier = DeviceCopier(self.device, self._layout, dtype, self._core if self.cfg.n_experts else None)
+        core_shapes = {n: s for n, s in shapes.items() if not n.startswith('mlp.experts.')}
+        self._unpacker = Unpacker(core_shapes, self.quant, self.device, dtype) if self.quant else None
+        self._expert_shapes = {n: s for n, s in shapes.items() if n.startswith('mlp.experts.')}
 
     def unallocated_device_bytes(self):
         """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
@@ -85,15 +90,32 @@ class BlockStore:
         before them leaves them room."""
         streamed = any(self.tiers[block_file(i)] != 'device' for i in range(self.cfg.n_layers))
         zero_copy = self.device.type == 'cpu' and self._layout == self._stored_layout
-        return 0 if not streamed or zero_copy else self._copier.unallocated_bytes()
+        return (0 if not streamed or zero_copy else self._copier.unallocated_bytes()) + self._experts_room(streamed)
+
+    def _experts_room(self, streamed):
+        """What a MoE model's experts will take as they are fetched (they have no buffers made ahead):
+        at worst every expert of the two blocks held at once (a trip of E / k tokens or more hits them
+        all), unpacked with --quant, else copied where they are not used in place."""
+        if not self.cfg.n_experts:
+            return 0
+        names = [n for names in self._expert_parts for n in names]
+        if self.quant is not None:
+            unpacked = sum(math.prod(shape) for shape in self._expert_shapes.values()) * self.dtype.itemsize
+            travelling = 0 if self.device.type == 'cpu' or not streamed else layout_bytes(
+                {n: self._layout[n] for n in self._expert_parts[0]}) * self.cfg.n_experts
+            return 2 * unpacked + travelling  # the packed copies: one block's at a time, until unpacked
+        in_place = not streamed or (self.device.type == 'cpu' and self._layout == self._stored_layout)
+        return 0 if in_place else 2 * layout_bytes({n: self._layout[n] for n in names})
 
     def disk_tier_bytes(self):
         """{'blocks': how many blocks are read from their files at each use, 'block': one block's bytes
-        as stored, 'total': the bytes of every file on the disk tier}."""
+        as stored (all of a MoE block's experts: the worst case), 'total': the bytes of every file on
+        the disk tier}."""
         on_disk = [f for f, tier in self.tiers.items() if tier == 'disk']
         blocks = sum(f.startswith('block_') for f in on_disk)
         total = sum(self.manifest['files'][f]['size'] for f in on_disk)
-        return {'blocks': blocks, 'block': self._block_bytes['stored'], 'total': total}
+        whole = layout_bytes(self._stored_layout)  # a MoE block: at worst every expert is read, and stays mapped
+        return {'blocks': blocks, 'block': whole, 'total': total}
 
     @property
     def offload(self):
@@ -110,7 +132,7 @@ class BlockStore:
                 slot, tensors = ticket.wait()
                 buffers = None
                 if self._unpacker:  # dequantized here, on the compute device, just before use
-                    buffers, tensors = self._unpacker.unpack(tensors, self._core_shapes())
+                    buffers, tensors = self._unpacker.unpack(tensors)
             except BaseException:  # a failed read, copy or unpack, out of memory, Ctrl-C: the slot comes back
                 self._discard(ticket)
                 raise
@@ -121,7 +143,6 @@ class BlockStore:
         """{e: {'gate_proj.weight', 'up_proj.weight', 'down_proj.weight'}} of held block i's experts
         `ids` on the compute device; valid until release(i). Only these experts' bytes are read and
         travel, once per hold (the backward's recompute asks again for the same ones)."""
-        slot, buffers, _ = self._held[i]
         held = self._held_experts.setdefault(i, {})
         wanted = [e for e in ids if e not in held]
         if wanted:
@@ -133,20 +154,28 @@ class BlockStore:
             if tier != 'device':
                 self._count(layout_bytes({n: self._stored_layout[n] for n in names}) if tier == 'disk' else 0,
                             0 if self.device.type == 'cpu' else layout_bytes({n: self._layout[n] for n in names}))
-                tensors = self._copier.bring_now(slot, tensors, from_disk=tier == 'disk')
+                tensors = self._copier.bring_now(tensors)
             if self._unpacker:
                 chosen = tuple(f'mlp.experts.{e}.' for e in wanted)
-                shapes = {n: shape for n, shape in self._unpacker.shapes.items() if n.startswith(chosen)}
-                tensors = unpack_block(tensors, shapes, self.quant, buffers)
+                shapes = {n: shape for n, shape in self._expert_shapes.items() if n.startswith(chosen)}
+                tensors = unpack_block(tensors, shapes, self.quant, self._expert_memory(shapes))
             for e in wanted:
                 prefix = f'mlp.experts.{e}.'
                 held[e] = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
             self.traffic['experts_fetched'] += len(wanted)
         return {e: held[e] for e in ids}
 
-    def _core_shapes(self):
-        shapes = self._unpacker.shapes
-        return shapes if not self.cfg.n_experts else {n: s for n, s in shapes.items() if not n.startswith('mlp.experts.')}
+    def _expert_memory(self, shapes):
+        """{name: buffer} for unpacked experts, views into one new allocation: let go of whole when the
+        block is released (a cpu's heap returns one large allocation to the system at once, where
+        hundreds of small ones would leave holes it keeps)."""
+        sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+        memory = torch.empty(sum(sizes.values()), dtype=self.dtype, device=self.device)
+        out, start = {}, 0
+        for name, shape in shapes.items():
+            out[name] = memory[start:start + sizes[name]].view(shape)
+            start += sizes[name]
+        return out
 
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
