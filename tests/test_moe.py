@@ -69,7 +69,7 @@ def test_logits_loss_and_grads_equal_transformers_peft(family, tmp_path):
     from peft import PeftModel
     name, model_dir, hf_model = family
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
-    ours = slowllama.load(model_dir, lora=lora)
+    ours = slowllama.load(model_dir, lora=lora, router_aux_loss_coef=0)  # transformers' default: no aux loss
     randomize_adapters(ours.adapters)
     ours.save_adapter(tmp_path / 'adapter')
     export(model_dir, tmp_path / 'peft', 'peft', adapter=tmp_path / 'adapter')
@@ -222,7 +222,7 @@ def test_streamed_fetches_only_the_routed_experts(family):
     from reference import against_whole_model
     name, model_dir, _ = family
     targets = TARGETS[:-1] if name == 'mixtral-top1-fused' else TARGETS  # its router's gradient is 0 (see above)
-    _, loss_diff, worst = against_whole_model(model_dir, targets=targets, lora_dropout=0.0)
+    _, loss_diff, worst = against_whole_model(model_dir, targets=targets, lora_dropout=0.0, router_aux_loss_coef=0)
     assert loss_diff < 1e-5 and worst < 1e-5
     model = slowllama.load(model_dir)
     cfg = model.cfg
@@ -259,7 +259,8 @@ def test_quantized_experts_are_packed_alone_and_stream_as_the_whole_model(kind, 
     block = SafetensorsFile(tmp_path / 'q' / 'block_001.safetensors')
     assert block.tensor('mlp.gate.weight').dtype == torch.float32
     assert block.tensor('mlp.experts.3.down_proj.qweight').dtype in (torch.uint8, torch.int8)
-    _, loss_diff, worst = against_whole_model(tmp_path / 'q', targets=TARGETS, lora_dropout=0.0)
+    _, loss_diff, worst = against_whole_model(tmp_path / 'q', targets=TARGETS, lora_dropout=0.0,
+                                              router_aux_loss_coef=0)
     assert loss_diff < 1e-5 and worst < 1e-5
     if kind != 'nf4':
         return
