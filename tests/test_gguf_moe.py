@@ -167,3 +167,22 @@ def test_an_adapter_gguf_of_expert_or_router_lora_is_refused_in_one_line(merged,
     with pytest.raises(slowllama.SlowLlamaError, match='LoRA on router,experts is not written as a llama.cpp adapter') as e:
         export(model_dir, tmp_path / 'a.gguf', 'gguf-lora', adapter=adapter)
     assert '\n' not in str(e.value) and not (tmp_path / 'a.gguf').exists()
+
+
+def test_llama_quantizes_expert_rules_in_every_scheme():
+    """The 8-expert rules per scheme (llama.cpp's llama_tensor_get_type), the router never quantized,
+    ffn_down_exps counted as ffn_down; with 6 experts none of the 8-expert rules."""
+    from slowllama.weights.formats.gguf_mixture import tensor_types
+    shapes = {f'blk.{i}.{n}': shape for i in range(8) for n, shape in (
+        ('attn_k.weight', (256, 256)), ('attn_v.weight', (256, 256)), ('attn_output.weight', (256, 256)),
+        ('ffn_gate_inp.weight', (8, 256)), ('ffn_down_exps.weight', (8, 256, 512)))}
+    for scheme, output in (('q3_k_m', 'q5_k'), ('q4_k_s', 'q5_k'), ('q4_k_m', 'q5_k'), ('q5_k_m', 'q5_k'),
+                           ('q6_k', 'q6_k')):
+        types, _ = tensor_types(shapes, scheme, 8, 4, 4, n_expert=8)
+        assert types['blk.3.attn_k.weight'] == types['blk.3.attn_v.weight'] == 'q8_0'
+        assert types['blk.3.attn_output.weight'] == output and types['blk.3.ffn_gate_inp.weight'] == 'f32'
+    types, _ = tensor_types(shapes, 'q4_k_m', 8, 4, 4, n_expert=8)
+    assert [types[f'blk.{i}.ffn_down_exps.weight'] for i in range(8)] == ['q6_k', 'q4_k', 'q4_k', 'q6_k', 'q4_k',
+                                                                          'q4_k', 'q6_k', 'q6_k']  # use_more_bits
+    types, _ = tensor_types(shapes, 'q4_k_m', 8, 4, 4, n_expert=6)
+    assert types['blk.3.attn_k.weight'] == types['blk.3.attn_output.weight'] == 'q4_k'
