@@ -21,11 +21,20 @@ WIDE = {  # rows of 256 values: the K-quants take the expert tensors as they are
 ARCH = {'qwen3_moe': 'qwen3moe', 'mixtral': 'llama'}
 
 
-@pytest.fixture(scope='module', params=['qwen3_moe-top2-norm', 'mixtral-top2', 'qwen3_moe', 'mixtral'])
+@pytest.fixture(scope='module', params=['qwen3_moe-top2-norm', 'mixtral-top2'])
 def merged(request, tmp_path_factory):
-    """(name, prepared folder, adapter folder, tokens, our logits with the adapter): the narrow test
-    families, and the WIDE ones for the quantized types."""
-    name = request.param
+    """(name, prepared folder, adapter folder, tokens, our logits with the adapter) of the narrow test
+    families (test_moe.py's)."""
+    return build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope='module', params=list(WIDE))
+def wide(request, tmp_path_factory):
+    """The same of the WIDE models, for the quantized types."""
+    return build(request.param, tmp_path_factory)
+
+
+def build(name, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     hf_model = make_hf_model(folder / 'hf', seed=21, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                              **(WIDE[name] if name in WIDE else FAMILIES[name]))
@@ -46,8 +55,6 @@ def merged(request, tmp_path_factory):
 
 def test_names_shapes_and_keys_are_llama_cpps_and_the_file_reads_back(merged, tmp_path):
     name, model_dir, adapter, tokens, want = merged
-    if name in WIDE:
-        pytest.skip('the narrow families cover the f32 layout')  # the wide ones: the quantized test below
     out = export(model_dir, tmp_path / 'm.gguf', 'gguf', adapter=adapter, dtype='f32')
     cfg = slowllama.load(model_dir).cfg
     arch, fields = ARCH[cfg.model_type], gguf_fields(out)
@@ -88,13 +95,11 @@ def test_names_shapes_and_keys_are_llama_cpps_and_the_file_reads_back(merged, tm
 
 
 @pytest.mark.parametrize('dtype', ['q8_0', 'q4_k_m'])
-def test_quantized_experts_take_llama_quantizes_types(merged, tmp_path, dtype):
+def test_quantized_experts_take_llama_quantizes_types(wide, tmp_path, dtype):
     """q8_0: every expert tensor is the f32 export's values through gguf's own Q8_0, bit for bit;
     q4_k_m: the expert tensors in K-quants (ffn_down_exps Q6_K where llama.cpp spends more bits), the
     router F32, Mixtral's 8-expert rules; every expert's rows within the type's rounding."""
-    name, model_dir, adapter, tokens, want = merged
-    if name not in WIDE:
-        pytest.skip('rows of 256 values needed for the K-quants')
+    name, model_dir, adapter, tokens, want = wide
     import gguf
     out = export(model_dir, tmp_path / 'm.gguf', 'gguf', adapter=adapter, dtype=dtype)
     raw = gguf_raw(out)
@@ -131,16 +136,23 @@ def test_quantized_experts_take_llama_quantizes_types(merged, tmp_path, dtype):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize('dtype', ['f32', 'q4_k_m'])
-def test_llama_cpp_runs_the_merged_moe_model(merged, tmp_path, dtype):
-    from llama_cpp import Llama
+def test_llama_cpp_runs_the_merged_moe_model(merged, tmp_path):
     name, model_dir, adapter, tokens, want = merged
-    if (dtype == 'f32') == (name in WIDE):
-        pytest.skip('f32 on the narrow families, q4_k_m on the wide ones')
-    out = export(model_dir, tmp_path / 'm.gguf', 'gguf', adapter=adapter, dtype=dtype)
-    if dtype != 'f32':  # against our own read of the same quantized file
-        slowllama.prepare(out, tmp_path / 'again', dtype='fp32')
-        want = slowllama.load(tmp_path / 'again').logits(tokens)
+    out = export(model_dir, tmp_path / 'm.gguf', 'gguf', adapter=adapter, dtype='f32')
+    llama_cpp_agrees(name, out, tokens, want, 'f32')
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_quantized_moe_model(wide, tmp_path):
+    """q4_k_m, against our own read of the same quantized file."""
+    name, model_dir, adapter, tokens, _ = wide
+    out = export(model_dir, tmp_path / 'm.gguf', 'gguf', adapter=adapter, dtype='q4_k_m')
+    slowllama.prepare(out, tmp_path / 'again', dtype='fp32')
+    llama_cpp_agrees(name, out, tokens, slowllama.load(tmp_path / 'again').logits(tokens), 'q4_k_m')
+
+
+def llama_cpp_agrees(name, out, tokens, want, dtype):
+    from llama_cpp import Llama
     llm = Llama(model_path=str(out), n_ctx=64, n_threads=2, n_batch=64, logits_all=True, verbose=False)
     try:
         llm.eval(tokens[0].tolist())
@@ -162,8 +174,6 @@ def test_llama_cpp_runs_the_merged_moe_model(merged, tmp_path, dtype):
 def test_an_adapter_gguf_of_expert_or_router_lora_is_refused_in_one_line(merged, tmp_path):
     """export --format gguf merges it instead (what else llama.cpp cannot run: test_moe.py)."""
     name, model_dir, adapter, _, _ = merged
-    if name in WIDE:
-        pytest.skip('once per family')
     with pytest.raises(slowllama.SlowLlamaError, match='LoRA on router,experts is not written as a llama.cpp adapter') as e:
         export(model_dir, tmp_path / 'a.gguf', 'gguf-lora', adapter=adapter)
     assert '\n' not in str(e.value) and not (tmp_path / 'a.gguf').exists()
