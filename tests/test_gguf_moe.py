@@ -70,7 +70,7 @@ def test_names_shapes_and_keys_are_llama_cpps_and_the_file_reads_back(merged, tm
         assert raw[b + 'ffn_gate_exps.weight'][2] == (cfg.n_experts, cfg.expert_hidden_dim, cfg.dim)
         assert raw[b + 'ffn_up_exps.weight'][2] == (cfg.n_experts, cfg.expert_hidden_dim, cfg.dim)
         assert raw[b + 'ffn_down_exps.weight'][2] == (cfg.n_experts, cfg.dim, cfg.expert_hidden_dim)
-        assert not any(n.startswith(b + 'ffn_gate.') or n.startswith(b + 'ffn_down.') for n in raw)
+        assert not any(n.startswith((b + 'ffn_gate.', b + 'ffn_down.')) for n in raw)
     # the merged experts and router: those export hf writes (checked against transformers in test_moe)
     from safetensors.torch import load_file
     export(model_dir, tmp_path / 'hf', 'hf', adapter=adapter, dtype='fp32')
@@ -173,7 +173,7 @@ def llama_cpp_agrees(name, out, tokens, want, dtype):
 
 def test_an_adapter_gguf_of_expert_or_router_lora_is_refused_in_one_line(merged, tmp_path):
     """export --format gguf merges it instead (what else llama.cpp cannot run: test_moe.py)."""
-    name, model_dir, adapter, _, _ = merged
+    _, model_dir, adapter, _, _ = merged
     with pytest.raises(slowllama.SlowLlamaError, match='LoRA on router,experts is not written as a llama.cpp adapter') as e:
         export(model_dir, tmp_path / 'a.gguf', 'gguf-lora', adapter=adapter)
     assert '\n' not in str(e.value) and not (tmp_path / 'a.gguf').exists()

@@ -113,6 +113,6 @@ def test_the_flag_reaches_the_engine_options():
     from slowllama import cli
     from slowllama.recipes.options import resolve
     from slowllama.recipes.run_setup import engine_options
-    parse = lambda *flags: resolve(cli.build_parser().parse_args(['finetune', '--model', 'm', *flags]))  # noqa: E731
+    parse = lambda *flags: resolve(cli.build_parser().parse_args(['finetune', '--model', 'm', *flags]))
     assert engine_options(parse('--router-aux-loss-coef', '0')).router_aux_loss_coef == 0.0
     assert engine_options(parse()).router_aux_loss_coef is None

@@ -28,7 +28,14 @@ import torch
 from ...errors import SlowLlamaError
 from ...model.block import block_shapes
 from ...model.lora import peft_key
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, MOE_TARGETS, NORM_TENSOR, TARGET_MODULES, block_tensor_names
+from ...model.names import (
+    EMBED_TENSOR,
+    HEAD_TENSOR,
+    MOE_TARGETS,
+    NORM_TENSOR,
+    TARGET_MODULES,
+    block_tensor_names,
+)
 from ...progress import progress
 from ...tokenizer.gguf_vocab import vocab_metadata
 from ..files import commit_staged, discard_staged, temporary_beside
