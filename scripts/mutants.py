@@ -69,8 +69,8 @@ MUTANTS = [
       'dropout = self.dropout',
       f'{T_MODEL}::test_block_dropout_is_transformers_attention_dropout_plus_residual_dropout'),
     M('residual-dropout-after-add', 'slowllama/model/block.py',
-      'return h + self._branch(self._mlp(self.post_attention_layernorm(h), fetch_experts))',
-      'return self._branch(h + self._mlp(self.post_attention_layernorm(h), fetch_experts))',
+      'return h + self._branch(self._mlp(self.post_attention_layernorm(h), fetch_experts, routing))',
+      'return self._branch(h + self._mlp(self.post_attention_layernorm(h), fetch_experts, routing))',
       f'{T_MODEL}::test_block_dropout_is_transformers_attention_dropout_plus_residual_dropout'),
     # --- the block's math -------------------------------------------------------------------------
     M('rope-rotate-sign', 'slowllama/model/block.py', 'torch.cat([-second, first], dim=-1)',

@@ -30,6 +30,9 @@ class Batch:
     # [batch, seq] long for packed rows: each document's rope positions restart at 0 and it attends
     # only to itself, as if it were alone in its row (what torchtune and HF do with packed data)
     positions: torch.Tensor | None = dataclasses.field(default=None, kw_only=True)
+    # [batch, seq] long, 0 at the padding after a row's tokens (None: no row is padded); what
+    # transformers' attention_mask would be: the padding stays out of the MoE load-balancing loss
+    mask: torch.Tensor | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def n_targets(self):
@@ -167,18 +170,21 @@ def collate(examples, pad_id):
     width = max(len(e.tokens) for e in examples)
     tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         tokens[row, :len(example.tokens)] = torch.tensor(example.tokens, dtype=torch.long)
         targets[row, :len(example.targets)] = torch.tensor(example.targets, dtype=torch.long)
+        mask[row, :len(example.tokens)] = 1
+    mask = None if bool(mask.all()) else mask
     if all(example.positions is None for example in examples):
-        return Batch(tokens, targets)
+        return Batch(tokens, targets, mask=mask)
     positions = torch.arange(width).repeat(len(examples), 1)  # padding: the last document runs on
     for row, example in enumerate(examples):
         if example.positions is not None:
             n = len(example.positions)
             positions[row, :n] = torch.tensor(example.positions, dtype=torch.long)
             positions[row, n:] = torch.arange(width - n) + (example.positions[-1] + 1 if n else 0)
-    return Batch(tokens, targets, positions=positions)
+    return Batch(tokens, targets, positions=positions, mask=mask)
 
 
 # --- batches -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class Parts(NamedTuple):
     head: object           # StreamedHead
     attached: dict         # name -> trainable module (the BCI encoder)
     trim_host_heap: object  # () -> None: hand freed heap memory back to the OS (a cpu), else nothing
+    router_aux: float = 0.0  # the load-balancing loss's weight in a training step (balance.py); 0: off
 
     @property
     def cfg(self):
@@ -67,10 +68,12 @@ def trip_input(store, batch):
     return x, layout, with_prefix_targets(targets, batch.prefix)
 
 
-def run_block(block, weights, x, layout, cache=None, experts=None):
+def run_block(block, weights, x, layout, cache=None, experts=None, routing=None):
     """A block with the frozen `weights` the store handed out, and its LoRA. experts: how a MoE block
-    asks the store for the experts its router chose (experts.fetcher)."""
-    return functional_call(block, weights, (x, layout.cos, layout.sin, cache, layout.mask, experts), strict=False)
+    asks the store for the experts its router chose (experts.fetcher); routing: told its router's
+    choices (engine/balance.py)."""
+    return functional_call(block, weights, (x, layout.cos, layout.sin, cache, layout.mask, experts, routing),
+                           strict=False)
 
 
 def forward_blocks(store, blocks, x, layout, caches=None):

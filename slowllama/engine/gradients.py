@@ -3,10 +3,15 @@ and kept blocks alike), and from a prefix into the modules that made it."""
 import torch
 
 
-def push_gradient(params, block_input, output, grad_output, share):
+def push_gradient(params, block_input, output, grad_output, share, routed=(), routed_grad=None):
     """grad_output through a block's graph from block_input to output: share * the gradients of the
-    block's LoRA `params` into their .grad; returns d loss / d block_input."""
-    grads = torch.autograd.grad(output, [block_input, *params], grad_output, allow_unused=True)
+    block's LoRA `params` into their .grad; returns d loss / d block_input. routed: the block's router
+    probability sums, which receive routed_grad (the load-balancing loss's, engine/balance.py)."""
+    ends, grads_at = [output], [grad_output]
+    if routed_grad is not None:
+        ends += list(routed)
+        grads_at += [routed_grad.to(r.dtype) for r in routed]
+    grads = torch.autograd.grad(ends, [block_input, *params], grads_at, allow_unused=True)
     add_gradients(params, grads[1:], share)
     return grads[0]
 

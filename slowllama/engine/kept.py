@@ -61,22 +61,26 @@ class KeptBlock(NamedTuple):
     input: torch.Tensor   # the block's input, a leaf that requires grad
     output: torch.Tensor  # its output, the graph's end
     names: WeightNames
+    routed: list          # a MoE block's router probability sums when the load-balancing loss is on
 
 
-def run_block_keeping(block, weights, names, x, layout, experts=None):
+def run_block_keeping(block, weights, names, x, layout, experts=None, balance=None):
     """A block under autograd, its graph kept for the backward (its weights by name: WeightNames)
-    -> (output, detached, KeptBlock). experts: a MoE block's fetcher (experts.fetcher, told of names)."""
-    leaf = x.detach().requires_grad_(True)
+    -> (output, detached, KeptBlock). experts: a MoE block's fetcher (experts.fetcher, told of names);
+    balance: (Balance, micro-batch) when the load-balancing loss is on."""
+    leaf, routed = x.detach().requires_grad_(True), []
+    routing = balance[0].tally(balance[1], routed) if balance else None
     with torch.enable_grad(), names.hooks():
-        output = forward.run_block(block, weights, leaf, layout, experts=experts)
-    return output.detach(), KeptBlock(leaf, output, names)
+        output = forward.run_block(block, weights, leaf, layout, experts=experts, routing=routing)
+    return output.detach(), KeptBlock(leaf, output, names, routed)
 
 
-def kept_backward(params, weights, kept, grad_output, share=1.0):
+def kept_backward(params, weights, kept, grad_output, share=1.0, routed_grad=None):
     """Push grad_output through a block's kept graph, its weights resolved to this fetch: adds
-    share * the gradients of its LoRA `params` to their .grad and returns d loss / d input."""
+    share * the gradients of its LoRA `params` to their .grad and returns d loss / d input.
+    routed_grad: the load-balancing loss's gradient at the block's router (engine/balance.py)."""
     kept.names.fetched = {**weights, **kept.names.fetch_again()}  # a MoE block's experts too
     try:
-        return push_gradient(params, kept.input, kept.output, grad_output, share)
+        return push_gradient(params, kept.input, kept.output, grad_output, share, kept.routed, routed_grad)
     finally:
         kept.names.fetched = None

@@ -24,6 +24,8 @@ class EngineOptions:
     packed: bool = False               # the step's rows hold packed documents (their mask is kept too)
     stash_device_bytes: int | None = None  # caps on the saved inputs' device and RAM tiers (None: the plan's)
     stash_ram_bytes: int | None = None
+    router_aux_loss_coef: float | None = None  # the load-balancing loss's weight while the router trains
+    #                                            (None: the model config's router_aux_loss_coef; 0: off)
 
     def __post_init__(self):
         object.__setattr__(self, 'keep_activations', parse_keep(self.keep_activations))
@@ -31,6 +33,9 @@ class EngineOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SlowLlamaError(f'{name} must be at least 1, got {value!r}')
+        coef = self.router_aux_loss_coef
+        if coef is not None and (not isinstance(coef, (int, float)) or isinstance(coef, bool) or not coef >= 0):
+            raise SlowLlamaError(f'router_aux_loss_coef must be a number >= 0, got {coef!r}')
 
     @property
     def step_shape(self):

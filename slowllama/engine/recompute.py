@@ -10,17 +10,22 @@ from .gradients import push_gradient
 TAIL_WEIGHT = 'mlp.down_proj.weight'  # the block's last product: only adds and dropout come after it
 
 
-def block_backward(block, params, weights, block_input, grad_output, rng_state, layout, share=1.0, experts=None):
+def block_backward(block, params, weights, block_input, grad_output, rng_state, layout, share=1.0, experts=None,
+                   balance=None):
     """Recompute a block under autograd with the forward's RNG state, push grad_output through:
     adds share * the gradients of its LoRA `params` to their .grad and returns d loss / d input.
-    experts: a MoE block's fetcher (its router asks for the same experts as in the forward)."""
+    experts: a MoE block's fetcher (its router asks for the same experts as in the forward);
+    balance: (Balance, micro-batch) when the load-balancing loss is on (its gradient enters the router)."""
     block_input = block_input.detach().requires_grad_(True)
     if TAIL_WEIGHT in weights:  # a MoE block ends in its experts' sum instead
         weights = {**weights, TAIL_WEIGHT: UnreadProductWeight(weights[TAIL_WEIGHT])}
     set_rng_state(block_input.device, rng_state)
-    with torch.enable_grad():
-        output = forward.run_block(block, weights, block_input, layout, experts=experts)  # only its gradient is used
-    return push_gradient(params, block_input, output, grad_output, share)
+    routed = []
+    routing = balance[0].recount(balance[1], routed) if balance else None
+    with torch.enable_grad():  # only the output's gradient is used
+        output = forward.run_block(block, weights, block_input, layout, experts=experts, routing=routing)
+    return push_gradient(params, block_input, output, grad_output, share, routed,
+                         balance[0].grad(balance[1]) if balance else None)
 
 
 class UnreadProductWeight(torch.Tensor):

@@ -24,6 +24,15 @@ from .planner import StepPlanner
 from .trip import MicroBatch, run_step
 
 
+def router_aux_coef(cfg, lora, options):
+    """The load-balancing loss's weight in a training step: on while the router trains (as transformers
+    with output_router_logits), at the model config's router_aux_loss_coef unless the options say."""
+    if 'router' not in lora.targets:
+        return 0.0
+    coef = options.router_aux_loss_coef
+    return float(cfg.router_aux_loss_coef if coef is None else coef)
+
+
 def streamed_pass(training):
     """Run a method in train or eval mode; if it raises (out of memory, Ctrl-C), hand every block
     it held back to the store so the device buffers are free for the next call."""
@@ -55,7 +64,8 @@ class StreamedModel:
                         for layer in self.adapters]
         self.attached = {}  # name -> trainable nn.Module beside the LoRA (the BCI encoder)
         trim_host_heap = HeapTrimmer() if self.device.type == 'cpu' else (lambda: None)
-        self.parts = Parts(store, self.blocks, block_params, self.head, self.attached, trim_host_heap)
+        self.parts = Parts(store, self.blocks, block_params, self.head, self.attached, trim_host_heap,
+                           router_aux_coef(self.cfg, lora, self.options))
         self.planner = StepPlanner(store, lora, dropout, self.options, trim_host_heap)
 
     # --- the public API ------------------------------------------------------------------

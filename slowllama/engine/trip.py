@@ -24,6 +24,7 @@ ride along:
                                    kept_blocks): the graph autograd builds, activations only (kept.py)
                                release block i, but the last two: the backward starts with them
     head      read once, a vocabulary slice at a time, for every micro-batch k: loss_k, d loss_k / d x_k
+              (loss_k gains the load-balancing loss of its routing when the router trains: balance.py)
     backward  block L-1 .. 0   fetch block i (block i-1 starts travelling meanwhile)
                                each micro-batch k: its kept graph, or restore its RNG state and
                                recompute block_i(x_k) under autograd; push the gradient through:
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from . import forward, kept, recompute
+from .balance import Balance
 from .devices import get_rng_state, seeded_rng_state, set_rng_state
 from .experts import fetcher
 from .gradients import prefix_backward
@@ -59,6 +61,8 @@ class MicroBatch:
     #                                        grad, its gradient flows back into what made it
     weigh: object = None                   # another loss on the per-token log-probs (StreamedHead.loss_and_grad)
     metrics: object = None                 # () -> {name: float} read after the backward (DPO's rewards)
+    mask: torch.Tensor | None = None       # [batch, seq] 0 at padding: left out of the load-balancing loss
+    #                                        (balance.py) as transformers' attention_mask leaves it out
 
 
 def rng_streams(device, count):
@@ -99,6 +103,7 @@ def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
     hidden = [x for x, _, _ in inputs]
     rng_before = {}  # (block, micro-batch) -> the RNG state its forward drew from (recomputed blocks)
     graphs = {}  # (block, micro-batch) -> KeptBlock (blocks that keep their activations)
+    balance = Balance(parts.router_aux, parts.cfg.n_experts, batches)  # the load-balancing loss, when on
 
     for i in range(last + 1):  # forward
         weights = store.block(i)
@@ -108,12 +113,13 @@ def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
             set_rng_state(device, streams[k])
             if names is not None:
                 hidden[k], graphs[i, k] = kept.run_block_keeping(blocks[i], weights, names, hidden[k], layout,
-                                                                 fetcher(store, i, names))
+                                                                 fetcher(store, i, names), (balance, k))
             else:
                 rng_before[i, k] = streams[k]
                 stash.put((i, k), hidden[k])
                 with torch.no_grad():
-                    hidden[k] = forward.run_block(blocks[i], weights, hidden[k], layout, experts=fetcher(store, i))
+                    hidden[k] = forward.run_block(blocks[i], weights, hidden[k], layout, experts=fetcher(store, i),
+                                                  routing=balance.tally(k))
             streams[k] = get_rng_state(device)
         del weights, names
         if i < last - 1:
@@ -122,7 +128,7 @@ def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
 
     # the head, read once for every micro-batch: the losses and the gradients at the last block's output
     found = parts.head.losses_and_grads(hidden, [targets for _, _, targets in inputs], [b.weigh for b in batches])
-    losses, grads = [loss for loss, _ in found], [grad for _, grad in found]
+    losses, grads = balance.with_losses([loss for loss, _ in found]), [grad for _, grad in found]
     del hidden, found
 
     for i in reversed(range(last + 1)):  # backward
@@ -130,10 +136,12 @@ def run_trip(parts, batches, shares, streams, stash, kept_blocks=0):
         store.prefetch(i - 1)
         for k, (_, layout, _) in enumerate(inputs):
             if (i, k) in graphs:
-                grads[k] = kept.kept_backward(params[i], weights, graphs.pop((i, k)), grads[k], shares[k])
+                grads[k] = kept.kept_backward(params[i], weights, graphs.pop((i, k)), grads[k], shares[k],
+                                              balance.grad(k))
             else:
                 grads[k] = recompute.block_backward(blocks[i], params[i], weights, stash.pop((i, k)), grads[k],
-                                                    rng_before.pop((i, k)), layout, shares[k], fetcher(store, i))
+                                                    rng_before.pop((i, k)), layout, shares[k], fetcher(store, i),
+                                                    (balance, k))
         del weights
         store.release(i)
         if i % TRIM_EVERY_BLOCKS == 0 and i <= last - kept_blocks:  # kept blocks free what the slack keeps

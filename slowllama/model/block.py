@@ -276,18 +276,21 @@ class Block(nn.Module):
         self.dropout = p
         self.self_attn.dropout = p
 
-    def forward(self, x, cos, sin, cache=None, mask=None, fetch_experts=None):
-        """fetch_experts: how a MoE block gets the weights of the experts its router chose (moe.py)."""
+    def forward(self, x, cos, sin, cache=None, mask=None, fetch_experts=None, routing=None):
+        """fetch_experts: how a MoE block gets the weights of the experts its router chose; routing:
+        told its router's probabilities and choices (moe.py)."""
         if not self.post_norms:
             h = x + self._branch(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
-            return h + self._branch(self._mlp(self.post_attention_layernorm(h), fetch_experts))
+            return h + self._branch(self._mlp(self.post_attention_layernorm(h), fetch_experts, routing))
         attn_in = self.input_layernorm(x) if self.pre_norms else x
         h = x + self._branch(self.post_attention_layernorm(self.self_attn(attn_in, cos, sin, cache, mask)))
         mlp_in = self.pre_feedforward_layernorm(h) if self.pre_norms else h
-        return h + self._branch(self.post_feedforward_layernorm(self._mlp(mlp_in, fetch_experts)))
+        return h + self._branch(self.post_feedforward_layernorm(self._mlp(mlp_in, fetch_experts, routing)))
 
-    def _mlp(self, x, fetch_experts):
-        return self.mlp(x) if fetch_experts is None else self.mlp(x, fetch_experts)
+    def _mlp(self, x, fetch_experts, routing):
+        if fetch_experts is None and routing is None:
+            return self.mlp(x)
+        return self.mlp(x, fetch_experts, routing)
 
     def _branch(self, x):
         if self.residual_multiplier != 1.0:  # granite

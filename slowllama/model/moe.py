@@ -7,6 +7,8 @@ The experts' weights are named as the prepared folder stores them, one expert al
 Which experts a pass needs is known only once the router has run, so forward() takes `fetch_experts`:
 (expert ids) -> {e: {'gate_proj.weight', 'up_proj.weight', 'down_proj.weight'}}; without it the
 experts' own parameters are used (a whole model in memory, or weights a functional_call supplied).
+`routing` (optional): told each pass's router probabilities and choices; RouterLoad below tallies
+them for the load-balancing loss.
 """
 import torch
 import torch.nn as nn
@@ -53,19 +55,21 @@ class MoE(nn.Module):
         self.down = ExpertProjection()
 
     def route(self, x):
-        """x [tokens, dim] -> (router logits [tokens, n_experts], weights [tokens, k], expert ids [tokens, k]).
-        Softmax in fp32, top-k, renormalised when norm_topk_prob, as transformers does."""
+        """x [tokens, dim] -> (router probabilities [tokens, n_experts] fp32, weights [tokens, k], expert
+        ids [tokens, k]). Softmax in fp32, top-k, renormalised when norm_topk_prob, as transformers does."""
         logits = self.gate(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights if self.fp32_weights else weights.to(logits.dtype), ids
+        return probs, weights if self.fp32_weights else weights.to(logits.dtype), ids
 
-    def forward(self, x, fetch_experts=None):
+    def forward(self, x, fetch_experts=None, routing=None):
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [tokens, dim]
-        _, weights, ids = self.route(x)
+        x = x.reshape(-1, shape[-1])  # [tokens, dim], batch-major as transformers flattens them
+        probs, weights, ids = self.route(x)
+        if routing is not None:
+            routing(probs, ids)
         hit = torch.unique(ids).tolist()  # ascending, as transformers visits them
         fetched = fetch_experts(hit) if fetch_experts is not None else None  # the one point experts are asked for
         out = torch.zeros_like(x)
@@ -85,3 +89,46 @@ class MoE(nn.Module):
             gate, up, down = (tensors[name] for name in EXPERT_WEIGHTS)
         gate_out, up_out = self.gate_up(e, x, (gate, up)).split(gate.shape[0], dim=-1)
         return self.down(e, F.silu(gate_out) * up_out, (down,))
+
+
+class RouterLoad:
+    """One micro-batch's routing through every MoE block of the model, as transformers' load-balancing
+    loss reads it (load_balancing_loss_func over all layers' router logits together): per expert, its
+    top-k choices counted and its router probabilities summed over layers x tokens, padding (mask 0)
+    left out. loss = n_experts * sum_e (counts_e / rows) * (prob_sums_e / rows), rows = layers x tokens.
+
+    The counts carry no gradient, so d loss / d (one block's prob sums) = grad() for every block:
+    each block's backward adds it through its own router (what the engine does), with no graph
+    across blocks."""
+
+    def __init__(self, n_experts, mask=None):
+        self.n_experts = n_experts
+        self.mask = None if mask is None else mask.reshape(-1).float()  # [tokens] 1: counted, 0: padding
+        self.counts = self.prob_sums = None
+        self.rows = 0.0
+
+    def block_sums(self, probs, ids):
+        """One block's routing -> (prob sums [n_experts], differentiable where probs are; counts [n_experts]; rows)."""
+        mask = self.mask.to(probs.device) if self.mask is not None else probs.new_ones(probs.shape[0])
+        prob_sums = (probs * mask[:, None]).sum(dim=0)
+        counts = probs.new_zeros(self.n_experts).scatter_add_(0, ids.reshape(-1), mask.repeat_interleave(ids.shape[1]))
+        return prob_sums, counts, mask.sum().item()
+
+    def add(self, probs, ids):
+        """Tally one block's routing (its forward); returns its prob sums as block_sums does."""
+        prob_sums, counts, rows = self.block_sums(probs, ids)
+        with torch.no_grad():
+            self.counts = counts if self.counts is None else self.counts + counts
+            self.prob_sums = prob_sums.detach() if self.prob_sums is None else self.prob_sums + prob_sums.detach()
+        self.rows += rows
+        return prob_sums
+
+    def loss(self):
+        """The load-balancing loss of what was tallied (0.0 before any MoE block)."""
+        if self.counts is None:
+            return 0.0
+        return self.n_experts * float((self.counts / self.rows * (self.prob_sums / self.rows)).sum())
+
+    def grad(self):
+        """d loss / d (any one block's prob sums) [n_experts]."""
+        return self.n_experts * self.counts / self.rows ** 2

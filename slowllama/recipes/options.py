@@ -42,6 +42,8 @@ LORA = {
     'dropout': (float, 0.0, "dropout in the model's blocks (attention and residual branches)"),
     'targets': (str, 'q,v', 'LoRA targets: q,k,v,o,gate,up,down (or wq..w3, q_proj..down_proj)'),
     'adapter': (str, None, 'start from this adapter folder'),
+    'router-aux-loss-coef': (float, None, "Mixture-of-Experts with --targets router: the load-balancing loss's "
+                                          "weight (default: the model config's router_aux_loss_coef; 0: off)"),
 }
 ENGINE = {
     'device': (str, None, 'cpu | cuda | mps (default: cuda, then mps, then cpu)'),

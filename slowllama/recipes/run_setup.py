@@ -89,7 +89,8 @@ def engine_options(opts, rows=None):
                          max_ram=parse_bytes(opts.max_ram, '--max-ram'), keep_activations=opts.keep_activations,
                          micro_batches_per_trip=opts.micro_batches_per_trip, grad_accum=opts.grad_accum,
                          batch_hint=(opts.batch_size, opts.seq_len), step_rows=rows,
-                         packed=bool(getattr(opts, 'pack', False)))
+                         packed=bool(getattr(opts, 'pack', False)),
+                         router_aux_loss_coef=getattr(opts, 'router_aux_loss_coef', None))
 
 
 def run_config_of(opts):

@@ -41,7 +41,7 @@ from .runlock import RunLock, StopSignals
 from .settings import TrainConfig, lr_at, optimizer_groups
 
 def default_step(model, batch):
-    return MicroBatch(batch.tokens, batch.targets, positions=batch.positions)
+    return MicroBatch(batch.tokens, batch.targets, positions=batch.positions, mask=getattr(batch, 'mask', None))
 
 
 def default_eval(model, batch):

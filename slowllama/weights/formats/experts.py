@@ -2,7 +2,9 @@
 per expert and projection (the hub's Qwen3-MoE and Mixtral files, names in names.HF_EXPERTS) and the
 3D tensors transformers 5 holds (names.HF_FUSED_EXPERTS). Read into ours, each expert alone
 ('mlp.experts.{e}.gate_proj.weight' ...); written back in the hub's layout, which both transformers 4
-and 5 load."""
+and 5 load. GGUF: llama.cpp's router and stacked 3D expert tensors, read and written."""
+import torch
+
 from ...errors import SlowLlamaError
 from ...model.names import EXPERT_PROJECTIONS, ROUTER_WEIGHT, expert_weight
 from .names import GGUF_EXPERTS, GGUF_ROUTER, HF_EXPERTS, HF_FUSED_EXPERTS
@@ -93,3 +95,20 @@ def read_gguf_experts(cfg, prefix, names, get, path):
                                  f'{(cfg.n_experts, *per_expert)}')
         tensors.update({expert_weight(e, ours): stacked[e] for e in range(cfg.n_experts)})
     return tensors
+
+
+def gguf_expert_shapes(cfg):
+    """{llama.cpp's name: shape in torch order} of one block's router and stacked experts."""
+    shapes = {GGUF_ROUTER: (cfg.n_experts, cfg.dim)}
+    for ours, theirs in GGUF_EXPERTS.items():
+        per_expert = (cfg.dim, cfg.expert_hidden_dim) if ours == 'down_proj' else (cfg.expert_hidden_dim, cfg.dim)
+        shapes[theirs] = (cfg.n_experts, *per_expert)
+    return shapes
+
+
+def gguf_expert_tensors(cfg, block):
+    """(llama.cpp's name, tensor) of one block's router and each projection of every expert stacked
+    [experts, out, in], in gguf_expert_shapes' order; block: our names."""
+    yield GGUF_ROUTER, block[ROUTER_WEIGHT]
+    for ours, theirs in GGUF_EXPERTS.items():
+        yield theirs, torch.stack([block[expert_weight(e, ours)] for e in range(cfg.n_experts)])

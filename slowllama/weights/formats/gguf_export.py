@@ -3,7 +3,9 @@
 The model file: llama.cpp's tensor names (names.py), q/k back in the rope-interleaved rows llama.cpp
 expects for the architectures it converts as Llama (layout.py), Gemma's norm weights plus one as
 llama.cpp stores them, the hyper-parameters under the keys our GGUF reader reads (gguf.CONFIG_KEYS),
-and the tokenizer (gguf_vocab.py). GGUF lists every tensor before any data, so the tensor table is
+and the tokenizer (gguf_vocab.py). A Mixture-of-Experts block (qwen3moe; Mixtral as architecture llama
+with an expert count) is written as llama.cpp holds it: the router as ffn_gate_inp (kept f32), each
+projection of every expert in one 3D ffn_{gate,up,down}_exps (experts.py). GGUF lists every tensor before any data, so the tensor table is
 built from the config alone; then the tensors are merged and written one at a time, so RAM holds one
 block. Matrices take the chosen type (f32 / f16 / bf16 / q8_0), or in a llama.cpp quantization scheme
 (q4_k_m, q5_k_m, q6_k, ...) the type llama.cpp's own quantizer would give each one (gguf_mixture.py),
@@ -26,11 +28,19 @@ import torch
 from ...errors import SlowLlamaError
 from ...model.block import block_shapes
 from ...model.lora import peft_key
-from ...model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR, TARGET_MODULES, block_tensor_names
+from ...model.names import (
+    EMBED_TENSOR,
+    HEAD_TENSOR,
+    MOE_TARGETS,
+    NORM_TENSOR,
+    TARGET_MODULES,
+    block_tensor_names,
+)
 from ...progress import progress
 from ...tokenizer.gguf_vocab import vocab_metadata
 from ..files import commit_staged, discard_staged, temporary_beside
 from ..prepared import check_free_space
+from .experts import gguf_expert_shapes, gguf_expert_tensors, is_expert_tensor
 from .gguf import CONFIG_KEYS, llama3_divisors
 from .gguf_mixture import SCHEMES, tensor_types
 from .gguf_quants import quantize as quantize_rows
@@ -38,17 +48,20 @@ from .layout import block_to_meta, hf_to_meta
 from .names import (
     GGUF_ARCHITECTURES,
     GGUF_BLOCK_PREFIX,
+    GGUF_EXPERT_FAMILIES,
     GGUF_LORA_SUFFIXES,
     GGUF_NORMS_PLUS_ONE,
     GGUF_ROPE_FREQS,
+    GGUF_ROUTER,
     OUTER_TENSORS,
     ROPE_PERMUTED,
     gguf_block_name,
 )
 
 # The families written: model_type -> llama.cpp's architecture (the inverse of GGUF_ARCHITECTURES)
-WRITTEN = ('llama', 'smollm3', 'granite', 'olmo2', 'gemma2', 'gemma3_text')
+WRITTEN = ('llama', 'smollm3', 'granite', 'olmo2', 'gemma2', 'gemma3_text', 'qwen3_moe')
 ARCHITECTURES = {model_type: arch for arch, (model_type, _) in GGUF_ARCHITECTURES.items() if model_type in WRITTEN}
+ARCHITECTURES['mixtral'] = next(arch for arch, family in GGUF_EXPERT_FAMILIES.items() if family == 'mixtral')
 GGUF_DTYPES = ('f32', 'f16', 'bf16', 'q8_0', *SCHEMES)
 DTYPE_ALIASES = {'fp32': 'f32', 'float32': 'f32', 'fp16': 'f16', 'float16': 'f16', 'bfloat16': 'bf16',
                  'q4_k': 'q4_k_m', 'q5_k': 'q5_k_m', 'q3_k': 'q3_k_m'}  # llama-quantize's own short names
@@ -85,6 +98,10 @@ def write_gguf_model(merged, out, dtype, name=None):
 def write_gguf_adapter(lora, state, cfg, out, dtype=DEFAULT_ADAPTER_DTYPE):
     """The LoRA adapter alone as a llama.cpp LoRA GGUF (load it with `llama-cli --lora`)."""
     _check_supported(cfg)
+    moe = [target for target in lora.targets if target in MOE_TARGETS]
+    if moe:
+        raise SlowLlamaError(f'GGUF adapter: LoRA on {",".join(moe)} is not written as a llama.cpp adapter; '
+                             '`export --format gguf` merges it into the model')
     if dtype in SCHEMES:
         raise SlowLlamaError(f'dtype {dtype}: a quantization scheme is for the merged model; a gguf-lora '
                              'adapter is written as f32, f16, bf16 or q8_0')
@@ -111,6 +128,12 @@ def hyper_parameters(cfg):
 def _family_values(cfg):
     """llama.cpp's keys for what issue 35's families add (gguf.py reads them back)."""
     values = {}
+    if cfg.n_experts:  # llama.cpp's Mixtral reads its experts' width from feed_forward_length
+        values.update({'expert_count': cfg.n_experts, 'expert_used_count': cfg.experts_per_token,
+                       'expert_feed_forward_length' if cfg.model_type == 'qwen3_moe' else 'feed_forward_length':
+                       cfg.expert_hidden_dim})
+    if cfg.model_type == 'qwen3_moe':
+        values['expert_weights_norm'] = cfg.norm_topk_prob
     if (cfg.rope_scaling or {}).get('rope_type') == 'linear':  # gemma3's full layers
         values.update({'rope.scaling.type': 'linear', 'rope.scaling.factor': float(cfg.rope_scaling['factor'])})
     if cfg.model_type == 'granite':
@@ -144,7 +167,7 @@ def fallbacks(cfg, dtype):
 
 def _scheme_types(cfg, layout, scheme):
     shapes = {name: shape for name, (shape, _) in layout.items()}
-    return tensor_types(shapes, scheme, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    return tensor_types(shapes, scheme, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.n_experts)
 
 
 def _plain_layout(cfg, dtype):
@@ -154,9 +177,13 @@ def _plain_layout(cfg, dtype):
         layout[GGUF_ROPE_FREQS] = ((cfg.head_dim // 2,), 'f32')
     shapes = block_shapes(cfg)
     for i in range(cfg.n_layers):
+        prefix = GGUF_BLOCK_PREFIX.format(i=i)
         for ours in block_tensor_names(cfg):
-            layout[GGUF_BLOCK_PREFIX.format(i=i) + gguf_block_name(ours, cfg)] = (
-                shapes[ours], _matrix_type(shapes[ours], dtype))
+            if not is_expert_tensor(ours):
+                layout[prefix + gguf_block_name(ours, cfg)] = (shapes[ours], _matrix_type(shapes[ours], dtype))
+        for name, shape in (gguf_expert_shapes(cfg) if cfg.n_experts else {}).items():
+            # the router stays f32, as llama.cpp's converter writes it and its quantizer leaves it
+            layout[prefix + name] = (shape, 'f32' if name == GGUF_ROUTER else _matrix_type(shape, dtype))
     layout[OUTER_TENSORS[NORM_TENSOR][1]] = ((cfg.dim,), 'f32')
     if not cfg.tie_embeddings:  # llama.cpp falls back to token_embd when output.weight is absent
         layout[OUTER_TENSORS[HEAD_TENSOR][1]] = (table, _matrix_type(table, dtype))
@@ -175,9 +202,14 @@ def _model_tensors(merged):
         block = merged.block(i)
         if GGUF_ARCHITECTURES[arch][1]:  # converted as Llama: q/k rope-interleaved
             block = block_to_meta(block, cfg)
+        prefix = GGUF_BLOCK_PREFIX.format(i=i)
         for ours in block_tensor_names(cfg):
-            tensor = block[ours] + plus_one if ours.endswith('norm.weight') else block[ours]
-            yield GGUF_BLOCK_PREFIX.format(i=i) + gguf_block_name(ours, cfg), tensor
+            if not is_expert_tensor(ours):
+                tensor = block[ours] + plus_one if ours.endswith('norm.weight') else block[ours]
+                yield prefix + gguf_block_name(ours, cfg), tensor
+        if cfg.n_experts:
+            for name, tensor in gguf_expert_tensors(cfg, block):
+                yield prefix + name, tensor
         del block
     yield OUTER_TENSORS[NORM_TENSOR][1], merged.norm() + plus_one
     if not cfg.tie_embeddings:
@@ -203,9 +235,12 @@ def _check_supported(cfg):
     rope-less fourth layers, Gemma's query scale) must be what the model has."""
     family = cfg.model_type
     extras = [field for field in ('qkv_bias', 'sliding_window') if getattr(cfg, field)]
-    if family not in ARCHITECTURES or (family == 'llama' and extras):
+    if family not in ARCHITECTURES or (family in ('llama', 'mixtral') and extras):
         raise SlowLlamaError(f'GGUF export: {family} models{" with " + extras[0] if extras else ""} cannot be '
                              f'written yet (only {", ".join(ARCHITECTURES)})')
+    if family == 'qwen3_moe' and not cfg.norm_topk_prob:
+        raise SlowLlamaError('GGUF export: llama.cpp runs qwen3moe with the top-k router weights renormalised; '
+                             'this qwen3_moe model has norm_topk_prob false')
     if family == 'smollm3' and (cfg.no_rope_layers or [1] * cfg.n_layers) != [
             int((i + 1) % 4 != 0) for i in range(cfg.n_layers)]:
         raise SlowLlamaError('GGUF export: llama.cpp runs smollm3 with every fourth layer without rope; '

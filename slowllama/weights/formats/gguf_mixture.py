@@ -12,8 +12,11 @@ models we export, the choices of its per-tensor policy (src/llama-quant.cpp):
   attn_v and the first eighth of ffn_down, Q3_K_M gives attn_v Q5_K in the first 2 layers and Q4_K
   after, ffn_down Q5_K in the first sixteenth and Q4_K after, attn_output Q4_K;
 - in a 70B (80 layers with grouped-query attention) attn_v never goes below Q5_K;
-- llama.cpp's other cases, for grouped-query attention (n_head / n_head_kv >= 4) and for 8 experts,
-  apply to the Q2_K / IQ schemes and Mixtral only, none of which we write;
+- a model of exactly 8 experts (Mixtral) takes Q8_0 for attn_v and attn_k, and Q5_K for attn_output in
+  q3_k_m, q4_k_s and q4_k_m; the router (ffn_gate_inp) is never quantized: it stays F32, as llama.cpp's
+  converter writes it; each 3D ffn_down_exps counts as its layer's ffn_down;
+- llama.cpp's other cases, for grouped-query attention (n_head / n_head_kv >= 4), apply to the Q2_K / IQ
+  schemes only, none of which we write;
 - last, a tensor whose rows do not split into its type's blocks falls back: Q3_K -> Q4_0,
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even 32-value blocks do not fit.
 
@@ -40,7 +43,7 @@ SCHEMES = {
 # where a type cannot take a tensor's rows: llama.cpp's next choice
 FALLBACK = {'q3_k': 'q4_0', 'q4_k': 'q5_0', 'q5_k': 'q5_1', 'q6_k': 'q8_0'}
 
-EMBED, HEAD = 'token_embd.weight', 'output.weight'
+EMBED, HEAD, ROUTER = 'token_embd.weight', 'output.weight', 'ffn_gate_inp.weight'
 _LAYER = re.compile(r'blk\.(\d+)\.')
 
 
@@ -92,10 +95,10 @@ def visiting_order(names):
     return sorted(names, key=key)
 
 
-def tensor_types(shapes, scheme, n_layers, n_head, n_head_kv):
-    """{GGUF name: shape in torch order (rows, row length)} -> ({name: type}, [fallback notes]).
+def tensor_types(shapes, scheme, n_layers, n_head, n_head_kv, n_expert=0):
+    """{GGUF name: shape in torch order ([experts,] rows, row length)} -> ({name: type}, [fallback notes]).
 
-    1-D tensors (norms, rope factors) stay f32; every matrix takes the scheme's choice."""
+    1-D tensors (norms, rope factors) and the router stay f32; every matrix takes the scheme's choice."""
     default = SCHEMES[scheme][0]
     tied = HEAD not in shapes
     n_attn_v = sum(name.endswith('attn_v.weight') for name in shapes)
@@ -104,7 +107,7 @@ def tensor_types(shapes, scheme, n_layers, n_head, n_head_kv):
     types, notes = {}, []
     for name in visiting_order(shapes):
         shape = shapes[name]
-        if len(shape) < 2:
+        if len(shape) < 2 or name.endswith(ROUTER):
             types[name] = 'f32'
             continue
         cols = shape[-1]
@@ -115,8 +118,13 @@ def tensor_types(shapes, scheme, n_layers, n_head, n_head_kv):
                              f'written as {_fallback(kind, cols)}')
         elif name.endswith('attn_v.weight'):
             kind, i_attn_v = _attn_v(scheme, i_attn_v, n_attn_v, big), i_attn_v + 1
-        elif name.endswith('ffn_down.weight'):
+            kind = 'q8_0' if n_expert == 8 else kind
+        elif name.endswith('attn_k.weight') and n_expert == 8:
+            kind = 'q8_0'
+        elif name.endswith(('ffn_down.weight', 'ffn_down_exps.weight')):
             kind, i_ffn_down = _ffn_down(scheme, i_ffn_down, n_layers), i_ffn_down + 1
+        elif name.endswith('attn_output.weight') and n_expert == 8:
+            kind = 'q5_k' if scheme in ('q3_k_m', 'q4_k_s', 'q4_k_m') else default
         elif name.endswith('attn_output.weight') and scheme == 'q3_k_m':
             kind = 'q4_k'
         else:
