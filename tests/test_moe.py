@@ -256,8 +256,8 @@ def test_streamed_fetches_only_the_routed_experts(family):
     model = slowllama.load(model_dir)
     cfg = model.cfg
     tokens, targets = random_batch(cfg.vocab_size, batch=1, seq=2, seed=1)
-    asked, experts = {}, model.store.experts
-    model.store.experts = lambda i, ids: (asked.setdefault(i, []).append(sorted(ids)), experts(i, ids))[1]
+    asked, experts = {}, model.store.packed_experts
+    model.store.packed_experts = lambda i, ids: (asked.setdefault(i, []).append(sorted(ids)), experts(i, ids))[1]
     before = model.traffic()
     model.backward(tokens, targets)
     fetched = model.traffic()['experts_fetched'] - before['experts_fetched']

@@ -67,8 +67,11 @@ def test_plan_prints_the_experts_and_counts_only_the_fetched_ones(capsys, monkey
     monkeypatch.setattr(plan, 'experts_worst', lambda cfg, tokens: cfg.n_experts)  # as if the whole block came
     whole = plan.predict(cfg, 1, 4, 'bf16', 4, ('q', 'v'), quant=nf4)
     packed = 2 * (plan.block_bytes(cfg, 'bf16', nf4) - moe_plan.fetched_block_bytes(cfg, 32, 'bf16', nf4))
-    unpacked = 2 * 2 * (moe_plan.fetched_block_params(cfg, 128) - moe_plan.fetched_block_params(cfg, 32))
-    assert whole.device_bytes - few.device_bytes == packed + unpacked  # two blocks' other 96 experts
+    assert whole.device_bytes - few.device_bytes == packed  # two blocks' other 96 experts, packed
+    # unpacked: two blocks' attention and router, and one expert (each is unpacked only while it computes)
+    monkeypatch.setattr(plan, 'expert_params', lambda cfg: 0)
+    none_unpacked = plan.predict(cfg, 1, 4, 'bf16', 4, ('q', 'v'), quant=nf4)
+    assert whole.device_bytes - none_unpacked.device_bytes == 3 * cfg.dim * cfg.expert_hidden_dim * 2
     assert moe_plan.experts_worst(cfg, 16) == cfg.n_experts  # from 16 tokens on, every expert at worst
 
 
@@ -114,9 +117,11 @@ def test_copy_buffers_hold_the_attention_and_router_and_experts_come_as_fetched(
         if as_device:
             copier.on_cpu = False  # copy through the slots and their staging as on cuda
             core = moe_plan.fetched_block_bytes(cfg, 0, 'fp32', quant)
-            # every expert of two blocks, in fp32: unpacked (nf4, int8) or converted from bf16 (on a cpu the
-            # packed parts are used where they lie)
+            # bf16: every expert of two blocks, converted to fp32; nf4, int8: one expert unpacked in fp32 at
+            # a time (on a cpu the packed parts are used where they lie)
             experts = 2 * (plan.block_bytes(cfg, 'fp32') - moe_plan.fetched_block_bytes(cfg, 0, 'fp32'))
+            if quant is not None:
+                experts = moe_plan.expert_params(cfg) * 4
             assert copier.unallocated_bytes() == 2 * core < plan.block_bytes(cfg, 'fp32', quant) / 3
             assert model.store.unallocated_device_bytes() == 2 * core + experts  # what the planner leaves room for
         torch.manual_seed(0)

@@ -47,6 +47,12 @@ def fetched_block_params(cfg: ModelConfig, experts):
     return sum(math.prod(shape) for shape in shapes.values()) - (cfg.n_experts - experts) * one
 
 
+def expert_params(cfg: ModelConfig):
+    """One expert's weights (0 for a dense model): with --quant, what is unpacked of a MoE block's
+    experts at any time (model/moe.py unpacks each only while it computes)."""
+    return fetched_block_params(cfg, 1) - fetched_block_params(cfg, 0) if cfg.n_experts else 0
+
+
 def core_params(cfg: ModelConfig):
     """What every fetch of a block brings, dense or MoE: for a MoE block, all but its experts."""
     return fetched_block_params(cfg, 0)

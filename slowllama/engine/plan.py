@@ -14,7 +14,7 @@ from ..weights.packed import file_layout
 from ..weights.pinned import ROW_STAGING_BYTES
 from ..weights.prepared import DTYPES, model_params
 from .keep_cost import keep_pays
-from .moe_plan import core_params, experts_line, experts_worst, fetched_block_bytes, fetched_block_params
+from .moe_plan import core_params, expert_params, experts_line, experts_worst, fetched_block_bytes
 from .plan_limits import ram_page_cache, refuse_below_one_block
 
 GIB = 1024 ** 3
@@ -305,7 +305,8 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     # and the last two blocks of the forward are the backward's first)
     fetched = experts_worst(cfg, micro_batches * batch * seq)
     flight = fetched_block_bytes(cfg, fetched, dtype, quant)
-    unpacked = 2 * fetched_block_params(cfg, fetched) * w if quant is not None else 0  # the two dequantized
+    # dequantized: two blocks (a MoE block's attention and router), and one expert at a time (moe.py)
+    unpacked = (2 * core_params(cfg) + expert_params(cfg)) * w if quant is not None else 0
     if plain_unpack and quant is not None and quant.type == 'nf4':
         unpacked += plain_nf4_unpack_bytes(cfg, dtype)
     tables = table_bytes(cfg, dtype, quant)

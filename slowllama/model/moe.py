@@ -9,6 +9,10 @@ Which experts a pass needs is known only once the router has run, so forward() t
 experts' own parameters are used (a whole model in memory, or weights a functional_call supplied).
 `routing` (optional): told each pass's router probabilities and choices; RouterLoad below tallies
 them for the load-balancing loss.
+With --quant the fetcher hands out each expert's packed parts and says how to unpack them (its
+`unpack` attribute: {name: part} -> the three weights); an expert is then unpacked only while it
+computes, and autograd keeps its packed parts and its input, not its unpacked weights (_Unpacked):
+a block's experts never all take the compute dtype's bytes at once.
 """
 import torch
 import torch.nn as nn
@@ -72,11 +76,16 @@ class MoE(nn.Module):
             routing(probs, ids)
         hit = torch.unique(ids).tolist()  # ascending, as transformers visits them
         fetched = fetch_experts(hit) if fetch_experts is not None else None  # the one point experts are asked for
+        unpack = getattr(fetch_experts, 'unpack', None)
         out = torch.zeros_like(x)
         for e in hit:
             slot, tokens = torch.where(ids.T == e)  # [k, tokens] mask: which tokens chose e, at which rank
             tensors = fetched[e] if fetched is not None else None
-            y = self._expert(e, x[tokens], tensors) * weights[tokens, slot, None]
+            if unpack is None:
+                y = self._expert(e, x[tokens], tensors)
+            else:
+                y = self._packed_expert(e, x[tokens], tensors, unpack)
+            y = y * weights[tokens, slot, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out.reshape(shape)
 
@@ -89,6 +98,40 @@ class MoE(nn.Module):
             gate, up, down = (tensors[name] for name in EXPERT_WEIGHTS)
         gate_out, up_out = self.gate_up(e, x, (gate, up)).split(gate.shape[0], dim=-1)
         return self.down(e, F.silu(gate_out) * up_out, (down,))
+
+    def _packed_expert(self, e, x, parts, unpack):
+        """_expert on weights unpacked from `parts` just before, let go of right after (and again in
+        the backward): what autograd keeps of it is x, the packed parts and the expert LoRA's factors."""
+        names = list(parts)
+        run = lambda x, packed: self._expert(e, x, unpack(dict(zip(names, packed))))  # noqa: E731
+        lora = [p for p in (*self.gate_up.parameters(), *self.down.parameters()) if p.requires_grad]
+        if not torch.is_grad_enabled() or not (x.requires_grad or lora):
+            return run(x, [parts[n] for n in names])
+        return _Unpacked.apply(run, len(names), lora, x, *(parts[n] for n in names), *lora)
+
+
+class _Unpacked(torch.autograd.Function):
+    """run(x, packed parts) whose unpacked weights autograd does not keep: the forward runs without a
+    graph, the backward runs it again (unpacking again) and takes its gradients with respect to x and
+    the LoRA parameters `lora` (passed as inputs after x and the parts, so their gradients land)."""
+
+    @staticmethod
+    def forward(ctx, run, n_parts, lora, x, *tensors):
+        ctx.run, ctx.n_parts, ctx.lora = run, n_parts, lora
+        ctx.save_for_backward(x, *tensors[:n_parts])  # a kept block's hooks keep the parts by name
+        with torch.no_grad():
+            return run(x, tensors[:n_parts])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *packed = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(ctx.needs_input_grad[3])
+            out = ctx.run(leaf, packed)
+        wanted = ([leaf] if leaf.requires_grad else []) + list(ctx.lora)
+        grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        dx = grads.pop(0) if leaf.requires_grad else None
+        return (None, None, None, dx, *([None] * ctx.n_parts), *grads)
 
 
 class RouterLoad:

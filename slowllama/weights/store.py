@@ -16,10 +16,10 @@ from ..errors import SlowLlamaError
 from ..model.block import block_shapes
 from ..model.config import ModelConfig
 from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
-from ..model.quant import Quant, packed_nbytes
+from ..model.quant import Quant, dequantize, packed_layout, packed_nbytes
 from .copier import DeviceCopier, Ready, RowStager, layout_bytes
 from .files import SafetensorsFile
-from .packed import Unpacker, check_file_layout, expert_parts, file_layout, unpack_block, unpack_rows
+from .packed import Unpacker, check_file_layout, expert_parts, file_layout, part_name, unpack_rows
 from .pinned import HostArena
 from .prepared import (
     DTYPES,
@@ -83,6 +83,8 @@ class BlockStore:
         core_shapes = {n: s for n, s in shapes.items() if not n.startswith('mlp.experts.')}
         self._unpacker = Unpacker(core_shapes, self.quant, self.device, dtype) if self.quant else None
         self._expert_shapes = {n: s for n, s in shapes.items() if n.startswith('mlp.experts.')}
+        self._one_expert_shapes = {n.removeprefix('mlp.experts.0.'): s for n, s in self._expert_shapes.items()
+                                   if n.startswith('mlp.experts.0.')}  # every expert has expert 0's shapes
 
     def unallocated_device_bytes(self):
         """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
@@ -95,17 +97,17 @@ class BlockStore:
     def _experts_room(self, streamed):
         """What a MoE model's experts will take as they are fetched (they have no buffers made ahead):
         at worst every expert of the two blocks held at once (a trip of E / k tokens or more hits them
-        all), unpacked with --quant, else copied where they are not used in place."""
+        all), copied where they are not used in place; with --quant packed, and one expert's weights
+        unpacked at a time (model/moe.py unpacks each expert only while it computes)."""
         if not self.cfg.n_experts:
             return 0
         names = [n for names in self._expert_parts for n in names]
-        if self.quant is not None:
-            unpacked = sum(math.prod(shape) for shape in self._expert_shapes.values()) * self.dtype.itemsize
-            travelling = 0 if self.device.type == 'cpu' or not streamed else layout_bytes(
-                {n: self._layout[n] for n in self._expert_parts[0]}) * self.cfg.n_experts
-            return 2 * unpacked + travelling  # the packed copies: one block's at a time, until unpacked
         in_place = not streamed or (self.device.type == 'cpu' and self._layout == self._stored_layout)
-        return 0 if in_place else 2 * layout_bytes({n: self._layout[n] for n in names})
+        copies = 0 if in_place else 2 * layout_bytes({n: self._layout[n] for n in names})
+        if self.quant is not None:
+            return sum(math.prod(shape) for shape in self._one_expert_shapes.values()) * self.dtype.itemsize + (
+                0 if self.device.type == 'cpu' or not streamed else copies)
+        return copies
 
     def disk_tier_bytes(self):
         """{'blocks': how many blocks are read from their files at each use, 'block': one block's bytes
@@ -141,8 +143,15 @@ class BlockStore:
 
     def experts(self, i, ids):
         """{e: {'gate_proj.weight', 'up_proj.weight', 'down_proj.weight'}} of held block i's experts
-        `ids` on the compute device; valid until release(i). Only these experts' bytes are read and
-        travel, once per hold (the backward's recompute asks again for the same ones)."""
+        `ids` on the compute device, unpacked (with --quant) as new tensors each call: for tests and
+        tools that want whole weights; a pass asks for packed_experts() and unpacks one at a time."""
+        return {e: self.unpack_expert(parts) for e, parts in self.packed_experts(i, ids).items()}
+
+    def packed_experts(self, i, ids):
+        """{e: {name: tensor}} of held block i's experts `ids` on the compute device, as stored: with
+        --quant their packed parts ('gate_proj.qweight', ...; unpack_expert() makes the weights), else
+        their weights. Valid until release(i). Only these experts' bytes are read and travel, once per
+        hold (the backward's recompute asks again for the same ones)."""
         held = self._held_experts.setdefault(i, {})
         wanted = [e for e in ids if e not in held]
         if wanted:
@@ -155,28 +164,21 @@ class BlockStore:
                 self._count(layout_bytes({n: self._stored_layout[n] for n in names}) if tier == 'disk' else 0,
                             0 if self.device.type == 'cpu' else layout_bytes({n: self._layout[n] for n in names}))
                 tensors = self._copier.bring_now(tensors)
-            if self._unpacker:
-                chosen = tuple(f'mlp.experts.{e}.' for e in wanted)
-                shapes = {n: shape for n, shape in self._expert_shapes.items() if n.startswith(chosen)}
-                tensors = unpack_block(tensors, shapes, self.quant, self._expert_memory(shapes))
             for e in wanted:
                 prefix = f'mlp.experts.{e}.'
                 held[e] = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
             self.traffic['experts_fetched'] += len(wanted)
         return {e: held[e] for e in ids}
 
-    def _expert_memory(self, shapes):
-        """{name: buffer} for unpacked experts, views into one new allocation: let go of whole when the
-        block is released (a cpu's heap returns one large allocation to the system at once, where
-        hundreds of small ones would leave holes it keeps)."""
-        sizes = {n: math.prod(shape) for n, shape in shapes.items()}
-        memory = torch.empty(sum(sizes.values()), dtype=self.dtype, device=self.device)
-        out, start = {}, 0
-        for name, shape in shapes.items():
-            out[name] = memory[start:start + sizes[name]].view(shape)
-            start += sizes[name]
-        return out
-
+    def unpack_expert(self, parts):
+        """One expert's {name: tensor} from packed_experts() -> its three weights in the compute dtype,
+        new tensors (unpacked only while that expert computes: a block's experts are never all
+        unpacked at once); without --quant the weights themselves."""
+        if not self.quant:
+            return parts
+        return {name: dequantize({part: parts[part_name(name, part)] for part in packed_layout(shape, self.quant)},
+                                  shape, self.quant, dtype=self.dtype)
+                for name, shape in self._one_expert_shapes.items()}
     def prefetch(self, i):
         """Start bringing block i to the device while the current block computes."""
         if i is None or i in self._held or i in self._pending or not 0 <= i < self.cfg.n_layers:
