@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import make_hf_model, random_batch, save_tiny_tokenizer
-from reference import assert_same_loss_and_gradients, copy_adapters, masked_mean_ce, randomize_adapters, whole_model
+from reference import copy_adapters, masked_mean_ce, randomize_adapters, whole_model
 from test_bci import max_rel_diff, reference_forward, small_encoder
 from test_distributed import adapter, finetune, max_relative_difference
 from test_moe import FAMILIES
@@ -62,7 +62,10 @@ def test_two_processes_of_batch_2_equal_one_of_batch_4_on_moe(moe_text_model, st
     assert set(single) == set(pair) and any('experts' in k for k in single)
     difference = max_relative_difference(pair, single)
     print(f'\nMoE, 2 x batch 2 vs 1 x batch 4: max relative adapter difference {difference:.2e}')
-    assert difference < 1e-4
+    # an expert row that few tokens reach has gradients near AdamW's eps, where the order of the sum
+    # (one process or two, all-reduced) shows as ~1e-5 steps of a few elements; an expert's gradient
+    # lost in the all-reduce would move its rows by about lr (1e-2)
+    assert difference < 1e-3
     finetune(moe_text_model, story, tmp_path / 'half', batch=2, extra=run)  # half the rows end elsewhere
     assert max_relative_difference(adapter(tmp_path / 'half'), single) > 1e-3
 
