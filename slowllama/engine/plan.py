@@ -106,6 +106,8 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
     if dropout:
         total += 2 * t * cfg.dim * w  # the residual branches' dropout masks
     total += 3 * t * ffn_width(cfg) * w  # gate, silu(gate), up
+    if cfg.n_experts:
+        total += moe_kept_bytes(cfg, t, w, targets)
     shared = {'attn_out'} if not math_attention else set()  # the fused attention keeps its output anyway
     for target in targets:  # LoRA: A's input (fp32) and A's output
         source = LORA_INPUT[target]
@@ -117,6 +119,19 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
         elif source not in shared:  # in fp32 the targets that read one input share it
             shared.add(source)
             total += t * width[source] * f
+    return total
+
+
+def moe_kept_bytes(cfg: ModelConfig, t, w, targets):
+    """What a MoE block keeps beyond a dense MLP's terms, for t tokens: each expert's gathered input
+    and its output (weighed by the router after it), the router's fp32 probabilities and choices
+    (tests/test_kept.py measures them: without these the plan kept 1.5x less than a MoE block holds,
+    and auto kept more blocks than memory held). Packed experts keep less (model/moe._Unpacked).
+    With `experts` among the targets, the expert LoRA's fp32 inputs, counted a few percent over."""
+    k, f = cfg.experts_per_token, 4
+    total = t * (2 * k * cfg.dim * w + cfg.n_experts * f + 128)
+    if 'experts' in targets:
+        total += t * k * (2 * cfg.dim + cfg.expert_hidden_dim) * f
     return total
 
 
