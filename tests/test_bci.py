@@ -52,12 +52,11 @@ def max_rel_diff(ours, ref):
     return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
 
 
-def test_encoder_gradient_through_streamed_decoder_equals_whole_model_autograd(tiny_prepared):
-    """Prompt + encoder prefix + tokens; dropout 0.1 in the blocks, the LoRA and the encoder, same seed:
-    the same loss, encoder gradients and LoRA gradients as autograd over the whole model."""
-    model_dir, _, _ = tiny_prepared
-    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
-    streamed = slowllama.load(model_dir, lora=lora, dropout=0.1)
+def prefix_run_beside_whole_model(model_dir, lora, **load):
+    """One prompt + encoder prefix + tokens step through the streamed decoder and through autograd over
+    the whole model (dropout 0.1, same seed) -> (streamed, the reference's adapters, loss, reference
+    loss, the encoder gradients' worst relative difference; each reference gradient asserted nonzero)."""
+    streamed = slowllama.load(model_dir, lora=lora, dropout=0.1, **load)
     randomize_adapters(streamed.adapters)
     encoder = attach_encoder(streamed, small_encoder(streamed.cfg.dim))
     reference, ref_adapters = whole_model(model_dir, lora, dropout=0.1)
@@ -83,6 +82,15 @@ def test_encoder_gradient_through_streamed_decoder_equals_whole_model_autograd(t
         want = ref_encoder_params[name].grad
         assert want.abs().max() > 0, name
         encoder_worst = max(encoder_worst, max_rel_diff(param.grad, want))
+    return streamed, ref_adapters, loss, ref_loss, encoder_worst
+
+
+def test_encoder_gradient_through_streamed_decoder_equals_whole_model_autograd(tiny_prepared):
+    """Prompt + encoder prefix + tokens; dropout 0.1 in the blocks, the LoRA and the encoder, same seed:
+    the same loss, encoder gradients and LoRA gradients as autograd over the whole model."""
+    model_dir, _, _ = tiny_prepared
+    lora = slowllama.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
+    streamed, ref_adapters, loss, ref_loss, encoder_worst = prefix_run_beside_whole_model(model_dir, lora)
     lora_worst = max(max_rel_diff(getattr(ours[path], m).weight.grad, getattr(ref[path], m).weight.grad)
                      for ours, ref in zip(streamed.adapters, ref_adapters) for path in ours
                      for m in ('lora_A', 'lora_B'))

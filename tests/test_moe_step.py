@@ -2,18 +2,16 @@
 the BCI encoder prefix through the streamed MoE decoder, and LoRA + block dropout replayed by
 recompute. The twins of these tests on dense models are in test_distributed.py, test_train.py,
 test_bci.py and test_kept.py; the tiny MoE families come from test_moe.py."""
-import copy
 
 import pytest
 import torch
 from conftest import make_hf_model, random_batch, save_tiny_tokenizer
-from reference import copy_adapters, masked_mean_ce, randomize_adapters, whole_model
-from test_bci import max_rel_diff, reference_forward, small_encoder
+from reference import randomize_adapters
+from test_bci import max_rel_diff, prefix_run_beside_whole_model
 from test_distributed import adapter, finetune, max_relative_difference
 from test_moe import FAMILIES
 
 import slowllama
-from slowllama.bci.encoder import attach_encoder, prefix_embeddings
 
 EXPERT_TARGETS = ('q', 'k', 'v', 'o', 'experts', 'router')
 # LoRA dropout is refused on the experts and the router (LoraConfig): it rides on attention here
@@ -92,32 +90,8 @@ def test_encoder_gradient_through_streamed_moe_decoder_equals_whole_model_autogr
     expert and the router; dropout 0.1 in the blocks and the encoder, same seed): the same loss,
     encoder and LoRA gradients as autograd over the whole model with every expert in memory."""
     lora = slowllama.LoraConfig(rank=4, alpha=8.0, targets=EXPERT_TARGETS)
-    streamed = slowllama.load(moe_model, lora=lora, dropout=0.1, router_aux_loss_coef=0)
-    randomize_adapters(streamed.adapters)
-    encoder = attach_encoder(streamed, small_encoder(streamed.cfg.dim))
-    reference, ref_adapters = whole_model(moe_model, lora, dropout=0.1)
-    copy_adapters(streamed.adapters, ref_adapters)
-    ref_encoder = copy.deepcopy(encoder)
-    tokens, targets = random_batch(streamed.cfg.vocab_size, seq=9)
-    signals = torch.randn(2, 5, 30) * 3 + 1
-    prompt = [5, 6, 7]
-
-    torch.manual_seed(123)
-    loss = streamed.backward(tokens, targets, prefix=prefix_embeddings(streamed, encoder, signals, prompt))
-    torch.manual_seed(123)
-    reference.train()
-    fixed = reference.embed_tokens(torch.tensor([prompt])).expand(2, -1, -1)
-    ref_prefix = torch.cat([fixed, ref_encoder(signals)], dim=1)
-    ref_loss = masked_mean_ce(reference_forward(reference, ref_prefix, tokens), targets)
-    ref_loss.backward()
-
-    assert abs(loss - ref_loss.item()) < 1e-5
-    ref_encoder_params = dict(ref_encoder.named_parameters())
-    encoder_worst = 0.0
-    for name, param in encoder.named_parameters():
-        want = ref_encoder_params[name].grad
-        assert want.abs().max() > 0, name
-        encoder_worst = max(encoder_worst, max_rel_diff(param.grad, want))
+    streamed, ref_adapters, loss, ref_loss, encoder_worst = prefix_run_beside_whole_model(
+        moe_model, lora, router_aux_loss_coef=0)
     pairs = [(getattr(ours[path], m).weight.grad, getattr(ref[path], m).weight.grad)
              for ours, ref in zip(streamed.adapters, ref_adapters) for path in ours for m in ('lora_A', 'lora_B')]
     assert any('experts' in path for path in streamed.adapters[0])
