@@ -291,8 +291,22 @@ MUTANTS = [
       'names = sorted(state, key=lambda name: order.get(name, len(order)))',
       "names = sorted((n for n in state if not n.endswith('.bias')), key=lambda name: order.get(name, len(order)))",
       'tests/test_shapes.py::test_the_block_shapes_are_the_transformers_blocks'),
+    # --- the MoE step's last pieces: the aux loss's per-block gradient, the packed expert's Function,
+    # a MoE block's kept bytes; and the keep decision's measured compute rate --------------------------
+    M('aux-loss-gradient-not-pushed-into-the-router', 'slowllama/engine/balance.py',
+      'else self.coef * self.loads[k].grad()', 'else 0 * self.loads[k].grad()',  # the loss right, its grad lost
+      'tests/test_moe_aux.py::test_aux_loss_and_grads_equal_transformers_peft[qwen3_moe-top2-norm-none-1]'),
+    M('unpacked-expert-input-gradient-off-by-one', 'slowllama/model/moe.py',
+      'leaf = x.detach().requires_grad_(ctx.needs_input_grad[3])',
+      'leaf = x.detach().requires_grad_(ctx.needs_input_grad[2])',  # index 2 is the LoRA list: no input grad
+      'tests/test_moe_unpack.py::test_one_expert_is_unpacked_at_a_time_and_grads_are_unpack_alls[nf4-none]'),
+    M('moe-kept-bytes-without-the-gathered-experts', 'slowllama/engine/plan.py',
+      'total = t * (2 * k * cfg.dim * w + cfg.n_experts * f + 128)', 'total = t * (cfg.n_experts * f + 128)',
+      'tests/test_kept.py::test_a_moe_blocks_kept_bytes_are_counted_never_under'),
+    M('keep-cost-with-a-constant-compute-rate', 'slowllama/engine/keep_cost.py',
+      'measured_flops(cfg.dim, ffn, dtype)\n', '6.2e11\n',
+      'tests/test_keep_pays.py::test_where_the_products_are_slow_the_long_sequence_keeps'),
 ]
-
 
 def check(mutants, root=ROOT):
     """-> [problem]: a fragment not found exactly once, a replacement equal to it."""

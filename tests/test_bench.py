@@ -3,6 +3,8 @@ prediction beside it; the peer (transformers + peft) trains what we train, on th
 and LoRA; memory read through psutil (no /proc, as on macOS), the device synchronized before every
 clock read, and models in fp16 as well."""
 import builtins
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,3 +140,27 @@ def test_each_configuration_runs_in_its_own_process_beside_its_prediction(tiny_b
         assert json.load(f) == json.loads(json.dumps(report))
     table = capsys.readouterr().out
     assert f"({plan.device_bytes / 2 ** 30:.2f})" in table  # the prediction printed beside the measurement
+
+
+@pytest.mark.slow
+def test_ours_runs_on_a_prepared_folder_with_its_own_quantization(tmp_path):
+    """bench --model DIR: ours on a prepared folder (gpu_check's whole MoE model, written packed), its
+    row planned with the folder's own nf4 blocks; the peers cannot run on it and are refused."""
+    from slowllama.engine.plan import predict
+    from slowllama.model.quant import parse_quant
+    from slowllama.recipes.random_model import write_random_prepared
+    from slowllama.recipes.shapes import shape_config
+    cfg = shape_config('tiny')
+    model = write_random_prepared(cfg, str(tmp_path / 'tiny-nf4'), quant='nf4')
+    report = bench.bench(device='cpu', shape='tiny', batch=2, seq=16, steps=1, warmup=0, rank=4, modes=('disk',),
+                         peers=(), dtype='fp32', work=str(tmp_path), json_out=str(tmp_path / 'b.json'), model=model)
+    (row,) = report['rows']
+    assert 'error' not in row and row['step_s'] > 0 and row['bytes_read_per_step'] > 0, row
+    plan = predict(cfg, 2, 16, 'fp32', rank=4, targets=('q', 'v'), device_is_host=True, quant=parse_quant('nf4'),
+                   kept_blocks=row['kept_blocks'])
+    assert row['planned_host_bytes'] == plan.host_bytes and report['shape'] == 'tiny-nf4'
+    assert not (tmp_path / 'tiny').exists()  # no random float model was made
+    done = subprocess.run([sys.executable, '-m', 'slowllama', 'bench', '--model', model, '--peers', 'hf'],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        f"error: --model {model}: transformers+peft run on --shape's random model only (pass --peers '')"]

@@ -3,7 +3,8 @@ them the memory the page cache cannot use (on a cpu, and in host RAM beside cuda
 memory limit too small for one block in flight. The plan functions are fed a run's figures."""
 import pytest
 
-from slowllama.engine.keep_cost import fresh_bytes, keep_pays
+import slowllama.engine.keep_cost as keep_cost
+from slowllama.engine.keep_cost import fresh_bytes, keep_pays, measured_flops
 from slowllama.engine.plan import (
     CPU_RUNTIME_BYTES,
     GIB,
@@ -20,6 +21,13 @@ from slowllama.errors import SlowLlamaError
 from slowllama.recipes.shapes import shape_config
 
 EVERY = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+FITTED_CPU = {'fp32': 2.5e11, 'bf16': 6.2e11}  # the CPU the keep_cost rates were fitted on (its docstring)
+
+
+@pytest.fixture
+def fitted_cpu(monkeypatch):
+    """The compute rates of the CPU the issue's figures came from, in place of this machine's."""
+    monkeypatch.setattr(keep_cost, 'measured_flops', lambda dim, ffn, dtype: FITTED_CPU[dtype])
 
 
 def cpu_plan(cfg, batch, seq, dtype, micro_batches, limit, targets=('q', 'v'), keep='auto'):
@@ -32,7 +40,7 @@ def cpu_plan(cfg, batch, seq, dtype, micro_batches, limit, targets=('q', 'v'), k
                      block_files=cfg.n_layers * block_bytes(cfg, dtype), targets=targets, rank=8)
 
 
-def test_keeping_pays_at_short_sequences_and_not_at_long_ones_on_a_cpu():
+def test_keeping_pays_at_short_sequences_and_not_at_long_ones_on_a_cpu(fitted_cpu):
     """0.4B bf16 at 1 x 8192 on every projection: the kept tensors are too large for the heap to
     reuse, and the fresh memory costs what the recompute's forward does; 4 x 128 and 2 x 128 keep;
     cuda's caching allocator makes keeping free at any length."""
@@ -54,6 +62,38 @@ def test_keeping_pays_at_short_sequences_and_not_at_long_ones_on_a_cpu():
     assert short.kept_blocks == cfg.n_layers
     on_cuda = plan_step(cfg, 1, 8192, 'bf16', 1, roomy, targets=EVERY, rank=8, device_type='cuda')
     assert on_cuda.kept_blocks == cfg.n_layers
+
+
+def test_where_the_products_are_slow_the_long_sequence_keeps(monkeypatch):
+    """The compute rate is this machine's: at a tenth of the fitted CPU's (bf16 on an AVX2 CPU) the
+    8k recompute costs more than the fresh memory, and auto keeps; the note gives the rate it used."""
+    cfg = shape_config('0.4b')
+    long = kept_activation_bytes(cfg, 1, 8192, 'bf16', EVERY)
+    rates = {}
+    monkeypatch.setattr(keep_cost, 'measured_flops', lambda dim, ffn, dtype: rates[dtype])
+    rates['bf16'] = FITTED_CPU['bf16']
+    pays, why = keep_pays(cfg, 1, 8192, 'bf16', long, ffn_width(cfg), 'cpu')
+    assert not pays and f"{FITTED_CPU['bf16'] / 1e9:.0f} GFLOP/s measured here" in why
+    rates['bf16'] = FITTED_CPU['bf16'] / 10
+    pays, why = keep_pays(cfg, 1, 8192, 'bf16', long, ffn_width(cfg), 'cpu')
+    assert pays and why.endswith('it pays at this shape') and '62 GFLOP/s measured here' in why
+    plan = plan_step(cfg, 1, 8192, 'bf16', 1, 64 * GIB, working=step_working_bytes(cfg, 1, 8192, 'bf16'),
+                     host_heap=True, targets=EVERY, rank=8)
+    assert plan.kept_blocks == cfg.n_layers and 'it pays at this shape' in plan.describe()
+
+
+def test_the_compute_rate_is_measured_once_and_only_where_the_decision_needs_it(monkeypatch):
+    """measured_flops times a real product (a rate a CPU can have, faster in fp32 than in nothing),
+    once a process per shape and dtype; a short sequence, whose kept tensors the heap reuses,
+    decides without it."""
+    measured_flops.cache_clear()
+    rate = measured_flops(1024, 2816, 'fp32')
+    assert 1e8 < rate < 1e14
+    assert measured_flops(1024, 2816, 'fp32') == rate and measured_flops.cache_info().hits == 1
+    monkeypatch.setattr(keep_cost, 'measured_flops', lambda *a: pytest.fail('measured where nothing is fresh'))
+    cfg = shape_config('0.4b')
+    assert keep_pays(cfg, 4, 128, 'bf16', kept_activation_bytes(cfg, 4, 128, 'bf16', EVERY), ffn_width(cfg),
+                     'cpu') == (True, '')
 
 
 @pytest.mark.parametrize('shape, limit_gib', [('7b', 4), ('0.4b', 0.5)])

@@ -12,19 +12,51 @@ which the system serves from the pages the previous block gave back. Smaller ten
 heap between steps (the heap trimmer leaves the kept bytes as slack), and cuda's and mps' caching
 allocators reuse theirs: there keeping costs no time, and the blocks that fit are kept.
 
-The two rates are fitted to this project's 2-core CPU (docs/performance.md): 0.4B bf16 at 1 x 8192
+The two rates were fitted to this project's 2-core CPU (docs/performance.md): 0.4B bf16 at 1 x 8192
 (322 GFLOP a block's forward, causal attention counted once) took 0.52 s a block's no-grad forward;
 keeping 21 blocks (0.53 GiB each) saved 0.52-0.57 s a block in the blocks' own times and lost it
 again outside them, 12 s a step: 0.9 GiB/s of fresh memory, the break-even point, so that shape
 recomputes. 0.4B fp32 at 4 x 128 (11.5 GFLOP a block, 250 GFLOP/s) saved 45 ms a kept block, and
 none of its tensors reaches the ceiling. A machine with other rates moves the break-even point, not
-the rule; a first-step measurement of one block both ways would find it there (not built)."""
+the rule. The compute rate moves most from one machine to the next (another 2-core CPU of this
+project's, AVX2 without AVX-512, runs those products at 57 GFLOP/s in fp32 and 10 in bf16: there a
+bf16 recompute costs 60 times what it does above, and keeping pays), so it is measured, once a
+process, at the block's feed-forward shape and only where the decision needs it (measured_flops); the
+fresh-memory rate, which only a whole step under memory pressure shows, stays the fitted one."""
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+
 from ..model.config import ModelConfig
 
 HEAP_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest dynamic mmap threshold on 64-bit
-CPU_FLOPS = {'fp32': 2.5e11, 'bf16': 6.2e11, 'fp16': 6.2e11}  # a block's no-grad forward, measured above
+PROBE_SECONDS = 0.05  # the timed product's least length, far above the clock's resolution
+PROBE_WIDTH = 2048
 CPU_FRESH_BYTES_PER_S = 0.9 * 2 ** 30  # fresh pages a step takes from the system, measured above
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
+TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_flops(dim, ffn, dtype):
+    """FLOP/s of this machine's matrix product in `dtype` at a block's feed-forward shape (dim to ffn),
+    timed once a process: the rows are quadrupled from 256 (fewer run below the product's speed: 5
+    GFLOP/s at 16 rows in fp32 here, 57 at 1024) until one product takes PROBE_SECONDS, each timed
+    after an untimed one (a few tenths of a second in all where the dtype is slow)."""
+    dim, ffn = min(dim, PROBE_WIDTH), min(ffn, PROBE_WIDTH)  # as fast as wider, and a 70B's would take 0.5-1 GB
+    weight = torch.randn(ffn, dim, dtype=TORCH_DTYPES[dtype])
+    rows = 256
+    while True:
+        x = torch.randn(rows, dim, dtype=weight.dtype)
+        F.linear(x, weight)
+        start = time.perf_counter()
+        F.linear(x, weight)
+        seconds = time.perf_counter() - start
+        if seconds >= PROBE_SECONDS or rows >= 4096:
+            return 2 * rows * dim * ffn / max(seconds, 1e-9)
+        rows *= 4
 
 
 def forward_flops(cfg: ModelConfig, batch, seq, ffn):
@@ -49,17 +81,19 @@ def fresh_bytes(cfg: ModelConfig, batch, seq, dtype_bytes, ffn, kept_bytes, devi
 
 
 def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, ffn, device_type='cpu'):
-    """-> (whether keeping a block's activations saves time, a note saying why not in numbers).
+    """-> (whether keeping a block's activations saves time, a note weighing the two in numbers where
+    keeping has a price).
     kept_bytes: one block's kept activations for one micro-batch; ffn: the feed-forward's width a
     token runs (plan.ffn_width)."""
     fresh = fresh_bytes(cfg, batch, seq, DTYPE_BYTES[dtype], ffn, kept_bytes, device_type)
     if not fresh:
         return True, ''
-    flops = forward_flops(cfg, batch, seq, ffn)
-    saved, cost = flops / CPU_FLOPS[dtype], fresh / CPU_FRESH_BYTES_PER_S
+    flops, rate = forward_flops(cfg, batch, seq, ffn), measured_flops(cfg.dim, ffn, dtype)
+    saved, cost = flops / rate, fresh / CPU_FRESH_BYTES_PER_S
+    weighed = (f'keeping a block saves its forward, {flops / 1e9:.0f} GFLOP (~{saved:.2f} s at {rate / 1e9:.0f} '
+               f'GFLOP/s measured here), and takes {fresh / 2 ** 30:.2f} GiB fresh from the system each step '
+               f'(~{cost:.2f} s at {CPU_FRESH_BYTES_PER_S / 2 ** 30:.1f} GiB/s)')
     if saved > cost:
-        return True, ''
-    return False, (f'activations recomputed: keeping a block saves its forward, {flops / 1e9:.0f} GFLOP '
-                   f'(~{saved:.2f} s at {CPU_FLOPS[dtype] / 1e9:.0f} GFLOP/s), and takes {fresh / 2 ** 30:.2f} GiB '
-                   f'fresh from the system each step (~{cost:.2f} s at {CPU_FRESH_BYTES_PER_S / 2 ** 30:.1f} '
-                   'GiB/s): it does not pay at this shape (keep_activations all keeps them anyway)')
+        return True, f'{weighed}: it pays at this shape'
+    return False, (f'activations recomputed: {weighed}: it does not pay at this shape (keep_activations all '
+                   'keeps them anyway)')

@@ -207,7 +207,8 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     pays, note = (keep_pays(cfg, batch, seq, dtype, kept_activation_bytes(cfg, batch, seq, dtype, **activation),
                             ffn_width(cfg), activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
     if pays:
-        kept, note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
+        kept, kept_note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
+        note = '; '.join(part for part in (note, kept_note) if part)
     else:
         kept = 0
     refuse_below_one_block(budget, device_need(1, 0), in_flight, batch, seq)
@@ -386,10 +387,12 @@ def place_blocks(cfg: ModelConfig, batch, seq, dtype, device_budget, ram_budget,
     return plan(resident, ram)
 
 
-def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, micro_batches=1, budget=None):
+def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, micro_batches=1, budget=None,
+               device_type='cuda'):
     """Print the predicted peaks of a finetune in each offload mode (quant: the blocks' Quant, or
     None), `micro_batches` a step travelling through the blocks together, activations recomputed
-    and kept; with `budget` (bytes for the step on the device), the step plan it allows."""
+    and kept; with `budget` (bytes for the step on the device), the step plan it allows on a
+    `device_type` device (on a cpu: whether keeping pays at this shape, keep_cost)."""
     print(f'model: {model_params(cfg) / 1e9:.2f}B parameters, batch {batch} x seq {seq}, {dtype}'
           f'{", " + quant.type + " blocks" if quant else ""}, LoRA r={rank} on {",".join(targets)}')
     w = DTYPE_BYTES[dtype]
@@ -411,5 +414,6 @@ def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, m
                                            f'{p.host_bytes / GIB:6.2f} GiB' for how, p in zip(('recomputed', 'kept'), peaks)))
     if budget is not None:
         working = step_working_bytes(cfg, batch, seq, dtype, micro_batches)
-        plan = plan_step(cfg, batch, seq, dtype, micro_batches, budget, working=working, targets=targets, rank=rank)
-        print(f'  within {budget / GIB:.2f} GiB for the step: {plan.describe()}')
+        plan = plan_step(cfg, batch, seq, dtype, micro_batches, budget, working=working, targets=targets, rank=rank,
+                         host_heap=device_type == 'cpu', device_type=device_type)
+        print(f'  within {budget / GIB:.2f} GiB for the step on {device_type}: {plan.describe()}')

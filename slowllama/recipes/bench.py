@@ -44,7 +44,8 @@ def add_arguments(p):
     p.add_argument('--work', default='models/bench', help='where the random benchmark models are kept')
     p.add_argument('--json', default='bench.json', help='where to write the results')
     p.add_argument('--plan', action='store_true', help='only print the memory plan for --model or --shape')
-    p.add_argument('--model', default=None, help='with --plan: a prepared model folder')
+    p.add_argument('--model', default=None, help='a prepared model folder to run ours on (or with --plan: to '
+                   'plan) instead of --shape\'s random model; transformers+peft cannot run on it (--peers \'\')')
     p.add_argument('--write-model', default=None, metavar='OUT',
                    help='only write a prepared folder of --shape with random weights to OUT, packed with --quant '
                         '(default nf4), block by block: no float model is made (qwen3-30b-a3b: about 17 GB)')
@@ -65,6 +66,9 @@ def run(args):
     on_cpu = device == 'cpu'
     shape = args.shape or ('0.4b' if on_cpu else '7b')
     shape_config(shape)  # one line for an unknown shape
+    if args.model and args.peers:
+        raise SlowLlamaError(f'--model {args.model}: transformers+peft run on --shape\'s random model only '
+                             '(pass --peers \'\')')
     if args.rounds < 1 or args.steps < 1 or args.grad_accum < 1:
         raise SlowLlamaError('--rounds, --steps and --grad-accum must be at least 1')
     if shape in BLOCK_ONLY:  # one MoE block against transformers' decoder layer
@@ -77,7 +81,7 @@ def run(args):
           modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
           peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
           dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant,
-          grad_accum=args.grad_accum, keep=args.keep_activations)
+          grad_accum=args.grad_accum, keep=args.keep_activations, model=args.model)
 
 
 def _list(text):
@@ -271,15 +275,17 @@ def run_in_subprocess(spec):
 
 def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=4, targets=('q', 'v'),
           modes=('disk', 'ram', 'device'), peers=('hf', 'hf-ckpt'), dtype=None, work='models/bench',
-          json_out='bench.json', rounds=1, quant=None, grad_accum=1, keep='auto'):
+          json_out='bench.json', rounds=1, quant=None, grad_accum=1, keep='auto', model=None):
     """Each configuration in its own process; with rounds > 1 the configurations take turns that many
     times and each keeps its median, so a machine that drifts slows them all alike. `quant` ('nf4' |
-    'int8') adds the offload modes on a quantized twin, and for nf4 the QLoRA peer 'hf-qlora'."""
+    'int8') adds the offload modes on a quantized twin, and for nf4 the QLoRA peer 'hf-qlora'. model: a
+    prepared folder that ours runs on instead of the shape's random model (no peers; its own quant)."""
     dtype = dtype_name(parse_dtype(dtype or ('fp32' if device == 'cpu' else 'bf16')))  # aliases, and a clear error
     quant = parse_quant(quant)
-    hf_dir, prepared = make_models(shape, work, dtype)
-    quantized = make_models(shape, work, dtype, quant.type)[1] if quant else None
-    cfg, _ = model_config(prepared)
+    hf_dir, prepared = (None, model) if model else make_models(shape, work, dtype)
+    quantized = make_models(shape, work, dtype, quant.type)[1] if quant and not model else None
+    cfg, model_quant = model_config(prepared)
+    shape, quant = (os.path.basename(os.path.normpath(model)), None) if model else (shape, quant)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
                 targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir, grad_accum=grad_accum,
                 keep=keep)
@@ -298,7 +304,7 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
     rows = []
     for system, mode, q in configs:
         row = {'system': system, 'mode': mode, 'quant': q, **median_run(runs[(system, mode, q)])}
-        rows.append({**row, **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q),
+        rows.append({**row, **planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, parse_quant(q) or model_quant,
                                       grad_accum, row.get('kept_blocks', 0))})
     report = {'device': device, 'shape': shape, 'dtype': dtype, 'batch': batch, 'seq': seq, 'rank': rank,
               'targets': list(targets), 'rounds': rounds, 'grad_accum': grad_accum,

@@ -1,5 +1,6 @@
 """The plan recipe: the predicted peak device and host memory of a finetune, for a prepared model or a
 named shape, in each offload mode, before running it."""
+from ..engine.devices import best_device
 from ..engine.plan import print_plan
 from ..model.quant import parse_quant
 from ..weights.prepared import model_config
@@ -19,6 +20,9 @@ def add_arguments(p):
     p.add_argument('--grad-accum', type=int, default=1, help='micro-batches a step (they travel together)')
     p.add_argument('--max-device-mem', default=None, help='bytes the step may take on the device (e.g. 8GB): '
                    'prints the step plan they allow (which blocks keep their activations)')
+    p.add_argument('--device', default=None, choices=('cuda', 'mps', 'cpu'),
+                   help='the device the step plan is for (default: the best present; on a cpu keeping is '
+                        'weighed against what it costs on this machine)')
 
 
 def run(args):
@@ -26,4 +30,4 @@ def run(args):
                                                                parse_quant(args.quant))
     print_plan(cfg, args.batch_size or 16, args.seq_len or 128, args.dtype or 'bf16', args.lora_rank,
                tuple(args.targets.split(',')), quant, max(1, args.grad_accum),
-               parse_bytes(args.max_device_mem, '--max-device-mem'))
+               parse_bytes(args.max_device_mem, '--max-device-mem'), args.device or best_device())
