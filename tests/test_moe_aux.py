@@ -109,6 +109,18 @@ def test_collate_marks_padding_for_the_trainer():
     assert collate([Example([1, 2], [2, -100])], pad_id=0).mask is None
 
 
+def test_dpo_pairs_mark_their_padding_for_the_trainer():
+    """A DPO pair batch's padding stays out of the load-balancing loss too (trl passes transformers
+    the attention mask): the micro-batch carries it in flat()'s row order."""
+    from slowllama.data.preference import Pair, collate_pairs
+    from slowllama.training.dpo import train_step
+    batch = collate_pairs([Pair([1, 2, 3], [1, 4], 1, 1), Pair([5, 6], [5, 7, 8], 1, 1)], pad_id=0)
+    micro = train_step(None, batch, beta=0.1)
+    assert micro.mask.tolist() == [[1, 1], [1, 0], [1, 0], [1, 1]]  # the last token of each is no input
+    assert torch.equal(micro.tokens, batch.flat()[0]) and (micro.tokens[micro.mask == 0] == 0).all()
+    assert collate_pairs([Pair([1, 2], [1, 3], 1, 1)], pad_id=0).mask is None
+
+
 def test_the_flag_reaches_the_engine_options():
     from slowllama import cli
     from slowllama.recipes.options import resolve

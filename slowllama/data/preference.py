@@ -49,6 +49,10 @@ class PairBatch(Batch):
         """-> tokens, targets [pairs * 2, seq]: chosen, rejected, chosen, rejected, ..."""
         return self.tokens.flatten(0, 1), self.targets.flatten(0, 1)
 
+    def flat_mask(self):
+        """-> [pairs * 2, seq] 0 at padding, as flat() orders the rows; None where nothing is padded."""
+        return None if self.mask is None else self.mask.flatten(0, 1)
+
 
 # --- records -> pairs --------------------------------------------------------------------------
 
@@ -100,13 +104,17 @@ def collate_pairs(pairs, pad_id):
     width = max(1, max(len(tokens) for tokens, _ in examples))
     tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)  # for a MoE's load-balancing loss, as collate's
     for row, (ids, targets_row) in enumerate(examples):
         tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         targets[row, :len(targets_row)] = torch.tensor(targets_row, dtype=torch.long)
+        mask[row, :len(ids)] = 1
     reference = None
     if all(p.reference is not None for p in pairs):
         reference = torch.tensor([p.reference for p in pairs], dtype=torch.float32)
-    return PairBatch(tokens.view(len(pairs), 2, width), targets.view(len(pairs), 2, width), reference=reference)
+    mask = None if bool(mask.all()) else mask.view(len(pairs), 2, width)
+    return PairBatch(tokens.view(len(pairs), 2, width), targets.view(len(pairs), 2, width), reference=reference,
+                     mask=mask)
 
 
 # --- batches -----------------------------------------------------------------------------------

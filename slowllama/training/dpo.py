@@ -57,7 +57,7 @@ def train_step(model, batch, beta):
         # the head's weights are d loss / d (each token's cross-entropy) = - d loss / d log-prob
         return loss.detach(), -policy.grad.reshape(-1, 1).expand_as(token_logps)
 
-    return MicroBatch(tokens, targets, weigh=weigh, metrics=lambda: found['metrics'])
+    return MicroBatch(tokens, targets, weigh=weigh, metrics=lambda: found['metrics'], mask=batch.flat_mask())
 
 
 @torch.no_grad()
