@@ -16,7 +16,7 @@ from ..weights.host_memory import (
     unified_memory,
 )
 from ..weights.prepared import dtype_name
-from .plan import cap_budget, plan_step, step_working_bytes
+from .plan import CPU_RUNTIME_BYTES, cap_budget, plan_step, step_working_bytes
 from .stash import spill_room
 
 
@@ -85,7 +85,11 @@ class StepPlanner:
         if self.device.type == 'cpu' or unified_memory(self.device):
             free = free_host_memory() if self.device.type == 'cpu' else free_device_memory(self.device)
             held = 2 * mapped['block'] if mapped['blocks'] else 0  # the last two blocks stay for the backward
-            budget = cap_budget(free, options.max_device_mem) - store.unallocated_device_bytes() - held
+            # what a cpu process takes after load beside the step's planned tensors (autograd's and
+            # the thread pools' memory, the head's slices, the heap's slack): measured 140-190 MB
+            grows = CPU_RUNTIME_BYTES if self.device.type == 'cpu' else 0
+            budget = (min(cap_budget(free) - grows, cap_budget(free, options.max_device_mem))
+                      - store.unallocated_device_bytes() - held)
             return max(0, budget), 0, mapped['total'], 0, held
         unallocated = store.unallocated_device_bytes()  # the copier's two block buffers
         budget = cap_budget(free_device_memory(self.device), options.max_device_mem) - unallocated
