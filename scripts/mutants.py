@@ -301,7 +301,7 @@ MUTANTS = [
       'leaf = x.detach().requires_grad_(ctx.needs_input_grad[2])',  # index 2 is the LoRA list: no input grad
       'tests/test_moe_unpack.py::test_one_expert_is_unpacked_at_a_time_and_grads_are_unpack_alls[nf4-none]'),
     M('moe-kept-bytes-without-the-gathered-experts', 'slowllama/engine/plan.py',
-      'total = t * (2 * k * cfg.dim * w + cfg.n_experts * f + 128)', 'total = t * (cfg.n_experts * f + 128)',
+      'total = t * (per_choice * k * cfg.dim * w + cfg.n_experts * f + 128)', 'total = t * (cfg.n_experts * f + 128)',
       'tests/test_kept.py::test_a_moe_blocks_kept_bytes_are_counted_never_under'),
     M('keep-cost-with-a-constant-compute-rate', 'slowllama/engine/keep_cost.py',
       'measured_flops(cfg.dim, ffn, dtype)\n', '6.2e11\n',

@@ -79,11 +79,12 @@ LORA_INPUT = {'q': 'attn_in', 'k': 'attn_in', 'v': 'attn_in', 'o': 'attn_out', '
 
 
 def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('q', 'v'), rank=8, dropout=0.0,
-                          lora_dropout=0.0, device_type='cpu', packed=False):
+                          lora_dropout=0.0, device_type='cpu', packed=False, packed_experts=False):
     """Bytes a block keeps from its forward under autograd until its backward (its frozen weights
     not counted: they are fetched again), for one micro-batch of batch x seq: what autograd saves,
     term by term as torch 2.x saves it (tests/test_plan.py checks the sum against the saved tensors
-    of a real block), plus the block's input the engine holds."""
+    of a real block), plus the block's input the engine holds. packed_experts: a MoE block's experts
+    travel packed (--quant) and run inside model/moe._Unpacked, which keeps their input alone."""
     t, w, f = batch * seq, DTYPE_BYTES[dtype], 4
     q, kv, heads = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
     width = {'attn_in': cfg.dim, 'attn_out': q, 'ffn_in': cfg.dim, 'ffn_act': ffn_width(cfg)}
@@ -105,9 +106,10 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
         total += batch * seq * seq * f  # the documents' mask, as an additive float mask
     if dropout:
         total += 2 * t * cfg.dim * w  # the residual branches' dropout masks
-    total += 3 * t * ffn_width(cfg) * w  # gate, silu(gate), up
+    if not (cfg.n_experts and packed_experts):  # _Unpacked runs the experts' SwiGLU again in the backward
+        total += 3 * t * ffn_width(cfg) * w  # gate, silu(gate), up
     if cfg.n_experts:
-        total += moe_kept_bytes(cfg, t, w, targets)
+        total += moe_kept_bytes(cfg, t, w, targets, packed_experts)
     shared = {'attn_out'} if not math_attention else set()  # the fused attention keeps its output anyway
     for target in targets:  # LoRA: A's input (fp32) and A's output
         source = LORA_INPUT[target]
@@ -122,15 +124,17 @@ def kept_activation_bytes(cfg: ModelConfig, batch, seq, dtype='bf16', targets=('
     return total
 
 
-def moe_kept_bytes(cfg: ModelConfig, t, w, targets):
+def moe_kept_bytes(cfg: ModelConfig, t, w, targets, packed_experts=False):
     """What a MoE block keeps beyond a dense MLP's terms, for t tokens: each expert's gathered input
     and its output (weighed by the router after it), the router's fp32 probabilities and choices
     (tests/test_kept.py measures them: without these the plan kept 1.5x less than a MoE block holds,
-    and auto kept more blocks than memory held). Packed experts keep less (model/moe._Unpacked).
-    With `experts` among the targets, the expert LoRA's fp32 inputs, counted a few percent over."""
+    and auto kept more blocks than memory held). With `experts` among the targets, the expert LoRA's
+    fp32 inputs, counted a few percent over, except where the experts are packed (model/moe._Unpacked
+    keeps their input alone and runs them again in the backward)."""
     k, f = cfg.experts_per_token, 4
-    total = t * (2 * k * cfg.dim * w + cfg.n_experts * f + 128)
-    if 'experts' in targets:
+    per_choice = 3 if packed_experts else 2  # packed: one more tensor of the model's width a choice, measured
+    total = t * (per_choice * k * cfg.dim * w + cfg.n_experts * f + 128)
+    if 'experts' in targets and not packed_experts:
         total += t * k * (2 * cfg.dim + cfg.expert_hidden_dim) * f
     return total
 
@@ -329,7 +333,8 @@ def predict(cfg: ModelConfig, batch, seq, dtype='bf16', rank=8, targets=('q', 'v
     lora = lora_params(cfg, rank, targets) * 4 * 4  # fp32 weights, grads, two Adam moments
     one_input = saved_input_bytes(cfg, batch, seq, w)
     saved_inputs = micro_batches * (cfg.n_layers - kept_blocks) * one_input
-    kept = micro_batches * kept_blocks * int(kept_activation_bytes(cfg, batch, seq, dtype, targets, rank, **activation)
+    kept = micro_batches * kept_blocks * int(kept_activation_bytes(cfg, batch, seq, dtype, targets, rank,
+                                                                   packed_experts=quant is not None, **activation)
                                              * (1 + CPU_HEAP_SLACK * device_is_host))
     step = (lora + step_working_bytes(cfg, batch, seq, dtype, micro_batches) + 2 * micro_batches * one_input
             + unpacked + kept)
@@ -403,7 +408,7 @@ def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, m
         saved = micro_batches * cfg.n_layers * saved_input_bytes(cfg, batch, seq, w)
         print(f'  {micro_batches} micro-batches a step travel through each block together: each block crosses '
               f'twice a step, their saved inputs take {saved / GIB:.2f} GiB (device, then RAM, then disk)')
-    per_block = kept_activation_bytes(cfg, batch, seq, dtype, targets, rank)
+    per_block = kept_activation_bytes(cfg, batch, seq, dtype, targets, rank, packed_experts=quant is not None)
     print(f'  activations kept instead of recomputed: {per_block / 2 ** 20:.1f} MiB a block and micro-batch, '
           f'{micro_batches * cfg.n_layers * per_block / GIB:.2f} GiB for every block')
     for label, resident, ram in [('device (all resident)', cfg.n_layers, 0), ('ram (streamed)', 0, cfg.n_layers),
@@ -415,5 +420,5 @@ def print_plan(cfg: ModelConfig, batch, seq, dtype, rank, targets, quant=None, m
     if budget is not None:
         working = step_working_bytes(cfg, batch, seq, dtype, micro_batches)
         plan = plan_step(cfg, batch, seq, dtype, micro_batches, budget, working=working, targets=targets, rank=rank,
-                         host_heap=device_type == 'cpu', device_type=device_type)
+                         host_heap=device_type == 'cpu', device_type=device_type, packed_experts=quant is not None)
         print(f'  within {budget / GIB:.2f} GiB for the step on {device_type}: {plan.describe()}')

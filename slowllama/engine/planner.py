@@ -57,7 +57,7 @@ class StepPlanner:
             trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
             working=working, host_heap=self.device.type == 'cpu',
             targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
-            device_type=self.device.type, packed=packed)
+            device_type=self.device.type, packed=packed, packed_experts=self.store.quant is not None)
         return self._with_stash_caps(plan), max(HeapTrimmer.SLACK, plan.kept_bytes + working)
 
     def _with_stash_caps(self, plan):
