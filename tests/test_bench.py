@@ -143,6 +143,20 @@ def test_each_configuration_runs_in_its_own_process_beside_its_prediction(tiny_b
 
 
 @pytest.mark.slow
+def test_several_keep_settings_run_a_row_each(tiny_bench_models):
+    """--keep-activations auto,none: ours runs once per setting in one table (keeping beside recomputing,
+    as issue 39 compares them), each row planned with the blocks it kept."""
+    work, _ = tiny_bench_models
+    report = bench.bench(device='cpu', shape='tiny', batch=2, seq=16, steps=1, warmup=0, rank=4, modes=('ram',),
+                         peers=(), dtype='fp32', work=work, json_out=f'{work}/keeps.json', keeps=('auto', 'none'))
+    kept = {row['mode']: row['kept_blocks'] for row in report['rows']}
+    assert kept == {'ram/auto': 4, 'ram/none': 0}, report['rows']
+    auto, none = report['rows']
+    assert auto['planned_host_bytes'] > none['planned_host_bytes']  # the kept activations are in the plan
+    assert auto['bytes_read_per_step'] == none['bytes_read_per_step']
+
+
+@pytest.mark.slow
 def test_ours_runs_on_a_prepared_folder_with_its_own_quantization(tmp_path):
     """bench --model DIR: ours on a prepared folder (gpu_check's whole MoE model, written packed), its
     row planned with the folder's own nf4 blocks; the peers cannot run on it and are refused."""

@@ -31,7 +31,7 @@ def add_arguments(p):
     p.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step (ours travel through '
                    'the blocks together; the peers run them one after another)')
     p.add_argument('--keep-activations', default='auto', help='ours: auto | all | none | N blocks that keep their '
-                   'activations instead of recomputing them')
+                   'activations instead of recomputing them; several, comma-separated (auto,none), run a row each')
     p.add_argument('--dtype', default=None, help='default: fp32 on cpu, bf16 on cuda')
     p.add_argument('--lora-rank', type=int, default=4)
     p.add_argument('--targets', default='q,v')
@@ -81,7 +81,7 @@ def run(args):
           modes=_list(args.modes if args.modes is not None else 'ram' if blocks_only else 'disk,ram,device'),
           peers=_list(args.peers if args.peers is not None else '' if blocks_only else 'hf,hf-ckpt'),
           dtype=args.dtype, work=args.work, json_out=args.json, rounds=args.rounds, quant=args.quant,
-          grad_accum=args.grad_accum, keep=args.keep_activations, model=args.model)
+          grad_accum=args.grad_accum, keeps=_list(args.keep_activations), model=args.model)
 
 
 def _list(text):
@@ -275,11 +275,13 @@ def run_in_subprocess(spec):
 
 def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=4, targets=('q', 'v'),
           modes=('disk', 'ram', 'device'), peers=('hf', 'hf-ckpt'), dtype=None, work='models/bench',
-          json_out='bench.json', rounds=1, quant=None, grad_accum=1, keep='auto', model=None):
+          json_out='bench.json', rounds=1, quant=None, grad_accum=1, keeps=('auto',), model=None):
     """Each configuration in its own process; with rounds > 1 the configurations take turns that many
     times and each keeps its median, so a machine that drifts slows them all alike. `quant` ('nf4' |
     'int8') adds the offload modes on a quantized twin, and for nf4 the QLoRA peer 'hf-qlora'. model: a
-    prepared folder that ours runs on instead of the shape's random model (no peers; its own quant)."""
+    prepared folder that ours runs on instead of the shape's random model (no peers; its own quant).
+    keeps: ours runs once for each --keep-activations setting (its mode labelled 'disk/none' where there
+    are several), so keeping and recomputing meet the peers in one table."""
     dtype = dtype_name(parse_dtype(dtype or ('fp32' if device == 'cpu' else 'bf16')))  # aliases, and a clear error
     quant = parse_quant(quant)
     hf_dir, prepared = (None, model) if model else make_models(shape, work, dtype)
@@ -287,17 +289,19 @@ def bench(device='cpu', shape='0.4b', batch=4, seq=128, steps=3, warmup=1, rank=
     cfg, model_quant = model_config(prepared)
     shape, quant = (os.path.basename(os.path.normpath(model)), None) if model else (shape, quant)
     base = dict(device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
-                targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir, grad_accum=grad_accum,
-                keep=keep)
-    configs = [('slowllama', m, None) for m in modes] + [(p, '-', None) for p in peers]
+                targets=list(targets), vocab=cfg.vocab_size, model_dir=prepared, hf_dir=hf_dir, grad_accum=grad_accum)
+    ours = [m if len(keeps) == 1 else f'{m}/{k}' for m in modes for k in keeps]  # mode, or mode/keep setting
+    configs = [('slowllama', m, None) for m in ours] + [(p, '-', None) for p in peers]
     if quant:
-        configs += [('slowllama', m, quant.type) for m in modes]
+        configs += [('slowllama', m, quant.type) for m in ours]
         configs += [('hf-qlora', '-', 'nf4')] if quant.type == 'nf4' else []
     runs = {config: [] for config in configs}
     for turn in range(rounds):
         for system, mode, q in configs:
             print(f'bench: {system} {mode} {q or ""} (round {turn + 1} of {rounds}) ...', file=sys.stderr, flush=True)
-            spec = {**base, 'system': system, 'mode': mode, 'model_dir': quantized if q else prepared}
+            offload, _, keep = mode.partition('/')
+            spec = {**base, 'system': system, 'mode': offload, 'keep': keep or keeps[0],
+                    'model_dir': quantized if q else prepared}
             runs[(system, mode, q)].append(run_in_subprocess(spec))
             print(f'bench: {system} {mode} {q or ""}: {_one_line(runs[(system, mode, q)][-1])}', file=sys.stderr,
                   flush=True)  # so a run cut off at its time limit still leaves what it measured
@@ -337,7 +341,7 @@ def planned(cfg, system, mode, batch, seq, dtype, rank, targets, device, quant=N
     its run), to print beside the measurement."""
     if system != 'slowllama':
         return {}
-    blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode]
+    blocks = {'device': (cfg.n_layers, 0), 'ram': (0, cfg.n_layers), 'disk': (0, 0)}[mode.partition('/')[0]]
     plan = predict(cfg, batch, seq, dtype, rank=rank, targets=targets, resident_blocks=blocks[0],
                    ram_blocks=blocks[1], device_is_host=device == 'cpu', quant=quant, micro_batches=micro_batches,
                    kept_blocks=kept_blocks, plain_unpack=device == 'mps')
@@ -351,13 +355,13 @@ def print_table(report):
     print(f"\n{report['shape']} on {report['device']} ({report['dtype']}), batch {report['batch']} x seq "
           f"{report['seq']}{accum}, LoRA r={report['rank']} on {','.join(report['targets'])}; "
           f"model {report['model_bytes'] / GIB:.2f} GiB; median of {report['rounds']} round(s)")
-    head = (f"{'system':<10} {'mode':<7} {'quant':<5} {'kept':>5} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
+    head = (f"{'system':<10} {'mode':<10} {'quant':<5} {'kept':>5} {'step s':>7} {'tok/s':>7} {'dev GiB (plan)':>15} "
             f"{'host+ GiB':>9} {'host+/model':>11} {'vs hf-ckpt':>10} {'vs hf':>6} {'vs qlora':>8} "
             f"{'block ms / copy ms':>18} {'read GB/step':>12} {'read B/token':>12} {'to dev GB/step':>14}")
     print(head + '\n' + '-' * len(head))
     for r in rows:
         if 'error' in r:
-            print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {'':>5} error: {r['error']}")
+            print(f"{r['system']:<10} {r['mode']:<10} {r.get('quant') or '-':<5} {'':>5} error: {r['error']}")
             continue
         ratio = {name: f"{r['step_s'] / peer['step_s']:.2f}x" for name, peer in peers.items()}
         device_peak = r.get('device_peak_bytes', r['host_gain_bytes'] if report['device'] == 'cpu' else None)
@@ -367,7 +371,7 @@ def print_table(report):
         crossed = (f"{r['bytes_read_per_step'] / 1e9:>12.3f} {r['bytes_read_per_token']:>12.0f} "
                    f"{r['bytes_to_device_per_step'] / 1e9:>14.3f}" if 'bytes_read_per_step' in r else '')
         kept = str(r['kept_blocks']) if 'kept_blocks' in r else '-'  # blocks that kept their activations
-        print(f"{r['system']:<10} {r['mode']:<7} {r.get('quant') or '-':<5} {kept:>5} {r['step_s']:>7.3f} "
+        print(f"{r['system']:<10} {r['mode']:<10} {r.get('quant') or '-':<5} {kept:>5} {r['step_s']:>7.3f} "
               f"{r['tokens_per_s']:>7.0f} {dev:>15} "
               f"{r['host_gain_bytes'] / GIB:>9.2f} {r['host_gain_bytes'] / report['model_bytes']:>10.0%} "
               f"{ratio.get('hf-ckpt', '-'):>10} {ratio.get('hf', '-'):>6} {ratio.get('hf-qlora', '-'):>8} {blocks:>18} "
