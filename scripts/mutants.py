@@ -304,8 +304,18 @@ MUTANTS = [
       'total = t * (per_choice * k * cfg.dim * w + cfg.n_experts * f + 128)', 'total = t * (cfg.n_experts * f + 128)',
       'tests/test_kept.py::test_a_moe_blocks_kept_bytes_are_counted_never_under'),
     M('keep-cost-with-a-constant-compute-rate', 'slowllama/engine/keep_cost.py',
-      'measured_flops(cfg.dim, ffn, dtype)\n', '6.2e11\n',
+      ', measured_flops(cfg.dim, ffn, dtype)\n', ', 6.2e11\n',
       'tests/test_keep_pays.py::test_where_the_products_are_slow_the_long_sequence_keeps'),
+    M('disk-rate-from-the-fastest-reads', 'slowllama/weights/files.py',
+      'sorted(self._rates)[len(self._rates) // 4]', 'sorted(self._rates)[-1]',
+      'tests/test_keep_pays.py::test_the_disk_rate_is_the_slow_quartile_of_the_reads'),
+    M('kept-block-saves-no-recompute-when-streamed', 'slowllama/engine/keep_cost.py',
+      '(2 if i >= first_kept else 3) * forward_s', '3 * forward_s',
+      'tests/test_keep_pays.py::test_the_streamed_step_takes_the_longer_of_each_blocks_read_and_compute '
+      'tests/test_keep_pays.py::test_read_from_disk_each_step_the_memory_goes_where_the_step_is_waiting'),
+    M('never-planned-again-at-the-disks-rate', 'slowllama/engine/planner.py',
+      '        rate = self._streamed_read_rate()\n', '        rate = None\n',
+      'tests/test_keep_pays.py::test_a_run_reading_every_block_from_disk_plans_again_once_it_knows_the_disks_rate'),
 ]
 
 def check(mutants, root=ROOT):

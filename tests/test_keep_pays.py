@@ -155,3 +155,87 @@ def test_the_command_line_refuses_a_limit_below_one_block_before_the_run(tiny_te
     err = capsys.readouterr().err
     assert 'error: --max-device-mem: one block in flight needs' in err and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def streamed_plan(cfg, micro_batches, limit, read_rate, batch=2, seq=128, dtype='fp32'):
+    """cpu_plan on the disk tier once the run's reads told the disk's rate."""
+    held = 2 * block_bytes(cfg, dtype)
+    budget = cap_budget(limit - CPU_RUNTIME_BYTES) - held
+    return plan_step(cfg, batch, seq, dtype, micro_batches, budget, host_heap=True, in_flight=held,
+                     working=step_working_bytes(cfg, batch, seq, dtype, micro_batches),
+                     block_files=cfg.n_layers * block_bytes(cfg, dtype), targets=('q', 'v'), rank=8,
+                     disk_reads=(block_bytes(cfg, dtype), read_rate))
+
+
+def test_read_from_disk_each_step_the_memory_goes_where_the_step_is_waiting(fitted_cpu):
+    """The slow-disk bar's shape (0.4B fp32, 2 x 128, r=8 on q,v, 624 MiB): at 100 MB/s a block's
+    read takes several times its compute, so a kept block saves nothing and its memory is worth more
+    to the page cache at the step's turns: at most the two blocks held between the passes (read once,
+    their backward waits on no read) keep theirs. At 5 GB/s with four micro-batches the compute is
+    the limit: every block that fits keeps its activations. The plan line says which, in numbers."""
+    cfg = shape_config('0.4b')
+    fits = cpu_plan(cfg, 2, 128, 'fp32', 1, 624 * 2 ** 20).kept_blocks  # what fits, the rate unknown
+    slow = streamed_plan(cfg, 1, 624 * 2 ** 20, 100e6)
+    assert slow.kept_blocks <= 2 < fits and 'the reads are the limit' in slow.describe() and '100 MB/s' in slow.note
+    fast = streamed_plan(cfg, 4, 624 * 2 ** 20, 5e9)
+    most = cpu_plan(cfg, 2, 128, 'fp32', 4, 624 * 2 ** 20).kept_blocks
+    assert fast.kept_blocks == most > 0 and 'the compute is the limit' in fast.describe()
+
+
+def test_the_streamed_step_takes_the_longer_of_each_blocks_read_and_compute():
+    step = keep_cost.streamed_step_seconds
+    # reads the limit: 10 blocks at 1 s a read and 0.1 s a forward; the last two are held for the backward
+    assert step(10, 0, 0.1, 1.0, 0.0, 0, 0) == pytest.approx(10 * 1.0 + 8 * 1.0 + 2 * 0.3)
+    assert step(10, 0, 0.1, 1.0, 0.0, 3, 2) == pytest.approx(3 * 0.1 + 7 * 1.0 + 4 * 0.3 + 6 * 1.0)
+    # compute the limit: each kept block saves its recompute, its fresh memory costs its forward more
+    assert step(10, 4, 1.0, 0.1, 0.5, 0, 0) == pytest.approx(10 * 1.0 + 4 * 0.5 + 6 * 3.0 + 4 * 2.0)
+
+
+def test_the_disk_rate_is_the_slow_quartile_of_the_reads():
+    """Reads the page cache serves are fast: the rate stays the disk's while a quarter of the reads
+    reach it, and is told only after a few reads."""
+    import time
+
+    from slowllama.weights.files import ReadTimes
+    times = ReadTimes()
+    slow = lambda: time.sleep(0.02) or bytes(10 ** 6)  # noqa: E731  (at most 50 MB/s)
+    for _ in range(3):
+        assert times.rate() is None or times.rate() <= 50e6
+        times.timed(slow)
+    times.timed(lambda: None, nbytes=10 ** 6)  # a read in place, served at once
+    assert times.rate() <= 50e6
+    for _ in range(9):
+        times.timed(lambda: None, nbytes=10 ** 6)
+    assert times.rate() > 1e9  # three slow of thirteen: under a quarter reached the disk
+
+
+def test_a_run_reading_every_block_from_disk_plans_again_once_it_knows_the_disks_rate(tiny_text_model,
+                                                                                         monkeypatch):
+    """The plan made at load cannot know the disk's rate; the first step's reads tell it, and the next
+    step runs on a plan weighed at that rate (in the memory measured at load: the steps' own memory is
+    not taken off it again). Here the memory seen at load holds half the block files beside the step."""
+    import torch
+
+    import slowllama
+    import slowllama.engine.planner as planner_module
+    from slowllama.engine.trip import MicroBatch
+    model_dir, _, _ = tiny_text_model
+    store = slowllama.load(model_dir, offload='disk').store
+    cfg, mapped = store.cfg, store.disk_tier_bytes()
+    kept = 2 * cfg.n_layers * kept_activation_bytes(cfg, 1, 8, 'fp32', rank=4) * 1.5  # every block's, heap slack
+    steps = step_working_bytes(cfg, 1, 8, 'fp32', 2) + 2 * 2 * 8 * cfg.dim * 4 + kept  # + the hidden states
+    assert kept < mapped['total'] // 2  # the files cannot stay cached beside the step, the activations fit
+    monkeypatch.setattr(planner_module, 'free_host_memory',
+                        lambda: int((CPU_RUNTIME_BYTES + 2 * mapped['block'] + mapped['total'] // 2 + steps) / 0.9))
+    model = slowllama.load(model_dir, offload='disk', batch_hint=(1, 8), grad_accum=2,
+                           lora=slowllama.LoraConfig(rank=4, targets=('q', 'v')))
+    at_load = model.step_plan
+    assert 'cannot stay in the page cache' in at_load.note and 'MB/s' not in at_load.note
+    tokens = torch.randint(0, cfg.vocab_size, (1, 8))
+    micro = [MicroBatch(tokens, tokens.roll(-1, 1))] * 2
+    model.accumulate(micro)
+    assert model.store.read_rate() is not None
+    model.accumulate(micro)
+    weighed = model.step_plan
+    assert weighed is not at_load and 'read from disk each step at' in weighed.note, weighed.note
+    assert weighed.budget == at_load.budget

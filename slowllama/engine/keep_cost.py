@@ -97,3 +97,51 @@ def keep_pays(cfg: ModelConfig, batch, seq, dtype, kept_bytes, ffn, device_type=
         return True, f'{weighed}: it pays at this shape'
     return False, (f'activations recomputed: {weighed}: it does not pay at this shape (keep_activations all '
                    'keeps them anyway)')
+
+
+# --- blocks read from disk each step: the page cache against kept activations ------------------
+# Where the block files cannot stay in the page cache, the memory not kept still serves it at each
+# turn of the step: the backward starts with the blocks the forward read last, the next forward with
+# those the backward read last, and the cache holds the most recent reads. The reader thread reads
+# the next block while the current one computes, so each block costs the longer of its read and its
+# compute. Where the reads are the longer (a slow disk, short sequences), a kept block saves nothing
+# and the memory it takes from the cache costs reads; where the compute is, keeping saves its
+# recompute and the cache saves nothing. Both sides are timed on this machine: the disk's rate as the
+# run read (weights/files.ReadTimes, known after the first step's reads), the compute as measured_flops.
+
+def streamed_step_seconds(n, kept, forward_s, read_s, kept_extra_s, cached_first, cached_last):
+    """Seconds of a step of n blocks read from disk: the forward reads blocks 0..n-1 (the first
+    `cached_first` from the page cache), a kept block's forward costing kept_extra_s more (its fresh
+    memory); the backward reads n-3..0 (the last two blocks stay, and the `cached_last` before them
+    come from the cache), a kept block computing its backward (2 forwards' work), a recomputed one its
+    forward again too."""
+    first_kept = n - kept
+    forward = sum(max(0 if i < cached_first else read_s, forward_s + kept_extra_s * (i >= first_kept))
+                  for i in range(n))
+    backward = sum(max(0 if i >= n - 2 - cached_last else read_s, (2 if i >= first_kept else 3) * forward_s)
+                   for i in range(n))
+    return forward + backward
+
+
+def fastest_kept(cfg: ModelConfig, batch, seq, dtype, trip, most, kept_bytes, ffn, file_bytes, read_rate,
+                 cache_room):
+    """-> (blocks that keep their activations, of the `most` that fit, for the fastest step where
+    every block is read from disk, a note in numbers). file_bytes: one block file's; read_rate: the
+    disk's bytes a second; cache_room(k): what the page cache has at the forward's end with k blocks
+    kept (at the backward's end every kept block is freed: cache_room(0))."""
+    rate = measured_flops(cfg.dim, ffn, dtype)
+    forward_s = trip * forward_flops(cfg, batch, seq, ffn) / rate
+    kept_extra_s = trip * fresh_bytes(cfg, batch, seq, DTYPE_BYTES[dtype], ffn, kept_bytes, 'cpu') / CPU_FRESH_BYTES_PER_S
+    read_s = file_bytes / read_rate
+    cached = lambda room: int(max(0, room) // file_bytes)  # noqa: E731
+    seconds = [streamed_step_seconds(cfg.n_layers, k, forward_s, read_s, kept_extra_s, cached(cache_room(0)),
+                                     cached(cache_room(k))) for k in range(most + 1)]
+    kept = seconds.index(min(seconds))  # the fewest blocks where several tie
+    bound = ('the reads are the limit' if read_s >= 3 * forward_s else 'the compute is the limit'
+             if read_s <= forward_s else 'the reads are the limit in the forward, the compute in the backward')
+    note = (f'the blocks are read from disk each step at {read_rate / 1e6:.0f} MB/s (as read so far): '
+            f'{read_s:.2f} s a block against {forward_s:.2f} s of its forward ({rate / 1e9:.0f} GFLOP/s measured '
+            f'here): {bound}; a step ~{seconds[kept]:.1f} s keeping {kept} of the {most} blocks that fit '
+            f'(~{seconds[0]:.1f} s keeping none, ~{seconds[most]:.1f} s keeping {most}), the rest of the memory '
+            'left to the page cache, which holds the blocks each pass starts with')
+    return kept, note

@@ -13,7 +13,7 @@ from ..weights.copier import layout_bytes
 from ..weights.packed import file_layout
 from ..weights.pinned import ROW_STAGING_BYTES
 from ..weights.prepared import DTYPES, model_params
-from .keep_cost import keep_pays
+from .keep_cost import fastest_kept, keep_pays
 from .moe_plan import core_params, expert_params, experts_line, experts_worst, fetched_block_bytes
 from .plan_limits import ram_page_cache, refuse_below_one_block
 
@@ -179,7 +179,8 @@ class StepPlan:
 
 
 def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_budget=0, disk_budget=None, trip=None,
-              keep='auto', working=0, block_files=0, host_heap=False, ram_files=0, in_flight=0, **activation):
+              keep='auto', working=0, block_files=0, host_heap=False, ram_files=0, in_flight=0, disk_reads=None,
+              **activation):
     """The StepPlan for `micro_batches` of batch x seq within `budget` bytes on the device (on a cpu:
     the host) for what the step holds beyond the weights (`working` of it taken by the working set of
     one block's backward and the head), with saved inputs spilling to `ram_budget` bytes of host RAM,
@@ -188,7 +189,10 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     beside the step (page_cache_reserve); host_heap: the step runs on a cpu's heap (heap_slack
     more for each kept block). ram_files: on cuda, the bytes of the disk tier's block files the page
     cache would keep in host RAM (ram_page_cache). in_flight: the blocks held at once, already taken
-    off `budget` (for the message when not even one micro-batch fits).
+    off `budget` (for the message when not even one micro-batch fits). disk_reads: (one block file's
+    bytes, the disk's bytes a second as the run read them) where every block is read from its file on
+    a cpu: auto then keeps the blocks that make the step fastest, the page cache taking the rest
+    (keep_cost.fastest_kept), where the files cannot stay cached.
 
     trip: micro-batches per trip; None: all of them as long as their hidden states and gradients fit
     on the device (saved inputs spill: a few percent of a block's bytes a micro-batch, far less than
@@ -219,6 +223,11 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
                             ffn_width(cfg), activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
     if pays:
         kept, kept_note = _kept_blocks(keep, n, budget - reserve, lambda blocks: device_need(trip, blocks))
+        if keep == 'auto' and kept and disk_reads and not reserve and not cfg.n_experts:
+            cache_room = lambda k: budget - device_need(trip, k) - trip * (n - k) * one_input  # noqa: E731
+            kept, kept_note = fastest_kept(cfg, batch, seq, dtype, trip, kept,
+                                           kept_activation_bytes(cfg, batch, seq, dtype, **activation), ffn_width(cfg),
+                                           *disk_reads, cache_room)
         note = '; '.join(part for part in (note, kept_note) if part)
     else:
         kept = 0

@@ -25,12 +25,15 @@ class StepPlanner:
         self.store, self.cfg, self.lora, self.dropout, self.options = store, store.cfg, lora, dropout, options
         self.device, self.dtype = store.device, store.dtype
         self.trim_host_heap = trim_host_heap
-        self._declared = self._plan(*options.step_shape)
+        self._read_rate = None  # the disk's rate the plans were made with (known after the first reads)
+        self._at_load = self._budgets()  # a plan made again for the disk's rate keeps these
+        self._declared = self._plan(*options.step_shape, budgets=self._at_load)
         self._other = None  # (shape, (plan, heap slack)) of the last step of another shape
         self.current = self._declared[0]  # the plan of the last step (what the trainer's log describes)
 
     def for_step(self, micro_batches, batch, seq, packed=False):
         """The StepPlan a step of `micro_batches` of batch x seq runs on."""
+        self._replan_at_read_rate()
         _, rows, positions, declared_packed = self.options.step_shape
         declared = (batch, seq, packed) == (rows, positions, declared_packed)
         if declared and micro_batches <= self._declared[0].micro_batches:
@@ -45,10 +48,27 @@ class StepPlanner:
         self.current = plan
         return plan
 
-    def _plan(self, micro_batches, batch, seq, packed):
+    def _replan_at_read_rate(self):
+        """Plan again where every block is read from disk on a cpu, once the run's reads told the
+        disk's rate, and whenever it moved twofold since: which blocks keep their activations then
+        weighs their recompute against the page cache (keep_cost.fastest_kept)."""
+        rate = self._streamed_read_rate()
+        if rate is None or (self._read_rate is not None and 0.5 < rate / self._read_rate < 2):
+            return
+        self._read_rate = rate
+        self._declared, self._other = self._plan(*self.options.step_shape, budgets=self._at_load), None
+
+    def _streamed_read_rate(self):
+        mapped = self.store.disk_tier_bytes()
+        if self.device.type != 'cpu' or mapped['blocks'] < self.cfg.n_layers or self.cfg.n_experts:
+            return None
+        return self.store.read_rate()
+
+    def _plan(self, micro_batches, batch, seq, packed, budgets=None):
         """-> (StepPlan, the heap slack its steps reuse). Raises SlowLlamaError when what was asked
-        cannot fit (keep_activations all, say)."""
-        budget, ram, page_cache, ram_files, in_flight = self._budgets()
+        cannot fit (keep_activations all, say). budgets: _budgets() as measured at load (the memory
+        free now, by default: the steps so far took some of it already, for what the next reuses)."""
+        budget, ram, page_cache, ram_files, in_flight = budgets or self._budgets()
         dtype = dtype_name(self.dtype)
         working = step_working_bytes(self.cfg, batch, seq, dtype, micro_batches)
         plan = plan_step(
@@ -57,7 +77,8 @@ class StepPlanner:
             trip=self.options.micro_batches_per_trip, keep=self.options.keep_activations,
             working=working, host_heap=self.device.type == 'cpu',
             targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
-            device_type=self.device.type, packed=packed, packed_experts=self.store.quant is not None)
+            device_type=self.device.type, packed=packed, packed_experts=self.store.quant is not None,
+            disk_reads=self._read_rate and (self.store.disk_tier_bytes()['block'], self._read_rate))
         return self._with_stash_caps(plan), max(HeapTrimmer.SLACK, plan.kept_bytes + working)
 
     def _with_stash_caps(self, plan):

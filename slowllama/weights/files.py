@@ -3,6 +3,7 @@ opened as zero-copy memory maps after their header has been checked.
 
 Nothing we write is pickled; every final name appears only once its bytes are complete on disk.
 """
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -13,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -267,12 +269,40 @@ def aligned_header(header, alignment=DATA_ALIGNMENT):
     return (len(header) - 8 + pad).to_bytes(8, 'little') + header[8:] + b' ' * pad
 
 
-def sha256_file(path, chunk=1 << 24):
+def sha256_file(path, chunk=1 << 24, read_times=None):
+    """The file's sha256; each chunk's read timed into `read_times` (a ReadTimes) when given."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
-        while block := f.read(chunk):
+        while block := (f.read(chunk) if read_times is None else read_times.timed(lambda: f.read(chunk))):
             digest.update(block)
     return digest.hexdigest()
+
+
+class ReadTimes:
+    """How fast this run's reads of block files went, for the step's plan (engine/keep_cost.py weighs
+    the page cache against kept activations with it): the rates of the last reads (a block faulted
+    in whole, a checksum's chunk). The disk's rate is their slow quartile: some reads are served by
+    the page cache at memory speed, and the quartile stays the disk's while a quarter of them reach it."""
+    SAMPLES = 256
+    LEAST = 4  # reads before a rate is told
+
+    def __init__(self):
+        self._rates = collections.deque(maxlen=self.SAMPLES)
+
+    def timed(self, read, nbytes=None):
+        """read()'s result, its rate noted: the bytes it returns, or `nbytes` it brought in place."""
+        start = time.perf_counter()
+        result = read()
+        got = len(result) if nbytes is None else nbytes
+        if got:
+            self._rates.append(got / max(time.perf_counter() - start, 1e-9))
+        return result
+
+    def rate(self):
+        """Bytes a second of the disk as its reads went so far; None before LEAST of them."""
+        if len(self._rates) < self.LEAST:
+            return None
+        return sorted(self._rates)[len(self._rates) // 4]
 
 
 class SafetensorsFile:

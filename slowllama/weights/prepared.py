@@ -178,12 +178,13 @@ def verify_files(folder, files, progress_desc=None):
         check_file(os.path.join(folder, name), files[name])
 
 
-def check_file(path, expected, checksum=True):
-    """Size always, sha256 too when `checksum`; a mismatch names the file and says what to do."""
+def check_file(path, expected, checksum=True, read_times=None):
+    """Size always, sha256 too when `checksum` (its reads timed into `read_times`, a files.ReadTimes);
+    a mismatch names the file and says what to do."""
     if not os.path.exists(path) or os.path.getsize(path) != expected['size']:
         raise SlowLlamaError(f'{path}: missing or wrong size; the prepared model is damaged, '
                              'run prepare_model.py again')
-    if checksum and sha256_file(path) != expected['sha256']:
+    if checksum and sha256_file(path, read_times=read_times) != expected['sha256']:
         raise SlowLlamaError(f'{path}: checksum mismatch, the file is corrupt; run prepare_model.py again')
 
 

@@ -18,7 +18,7 @@ from ..model.config import ModelConfig
 from ..model.names import EMBED_TENSOR, HEAD_TENSOR, NORM_TENSOR
 from ..model.quant import Quant, dequantize, packed_layout, packed_nbytes
 from .copier import DeviceCopier, Ready, RowStager, layout_bytes
-from .files import SafetensorsFile
+from .files import ReadTimes, SafetensorsFile
 from .packed import Unpacker, check_file_layout, expert_parts, file_layout, part_name, unpack_rows
 from .pinned import HostArena
 from .prepared import (
@@ -60,6 +60,7 @@ class BlockStore:
                                for f, shapes in self._tables.items()}
         self._files, self._verified = {}, set()
         self.tiers = tiers if isinstance(tiers, dict) else uniform_tiers(self.cfg, self.device, tiers)
+        self.read_times = ReadTimes()  # how fast the disk tier's block files were read (read_rate)
         self._arena = None  # the RAM tier, one host allocation (pinned on cuda)
         self._resident = self._load_resident()
         self._head_stager = None
@@ -86,6 +87,10 @@ class BlockStore:
         self._expert_buffers = None
         self._one_expert_shapes = {n.removeprefix('mlp.experts.0.'): s for n, s in self._expert_shapes.items()
                                    if n.startswith('mlp.experts.0.')}  # every expert has expert 0's shapes
+
+    def read_rate(self):
+        """Bytes a second the disk tier's block files were read at so far (ReadTimes), None before."""
+        return self.read_times.rate()
 
     def unallocated_device_bytes(self):
         """Device bytes the store will still allocate at its first fetches (the copier's two buffers,
@@ -297,7 +302,9 @@ class BlockStore:
         if self.cfg.n_experts:  # the experts are read as the router asks for them, not ahead
             return self._copier.start(self._core_of(mapped.tensors()), from_disk=True)
         mapped.advise(mmap.MADV_WILLNEED)  # read-ahead starts now, in the kernel
-        return self._copier.start(mapped.tensors(), from_disk=True, prefault=mapped.prefault)
+        stored = self._block_bytes['stored']
+        return self._copier.start(mapped.tensors(), from_disk=True,
+                                  prefault=lambda: self.read_times.timed(mapped.prefault, stored))
 
     def _core_of(self, tensors):
         return {n: tensors[n] for n in self._core} if self.cfg.n_experts else tensors
@@ -353,7 +360,8 @@ class BlockStore:
             if expected is None:
                 raise SlowLlamaError(f'{self.model_dir}: manifest does not list {filename}; run prepare again')
             first_read = self.verify and filename not in self._verified
-            check_file(path, expected, checksum=first_read)  # the full checksum once per run
+            timed = self.read_times if self.tiers.get(filename) == 'disk' else None
+            check_file(path, expected, checksum=first_read, read_times=timed)  # the full checksum once per run
             mapped = SafetensorsFile(path)
             if filename not in self._verified:
                 layout = self._stored_tables.get(filename, self._stored_layout)
