@@ -400,7 +400,7 @@ def test_gemma3_multimodal_folder_prepares_its_language_model(tmp_path, capfd):
     assert ours.cfg.model_type == 'gemma3_text' and ours.cfg.layer_types == FAMILIES['gemma3_text']['layer_types']
     tokens, _ = random_batch(296, seq=12)
     with torch.no_grad():
-        assert (ours.logits(tokens) - model(input_ids=tokens).logits).abs().max() < 1e-5
+        assert_fp32_logits_equal(ours.logits(tokens), model(input_ids=tokens).logits)
     reference = peft_model(model, targets=('q_proj', 'v_proj', 'down_proj'))
     reference.save_pretrained(tmp_path / 'from_peft')
     assert any('vision_tower' in k for k in reference.state_dict() if 'lora_A' in k)
@@ -408,7 +408,13 @@ def test_gemma3_multimodal_folder_prepares_its_language_model(tmp_path, capfd):
     assert ours.lora.targets == ('q', 'v', 'down')
     assert 'LoRAs on the vision tower are skipped' in capfd.readouterr().err
     with torch.no_grad():
-        assert (ours.logits(tokens) - reference(input_ids=tokens).logits).abs().max() < 1e-5
+        assert_fp32_logits_equal(ours.logits(tokens), reference(input_ids=tokens).logits)
+
+
+def assert_fp32_logits_equal(ours, want):
+    """Within fp32's rounding at the logits' scale: 3e-6 of the largest (this multimodal gemma's reach 10,
+    and its differences 0.8-1.2e-5 from one CPU and thread count to another)."""
+    assert (ours - want).abs().max() < 3e-6 * max(1.0, want.abs().max().item())
 
 
 def test_phi3_adapters_of_peft_read_back_into_our_projections(tmp_path):
