@@ -56,11 +56,14 @@ class StepPlanner:
         if rate is None or (self._read_rate is not None and 0.5 < rate / self._read_rate < 2):
             return
         self._read_rate = rate
-        self._declared, self._other = self._plan(*self.options.step_shape, budgets=self._at_load), None
+        weighed = self._plan(*self.options.step_shape, budgets=self._at_load)
+        if weighed[0] != self._declared[0]:  # the same plan stays the same object (and is not logged again)
+            self._declared, self._other = weighed, None
 
     def _streamed_read_rate(self):
         mapped = self.store.disk_tier_bytes()
-        if self.device.type != 'cpu' or mapped['blocks'] < self.cfg.n_layers or self.cfg.n_experts:
+        if (self.options.keep_activations != 'auto' or self.device.type != 'cpu'
+                or mapped['blocks'] < self.cfg.n_layers or self.cfg.n_experts):
             return None
         return self.store.read_rate()
 
