@@ -314,7 +314,7 @@ MUTANTS = [
       'tests/test_keep_pays.py::test_the_streamed_step_takes_the_longer_of_each_blocks_read_and_compute '
       'tests/test_keep_pays.py::test_read_from_disk_each_step_the_memory_goes_where_the_step_is_waiting'),
     M('never-planned-again-at-the-disks-rate', 'slowllama/engine/planner.py',
-      '        rate = self._streamed_read_rate()\n', '        rate = None\n',
+      '        rate = self.store.read_rate() if self._streams_every_block else None\n', '        rate = None\n',
       'tests/test_keep_pays.py::test_a_run_reading_every_block_from_disk_plans_again_once_it_knows_the_disks_rate'),
 ]
 

@@ -202,7 +202,8 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     settings (targets, rank, dropout, ...)."""
     n, w = cfg.n_layers, DTYPE_BYTES[dtype]
     one_input = saved_input_bytes(cfg, batch, seq, w)
-    per_block = int(kept_activation_bytes(cfg, batch, seq, dtype, **activation) * (1 + heap_slack(cfg) * host_heap))
+    one_kept = kept_activation_bytes(cfg, batch, seq, dtype, **activation)  # one block's, one micro-batch's
+    per_block = int(one_kept * (1 + heap_slack(cfg) * host_heap))
 
     def device_need(k, kept):  # kept activations, each micro-batch's hidden state and gradient, working set
         return k * kept * per_block + 2 * k * one_input + working
@@ -221,17 +222,16 @@ def plan_step(cfg: ModelConfig, batch, seq, dtype, micro_batches, budget, ram_bu
     reserve, cache_note = page_cache_reserve(block_files, budget, device_need(trip, 0))
     # blocks read from disk each step: one block's room stays with the page cache beside the two in
     # use, or the system takes their pages back while they are read and used (the 7B in 4 GiB with 19
-    # blocks kept and no such room read 7.5 GB a step more than with none, and lost most of its gain)
-    read_room = in_flight // 2 if block_files and not reserve else 0
-    pays, note = (keep_pays(cfg, batch, seq, dtype, kept_activation_bytes(cfg, batch, seq, dtype, **activation),
-                            ffn_width(cfg), activation.get('device_type', 'cpu')) if keep == 'auto' else (True, ''))
+    # blocks kept and no such room read 7.5 GB a step more than with none, and lost most of its gain);
+    # auto leaves it, a number of blocks or `all` asked for is fitted as asked
+    read_room = in_flight // 2 if keep == 'auto' and block_files and not reserve else 0
+    pays, note = (keep_pays(cfg, batch, seq, dtype, one_kept, ffn_width(cfg), activation.get('device_type', 'cpu'))
+                  if keep == 'auto' else (True, ''))
     if pays:
-        kept, kept_note = _kept_blocks(keep, n, budget - reserve - (keep == 'auto') * read_room,
-                                       lambda blocks: device_need(trip, blocks))
+        kept, kept_note = _kept_blocks(keep, n, budget - reserve - read_room, lambda blocks: device_need(trip, blocks))
         if keep == 'auto' and kept and disk_reads and not reserve and not cfg.n_experts:
             cache_room = lambda k: budget - read_room - device_need(trip, k) - trip * (n - k) * one_input  # noqa: E731
-            kept, kept_note = fastest_kept(cfg, batch, seq, dtype, trip, kept,
-                                           kept_activation_bytes(cfg, batch, seq, dtype, **activation), ffn_width(cfg),
+            kept, kept_note = fastest_kept(cfg, batch, seq, dtype, trip, kept, one_kept, ffn_width(cfg),
                                            *disk_reads, cache_room)
         note = '; '.join(part for part in (note, kept_note) if part)
     else:

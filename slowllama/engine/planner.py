@@ -26,6 +26,10 @@ class StepPlanner:
         self.device, self.dtype = store.device, store.dtype
         self.trim_host_heap = trim_host_heap
         self._read_rate = None  # the disk's rate the plans were made with (known after the first reads)
+        mapped = store.disk_tier_bytes()  # the tiers are set at load: whether every block streams from disk
+        self._streams_every_block = (options.keep_activations == 'auto' and self.device.type == 'cpu'
+                                     and mapped['blocks'] == self.cfg.n_layers and not self.cfg.n_experts)
+        self._block_file_bytes = mapped['block']
         self._at_load = self._budgets()  # a plan made again for the disk's rate keeps these
         self._declared = self._plan(*options.step_shape, budgets=self._at_load)
         self._other = None  # (shape, (plan, heap slack)) of the last step of another shape
@@ -52,20 +56,13 @@ class StepPlanner:
         """Plan again where every block is read from disk on a cpu, once the run's reads told the
         disk's rate, and whenever it moved twofold since: which blocks keep their activations then
         weighs their recompute against the page cache (keep_cost.fastest_kept)."""
-        rate = self._streamed_read_rate()
+        rate = self.store.read_rate() if self._streams_every_block else None
         if rate is None or (self._read_rate is not None and 0.5 < rate / self._read_rate < 2):
             return
         self._read_rate = rate
         weighed = self._plan(*self.options.step_shape, budgets=self._at_load)
         if weighed[0] != self._declared[0]:  # the same plan stays the same object (and is not logged again)
             self._declared, self._other = weighed, None
-
-    def _streamed_read_rate(self):
-        mapped = self.store.disk_tier_bytes()
-        if (self.options.keep_activations != 'auto' or self.device.type != 'cpu'
-                or mapped['blocks'] < self.cfg.n_layers or self.cfg.n_experts):
-            return None
-        return self.store.read_rate()
 
     def _plan(self, micro_batches, batch, seq, packed, budgets=None):
         """-> (StepPlan, the heap slack its steps reuse). Raises SlowLlamaError when what was asked
@@ -81,7 +78,7 @@ class StepPlanner:
             working=working, host_heap=self.device.type == 'cpu',
             targets=self.lora.targets, rank=self.lora.rank, dropout=self.dropout, lora_dropout=self.lora.dropout,
             device_type=self.device.type, packed=packed, packed_experts=self.store.quant is not None,
-            disk_reads=self._read_rate and (self.store.disk_tier_bytes()['block'], self._read_rate))
+            disk_reads=self._read_rate and (self._block_file_bytes, self._read_rate))
         return self._with_stash_caps(plan), max(HeapTrimmer.SLACK, plan.kept_bytes + working)
 
     def _with_stash_caps(self, plan):
